@@ -1,0 +1,1 @@
+//! appspec (not yet written).

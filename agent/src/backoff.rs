@@ -1,0 +1,1 @@
+//! backoff (not yet written).

@@ -1,0 +1,49 @@
+//! `pier-agent`: the host daemon and its host-side tools. Parses arguments and hands off to
+//! the library; every command's work lives in a module named for it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pier-agent",
+    version,
+    about = "pier host agent: validate bundles, deploy on this host, run the daemon"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check an AppSpec file, a bundle directory, or a bundle archive; report every problem.
+    Validate {
+        /// An appspec.yml, a bundle directory, or a .tar/.tar.gz/.tgz/.zip bundle.
+        path: PathBuf,
+        /// The AppSpec file name inside a bundle (default appspec.yml, then appspec.yaml).
+        #[arg(short = 'A', long = "appspec-filename")]
+        appspec_filename: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: pier::validate::Format,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Validate {
+            path,
+            appspec_filename,
+            format,
+        } => pier::validate::run(&pier::validate::Options {
+            path,
+            appspec_filename,
+            format,
+        }),
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

@@ -1,0 +1,1 @@
+//! Fetching revisions (not yet written).

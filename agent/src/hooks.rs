@@ -1,0 +1,1 @@
+//! hooks (not yet written).

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's test command (README.md, .ci/run): installs what the tests need on a fresh
+# machine, starts the test services, runs the whole workspace's tests, and stops the services.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Host tools the end-to-end tests use for real: setfacl/getfacl (AppSpec acls), useradd.
+need=()
+command -v setfacl >/dev/null || need+=(acl)
+command -v useradd >/dev/null || need+=(passwd)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "test.sh: missing ${need[*]} and not root to install them" >&2
+  fi
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace "$@"

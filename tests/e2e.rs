@@ -1,0 +1,12 @@
+//! End-to-end tests: each module drives the real `pier-agent` / `pier` binaries against real
+//! files, processes, users and (for the queue transports) a moto server on 127.0.0.1.
+
+mod support;
+
+mod bundle;
+mod controller;
+mod daemon;
+mod deploy_local;
+mod hooks;
+mod install;
+mod validate;

@@ -1,0 +1,1 @@
+//! bundle end-to-end tests.

@@ -1,0 +1,1 @@
+//! daemon end-to-end tests.

@@ -1,0 +1,1 @@
+//! deploy_local end-to-end tests.

@@ -1,0 +1,1 @@
+//! hooks end-to-end tests.

@@ -1,0 +1,1 @@
+//! install end-to-end tests.

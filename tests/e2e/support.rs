@@ -1,0 +1,146 @@
+//! The shared fixture: a scratch directory, the paths of the real binaries, and a way to run
+//! them and look at what they printed.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Path of the `pier-agent` binary cargo built for this test run.
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pier-agent"))
+}
+
+/// Path of the `pier` controller binary cargo built for this test run.
+pub fn pier_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pier"))
+}
+
+/// The repository's top-level directory (where `appspec-examples/` lives).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("agent/ has a parent")
+        .to_path_buf()
+}
+
+/// One of the bundles in `appspec-examples/`.
+pub fn example(name: &str) -> PathBuf {
+    repo_root().join("appspec-examples").join(name)
+}
+
+/// The captured result of running a binary.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with everything the command printed unless it exited 0.
+    #[track_caller]
+    pub fn success(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "expected success\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Panics unless the command exited with `code`.
+    #[track_caller]
+    pub fn code(self, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "unexpected exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// stdout and stderr together, for assertions that do not care which stream.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `bin` with `args`, no stdin, and captures its output.
+pub fn run(bin: &Path, args: &[&str]) -> Run {
+    run_cmd(Command::new(bin).args(args))
+}
+
+/// Runs a prepared command and captures its output.
+pub fn run_cmd(cmd: &mut Command) -> Run {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    Run::from_output(out)
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("pier-e2e-")
+                .tempdir()
+                .expect("create scratch dir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `contents` at `rel` under the scratch dir, creating parents; returns the path.
+    pub fn write(&self, rel: &str, contents: &str) -> PathBuf {
+        let p = self.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+
+    /// Writes an executable script at `rel`.
+    pub fn script(&self, rel: &str, contents: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.write(rel, contents);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+/// Creates a system user (and its group) if it does not exist; tests run as root.
+pub fn ensure_user(name: &str) {
+    let exists = Command::new("getent")
+        .args(["passwd", name])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !exists {
+        let st = Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", "--user-group", name])
+            .status()
+            .expect("run useradd");
+        // Another test may have created it at the same moment.
+        let exists_now = Command::new("getent")
+            .args(["passwd", name])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(st.success() || exists_now, "useradd {name} failed");
+    }
+}
