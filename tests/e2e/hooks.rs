@@ -83,7 +83,10 @@ impl Drop for KillGroup {
 async fn env_is_only_what_is_given() {
     // The agent's own credentials are in its environment; they must not reach a hook. Set once
     // for the whole test binary (std serialises this with its own environment reads).
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "agent-secret-do-not-leak");
+    // Left alone when a harness already set real test credentials.
+    if std::env::var_os("AWS_SECRET_ACCESS_KEY").is_none() {
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "agent-secret-do-not-leak");
+    }
     let s = Scratch::new();
     s.script(
         "scripts/env.sh",
@@ -358,7 +361,11 @@ async fn runas_switches_user_groups_and_identity() {
     const EXTRA: &str = "pier-hooks-extra";
     ensure_user(USER);
     // A supplementary group proves initgroups semantics, not a bare setuid.
-    let _ = Command::new("groupadd").arg(EXTRA).status();
+    let st = Command::new("groupadd")
+        .args(["-f", EXTRA])
+        .status()
+        .unwrap();
+    assert!(st.success(), "groupadd failed");
     let st = Command::new("usermod")
         .args(["-a", "-G", EXTRA, USER])
         .status()
@@ -395,6 +402,35 @@ async fn runas_switches_user_groups_and_identity() {
         "root's groups leaked: {groups}"
     );
     assert!(read_log(&s).contains(&format!("whoami.sh: started as {USER}")));
+}
+
+#[tokio::test]
+async fn runas_user_without_exec_permission_runs_through_shebang() {
+    const USER: &str = "pier-hooks-runas";
+    ensure_user(USER);
+    let s = Scratch::new();
+    set_mode(s.path(), 0o755);
+    // Executable for its owner (root) only: exec as the runas user fails with EACCES.
+    let owner_only = s.write("owner-only.sh", "#!/bin/sh\necho ran as $(whoami)\n");
+    set_mode(&owner_only, 0o744);
+    let mut run = hook(&s, "owner-only.sh");
+    run.runas = Some(USER.into());
+    let out = hooks::run(&run, &log_in(&s), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(out.result, HookResult::Succeeded, "{}", out.tail);
+    assert!(out.tail.contains(&format!("ran as {USER}")), "{}", out.tail);
+
+    // Without a #! line there is nothing to fall back to: the exec error is reported.
+    let bare = s.write("bare.sh", "echo hi\n");
+    set_mode(&bare, 0o744);
+    let mut run = hook(&s, "bare.sh");
+    run.runas = Some(USER.into());
+    let err = hooks::run(&run, &log_in(&s), &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HookError::Spawn { .. }), "{err:?}");
+    assert!(err.to_string().contains("bare.sh"), "{err}");
 }
 
 #[tokio::test]

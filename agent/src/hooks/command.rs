@@ -38,11 +38,16 @@ pub(crate) struct Prepared {
     pub(crate) command: Command,
     /// The user name the script runs as, when known.
     pub(crate) user: Option<String>,
+    /// True when the script itself is exec'd (not its `#!` interpreter).
+    pub(crate) direct: bool,
 }
 
 /// Checks the script and the user and builds the command; nothing is started yet.
-pub(crate) fn prepare(run: &HookRun) -> Result<Prepared, HookError> {
-    let (program, args) = program_for(run)?;
+/// `via_shebang` forces running the `#!` interpreter even when the script has an executable
+/// bit (for a retry when exec'ing it was refused).
+pub(crate) fn prepare(run: &HookRun, via_shebang: bool) -> Result<Prepared, HookError> {
+    let (program, args) = program_for(run, via_shebang)?;
+    let direct = args.is_empty();
     let (switch, user) = resolve_user(run)?;
 
     let mut command = Command::new(&program);
@@ -74,12 +79,13 @@ pub(crate) fn prepare(run: &HookRun) -> Result<Prepared, HookError> {
     Ok(Prepared {
         command,
         user: name,
+        direct,
     })
 }
 
 /// Decides how the script is executed: itself when it has an executable bit, else its `#!`
 /// interpreter with the optional argument and the script's path.
-fn program_for(run: &HookRun) -> Result<(PathBuf, Vec<OsString>), HookError> {
+fn program_for(run: &HookRun, via_shebang: bool) -> Result<(PathBuf, Vec<OsString>), HookError> {
     let meta = fs::metadata(&run.script).map_err(|source| {
         if source.kind() == io::ErrorKind::NotFound {
             HookError::ScriptMissing {
@@ -100,7 +106,7 @@ fn program_for(run: &HookRun) -> Result<(PathBuf, Vec<OsString>), HookError> {
             script: run.script.clone(),
         });
     }
-    if meta.permissions().mode() & 0o111 != 0 {
+    if !via_shebang && meta.permissions().mode() & 0o111 != 0 {
         return Ok((run.script.clone(), Vec::new()));
     }
     let head = read_head(&run.script).map_err(|source| HookError::Unreadable {

@@ -6,6 +6,9 @@
 //! signalled), in the revision root, with stdin on `/dev/null` and an environment built from
 //! nothing: only [`HookRun::env`], the identity of the user it runs as (HOME, USER, LOGNAME,
 //! SHELL) and a PATH, so the agent's own credentials (`AWS_*` and the like) never reach it.
+//! A script without the executable bit, or one the kernel refuses to exec for this user or
+//! mount (EACCES: the bit is only the owner's, or the root is mounted noexec), runs through
+//! the interpreter its `#!` line names; with no `#!` line it is an error, not a guess.
 //! `runas` switches user natively in the child (supplementary groups as initgroups would set
 //! them, then setgid, then setuid); never through `su` or `sudo`.
 //!
@@ -194,22 +197,28 @@ pub async fn run(
     log: &ScriptLog,
     cancel: &CancellationToken,
 ) -> Result<HookOutcome, HookError> {
-    let mut prepared = command::prepare(run)?;
-    prepared
-        .command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-
+    let mut prepared = command::prepare(run, false)?;
     let started = Utc::now();
-    let mut child = prepared
-        .command
-        .spawn()
-        .map_err(|source| HookError::Spawn {
-            location: run.location.clone(),
-            script: run.script.clone(),
-            source,
-        })?;
+    let spawned = match spawn(&mut prepared) {
+        // The executable bit is not for this user, or the revision sits on a noexec mount:
+        // run it the way a script without the bit runs, through its `#!` line, if it has one.
+        Err(e) if prepared.direct && e.kind() == io::ErrorKind::PermissionDenied => {
+            match command::prepare(run, true) {
+                Ok(retry) => {
+                    prepared = retry;
+                    spawn(&mut prepared)
+                }
+                Err(HookError::NotExecutable { .. }) => Err(e),
+                Err(other) => return Err(other),
+            }
+        }
+        spawned => spawned,
+    };
+    let mut child = spawned.map_err(|source| HookError::Spawn {
+        location: run.location.clone(),
+        script: run.script.clone(),
+        source,
+    })?;
     // The child is its own session leader, so its pid is its process group id. (A pid is
     // always there before the first wait; never fall back to 0, which would mean our group.)
     let Some(pid) = child.id() else {
@@ -285,6 +294,15 @@ pub async fn run(
     })
 }
 
+fn spawn(prepared: &mut command::Prepared) -> io::Result<Child> {
+    prepared
+        .command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+}
+
 /// Waits for the script to exit, its timeout, or cancellation, whichever comes first; in the
 /// last two cases stops the whole group. Returns once the script has been reaped (or, if even
 /// SIGKILL did not end it in time, once it has been given up on).
@@ -314,7 +332,10 @@ async fn supervise(
 /// at most `grace`; then SIGKILL to the group and reap the script.
 async fn stop_group(child: &mut Child, pgid: Pid, grace: Duration) {
     signal_group(pgid, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
+    // A grace too large to add is as good as "a year".
+    let deadline = Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
     let mut reaped = false;
     loop {
         let next = (Instant::now() + GROUP_POLL).min(deadline);
