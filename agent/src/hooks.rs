@@ -1,1 +1,0 @@
-//! hooks (not yet written).

@@ -1,0 +1,262 @@
+//! Building the command line and process attributes for one hook script: how it is executed
+//! (directly, or through its `#!` interpreter when it lacks the executable bit), as whom
+//! (`runas`, switched natively in the child before exec), in which environment (cleared, then
+//! only what the caller gives plus the user's identity), and in its own session so that the
+//! whole process group can be signalled.
+
+use std::ffi::{CString, OsString};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Uid, User};
+use tokio::process::Command;
+
+use super::{HookError, HookRun};
+
+/// PATH given to a script when the caller's environment has none: the usual system
+/// directories, so that scripts written for CodeDeploy (which run with a login-like PATH) find
+/// their tools.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How far into a script the `#!` line is looked for; Linux itself reads 256 bytes.
+const SHEBANG_MAX: usize = 512;
+
+/// The credentials a child switches to before exec, resolved in the parent because looking up
+/// users and groups is not safe between fork and exec.
+#[derive(Debug, Clone)]
+struct Switch {
+    uid: Uid,
+    gid: Gid,
+    groups: Vec<Gid>,
+}
+
+/// A command ready to spawn, and what it will run as (for the log).
+pub(crate) struct Prepared {
+    pub(crate) command: Command,
+    /// The user name the script runs as, when known.
+    pub(crate) user: Option<String>,
+    /// True when the script itself is exec'd (not its `#!` interpreter).
+    pub(crate) direct: bool,
+}
+
+/// Checks the script and the user and builds the command; nothing is started yet.
+/// `via_shebang` forces running the `#!` interpreter even when the script has an executable
+/// bit (for a retry when exec'ing it was refused).
+pub(crate) fn prepare(run: &HookRun, via_shebang: bool) -> Result<Prepared, HookError> {
+    let (program, args) = program_for(run, via_shebang)?;
+    let direct = args.is_empty();
+    let (switch, user) = resolve_user(run)?;
+
+    let mut command = Command::new(&program);
+    command
+        .args(&args)
+        .current_dir(&run.working_dir)
+        .env_clear();
+    for (k, v) in &run.env {
+        command.env(k, v);
+    }
+    if !run.env.iter().any(|(k, _)| k == "PATH") {
+        command.env("PATH", DEFAULT_PATH);
+    }
+    // The identity must describe the user the script really runs as, so it wins over `env`.
+    let name = user.as_ref().map(|u| u.name.clone());
+    if let Some(u) = user {
+        let shell = if u.shell.as_os_str().is_empty() {
+            PathBuf::from("/bin/sh")
+        } else {
+            u.shell
+        };
+        command
+            .env("HOME", u.dir)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name)
+            .env("SHELL", shell);
+    }
+    isolate(&mut command, switch);
+    Ok(Prepared {
+        command,
+        user: name,
+        direct,
+    })
+}
+
+/// Decides how the script is executed: itself when it has an executable bit, else its `#!`
+/// interpreter with the optional argument and the script's path.
+fn program_for(run: &HookRun, via_shebang: bool) -> Result<(PathBuf, Vec<OsString>), HookError> {
+    let meta = fs::metadata(&run.script).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            HookError::ScriptMissing {
+                location: run.location.clone(),
+                script: run.script.clone(),
+            }
+        } else {
+            HookError::Unreadable {
+                location: run.location.clone(),
+                script: run.script.clone(),
+                source,
+            }
+        }
+    })?;
+    if !meta.is_file() {
+        return Err(HookError::NotAFile {
+            location: run.location.clone(),
+            script: run.script.clone(),
+        });
+    }
+    if !via_shebang && meta.permissions().mode() & 0o111 != 0 {
+        return Ok((run.script.clone(), Vec::new()));
+    }
+    let head = read_head(&run.script).map_err(|source| HookError::Unreadable {
+        location: run.location.clone(),
+        script: run.script.clone(),
+        source,
+    })?;
+    match parse_shebang(&head) {
+        Some((interpreter, arg)) => {
+            let mut args: Vec<OsString> = arg.into_iter().collect();
+            args.push(run.script.clone().into_os_string());
+            Ok((interpreter, args))
+        }
+        None => Err(HookError::NotExecutable {
+            location: run.location.clone(),
+            script: run.script.clone(),
+        }),
+    }
+}
+
+fn read_head(path: &Path) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(SHEBANG_MAX);
+    fs::File::open(path)?
+        .take(SHEBANG_MAX as u64)
+        .read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// Parses a `#!` line as Linux does: the interpreter is the first word, everything after it
+/// (trimmed) is one optional argument. A trailing `\r` (a script saved with CRLF) is dropped,
+/// which is kinder than the kernel's "bad interpreter".
+pub(crate) fn parse_shebang(head: &[u8]) -> Option<(PathBuf, Option<OsString>)> {
+    let rest = head.strip_prefix(b"#!")?;
+    let line = rest.split(|&b| b == b'\n').next()?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let is_space = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !is_space(b))?;
+    let line = &line[start..];
+    let end = line.iter().position(is_space).unwrap_or(line.len());
+    let interpreter = PathBuf::from(OsString::from_vec(line[..end].to_vec()));
+    let arg = line[end..].iter().position(|b| !is_space(b)).map(|s| {
+        let a = &line[end + s..];
+        let e = a.iter().rposition(|b| !is_space(b)).map_or(0, |e| e + 1);
+        OsString::from_vec(a[..e].to_vec())
+    });
+    Some((interpreter, arg))
+}
+
+/// Resolves `runas` (or the agent's own user) to a passwd entry, and to the credentials the
+/// child must switch to when that user is not the one the agent runs as.
+fn resolve_user(run: &HookRun) -> Result<(Option<Switch>, Option<User>), HookError> {
+    let me = Uid::effective();
+    let Some(name) = &run.runas else {
+        // Unknown to passwd (e.g. a bare uid in a container): run without identity variables.
+        return Ok((None, User::from_uid(me).ok().flatten()));
+    };
+    let user = match User::from_name(name) {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return Err(HookError::UnknownUser {
+                user: name.clone(),
+                location: run.location.clone(),
+            })
+        }
+        Err(e) => {
+            return Err(HookError::UserLookup {
+                user: name.clone(),
+                location: run.location.clone(),
+                source: io::Error::from(e),
+            })
+        }
+    };
+    if user.uid == me {
+        return Ok((None, Some(user)));
+    }
+    if !me.is_root() {
+        return Err(HookError::NotRoot {
+            user: name.clone(),
+            location: run.location.clone(),
+        });
+    }
+    let cname = CString::new(name.as_bytes()).map_err(|_| HookError::UnknownUser {
+        user: name.clone(),
+        location: run.location.clone(),
+    })?;
+    // Same list initgroups(3) would install, computed here rather than in the child.
+    let groups =
+        nix::unistd::getgrouplist(&cname, user.gid).map_err(|e| HookError::UserLookup {
+            user: name.clone(),
+            location: run.location.clone(),
+            source: io::Error::from(e),
+        })?;
+    let switch = Switch {
+        uid: user.uid,
+        gid: user.gid,
+        groups,
+    };
+    Ok((Some(switch), Some(user)))
+}
+
+/// Makes the child a session (and process group) leader with no controlling terminal, then
+/// drops to the `runas` user: supplementary groups, then group, then user, so that no root
+/// privilege survives into the script.
+#[allow(unsafe_code)]
+fn isolate(command: &mut Command, switch: Option<Switch>) {
+    let hook = move || -> io::Result<()> {
+        nix::unistd::setsid()?;
+        if let Some(s) = &switch {
+            nix::unistd::setgroups(&s.groups)?;
+            nix::unistd::setgid(s.gid)?;
+            nix::unistd::setuid(s.uid)?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+    // that are async-signal-safe (setsid, setgroups, setgid, setuid) on data allocated before
+    // the fork, allocates nothing, and takes no lock; errors become io::Error from a raw errno
+    // (no allocation) and are reported by std to the parent as a spawn failure.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb(s: &str) -> Option<(String, Option<String>)> {
+        parse_shebang(s.as_bytes()).map(|(i, a)| {
+            (
+                i.to_string_lossy().into_owned(),
+                a.map(|a| a.to_string_lossy().into_owned()),
+            )
+        })
+    }
+
+    #[test]
+    fn shebangs() {
+        assert_eq!(sb("#!/bin/sh\necho"), Some(("/bin/sh".into(), None)));
+        assert_eq!(
+            sb("#! /bin/bash -e \n"),
+            Some(("/bin/bash".into(), Some("-e".into())))
+        );
+        assert_eq!(
+            sb("#!/usr/bin/env python3 -u\n"),
+            Some(("/usr/bin/env".into(), Some("python3 -u".into())))
+        );
+        assert_eq!(sb("#!/bin/sh\r\n"), Some(("/bin/sh".into(), None)));
+        assert_eq!(sb("echo hi\n"), None);
+        assert_eq!(sb("#!   \n"), None);
+        assert_eq!(sb(""), None);
+    }
+}

@@ -1,0 +1,406 @@
+//! The hook runner: runs ONE lifecycle hook script and says how it ended. It knows nothing of
+//! deployments; the `deploy` module decides which scripts run, when, and with what
+//! environment, and calls [`run`] for each.
+//!
+//! A script runs in its own session and process group (so the whole tree it starts can be
+//! signalled), in the revision root, with stdin on `/dev/null` and an environment built from
+//! nothing: only [`HookRun::env`], the identity of the user it runs as (HOME, USER, LOGNAME,
+//! SHELL) and a PATH, so the agent's own credentials (`AWS_*` and the like) never reach it.
+//! A script without the executable bit, or one the kernel refuses to exec for this user or
+//! mount (EACCES: the bit is only the owner's, or the root is mounted noexec), runs through
+//! the interpreter its `#!` line names; with no `#!` line it is an error, not a guess.
+//! `runas` switches user natively in the child (supplementary groups as initgroups would set
+//! them, then setgid, then setuid); never through `su` or `sudo`.
+//!
+//! Both output streams are read concurrently, line by line, into the [`ScriptLog`] and a
+//! bounded tail (see `output`). On timeout or cancellation the group gets SIGTERM, then after
+//! [`HookRun::kill_grace`] SIGKILL.
+//!
+//! **When is a hook over?** When the script process exits — not when its output pipes reach
+//! EOF. A script that starts a server in the background (`./server &`) leaves that child
+//! holding stdout/stderr; waiting for EOF is the classic CodeDeploy hang. So the runner waits
+//! on the script's exit, then gives the readers [`DRAIN_AFTER_EXIT`] to take what is already
+//! buffered, and returns. The background child is left alone, and so is its pipe: the reader
+//! task is detached rather than stopped, and keeps copying what the child prints into the log
+//! (marked `after exit`) until EOF, because closing the pipe would kill the child with SIGPIPE
+//! on its next write. Every other wait is bounded too, and the script is always reaped.
+
+mod command;
+mod output;
+mod scriptlog;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use self::command::DEFAULT_PATH;
+use self::output::{Pump, Stream, Tail};
+pub use self::scriptlog::ScriptLog;
+
+/// How long the output readers may keep reading after the script has exited before the hook
+/// is declared over (the output the script wrote itself is already in the pipe by then).
+pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// Grace between SIGTERM and SIGKILL suggested to callers that have no configured value.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+
+/// How long to wait for the script to be reaped after SIGKILL; only a process stuck in the
+/// kernel (uninterruptible I/O) takes longer, and then the runtime reaps it later.
+const REAP_AFTER_KILL: Duration = Duration::from_secs(5);
+
+/// How often the group is checked for survivors while waiting out the grace period.
+const GROUP_POLL: Duration = Duration::from_millis(50);
+
+/// One script to run, with everything needed to run it.
+#[derive(Debug, Clone)]
+pub struct HookRun {
+    /// Absolute path of the script in the unpacked revision.
+    pub script: PathBuf,
+    /// The script's location as written in the AppSpec, for messages and the log.
+    pub location: String,
+    /// The working directory: the revision root.
+    pub working_dir: PathBuf,
+    /// How long the script may run before its group is stopped.
+    pub timeout: Duration,
+    /// User to run as; `None` runs as the agent's user.
+    pub runas: Option<String>,
+    /// The only environment the script gets, besides the runas user's HOME, USER, LOGNAME,
+    /// SHELL and a PATH ([`DEFAULT_PATH`] unless `env` sets one).
+    pub env: Vec<(String, String)>,
+    /// Time between SIGTERM and SIGKILL when the script is stopped.
+    pub kill_grace: Duration,
+    /// Lifecycle event name, for log lines.
+    pub event: String,
+}
+
+/// How a script that did start ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookResult {
+    /// Exited with status 0.
+    Succeeded,
+    /// Exited non-zero (`exit_code`) or was killed by a signal it did not expect (`signal`).
+    Failed {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// Ran past its timeout and was stopped.
+    TimedOut,
+    /// Stopped because the caller cancelled (agent shutdown).
+    Cancelled,
+}
+
+impl HookResult {
+    /// True only for [`HookResult::Succeeded`].
+    pub fn is_success(&self) -> bool {
+        matches!(self, HookResult::Succeeded)
+    }
+}
+
+impl fmt::Display for HookResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookResult::Succeeded => f.write_str("succeeded"),
+            HookResult::Failed {
+                exit_code: Some(c), ..
+            } => write!(f, "failed with exit code {c}"),
+            HookResult::Failed {
+                signal: Some(s), ..
+            } => match Signal::try_from(*s) {
+                Ok(sig) => write!(f, "was killed by signal {s} ({sig})"),
+                Err(_) => write!(f, "was killed by signal {s}"),
+            },
+            HookResult::Failed { .. } => f.write_str("failed (exit status unknown)"),
+            HookResult::TimedOut => f.write_str("timed out"),
+            HookResult::Cancelled => f.write_str("was cancelled"),
+        }
+    }
+}
+
+/// What the runner observed of one script.
+#[derive(Debug, Clone)]
+pub struct HookOutcome {
+    /// How it ended.
+    pub result: HookResult,
+    /// When it was started.
+    pub started: DateTime<Utc>,
+    /// When the runner considered it over (exit plus the bounded drain).
+    pub ended: DateTime<Utc>,
+    /// The last few KiB (at most 4 KiB) of its output, both streams, ANSI stripped, each line
+    /// prefixed `[stdout] ` or `[stderr] `.
+    pub tail: String,
+}
+
+/// Why a script could not be started at all. Each names the script as the AppSpec does.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The script is not in the revision.
+    #[error("hook script {location} not found at {}: check the hook's location in appspec.yml against the bundle", script.display())]
+    ScriptMissing { location: String, script: PathBuf },
+    /// The location names a directory or something else that cannot run.
+    #[error("hook script {location} at {} is not a regular file: point the hook's location at a script", script.display())]
+    NotAFile { location: String, script: PathBuf },
+    /// The script could not be inspected.
+    #[error("hook script {location} at {} cannot be read: {source}", script.display())]
+    Unreadable {
+        location: String,
+        script: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// No executable bit and no `#!` line to say what should run it.
+    #[error("hook script {location} at {} is not executable and has no #! line: add a #! line (e.g. #!/bin/bash) or make it executable in the bundle (chmod +x)", script.display())]
+    NotExecutable { location: String, script: PathBuf },
+    /// `runas` names a user this host does not have.
+    #[error("hook script {location}: runas user {user:?} does not exist on this host: create it or fix runas in appspec.yml")]
+    UnknownUser { user: String, location: String },
+    /// The user database could not be read.
+    #[error("hook script {location}: cannot look up runas user {user:?}: {source}")]
+    UserLookup {
+        user: String,
+        location: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Switching to another user needs root.
+    #[error("hook script {location}: runas user {user:?} needs the agent to run as root (it runs as uid {}); run the agent as root or remove runas", nix::unistd::Uid::effective())]
+    NotRoot { user: String, location: String },
+    /// fork/exec (or the user switch in the child) failed.
+    #[error("hook script {location}: cannot start {}: {source}", script.display())]
+    Spawn {
+        location: String,
+        script: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Runs one hook script to its end (exit, timeout or cancellation) and reports how it ended.
+///
+/// Output goes line by line to `log` as `TIME [EVENT] [stdout] LOCATION: text`; the runner
+/// also logs when the script starts and how it ended. Returns `Err` only when the script
+/// could not be started; everything that happens after it started is in the
+/// [`HookOutcome`]. If the returned future is dropped while the script runs, the script's
+/// process group is killed.
+pub async fn run(
+    run: &HookRun,
+    log: &ScriptLog,
+    cancel: &CancellationToken,
+) -> Result<HookOutcome, HookError> {
+    let mut prepared = command::prepare(run, false)?;
+    let started = Utc::now();
+    let spawned = match spawn(&mut prepared) {
+        // The executable bit is not for this user, or the revision sits on a noexec mount:
+        // run it the way a script without the bit runs, through its `#!` line, if it has one.
+        Err(e) if prepared.direct && e.kind() == io::ErrorKind::PermissionDenied => {
+            match command::prepare(run, true) {
+                Ok(retry) => {
+                    prepared = retry;
+                    spawn(&mut prepared)
+                }
+                Err(HookError::NotExecutable { .. }) => Err(e),
+                Err(other) => return Err(other),
+            }
+        }
+        spawned => spawned,
+    };
+    let mut child = spawned.map_err(|source| HookError::Spawn {
+        location: run.location.clone(),
+        script: run.script.clone(),
+        source,
+    })?;
+    // The child is its own session leader, so its pid is its process group id. (A pid is
+    // always there before the first wait; never fall back to 0, which would mean our group.)
+    let Some(pid) = child.id() else {
+        return Err(HookError::Spawn {
+            location: run.location.clone(),
+            script: run.script.clone(),
+            source: io::Error::other("the started process has no pid"),
+        });
+    };
+    let pgid = Pid::from_raw(pid as i32);
+    let mut guard = GroupGuard { pgid, armed: true };
+
+    let event: Arc<str> = Arc::from(run.event.as_str());
+    let location: Arc<str> = Arc::from(run.location.as_str());
+    let as_user = prepared
+        .user
+        .as_deref()
+        .map(|u| format!(" as {u}"))
+        .unwrap_or_default();
+    write_log(
+        log,
+        &format!("[{event}] [pier] {location}: started{as_user}, pid {pgid}"),
+    );
+
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let attached = Arc::new(AtomicBool::new(true));
+    let pump = |stream| Pump {
+        stream,
+        event: event.clone(),
+        location: location.clone(),
+        log: log.clone(),
+        tail: tail.clone(),
+        attached: attached.clone(),
+    };
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(pump(Stream::Stdout).run(out)));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(pump(Stream::Stderr).run(err)));
+    }
+
+    let result = supervise(&mut child, pgid, run.timeout, run.kill_grace, cancel).await;
+    guard.armed = false;
+
+    // Take what is already buffered, but never wait for EOF: a background child may hold the
+    // pipes for as long as it lives. Readers still running are detached, not aborted.
+    let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
+        for r in &mut readers {
+            let _ = r.await;
+        }
+    })
+    .await;
+    attached.store(false, Ordering::Release);
+    let ended = Utc::now();
+
+    let took = (ended - started).to_std().unwrap_or_default();
+    let note = if drained.is_err() {
+        "; output still open (a background process holds it), no longer waited for"
+    } else {
+        ""
+    };
+    write_log(
+        log,
+        &format!("[{event}] [pier] {location}: {result} after {took:.1?}{note}"),
+    );
+    let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).render();
+    Ok(HookOutcome {
+        result,
+        started,
+        ended,
+        tail,
+    })
+}
+
+fn spawn(prepared: &mut command::Prepared) -> io::Result<Child> {
+    prepared
+        .command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+}
+
+/// Waits for the script to exit, its timeout, or cancellation, whichever comes first; in the
+/// last two cases stops the whole group. Returns once the script has been reaped (or, if even
+/// SIGKILL did not end it in time, once it has been given up on).
+async fn supervise(
+    child: &mut Child,
+    pgid: Pid,
+    timeout: Duration,
+    grace: Duration,
+    cancel: &CancellationToken,
+) -> HookResult {
+    let stopped = tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => return exit_result(status),
+            Err(e) => {
+                log::warn!("waiting for hook process {pgid} failed: {e}; stopping its group");
+                HookResult::Failed { exit_code: None, signal: None }
+            }
+        },
+        _ = tokio::time::sleep(timeout) => HookResult::TimedOut,
+        _ = cancel.cancelled() => HookResult::Cancelled,
+    };
+    stop_group(child, pgid, grace).await;
+    stopped
+}
+
+/// SIGTERM to the group; wait until the script has exited and no process is left in its group,
+/// at most `grace`; then SIGKILL to the group and reap the script.
+async fn stop_group(child: &mut Child, pgid: Pid, grace: Duration) {
+    signal_group(pgid, Signal::SIGTERM);
+    // A grace too large to add is as good as "a year".
+    let deadline = Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+    let mut reaped = false;
+    loop {
+        let next = (Instant::now() + GROUP_POLL).min(deadline);
+        if reaped {
+            tokio::time::sleep_until(next).await;
+        } else {
+            tokio::select! {
+                _ = child.wait() => reaped = true,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+        }
+        if reaped && group_is_empty(pgid) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    signal_group(pgid, Signal::SIGKILL);
+    if !reaped
+        && tokio::time::timeout(REAP_AFTER_KILL, child.wait())
+            .await
+            .is_err()
+    {
+        // Dropping the Child hands it to tokio's orphan reaper.
+        log::warn!("hook process {pgid} did not exit {REAP_AFTER_KILL:?} after SIGKILL");
+    }
+}
+
+fn signal_group(pgid: Pid, signal: Signal) {
+    match killpg(pgid, signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => log::warn!("cannot send {signal} to hook process group {pgid}: {e}"),
+    }
+}
+
+fn group_is_empty(pgid: Pid) -> bool {
+    matches!(killpg(pgid, None), Err(Errno::ESRCH))
+}
+
+fn exit_result(status: std::process::ExitStatus) -> HookResult {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => HookResult::Succeeded,
+        (exit_code, signal) => HookResult::Failed { exit_code, signal },
+    }
+}
+
+fn write_log(log: &ScriptLog, line: &str) {
+    if let Err(e) = log.line(line) {
+        log::warn!("cannot write to script log {}: {e}", log.path().display());
+    }
+}
+
+/// Kills the script's process group if [`run`] is abandoned (its future dropped) while the
+/// script is still running, so that no hook outlives an agent that stopped caring about it.
+struct GroupGuard {
+    pgid: Pid,
+    armed: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            signal_group(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
