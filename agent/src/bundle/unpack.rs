@@ -190,7 +190,9 @@ pub enum UnpackError {
         path: PathBuf,
     },
     /// Unpacking only goes into a fresh directory.
-    #[error("cannot unpack into {dest}: it already exists; unpack into a path that does not exist")]
+    #[error(
+        "cannot unpack into {dest}: it already exists; unpack into a path that does not exist"
+    )]
     DestExists {
         /// The destination given.
         dest: PathBuf,
@@ -348,8 +350,9 @@ pub fn unpack(
     let result = match kind {
         BundleType::Directory => x.directory(),
         BundleType::Tar => open(src).and_then(|f| x.tar(BufReader::new(f))),
-        BundleType::Tgz => open(src)
-            .and_then(|f| x.tar(flate2::read::MultiGzDecoder::new(BufReader::new(f)))),
+        BundleType::Tgz => {
+            open(src).and_then(|f| x.tar(flate2::read::MultiGzDecoder::new(BufReader::new(f))))
+        }
         BundleType::Zip => open(src).and_then(|f| x.zip(f)),
     }
     .and_then(|()| x.finish_dirs());
@@ -687,9 +690,9 @@ impl<'a> Extractor<'a> {
             let name = String::from_utf8_lossy(&raw).into_owned();
             let hdr = e.header();
             let kind = match hdr.entry_type() {
-                tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                    Kind::File
-                }
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse => Kind::File,
                 tar::EntryType::Directory => Kind::Dir,
                 tar::EntryType::Symlink => {
                     Kind::Symlink(e.link_name_bytes().unwrap_or_default().into_owned())
@@ -797,7 +800,11 @@ impl<'a> Extractor<'a> {
                 _ if is_dir => Kind::Dir,
                 _ => Kind::File,
             };
-            let default_mode = if matches!(kind, Kind::Dir) { 0o755 } else { 0o644 };
+            let default_mode = if matches!(kind, Kind::Dir) {
+                0o755
+            } else {
+                0o644
+            };
             let mode = unix.map(|m| m & 0o7777).unwrap_or(default_mode);
             self.count_entry(&name)?;
             self.entry(name.as_bytes(), &name, kind, mode, size, &mut f)?;
@@ -893,7 +900,10 @@ mod tests {
 
     #[test]
     fn entry_paths_are_normalized_and_checked() {
-        assert_eq!(entry_rel(b"./a//b/./c").unwrap(), Some(PathBuf::from("a/b/c")));
+        assert_eq!(
+            entry_rel(b"./a//b/./c").unwrap(),
+            Some(PathBuf::from("a/b/c"))
+        );
         assert_eq!(entry_rel(b"./").unwrap(), None);
         assert!(matches!(
             entry_rel(b"a/../../x"),
@@ -903,7 +913,10 @@ mod tests {
             entry_rel(b"/etc/passwd"),
             Err(UnpackError::AbsolutePath { .. })
         ));
-        assert!(matches!(entry_rel(b"a\0b"), Err(UnpackError::BadName { .. })));
+        assert!(matches!(
+            entry_rel(b"a\0b"),
+            Err(UnpackError::BadName { .. })
+        ));
     }
 
     #[test]
