@@ -777,7 +777,12 @@ impl<'a> Extractor<'a> {
         for i in 0..zip.len() {
             let mut f = zip.by_index(i).map_err(|e| self.corrupt(e))?;
             let name = f.name().map_err(|e| self.corrupt(e))?.into_owned();
-            let unix = f.unix_mode();
+            // The raw unix mode: the zip crate's unix_mode() drops set-id bits silently, and
+            // they must be reported, not just lost.
+            let unix = match (f.system(), f.external_attributes() >> 16) {
+                (zip::System::Unix, raw) if raw != 0 => Some(raw),
+                _ => f.unix_mode(),
+            };
             let is_dir = f.is_dir();
             let size = f.size();
             let kind = match unix.map(|m| m & S_IFMT) {
