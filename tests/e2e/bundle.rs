@@ -501,3 +501,14 @@ fn directory_bundle_with_a_fifo_is_refused() {
     assert!(err.to_string().contains("pipe"), "{err}");
     assert!(!dest.exists());
 }
+
+#[test]
+fn directory_bundle_is_not_unpacked_into_itself() {
+    let s = Scratch::new();
+    let src = s.path().join("src");
+    s.write("src/appspec.yml", "version: 0.0\n");
+    let dest = src.join("deploy/rev");
+    let err = unpack(&src, BundleType::Directory, &dest, &UnpackPolicy::default()).unwrap_err();
+    assert!(matches!(err, UnpackError::DestInsideSource { .. }), "{err}");
+    assert!(!src.join("deploy").exists());
+}

@@ -383,7 +383,7 @@ fn acls_are_set_with_setfacl() {
     let rev = revision(&s, "rev", &[("shared.txt", "x"), ("private.txt", "y")]);
     let mut p = perm(&dest.join("shared.txt"));
     p.acls = vec![format!("u:{WEB_USER}:rw")];
-    install(
+    let m1 = install(
         &rev,
         &[map("", &dest)],
         &[p],
@@ -406,6 +406,22 @@ fn acls_are_set_with_setfacl() {
         getfacl("shared.txt")
     );
     assert!(!getfacl("private.txt").contains(&want));
+
+    // The next install drops the ACL from appspec.yml; the file itself is unchanged and not
+    // rewritten, yet it must not keep the old grant.
+    install(
+        &rev,
+        &[map("", &dest)],
+        &[],
+        Some(&m1),
+        FileExistsBehavior::Disallow,
+    )
+    .unwrap();
+    assert!(
+        !getfacl("shared.txt").contains(&want),
+        "{}",
+        getfacl("shared.txt")
+    );
 }
 
 #[test]

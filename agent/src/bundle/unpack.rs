@@ -197,6 +197,17 @@ pub enum UnpackError {
         /// The destination given.
         dest: PathBuf,
     },
+    /// A directory bundle asked to unpack into itself (it would copy itself forever).
+    #[error(
+        "cannot unpack the directory bundle {src} into {dest}, which is inside it; choose a \
+         deployment root outside the bundle"
+    )]
+    DestInsideSource {
+        /// The bundle directory.
+        src: PathBuf,
+        /// The destination.
+        dest: PathBuf,
+    },
     /// An entry with an absolute path.
     #[error(
         "refused bundle: entry {entry:?} has an absolute path; a bundle may hold relative \
@@ -330,6 +341,13 @@ pub fn unpack(
             dest: dest.to_path_buf(),
         });
     }
+    if kind == BundleType::Directory {
+        if let (Ok(src), Some(dest)) = (fs::canonicalize(src), resolve_missing(dest)) {
+            if dest.starts_with(&src) {
+                return Err(UnpackError::DestInsideSource { src, dest });
+            }
+        }
+    }
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).map_err(|source| UnpackError::Write {
             path: parent.to_path_buf(),
@@ -368,6 +386,20 @@ pub fn unpack(
             }
             Err(e)
         }
+    }
+}
+
+/// The canonical form of a path that does not exist yet: its nearest existing ancestor
+/// resolved, the rest appended.
+fn resolve_missing(path: &Path) -> Option<PathBuf> {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(real) = fs::canonicalize(at) {
+            return Some(rest.iter().rev().fold(real, |p, c| p.join(c)));
+        }
+        rest.push(at.file_name()?);
+        at = at.parent()?;
     }
 }
 

@@ -810,6 +810,7 @@ pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
 
     let mut entries = Vec::new();
     let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut unchanged_files = Vec::new();
     for s in &plan.steps {
         let dest = &s.dest;
         let entry = match &s.action {
@@ -837,6 +838,7 @@ pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
             }
             Action::Unchanged { previous, mode } => {
                 if previous.kind == EntryKind::File {
+                    unchanged_files.push(dest.clone());
                     // Not rewritten, but reset to what a fresh copy would have: the bundle's
                     // mode and the agent's ownership (permissions below set them again).
                     let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
@@ -875,6 +877,7 @@ pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
     for d in &touched_dirs {
         sync_dir(d)?;
     }
+    reset_acls(&unchanged_files);
 
     permissions::apply(&plan.permissions)?;
 
@@ -887,6 +890,34 @@ pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
         }
     }
     Ok(Manifest { entries })
+}
+
+/// Drops ACLs an earlier install may have set on files it now leaves in place, as a fresh copy
+/// would not have them; `permissions` sets this install's ACLs afterwards. One setfacl run per
+/// batch of files keeps the skip of unchanged files cheap. Best effort: a filesystem without
+/// ACL support has none to drop.
+fn reset_acls(paths: &[PathBuf]) {
+    if paths.is_empty() {
+        return;
+    }
+    let Some(setfacl) = permissions::find_tool("setfacl") else {
+        return;
+    };
+    for chunk in paths.chunks(256) {
+        let out = std::process::Command::new(&setfacl)
+            .arg("-b")
+            .arg("--")
+            .args(chunk)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => log::warn!(
+                "setfacl -b on unchanged files failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => log::warn!("cannot run {}: {e}", setfacl.display()),
+        }
+    }
 }
 
 fn dir_entry(path: &Path, created: bool) -> ManifestEntry {

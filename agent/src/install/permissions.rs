@@ -32,6 +32,8 @@ pub struct PermissionStep {
     pub object: PathBuf,
     /// Owner uid, resolved from the name at plan time.
     pub uid: Option<u32>,
+    /// Owner and group as the AppSpec names them (for the dry run).
+    pub names: (Option<String>, Option<String>),
     /// Group gid, resolved from the name at plan time.
     pub gid: Option<u32>,
     /// Mode bits (set after chown, which would clear set-id bits).
@@ -49,11 +51,11 @@ pub struct PermissionStep {
 impl fmt::Display for PermissionStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "permission {}", self.path.display())?;
-        if let Some(u) = self.uid {
-            write!(f, " owner={u}")?;
+        if let (Some(u), Some(name)) = (self.uid, &self.names.0) {
+            write!(f, " owner={name}({u})")?;
         }
-        if let Some(g) = self.gid {
-            write!(f, " group={g}")?;
+        if let (Some(g), Some(name)) = (self.gid, &self.names.1) {
+            write!(f, " group={name}({g})")?;
         }
         if let (Some(m), false) = (self.mode, self.is_link) {
             write!(f, " mode={m:04o}")?;
@@ -131,7 +133,7 @@ impl Selector {
 
 /// Finds a host tool on PATH or in the usual system directories (the agent may run with a
 /// minimal PATH under systemd).
-fn find_tool(name: &str) -> Option<PathBuf> {
+pub(super) fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
@@ -243,6 +245,7 @@ pub(super) fn plan(
                 object: p.object.clone(),
                 uid,
                 gid,
+                names: (p.owner.clone(), p.group.clone()),
                 mode: p.mode,
                 acls: p.acls.clone(),
                 context: p.context.clone(),
