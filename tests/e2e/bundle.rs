@@ -123,7 +123,9 @@ impl Case {
             .collect();
         names.sort();
         let archive = self.archive.file_name().unwrap().to_str().unwrap();
-        assert_eq!(names, vec![archive.to_string(), "deploy".to_string()]);
+        let mut want = vec![archive.to_string(), "deploy".to_string()];
+        want.sort();
+        assert_eq!(names, want);
         assert_eq!(
             fs::read_dir(self.s.path().join("deploy")).unwrap().count(),
             0
@@ -511,4 +513,36 @@ fn directory_bundle_is_not_unpacked_into_itself() {
     let err = unpack(&src, BundleType::Directory, &dest, &UnpackPolicy::default()).unwrap_err();
     assert!(matches!(err, UnpackError::DestInsideSource { .. }), "{err}");
     assert!(!src.join("deploy").exists());
+}
+
+#[test]
+fn sparse_tar_entry_is_counted_at_its_real_size() {
+    // A GNU sparse file: 512 bytes stored, 64 MiB once its holes are filled.
+    let real: u64 = 64 << 20;
+    let mut h = tar::Header::new_gnu();
+    h.set_path("sparse.bin").unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_size(512);
+    {
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].set_offset(real - 512);
+        gnu.sparse[0].set_length(512);
+        gnu.set_real_size(real);
+    }
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &[7u8; 512][..]).unwrap();
+    let s = Scratch::new();
+    let archive = s.path().join("sparse.tar");
+    fs::write(&archive, b.into_inner().unwrap()).unwrap();
+    assert!(fs::metadata(&archive).unwrap().len() < 8192);
+    let c = Case { s, archive };
+    let policy = UnpackPolicy {
+        max_total_bytes: 1 << 20,
+        ..UnpackPolicy::default()
+    };
+    let err = c.run(&policy).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
+    c.nothing_left();
 }
