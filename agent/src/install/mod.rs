@@ -785,8 +785,71 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
 /// Carries out a plan; returns the manifest of what this install placed. Stops at the first
 /// failure (the deploy engine fails the Install event; the next deployment's plan starts from
 /// what is on disk and the last successful manifest).
+///
+/// Directories are made first, in order; the file steps, independent of one another from then
+/// on, run on a few threads when there are enough of them to pay for it.
 pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
-    for r in &plan.removals {
+    remove_previous(&plan.removals)?;
+
+    let mut results: Vec<Option<ManifestEntry>> = vec![None; plan.steps.len()];
+    let (dirs, files): (Vec<usize>, Vec<usize>) =
+        (0..plan.steps.len()).partition(|&i| is_dir_action(&plan.steps[i].action));
+    for i in dirs {
+        results[i] = place(&plan.steps[i])?;
+    }
+    for (i, entry) in in_parallel(&files, |i| place(&plan.steps[i]))? {
+        results[i] = entry;
+    }
+
+    // Renames and new entries are durable only once their directories are synced.
+    let touched_dirs: BTreeSet<&Path> = plan
+        .steps
+        .iter()
+        .filter(|s| {
+            !matches!(
+                s.action,
+                Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
+            )
+        })
+        .filter_map(|s| s.dest.parent())
+        .collect();
+    for d in touched_dirs {
+        sync_dir(d)?;
+    }
+    let unchanged_files: Vec<PathBuf> = plan
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(&s.action, Action::Unchanged { previous, .. } if previous.kind == EntryKind::File)
+        })
+        .map(|s| s.dest.clone())
+        .collect();
+    reset_acls(&unchanged_files);
+
+    permissions::apply(&plan.permissions)?;
+
+    // Record the modes as they ended up, so the manifest describes the disk.
+    let mut entries: Vec<ManifestEntry> = results.into_iter().flatten().collect();
+    for e in &mut entries {
+        if e.kind != EntryKind::Symlink {
+            if let Ok(m) = fs::symlink_metadata(&e.path) {
+                e.mode = m.mode() & 0o7777;
+            }
+        }
+    }
+    Ok(Manifest { entries })
+}
+
+fn is_dir_action(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::Mkdir { .. } | Action::KeepDir { .. } | Action::ReplaceWithDir { .. }
+    )
+}
+
+/// Removes what the previous install placed: files and links, then its directories if empty.
+fn remove_previous(removals: &[Removal]) -> Result<(), InstallError> {
+    for r in removals {
         match r {
             Removal::File(p) => match fs::remove_file(p) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -807,89 +870,119 @@ pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
             },
         }
     }
+    Ok(())
+}
 
-    let mut entries = Vec::new();
-    let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut unchanged_files = Vec::new();
-    for s in &plan.steps {
-        let dest = &s.dest;
-        let entry = match &s.action {
-            Action::Mkdir { mode } => {
-                make_dir(dest, *mode)?;
-                Some(dir_entry(dest, true))
+/// Carries out one step; returns its manifest entry (none for RETAIN).
+fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
+    let dest = &s.dest;
+    Ok(match &s.action {
+        Action::Mkdir { mode } => {
+            make_dir(dest, *mode)?;
+            Some(dir_entry(dest, true))
+        }
+        Action::ReplaceWithDir { mode } => {
+            fs::remove_file(dest).map_err(write_err("remove", dest))?;
+            make_dir(dest, *mode)?;
+            Some(dir_entry(dest, true))
+        }
+        Action::KeepDir { created } => Some(dir_entry(dest, *created)),
+        Action::Create { source, mode } | Action::Replace { source, mode } => {
+            let (size, sha) = place_file(source, dest, *mode)?;
+            Some(ManifestEntry {
+                path: dest.clone(),
+                kind: EntryKind::File,
+                size,
+                mode: *mode,
+                sha256: Some(sha),
+                link_target: None,
+                created: false,
+            })
+        }
+        Action::Unchanged { previous, mode } => {
+            if previous.kind == EntryKind::File {
+                // Not rewritten, but reset to what a fresh copy would have: the bundle's mode
+                // and the agent's ownership (permissions set theirs again afterwards).
+                let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+                std::os::unix::fs::lchown(dest, Some(uid.as_raw()), Some(gid.as_raw()))
+                    .map_err(write_err("change the owner of", dest))?;
+                fs::set_permissions(dest, fs::Permissions::from_mode(*mode))
+                    .map_err(write_err("change the mode of", dest))?;
             }
-            Action::ReplaceWithDir { mode } => {
-                fs::remove_file(dest).map_err(write_err("remove", dest))?;
-                make_dir(dest, *mode)?;
-                Some(dir_entry(dest, true))
-            }
-            Action::KeepDir { created } => Some(dir_entry(dest, *created)),
-            Action::Create { source, mode } | Action::Replace { source, mode } => {
-                let (size, sha) = place_file(source, dest, *mode)?;
-                Some(ManifestEntry {
-                    path: dest.clone(),
-                    kind: EntryKind::File,
-                    size,
-                    mode: *mode,
-                    sha256: Some(sha),
-                    link_target: None,
-                    created: false,
+            Some(previous.clone())
+        }
+        Action::Retain => None,
+        Action::Link { target, .. } => {
+            place_link(target, dest)?;
+            Some(ManifestEntry {
+                path: dest.clone(),
+                kind: EntryKind::Symlink,
+                size: 0,
+                mode: 0o777,
+                sha256: None,
+                link_target: Some(target.clone()),
+                created: false,
+            })
+        }
+    })
+}
+
+/// Below this many file steps, threads cost more than they save.
+const PARALLEL_MIN_STEPS: usize = 64;
+/// Most threads used for file steps (each mostly waits on its fsync).
+const MAX_WORKERS: usize = 4;
+
+/// Runs `f` on every index, on a few scoped threads when there are many; returns the results
+/// paired with their index, or the first error (the other workers stop taking new work).
+fn in_parallel<T: Send>(
+    items: &[usize],
+    f: impl Fn(usize) -> Result<T, InstallError> + Sync,
+) -> Result<Vec<(usize, T)>, InstallError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WORKERS)
+        .min(items.len() / PARALLEL_MIN_STEPS + 1);
+    if workers <= 1 {
+        return items.iter().map(|&i| Ok((i, f(i)?))).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&i) = items.get(k) else { break };
+                        match f(i) {
+                            Ok(t) => done.push((i, t)),
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Ok(done)
                 })
-            }
-            Action::Unchanged { previous, mode } => {
-                if previous.kind == EntryKind::File {
-                    unchanged_files.push(dest.clone());
-                    // Not rewritten, but reset to what a fresh copy would have: the bundle's
-                    // mode and the agent's ownership (permissions below set them again).
-                    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
-                    std::os::unix::fs::lchown(dest, Some(uid.as_raw()), Some(gid.as_raw()))
-                        .map_err(write_err("change the owner of", dest))?;
-                    fs::set_permissions(dest, fs::Permissions::from_mode(*mode))
-                        .map_err(write_err("change the mode of", dest))?;
+            })
+            .collect();
+        let mut all = Vec::with_capacity(items.len());
+        let mut first_err = None;
+        for h in handles {
+            match h.join().expect("install worker panicked") {
+                Ok(done) => all.extend(done),
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
-                Some(previous.clone())
-            }
-            Action::Retain => None,
-            Action::Link { target, .. } => {
-                place_link(target, dest)?;
-                Some(ManifestEntry {
-                    path: dest.clone(),
-                    kind: EntryKind::Symlink,
-                    size: 0,
-                    mode: 0o777,
-                    sha256: None,
-                    link_target: Some(target.clone()),
-                    created: false,
-                })
-            }
-        };
-        if !matches!(
-            s.action,
-            Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
-        ) {
-            if let Some(parent) = dest.parent() {
-                touched_dirs.insert(parent.to_path_buf());
             }
         }
-        entries.extend(entry);
-    }
-    // Renames and new entries are durable only once their directories are synced.
-    for d in &touched_dirs {
-        sync_dir(d)?;
-    }
-    reset_acls(&unchanged_files);
-
-    permissions::apply(&plan.permissions)?;
-
-    // Record the modes as they ended up, so the manifest describes the disk.
-    for e in &mut entries {
-        if e.kind != EntryKind::Symlink {
-            if let Ok(m) = fs::symlink_metadata(&e.path) {
-                e.mode = m.mode() & 0o7777;
-            }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(all),
         }
-    }
-    Ok(Manifest { entries })
+    })
 }
 
 /// Drops ACLs an earlier install may have set on files it now leaves in place, as a fresh copy

@@ -245,3 +245,66 @@ fn setid_is_refused_unless_a_permission_grants_it() {
     // Not installed anywhere: harmless, the bits were cleared.
     check_setid(&[mapping("other", dest)], &[], &setid).unwrap();
 }
+
+fn many_files(n: usize) -> tempfile::TempDir {
+    let rev = tempfile::tempdir().unwrap();
+    for i in 0..n {
+        let d = rev.path().join(format!("d{}", i % 7));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(format!("f{i}")), format!("content {i}")).unwrap();
+    }
+    rev
+}
+
+#[test]
+fn many_files_are_placed_on_several_threads_and_listed_in_path_order() {
+    let rev = many_files(300);
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("", out.path())];
+    let m = apply(
+        &plan(&input(
+            rev.path(),
+            &files,
+            &[],
+            None,
+            FileExistsBehavior::Disallow,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let placed: Vec<_> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .collect();
+    assert_eq!(placed.len(), 300);
+    for e in &placed {
+        let i: usize = e.path.file_name().unwrap().to_str().unwrap()[1..]
+            .parse()
+            .unwrap();
+        assert_eq!(fs::read_to_string(&e.path).unwrap(), format!("content {i}"));
+        assert_eq!(e.size, format!("content {i}").len() as u64);
+    }
+    let paths: Vec<_> = m.entries.iter().map(|e| e.path.clone()).collect();
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted);
+}
+
+#[test]
+fn a_failing_file_step_fails_the_apply_naming_the_file() {
+    let rev = many_files(300);
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("", out.path())];
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    fs::remove_file(rev.path().join("d3/f150")).unwrap();
+    let err = apply(&p).unwrap_err();
+    assert!(err.to_string().contains("d3/f150"), "{err}");
+}
