@@ -552,3 +552,43 @@ fn a_directory_bundle_reaches_its_destination_as_one_copy() {
     );
     assert_eq!(read(dest.join("index.html")), "hi");
 }
+
+#[test]
+fn after_a_failed_install_the_next_one_cleans_up_what_it_left() {
+    let s = Scratch::new();
+    let dest = s.path().join("app");
+    let rev1 = revision(
+        &s,
+        "rev1",
+        &[("a.txt", "a"), ("sub/b.txt", "b"), ("z.txt", "z")],
+    );
+    let files = [map("", &dest)];
+    let p = plan(&InstallInput {
+        revision_root: &rev1,
+        files: &files,
+        permissions: &[],
+        previous: None,
+        file_exists_behavior: FileExistsBehavior::Disallow,
+    })
+    .unwrap();
+    // What the deploy engine records before applying, and keeps if the apply fails.
+    let pending = serde_json::to_string(&p.pending_manifest()).unwrap();
+    // The revision loses a file under the install's feet: apply fails part-way.
+    fs::remove_file(rev1.join("z.txt")).unwrap();
+    let err = apply(&p).unwrap_err();
+    assert!(err.to_string().contains("z.txt"), "{err}");
+    assert_eq!(read(dest.join("a.txt")), "a");
+
+    let pending: Manifest = serde_json::from_str(&pending).unwrap();
+    let rev2 = revision(&s, "rev2", &[("a.txt", "a2")]);
+    install(
+        &rev2,
+        &files,
+        &[],
+        Some(&pending),
+        FileExistsBehavior::Disallow,
+    )
+    .unwrap();
+    assert_eq!(read(dest.join("a.txt")), "a2");
+    assert!(!dest.join("sub").exists());
+}

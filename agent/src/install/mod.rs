@@ -358,6 +358,58 @@ pub struct Plan {
     pub permissions: Vec<PermissionStep>,
 }
 
+impl Plan {
+    /// The manifest to record *before* [`apply`]: what the previous install placed and this
+    /// plan removes, plus everything this plan may place. Should apply fail half-way or the
+    /// process die, handing this to the next install as `previous` makes its cleanup cover the
+    /// partial install too, as the CodeDeploy agent's cleanup file does (the next DISALLOW
+    /// install must not trip over files a failed one left). Files not yet written carry no
+    /// hash, so none of them can pass for unchanged.
+    pub fn pending_manifest(&self) -> Manifest {
+        let mut entries: BTreeMap<PathBuf, ManifestEntry> = BTreeMap::new();
+        for r in &self.removals {
+            let (path, kind) = match r {
+                Removal::File(p) => (p, EntryKind::File),
+                Removal::DirIfEmpty(p) => (p, EntryKind::Dir),
+            };
+            let mut e = dir_entry(path, true);
+            e.kind = kind;
+            entries.insert(path.clone(), e);
+        }
+        for s in &self.steps {
+            let entry = match &s.action {
+                Action::Mkdir { .. } | Action::ReplaceWithDir { .. } => dir_entry(&s.dest, true),
+                Action::KeepDir { created } => dir_entry(&s.dest, *created),
+                Action::Create { mode, .. } | Action::Replace { mode, .. } => ManifestEntry {
+                    path: s.dest.clone(),
+                    kind: EntryKind::File,
+                    size: 0,
+                    mode: *mode,
+                    sha256: None,
+                    link_target: None,
+                    created: false,
+                },
+                Action::Unchanged { previous, .. } => previous.clone(),
+                Action::Link { .. } => ManifestEntry {
+                    path: s.dest.clone(),
+                    kind: EntryKind::Symlink,
+                    size: 0,
+                    mode: 0o777,
+                    sha256: None,
+                    // Unknown until placed: a half-made link must not pass for unchanged.
+                    link_target: None,
+                    created: false,
+                },
+                Action::Retain => continue,
+            };
+            entries.insert(s.dest.clone(), entry);
+        }
+        Manifest {
+            entries: entries.into_values().collect(),
+        }
+    }
+}
+
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for r in &self.removals {
