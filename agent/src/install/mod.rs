@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use crate::appspec::{FileExistsBehavior, FileMapping, Permission};
 
 pub use permissions::check_setid;
-use permissions::PermissionStep;
+pub use permissions::PermissionStep;
 
 /// Mode of directories Install has to make that the bundle says nothing about (the missing
 /// ancestors of a destination, a destination directory itself).
