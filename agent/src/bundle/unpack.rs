@@ -392,8 +392,9 @@ pub fn unpack(
 /// The canonical form of a path that does not exist yet: its nearest existing ancestor
 /// resolved, the rest appended.
 fn resolve_missing(path: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(path).ok()?;
     let mut rest = Vec::new();
-    let mut at = path;
+    let mut at = abs.as_path();
     loop {
         if let Ok(real) = fs::canonicalize(at) {
             return Some(rest.iter().rev().fold(real, |p, c| p.join(c)));
