@@ -142,6 +142,16 @@ pub enum InstallError {
         /// The destination.
         dest: PathBuf,
     },
+    /// Something was put at a destination between plan and apply, where the plan expected
+    /// nothing; it is left alone (the CodeDeploy agent checks at copy time too).
+    #[error(
+        "{dest} appeared after the install was planned and was left alone; find what wrote \
+         it, then deploy again"
+    )]
+    AppearedSincePlan {
+        /// The destination.
+        dest: PathBuf,
+    },
     /// A file stands where a directory is needed, and the behavior does not allow replacing it.
     #[error(
         "cannot make directory {dest}: a file is there and file_exists_behavior is {behavior}; \
@@ -940,7 +950,8 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
         }
         Action::KeepDir { created } => Some(dir_entry(dest, *created)),
         Action::Create { source, mode } | Action::Replace { source, mode } => {
-            let (size, sha) = place_file(source, dest, *mode)?;
+            let replace = matches!(s.action, Action::Replace { .. });
+            let (size, sha) = place_file(source, dest, *mode, replace)?;
             Some(ManifestEntry {
                 path: dest.clone(),
                 kind: EntryKind::File,
@@ -964,8 +975,8 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
             Some(previous.clone())
         }
         Action::Retain => None,
-        Action::Link { target, .. } => {
-            place_link(target, dest)?;
+        Action::Link { target, replace } => {
+            place_link(target, dest, *replace)?;
             Some(ManifestEntry {
                 path: dest.clone(),
                 kind: EntryKind::Symlink,
@@ -1100,7 +1111,12 @@ fn temp_beside(dest: &Path) -> PathBuf {
 
 /// Copies `source` to `dest` so that `dest` is never seen half-written: write beside, fsync,
 /// rename over. Returns the size and the hex sha256 of what was written.
-fn place_file(source: &Path, dest: &Path, mode: u32) -> Result<(u64, String), InstallError> {
+fn place_file(
+    source: &Path,
+    dest: &Path,
+    mode: u32,
+    replace: bool,
+) -> Result<(u64, String), InstallError> {
     let mut input = File::open(source).map_err(read_err(source))?;
     let tmp = temp_beside(dest);
     let result = (|| {
@@ -1125,7 +1141,7 @@ fn place_file(source: &Path, dest: &Path, mode: u32) -> Result<(u64, String), In
         out.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(write_err("change the mode of", &tmp))?;
         out.sync_all().map_err(write_err("sync", &tmp))?;
-        fs::rename(&tmp, dest).map_err(write_err("rename into place", dest))?;
+        rename_into_place(&tmp, dest, replace)?;
         Ok((size, hex::encode(h.finalize())))
     })();
     if result.is_err() {
@@ -1134,14 +1150,43 @@ fn place_file(source: &Path, dest: &Path, mode: u32) -> Result<(u64, String), In
     result
 }
 
-/// Places a symlink atomically (a new link renamed over whatever is there).
-fn place_link(target: &Path, dest: &Path) -> Result<(), InstallError> {
+/// Places a symlink atomically (a new link renamed into place).
+fn place_link(target: &Path, dest: &Path, replace: bool) -> Result<(), InstallError> {
     let tmp = temp_beside(dest);
     std::os::unix::fs::symlink(target, &tmp).map_err(write_err("create symlink", &tmp))?;
-    fs::rename(&tmp, dest).map_err(|e| {
+    rename_into_place(&tmp, dest, replace).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
-        write_err("rename into place", dest)(e)
     })
+}
+
+/// Renames `tmp` to `dest`. Unless `replace`, a `dest` that appeared since the plan is not
+/// clobbered: renameat2(RENAME_NOREPLACE) where the kernel and filesystem have it, a check
+/// before the rename elsewhere.
+fn rename_into_place(tmp: &Path, dest: &Path, replace: bool) -> Result<(), InstallError> {
+    if !replace {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            use nix::errno::Errno;
+            use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+            match renameat2(AT_FDCWD, tmp, AT_FDCWD, dest, RenameFlags::RENAME_NOREPLACE) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EEXIST) => {
+                    return Err(InstallError::AppearedSincePlan {
+                        dest: dest.to_path_buf(),
+                    })
+                }
+                // Not supported here: fall back to check-then-rename.
+                Err(Errno::EINVAL | Errno::ENOSYS) => {}
+                Err(e) => return Err(write_err("rename into place", dest)(e.into())),
+            }
+        }
+        if fs::symlink_metadata(dest).is_ok() {
+            return Err(InstallError::AppearedSincePlan {
+                dest: dest.to_path_buf(),
+            });
+        }
+    }
+    fs::rename(tmp, dest).map_err(write_err("rename into place", dest))
 }
 
 #[cfg(test)]

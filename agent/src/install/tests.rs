@@ -308,3 +308,34 @@ fn a_failing_file_step_fails_the_apply_naming_the_file() {
     let err = apply(&p).unwrap_err();
     assert!(err.to_string().contains("d3/f150"), "{err}");
 }
+
+#[test]
+fn a_file_that_appears_between_plan_and_apply_is_not_clobbered() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("site", out.path())];
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    fs::write(out.path().join("index.html"), "someone else's").unwrap();
+    let err = apply(&p).unwrap_err();
+    assert!(
+        matches!(err, InstallError::AppearedSincePlan { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_to_string(out.path().join("index.html")).unwrap(),
+        "someone else's"
+    );
+    let stray: Vec<_> = fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".pier-"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
