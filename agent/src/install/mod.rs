@@ -740,6 +740,14 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
         .extend(dirs_to_remove.into_iter().map(Removal::DirIfEmpty));
 
     // What is in the way of each destination, once the cleanup has run.
+    // Half-written files a killed install left beside their destinations.
+    for (dest, w) in &wanted {
+        if matches!(w.want, Want::Dir { .. }) {
+            plan.removals
+                .extend(stale_temps(dest).into_iter().map(Removal::File));
+        }
+    }
+
     let behavior = input.file_exists_behavior;
     let mut disallowed = Vec::new();
     for (dest, w) in &wanted {
@@ -1101,12 +1109,36 @@ fn sync_dir(path: &Path) -> Result<(), InstallError> {
         .map_err(write_err("sync directory", path))
 }
 
-/// A name beside `dest` for writing it before the rename: hidden, and unique to this process.
+/// Prefix of the names files are written under before their rename into place.
+const TEMP_PREFIX: &str = ".pier-tmp-";
+
+/// A name beside `dest` for writing it before the rename: hidden, unique to this process, and
+/// recognisable (`.pier-tmp-<pid>-<n>-<name>`) so that one left by a killed agent can be swept.
 fn temp_beside(dest: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    // Keep the whole name within NAME_MAX; uniqueness comes from pid and counter.
+    let name: String = name.chars().take(64).collect();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dest.with_file_name(format!(".{name}.pier-{}-{n}", std::process::id()))
+    dest.with_file_name(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
+}
+
+/// Temp files in `dir` left by an agent that died before renaming them: their pid is not a
+/// live process (a live one may be another install writing there right now).
+fn stale_temps(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+        .filter_map(|e| {
+            let name = e.file_name();
+            let rest = name.to_str()?.strip_prefix(TEMP_PREFIX)?;
+            let pid: u32 = rest.split('-').next()?.parse().ok()?;
+            let alive = Path::new("/proc").join(pid.to_string()).exists();
+            (!alive).then(|| e.path())
+        })
+        .collect()
 }
 
 /// Copies `source` to `dest` so that `dest` is never seen half-written: write beside, fsync,

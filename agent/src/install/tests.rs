@@ -339,3 +339,31 @@ fn a_file_that_appears_between_plan_and_apply_is_not_clobbered() {
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
+
+#[test]
+fn temp_files_of_a_killed_install_are_swept_but_not_a_live_ones() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let dead = out
+        .path()
+        .join(format!("{TEMP_PREFIX}999999999-0-index.html"));
+    let live = out
+        .path()
+        .join(format!("{TEMP_PREFIX}{}-0-index.html", std::process::id()));
+    fs::write(&dead, "half").unwrap();
+    fs::write(&live, "being written").unwrap();
+    let files = [mapping("site", out.path())];
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    assert!(p.removals.contains(&Removal::File(dead.clone())));
+    assert!(!p.removals.contains(&Removal::File(live.clone())));
+    apply(&p).unwrap();
+    assert!(!dead.exists());
+    assert!(live.exists());
+}
