@@ -1,1 +1,0 @@
-//! install (not yet written).

@@ -1,0 +1,1225 @@
+//! Install: copy an unpacked revision's files where the AppSpec's `files` section says, with
+//! the CodeDeploy agent's semantics, as a plan that can be printed (dry run) and then applied.
+//!
+//! [`plan`] looks at the revision, the previous install's [`Manifest`] and the disk, and decides
+//! everything up front: what of the previous install to remove, which directories to make,
+//! which files to create, replace, keep (RETAIN) or leave as they are (unchanged since the last
+//! install), and which permissions to set. Every refusal (DISALLOW, two sources for one
+//! destination, unknown owner, missing `setfacl`, ...) happens here, before anything changed.
+//! [`apply`] then carries the plan out: each file lands whole (written beside its destination,
+//! fsynced, renamed over it) and the result is the manifest of what this install placed, which
+//! the `state` module stores for the next install's cleanup.
+//!
+//! The file steps of a plan are independent of one another once their directories exist, so a
+//! later change can apply them in parallel without touching these semantics. Knows nothing of
+//! queues or hooks; the deploy engine calls it.
+
+mod permissions;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::appspec::{FileExistsBehavior, FileMapping, Permission};
+
+pub use permissions::check_setid;
+pub use permissions::PermissionStep;
+
+/// Mode of directories Install has to make that the bundle says nothing about (the missing
+/// ancestors of a destination, a destination directory itself).
+const IMPLICIT_DIR_MODE: u32 = 0o755;
+
+/// What an install placed: the input of the next install's cleanup and of "unchanged" checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Everything placed, parents before children.
+    pub entries: Vec<ManifestEntry>,
+}
+
+/// The kind of a placed object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (recreated as a link, never followed).
+    Symlink,
+}
+
+/// One object an install placed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Absolute destination.
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Size in bytes (files only; 0 otherwise).
+    pub size: u64,
+    /// Permission bits on disk once the install finished (after `permissions`).
+    pub mode: u32,
+    /// Hex sha256 of the content (files only).
+    pub sha256: Option<String>,
+    /// The link's target (symlinks only).
+    pub link_target: Option<PathBuf>,
+    /// true when this install created the directory (so cleanup may remove it if empty)
+    pub created: bool,
+}
+
+/// Everything [`plan`] needs.
+#[derive(Debug, Clone, Copy)]
+pub struct InstallInput<'a> {
+    /// The unpacked revision (bundle root).
+    pub revision_root: &'a Path,
+    /// The AppSpec's `files`.
+    pub files: &'a [FileMapping],
+    /// The AppSpec's `permissions`.
+    pub permissions: &'a [Permission],
+    /// The manifest of the previous successful install of this deployment group, if any.
+    pub previous: Option<&'a Manifest>,
+    /// The effective behavior (AppSpec value first, then the command's).
+    pub file_exists_behavior: FileExistsBehavior,
+}
+
+/// Why an install was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// A `files` source that is not in the revision.
+    #[error(
+        "files: source {source_path:?} does not exist in the revision at {revision_root}; fix \
+         the source in appspec.yml or add it to the bundle"
+    )]
+    SourceMissing {
+        /// The mapping's source.
+        source_path: String,
+        /// The revision root it was looked up in.
+        revision_root: PathBuf,
+    },
+    /// A bundle entry Install cannot place (device, FIFO, socket).
+    #[error("cannot install {path}: it is neither a file, a directory nor a symlink")]
+    Unplaceable {
+        /// The object in the revision.
+        path: PathBuf,
+    },
+    /// Two `files` entries place something at one destination.
+    #[error(
+        "files: two sources place {dest}: {first:?} and {second:?}; remove one of them from \
+         appspec.yml"
+    )]
+    TwoSources {
+        /// The destination.
+        dest: PathBuf,
+        /// The first source (revision-relative).
+        first: String,
+        /// The second source (revision-relative).
+        second: String,
+    },
+    /// DISALLOW and files in the way; nothing was changed.
+    #[error(
+        "a file already exists at {} {}and file_exists_behavior is DISALLOW; nothing was \
+         changed. Remove it, or deploy with file_exists_behavior OVERWRITE or RETAIN",
+        .paths[0].display(),
+        more(.paths.len())
+    )]
+    Disallowed {
+        /// Every existing file in the way (at least one).
+        paths: Vec<PathBuf>,
+    },
+    /// A directory stands where a file or link is to be placed.
+    #[error(
+        "cannot place {dest}: a directory is there; remove it or change the destination in \
+         appspec.yml"
+    )]
+    DirectoryInTheWay {
+        /// The destination.
+        dest: PathBuf,
+    },
+    /// Something was put at a destination between plan and apply, where the plan expected
+    /// nothing; it is left alone (the CodeDeploy agent checks at copy time too).
+    #[error(
+        "{dest} appeared after the install was planned and was left alone; find what wrote \
+         it, then deploy again"
+    )]
+    AppearedSincePlan {
+        /// The destination.
+        dest: PathBuf,
+    },
+    /// A file stands where a directory is needed, and the behavior does not allow replacing it.
+    #[error(
+        "cannot make directory {dest}: a file is there and file_exists_behavior is {behavior}; \
+         remove it, or deploy with OVERWRITE"
+    )]
+    FileInTheWay {
+        /// The destination.
+        dest: PathBuf,
+        /// The behavior in force.
+        behavior: &'static str,
+    },
+    /// A `permissions` owner that does not exist on this host.
+    #[error("permissions for {object}: user {name:?} does not exist on this host; create it (e.g. in a BeforeInstall hook) or fix owner in appspec.yml")]
+    UnknownUser {
+        /// The permission's object.
+        object: PathBuf,
+        /// The user name.
+        name: String,
+    },
+    /// A `permissions` group that does not exist on this host.
+    #[error("permissions for {object}: group {name:?} does not exist on this host; create it (e.g. in a BeforeInstall hook) or fix group in appspec.yml")]
+    UnknownGroup {
+        /// The permission's object.
+        object: PathBuf,
+        /// The group name.
+        name: String,
+    },
+    /// A `pattern` or `except` glob that does not compile.
+    #[error("permissions for {object}: pattern {pattern:?} is not a valid glob ({detail}); fix it in appspec.yml")]
+    BadPattern {
+        /// The permission's object.
+        object: PathBuf,
+        /// The glob.
+        pattern: String,
+        /// What the glob parser said.
+        detail: String,
+    },
+    /// Two permission entries select the same object (CodeDeploy refuses this too).
+    #[error(
+        "permissions: {path} is selected by the entries for both {first} and {second}; make \
+         them disjoint (pattern, except, type) in appspec.yml"
+    )]
+    PermissionTwice {
+        /// The object selected twice.
+        path: PathBuf,
+        /// The first entry's object.
+        first: PathBuf,
+        /// The second entry's object.
+        second: PathBuf,
+    },
+    /// `acls` or `context` asked for and the tool is not installed.
+    #[error(
+        "permissions for {object}: {what} need the `{tool}` command, which is not installed on \
+         this host; install the {package} package or remove {what} from appspec.yml"
+    )]
+    MissingTool {
+        /// The permission's object.
+        object: PathBuf,
+        /// "acls" or "context".
+        what: &'static str,
+        /// The command.
+        tool: &'static str,
+        /// The package that provides it.
+        package: &'static str,
+    },
+    /// setfacl / chcon failed.
+    #[error("permissions: `{command}` failed for {path}: {detail}")]
+    ToolFailed {
+        /// The command line run.
+        command: String,
+        /// The object.
+        path: PathBuf,
+        /// Exit status and stderr.
+        detail: String,
+    },
+    /// A set-uid/set-gid bit in the bundle that no `permissions` entry grants.
+    #[error(
+        "bundle entry {entry:?} has set-id mode {mode:o}, and no permissions entry sets that \
+         mode on {dest}; add a permissions entry with that mode, or rebuild the bundle without \
+         set-uid/set-gid bits"
+    )]
+    SetidNotGranted {
+        /// The bundle entry (revision-relative).
+        entry: String,
+        /// Its mode as the bundle gave it.
+        mode: u32,
+        /// Where it would be installed.
+        dest: PathBuf,
+    },
+    /// Reading the revision or the destination failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// What was being read.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Changing the destination failed.
+    #[error("cannot {action} {path}: {source}")]
+    Write {
+        /// What was being done ("create", "remove", "rename into place", ...).
+        action: &'static str,
+        /// The object.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+fn more(n: usize) -> String {
+    match n {
+        1 => String::new(),
+        2 => "(and 1 more file) ".to_string(),
+        n => format!("(and {} more files) ", n - 1),
+    }
+}
+
+fn read_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
+    move |source| InstallError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> InstallError + 'a {
+    move |source| InstallError::Write {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One thing the previous install placed that this one takes away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// A file or symlink (the link itself, never its target).
+    File(PathBuf),
+    /// A directory the previous install created; removed only when empty.
+    DirIfEmpty(PathBuf),
+}
+
+/// What to do at one destination path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Make a new directory.
+    Mkdir {
+        /// Its mode.
+        mode: u32,
+    },
+    /// A directory already there, used as it is. `created` carries over from the previous
+    /// install, so that a directory it made stays removable by a later cleanup.
+    KeepDir {
+        /// Whether a pier install made it.
+        created: bool,
+    },
+    /// OVERWRITE: a file or link stands where a directory is needed; replace it.
+    ReplaceWithDir {
+        /// The new directory's mode.
+        mode: u32,
+    },
+    /// Copy a file where nothing is.
+    Create {
+        /// The file in the revision.
+        source: PathBuf,
+        /// Its mode (the bundle's).
+        mode: u32,
+    },
+    /// OVERWRITE: copy a file over what is there.
+    Replace {
+        /// The file in the revision.
+        source: PathBuf,
+        /// Its mode (the bundle's).
+        mode: u32,
+    },
+    /// Same size and sha256 in the revision, the previous manifest and on disk: not rewritten.
+    Unchanged {
+        /// The previous manifest's entry.
+        previous: ManifestEntry,
+        /// The bundle's mode, set again in case only the mode changed.
+        mode: u32,
+    },
+    /// RETAIN: the existing file is kept, and is not part of this install.
+    Retain,
+    /// Place a symlink (replacing what is there under OVERWRITE).
+    Link {
+        /// The link's target, as the bundle has it.
+        target: PathBuf,
+        /// Whether something is in the way (OVERWRITE).
+        replace: bool,
+    },
+}
+
+/// One destination and what to do there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Absolute destination.
+    pub dest: PathBuf,
+    /// What to do.
+    pub action: Action,
+}
+
+/// What an install will do, decided before anything is changed. `Display` prints it as a dry
+/// run, one line per action.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The previous install's files, then its directories deepest first.
+    pub removals: Vec<Removal>,
+    /// Destinations in path order (parents before children).
+    pub steps: Vec<Step>,
+    /// Permissions to set once everything is placed.
+    pub permissions: Vec<PermissionStep>,
+}
+
+impl Plan {
+    /// The manifest to record *before* [`apply`]: what the previous install placed and this
+    /// plan removes, plus everything this plan may place. Should apply fail half-way or the
+    /// process die, handing this to the next install as `previous` makes its cleanup cover the
+    /// partial install too, as the CodeDeploy agent's cleanup file does (the next DISALLOW
+    /// install must not trip over files a failed one left). Files not yet written carry no
+    /// hash, so none of them can pass for unchanged.
+    pub fn pending_manifest(&self) -> Manifest {
+        let mut entries: BTreeMap<PathBuf, ManifestEntry> = BTreeMap::new();
+        for r in &self.removals {
+            let (path, kind) = match r {
+                Removal::File(p) => (p, EntryKind::File),
+                Removal::DirIfEmpty(p) => (p, EntryKind::Dir),
+            };
+            let mut e = dir_entry(path, true);
+            e.kind = kind;
+            entries.insert(path.clone(), e);
+        }
+        for s in &self.steps {
+            let entry = match &s.action {
+                Action::Mkdir { .. } | Action::ReplaceWithDir { .. } => dir_entry(&s.dest, true),
+                Action::KeepDir { created } => dir_entry(&s.dest, *created),
+                Action::Create { mode, .. } | Action::Replace { mode, .. } => ManifestEntry {
+                    path: s.dest.clone(),
+                    kind: EntryKind::File,
+                    size: 0,
+                    mode: *mode,
+                    sha256: None,
+                    link_target: None,
+                    created: false,
+                },
+                Action::Unchanged { previous, .. } => previous.clone(),
+                Action::Link { .. } => ManifestEntry {
+                    path: s.dest.clone(),
+                    kind: EntryKind::Symlink,
+                    size: 0,
+                    mode: 0o777,
+                    sha256: None,
+                    // Unknown until placed: a half-made link must not pass for unchanged.
+                    link_target: None,
+                    created: false,
+                },
+                Action::Retain => continue,
+            };
+            entries.insert(s.dest.clone(), entry);
+        }
+        Manifest {
+            entries: entries.into_values().collect(),
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for r in &self.removals {
+            match r {
+                Removal::File(p) => writeln!(f, "remove     {}", p.display())?,
+                Removal::DirIfEmpty(p) => writeln!(f, "rmdir      {} (if empty)", p.display())?,
+            }
+        }
+        for s in &self.steps {
+            let d = s.dest.display();
+            match &s.action {
+                Action::Mkdir { mode } => writeln!(f, "mkdir      {d} ({mode:04o})")?,
+                Action::KeepDir { .. } => {}
+                Action::ReplaceWithDir { mode } => {
+                    writeln!(f, "replace    {d} with a directory ({mode:04o})")?
+                }
+                Action::Create { source, mode } => {
+                    writeln!(f, "create     {d} ({mode:04o}) from {}", source.display())?
+                }
+                Action::Replace { source, mode } => {
+                    writeln!(f, "replace    {d} ({mode:04o}) from {}", source.display())?
+                }
+                Action::Unchanged { .. } => writeln!(f, "unchanged  {d}")?,
+                Action::Retain => writeln!(f, "keep       {d} (RETAIN: existing file kept)")?,
+                Action::Link { target, replace } => writeln!(
+                    f,
+                    "{}{d} -> {}",
+                    if *replace {
+                        "relink     "
+                    } else {
+                        "link       "
+                    },
+                    target.display()
+                )?,
+            }
+        }
+        for p in &self.permissions {
+            writeln!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the bundle wants at one destination, before looking at the disk.
+#[derive(Debug, Clone)]
+enum Want {
+    Dir {
+        mode: u32,
+    },
+    File {
+        source: PathBuf,
+        size: u64,
+        mode: u32,
+    },
+    Link {
+        target: PathBuf,
+    },
+}
+
+/// A wanted destination and the `files` source it came from (for messages).
+#[derive(Debug, Clone)]
+struct Wanted {
+    want: Want,
+    from: String,
+}
+
+/// Builds the set of destinations the `files` section asks for.
+struct Layout<'a> {
+    root: &'a Path,
+    wanted: BTreeMap<PathBuf, Wanted>,
+    /// Directories the previous install created: kept as "ours" when needed again.
+    prev_created_dirs: BTreeSet<PathBuf>,
+}
+
+impl Layout<'_> {
+    fn add(&mut self, dest: PathBuf, want: Want, from: &str) -> Result<(), InstallError> {
+        use std::collections::btree_map::Entry;
+        match self.wanted.entry(dest) {
+            Entry::Vacant(v) => {
+                v.insert(Wanted {
+                    want,
+                    from: from.to_string(),
+                });
+            }
+            Entry::Occupied(mut o) => match (&o.get().want, &want) {
+                // Two directory sources may share a destination directory (CodeDeploy merges).
+                // A mode from the bundle beats an implicit one.
+                (Want::Dir { .. }, Want::Dir { mode }) => {
+                    if *mode != IMPLICIT_DIR_MODE {
+                        o.get_mut().want = want;
+                    }
+                }
+                _ => {
+                    return Err(InstallError::TwoSources {
+                        dest: o.key().clone(),
+                        first: o.get().from.clone(),
+                        second: from.to_string(),
+                    })
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// Adds the missing ancestors of `path` (and those a previous install made, so that they
+    /// are kept rather than removed and made again).
+    fn ancestors(&mut self, path: &Path, from: &str) -> Result<(), InstallError> {
+        let mut missing = Vec::new();
+        let mut at = path.parent();
+        while let Some(dir) = at {
+            if dir.parent().is_none() {
+                break;
+            }
+            if dir.exists() && !self.prev_created_dirs.contains(dir) {
+                break;
+            }
+            missing.push(dir.to_path_buf());
+            at = dir.parent();
+        }
+        for dir in missing.into_iter().rev() {
+            self.add(
+                dir,
+                Want::Dir {
+                    mode: IMPLICIT_DIR_MODE,
+                },
+                from,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn mapping(&mut self, m: &FileMapping) -> Result<(), InstallError> {
+        let src = if m.source.is_empty() {
+            self.root.to_path_buf()
+        } else {
+            self.root.join(&m.source)
+        };
+        let meta = match fs::symlink_metadata(&src) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(InstallError::SourceMissing {
+                    source_path: m.source.clone(),
+                    revision_root: self.root.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(read_err(&src)(e)),
+        };
+        if meta.is_dir() {
+            // A directory source: its contents go under the destination.
+            self.ancestors(&m.destination, &m.source)?;
+            self.add(
+                m.destination.clone(),
+                Want::Dir {
+                    mode: IMPLICIT_DIR_MODE,
+                },
+                &m.source,
+            )?;
+            self.tree(&src, &m.destination, &m.source)
+        } else {
+            // A file (or link) source lands as destination/<name>.
+            let name = src.file_name().unwrap_or_default();
+            let dest = m.destination.join(name);
+            self.ancestors(&dest, &m.source)?;
+            let want = want_of(&src, &meta)?;
+            self.add(dest, want, &m.source)
+        }
+    }
+
+    fn tree(&mut self, src: &Path, dest: &Path, from: &str) -> Result<(), InstallError> {
+        let mut names = fs::read_dir(src)
+            .map_err(read_err(src))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read_err(src))?;
+        names.sort();
+        for n in names {
+            let s = src.join(&n);
+            let d = dest.join(&n);
+            let meta = fs::symlink_metadata(&s).map_err(read_err(&s))?;
+            let want = want_of(&s, &meta)?;
+            let is_dir = matches!(want, Want::Dir { .. });
+            self.add(d.clone(), want, from)?;
+            if is_dir {
+                self.tree(&s, &d, from)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn want_of(src: &Path, meta: &fs::Metadata) -> Result<Want, InstallError> {
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        Ok(Want::Dir {
+            mode: meta.mode() & 0o7777,
+        })
+    } else if ft.is_symlink() {
+        Ok(Want::Link {
+            target: fs::read_link(src).map_err(read_err(src))?,
+        })
+    } else if ft.is_file() {
+        Ok(Want::File {
+            source: src.to_path_buf(),
+            size: meta.len(),
+            mode: meta.mode() & 0o7777,
+        })
+    } else {
+        Err(InstallError::Unplaceable {
+            path: src.to_path_buf(),
+        })
+    }
+}
+
+/// Hex sha256 of a file's content.
+fn sha256_file(path: &Path) -> Result<String, InstallError> {
+    let mut f = File::open(path).map_err(read_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(read_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Whether `dest` can be left as the previous install put it: same size and content in the
+/// revision, the previous manifest and on disk.
+fn unchanged(prev: &ManifestEntry, want: &Want, dest: &Path) -> Result<bool, InstallError> {
+    match (prev.kind, want) {
+        (EntryKind::File, Want::File { source, size, .. }) => {
+            let Some(prev_sha) = prev.sha256.as_deref() else {
+                return Ok(false);
+            };
+            if prev.size != *size {
+                return Ok(false);
+            }
+            match fs::symlink_metadata(dest) {
+                Ok(m) if m.file_type().is_file() && m.len() == *size => {}
+                _ => return Ok(false),
+            }
+            // Cheap checks passed: now the content, revision side first.
+            Ok(sha256_file(source)? == prev_sha && sha256_file(dest)? == prev_sha)
+        }
+        (EntryKind::Symlink, Want::Link { target }) => Ok(prev.link_target.as_ref()
+            == Some(target)
+            && fs::read_link(dest).ok().as_ref() == Some(target)),
+        _ => Ok(false),
+    }
+}
+
+/// Decides everything an install will do, changing nothing.
+pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
+    let prev_entries: &[ManifestEntry] = input.previous.map_or(&[], |m| &m.entries);
+    let mut layout = Layout {
+        root: input.revision_root,
+        wanted: BTreeMap::new(),
+        prev_created_dirs: prev_entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir && e.created)
+            .map(|e| e.path.clone())
+            .collect(),
+    };
+    for m in input.files {
+        layout.mapping(m)?;
+    }
+    let wanted = layout.wanted;
+
+    // Cleanup of the previous install, except what would be placed again unchanged.
+    let mut plan = Plan::default();
+    let mut removed: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut kept: HashMap<PathBuf, ManifestEntry> = HashMap::new();
+    let mut carried_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut dirs_to_remove = Vec::new();
+    for e in prev_entries {
+        let want = wanted.get(&e.path).map(|w| &w.want);
+        match e.kind {
+            EntryKind::File | EntryKind::Symlink => {
+                if let Some(w) = want {
+                    if unchanged(e, w, &e.path)? {
+                        kept.insert(e.path.clone(), e.clone());
+                        continue;
+                    }
+                }
+                match fs::symlink_metadata(&e.path) {
+                    // Someone put a directory there since: not ours to remove.
+                    Ok(m) if m.file_type().is_dir() => {
+                        log::warn!(
+                            "not removing {}: the previous install placed a file there, now it \
+                             is a directory",
+                            e.path.display()
+                        );
+                    }
+                    Ok(_) => {
+                        plan.removals.push(Removal::File(e.path.clone()));
+                        removed.insert(e.path.clone());
+                    }
+                    Err(_) => {}
+                }
+            }
+            EntryKind::Dir if e.created => {
+                let still_dir = fs::symlink_metadata(&e.path)
+                    .map(|m| m.file_type().is_dir())
+                    .unwrap_or(false);
+                if matches!(want, Some(Want::Dir { .. })) && still_dir {
+                    carried_dirs.insert(e.path.clone());
+                } else if still_dir {
+                    dirs_to_remove.push(e.path.clone());
+                }
+            }
+            EntryKind::Dir => {}
+        }
+    }
+    dirs_to_remove.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    plan.removals
+        .extend(dirs_to_remove.into_iter().map(Removal::DirIfEmpty));
+
+    // What is in the way of each destination, once the cleanup has run.
+    // Half-written files a killed install left beside their destinations.
+    for (dest, w) in &wanted {
+        if matches!(w.want, Want::Dir { .. }) {
+            plan.removals
+                .extend(stale_temps(dest).into_iter().map(Removal::File));
+        }
+    }
+
+    let behavior = input.file_exists_behavior;
+    let mut disallowed = Vec::new();
+    for (dest, w) in &wanted {
+        let existing = if removed.contains(dest) {
+            None
+        } else {
+            match fs::symlink_metadata(dest) {
+                Ok(m) => Some(m),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(read_err(dest)(e)),
+            }
+        };
+        let action = match &w.want {
+            Want::Dir { mode } => match existing {
+                None => Action::Mkdir { mode: *mode },
+                // A symlink to a directory (e.g. /var/www -> /srv/www) is a directory here.
+                Some(m) if m.is_dir() || dest.is_dir() => Action::KeepDir {
+                    created: carried_dirs.contains(dest),
+                },
+                Some(_) => match behavior {
+                    FileExistsBehavior::Overwrite => Action::ReplaceWithDir { mode: *mode },
+                    FileExistsBehavior::Disallow => {
+                        disallowed.push(dest.clone());
+                        continue;
+                    }
+                    FileExistsBehavior::Retain => {
+                        return Err(InstallError::FileInTheWay {
+                            dest: dest.clone(),
+                            behavior: "RETAIN",
+                        })
+                    }
+                },
+            },
+            Want::File { source, mode, .. } => {
+                if let Some(previous) = kept.get(dest) {
+                    Action::Unchanged {
+                        previous: previous.clone(),
+                        mode: *mode,
+                    }
+                } else {
+                    match existing {
+                        None => Action::Create {
+                            source: source.clone(),
+                            mode: *mode,
+                        },
+                        Some(m) => match behavior {
+                            FileExistsBehavior::Retain => Action::Retain,
+                            _ if m.is_dir() => {
+                                return Err(InstallError::DirectoryInTheWay { dest: dest.clone() })
+                            }
+                            FileExistsBehavior::Overwrite => Action::Replace {
+                                source: source.clone(),
+                                mode: *mode,
+                            },
+                            FileExistsBehavior::Disallow => {
+                                disallowed.push(dest.clone());
+                                continue;
+                            }
+                        },
+                    }
+                }
+            }
+            Want::Link { target } => {
+                if let Some(previous) = kept.get(dest) {
+                    Action::Unchanged {
+                        previous: previous.clone(),
+                        mode: previous.mode,
+                    }
+                } else {
+                    match existing {
+                        None => Action::Link {
+                            target: target.clone(),
+                            replace: false,
+                        },
+                        Some(m) => match behavior {
+                            FileExistsBehavior::Retain => Action::Retain,
+                            _ if m.is_dir() => {
+                                return Err(InstallError::DirectoryInTheWay { dest: dest.clone() })
+                            }
+                            FileExistsBehavior::Overwrite => Action::Link {
+                                target: target.clone(),
+                                replace: true,
+                            },
+                            FileExistsBehavior::Disallow => {
+                                disallowed.push(dest.clone());
+                                continue;
+                            }
+                        },
+                    }
+                }
+            }
+        };
+        plan.steps.push(Step {
+            dest: dest.clone(),
+            action,
+        });
+    }
+    if !disallowed.is_empty() {
+        return Err(InstallError::Disallowed { paths: disallowed });
+    }
+    plan.permissions = permissions::plan(input.permissions, &plan.steps)?;
+    Ok(plan)
+}
+
+/// Carries out a plan; returns the manifest of what this install placed. Stops at the first
+/// failure (the deploy engine fails the Install event; the next deployment's plan starts from
+/// what is on disk and the last successful manifest).
+///
+/// Directories are made first, in order; the file steps, independent of one another from then
+/// on, run on a few threads when there are enough of them to pay for it.
+pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
+    remove_previous(&plan.removals)?;
+
+    let mut results: Vec<Option<ManifestEntry>> = vec![None; plan.steps.len()];
+    let (dirs, files): (Vec<usize>, Vec<usize>) =
+        (0..plan.steps.len()).partition(|&i| is_dir_action(&plan.steps[i].action));
+    for i in dirs {
+        results[i] = place(&plan.steps[i])?;
+    }
+    for (i, entry) in in_parallel(&files, |i| place(&plan.steps[i]))? {
+        results[i] = entry;
+    }
+
+    // Renames and new entries are durable only once their directories are synced.
+    let touched_dirs: BTreeSet<&Path> = plan
+        .steps
+        .iter()
+        .filter(|s| {
+            !matches!(
+                s.action,
+                Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
+            )
+        })
+        .filter_map(|s| s.dest.parent())
+        .collect();
+    for d in touched_dirs {
+        sync_dir(d)?;
+    }
+    let unchanged_files: Vec<PathBuf> = plan
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(&s.action, Action::Unchanged { previous, .. } if previous.kind == EntryKind::File)
+        })
+        .map(|s| s.dest.clone())
+        .collect();
+    reset_acls(&unchanged_files);
+
+    permissions::apply(&plan.permissions)?;
+
+    // Record the modes as they ended up, so the manifest describes the disk.
+    let mut entries: Vec<ManifestEntry> = results.into_iter().flatten().collect();
+    for e in &mut entries {
+        if e.kind != EntryKind::Symlink {
+            if let Ok(m) = fs::symlink_metadata(&e.path) {
+                e.mode = m.mode() & 0o7777;
+            }
+        }
+    }
+    Ok(Manifest { entries })
+}
+
+fn is_dir_action(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::Mkdir { .. } | Action::KeepDir { .. } | Action::ReplaceWithDir { .. }
+    )
+}
+
+/// Removes what the previous install placed: files and links, then its directories if empty.
+fn remove_previous(removals: &[Removal]) -> Result<(), InstallError> {
+    for r in removals {
+        match r {
+            Removal::File(p) => match fs::remove_file(p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(write_err("remove", p)(e))
+                }
+                _ => {}
+            },
+            Removal::DirIfEmpty(p) => match fs::remove_dir(p) {
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                    ) =>
+                {
+                    return Err(write_err("remove directory", p)(e))
+                }
+                _ => {}
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Carries out one step; returns its manifest entry (none for RETAIN).
+fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
+    let dest = &s.dest;
+    Ok(match &s.action {
+        Action::Mkdir { mode } => {
+            make_dir(dest, *mode)?;
+            Some(dir_entry(dest, true))
+        }
+        Action::ReplaceWithDir { mode } => {
+            fs::remove_file(dest).map_err(write_err("remove", dest))?;
+            make_dir(dest, *mode)?;
+            Some(dir_entry(dest, true))
+        }
+        Action::KeepDir { created } => Some(dir_entry(dest, *created)),
+        Action::Create { source, mode } | Action::Replace { source, mode } => {
+            let replace = matches!(s.action, Action::Replace { .. });
+            let (size, sha) = place_file(source, dest, *mode, replace)?;
+            Some(ManifestEntry {
+                path: dest.clone(),
+                kind: EntryKind::File,
+                size,
+                mode: *mode,
+                sha256: Some(sha),
+                link_target: None,
+                created: false,
+            })
+        }
+        Action::Unchanged { previous, mode } => {
+            if previous.kind == EntryKind::File {
+                // Not rewritten, but reset to what a fresh copy would have: the bundle's mode
+                // and the agent's ownership (permissions set theirs again afterwards).
+                let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+                std::os::unix::fs::lchown(dest, Some(uid.as_raw()), Some(gid.as_raw()))
+                    .map_err(write_err("change the owner of", dest))?;
+                fs::set_permissions(dest, fs::Permissions::from_mode(*mode))
+                    .map_err(write_err("change the mode of", dest))?;
+            }
+            Some(previous.clone())
+        }
+        Action::Retain => None,
+        Action::Link { target, replace } => {
+            place_link(target, dest, *replace)?;
+            Some(ManifestEntry {
+                path: dest.clone(),
+                kind: EntryKind::Symlink,
+                size: 0,
+                mode: 0o777,
+                sha256: None,
+                link_target: Some(target.clone()),
+                created: false,
+            })
+        }
+    })
+}
+
+/// Below this many file steps, threads cost more than they save.
+const PARALLEL_MIN_STEPS: usize = 64;
+/// Most threads used for file steps (each mostly waits on its fsync).
+const MAX_WORKERS: usize = 4;
+
+/// Runs `f` on every index, on a few scoped threads when there are many; returns the results
+/// paired with their index, or the first error (the other workers stop taking new work).
+fn in_parallel<T: Send>(
+    items: &[usize],
+    f: impl Fn(usize) -> Result<T, InstallError> + Sync,
+) -> Result<Vec<(usize, T)>, InstallError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WORKERS)
+        .min(items.len() / PARALLEL_MIN_STEPS + 1);
+    if workers <= 1 {
+        return items.iter().map(|&i| Ok((i, f(i)?))).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&i) = items.get(k) else { break };
+                        match f(i) {
+                            Ok(t) => done.push((i, t)),
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(items.len());
+        let mut first_err = None;
+        for h in handles {
+            match h.join().expect("install worker panicked") {
+                Ok(done) => all.extend(done),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(all),
+        }
+    })
+}
+
+/// Drops ACLs an earlier install may have set on files it now leaves in place, as a fresh copy
+/// would not have them; `permissions` sets this install's ACLs afterwards. One setfacl run per
+/// batch of files keeps the skip of unchanged files cheap. Best effort: a filesystem without
+/// ACL support has none to drop.
+fn reset_acls(paths: &[PathBuf]) {
+    if paths.is_empty() {
+        return;
+    }
+    let Some(setfacl) = permissions::find_tool("setfacl") else {
+        return;
+    };
+    for chunk in paths.chunks(256) {
+        let out = std::process::Command::new(&setfacl)
+            .arg("-b")
+            .arg("--")
+            .args(chunk)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => log::warn!(
+                "setfacl -b on unchanged files failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => log::warn!("cannot run {}: {e}", setfacl.display()),
+        }
+    }
+}
+
+fn dir_entry(path: &Path, created: bool) -> ManifestEntry {
+    ManifestEntry {
+        path: path.to_path_buf(),
+        kind: EntryKind::Dir,
+        size: 0,
+        mode: 0,
+        sha256: None,
+        link_target: None,
+        created,
+    }
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<(), InstallError> {
+    fs::create_dir(path).map_err(write_err("create directory", path))?;
+    // Explicitly, so the umask does not decide.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(write_err("change the mode of", path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), InstallError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err("sync directory", path))
+}
+
+/// Prefix of the names files are written under before their rename into place.
+const TEMP_PREFIX: &str = ".pier-tmp-";
+
+/// A name beside `dest` for writing it before the rename: hidden, unique to this process, and
+/// recognisable (`.pier-tmp-<pid>-<n>-<name>`) so that one left by a killed agent can be swept.
+fn temp_beside(dest: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    // Keep the whole name within NAME_MAX; uniqueness comes from pid and counter.
+    let name: String = name.chars().take(64).collect();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    dest.with_file_name(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
+}
+
+/// Temp files in `dir` left by an agent that died before renaming them: their pid is not a
+/// live process (a live one may be another install writing there right now).
+fn stale_temps(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+        .filter_map(|e| {
+            let name = e.file_name();
+            let rest = name.to_str()?.strip_prefix(TEMP_PREFIX)?;
+            let pid: u32 = rest.split('-').next()?.parse().ok()?;
+            let alive = Path::new("/proc").join(pid.to_string()).exists();
+            (!alive).then(|| e.path())
+        })
+        .collect()
+}
+
+/// Copies `source` to `dest` so that `dest` is never seen half-written: write beside, fsync,
+/// rename over. Returns the size and the hex sha256 of what was written.
+fn place_file(
+    source: &Path,
+    dest: &Path,
+    mode: u32,
+    replace: bool,
+) -> Result<(u64, String), InstallError> {
+    let mut input = File::open(source).map_err(read_err(source))?;
+    let tmp = temp_beside(dest);
+    let result = (|| {
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(write_err("create", &tmp))?;
+        let mut h = Sha256::new();
+        let mut size = 0u64;
+        let mut buf = vec![0u8; 128 * 1024];
+        loop {
+            let n = input.read(&mut buf).map_err(read_err(source))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(write_err("write", &tmp))?;
+            size += n as u64;
+        }
+        out.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(write_err("change the mode of", &tmp))?;
+        out.sync_all().map_err(write_err("sync", &tmp))?;
+        rename_into_place(&tmp, dest, replace)?;
+        Ok((size, hex::encode(h.finalize())))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Places a symlink atomically (a new link renamed into place).
+fn place_link(target: &Path, dest: &Path, replace: bool) -> Result<(), InstallError> {
+    let tmp = temp_beside(dest);
+    std::os::unix::fs::symlink(target, &tmp).map_err(write_err("create symlink", &tmp))?;
+    rename_into_place(&tmp, dest, replace).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+/// Renames `tmp` to `dest`. Unless `replace`, a `dest` that appeared since the plan is not
+/// clobbered: renameat2(RENAME_NOREPLACE) where the kernel and filesystem have it, a check
+/// before the rename elsewhere.
+fn rename_into_place(tmp: &Path, dest: &Path, replace: bool) -> Result<(), InstallError> {
+    if !replace {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            use nix::errno::Errno;
+            use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+            match renameat2(AT_FDCWD, tmp, AT_FDCWD, dest, RenameFlags::RENAME_NOREPLACE) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EEXIST) => {
+                    return Err(InstallError::AppearedSincePlan {
+                        dest: dest.to_path_buf(),
+                    })
+                }
+                // Not supported here: fall back to check-then-rename.
+                Err(Errno::EINVAL | Errno::ENOSYS) => {}
+                Err(e) => return Err(write_err("rename into place", dest)(e.into())),
+            }
+        }
+        if fs::symlink_metadata(dest).is_ok() {
+            return Err(InstallError::AppearedSincePlan {
+                dest: dest.to_path_buf(),
+            });
+        }
+    }
+    fs::rename(tmp, dest).map_err(write_err("rename into place", dest))
+}
+
+#[cfg(test)]
+mod tests;

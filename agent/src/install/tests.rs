@@ -1,0 +1,369 @@
+//! Unit tests for the plan logic, on real files under a temp dir.
+
+use super::*;
+use crate::appspec::{FileMapping, ObjectType, Permission};
+
+fn mapping(source: &str, dest: &Path) -> FileMapping {
+    FileMapping {
+        source: source.to_string(),
+        destination: dest.to_path_buf(),
+        span: Default::default(),
+    }
+}
+
+fn perm(object: &Path) -> Permission {
+    Permission {
+        object: object.to_path_buf(),
+        pattern: None,
+        except: vec![],
+        owner: None,
+        group: None,
+        mode: None,
+        acls: vec![],
+        context: None,
+        types: vec![],
+        span: Default::default(),
+    }
+}
+
+/// A revision with `site/index.html`, `site/css/a.css`, `conf/app.conf`.
+fn revision() -> tempfile::TempDir {
+    let rev = tempfile::tempdir().unwrap();
+    let r = rev.path();
+    fs::create_dir_all(r.join("site/css")).unwrap();
+    fs::write(r.join("site/index.html"), "<h1>hi</h1>").unwrap();
+    fs::write(r.join("site/css/a.css"), "body{}").unwrap();
+    fs::create_dir_all(r.join("conf")).unwrap();
+    fs::write(r.join("conf/app.conf"), "port=1").unwrap();
+    rev
+}
+
+fn input<'a>(
+    rev: &'a Path,
+    files: &'a [FileMapping],
+    permissions: &'a [Permission],
+    previous: Option<&'a Manifest>,
+    b: FileExistsBehavior,
+) -> InstallInput<'a> {
+    InstallInput {
+        revision_root: rev,
+        files,
+        permissions,
+        previous,
+        file_exists_behavior: b,
+    }
+}
+
+#[test]
+fn directory_source_copies_contents_and_file_source_lands_by_name() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let www = out.path().join("srv/www");
+    let etc = out.path().join("etc/app");
+    let files = [mapping("site", &www), mapping("conf/app.conf", &etc)];
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    let shown = p.to_string();
+    assert!(shown.contains(&format!("mkdir      {}", out.path().join("srv").display())));
+    assert!(shown.contains(&format!("create     {}", www.join("css/a.css").display())));
+    assert!(shown.contains(&format!("create     {}", etc.join("app.conf").display())));
+    let m = apply(&p).unwrap();
+    assert_eq!(
+        fs::read_to_string(www.join("index.html")).unwrap(),
+        "<h1>hi</h1>"
+    );
+    assert_eq!(fs::read_to_string(etc.join("app.conf")).unwrap(), "port=1");
+    let created: Vec<_> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dir && e.created)
+        .map(|e| e.path.clone())
+        .collect();
+    assert!(created.contains(&out.path().join("srv")));
+    assert!(created.contains(&www.join("css")));
+}
+
+#[test]
+fn disallow_names_every_file_in_the_way_and_plans_nothing() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    fs::write(out.path().join("index.html"), "mine").unwrap();
+    let files = [mapping("site", out.path())];
+    let err = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&out.path().join("index.html").display().to_string()),
+        "{msg}"
+    );
+    assert!(msg.contains("DISALLOW"), "{msg}");
+    assert_eq!(
+        fs::read_to_string(out.path().join("index.html")).unwrap(),
+        "mine"
+    );
+}
+
+#[test]
+fn second_install_keeps_unchanged_files_and_removes_dropped_ones() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("app");
+    let files = [mapping("site", &dest)];
+    let first = apply(
+        &plan(&input(
+            rev.path(),
+            &files,
+            &[],
+            None,
+            FileExistsBehavior::Disallow,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+
+    // The next revision drops css/ and changes nothing else.
+    fs::remove_dir_all(rev.path().join("site/css")).unwrap();
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        Some(&first),
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    let shown = p.to_string();
+    assert!(shown.contains(&format!("unchanged  {}", dest.join("index.html").display())));
+    assert!(shown.contains(&format!("remove     {}", dest.join("css/a.css").display())));
+    assert!(shown.contains(&format!("rmdir      {}", dest.join("css").display())));
+    let second = apply(&p).unwrap();
+    assert!(!dest.join("css").exists());
+    assert!(second.entries.iter().any(|e| e.path == dest && e.created));
+}
+
+#[test]
+fn a_file_changed_on_disk_is_not_taken_for_unchanged() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("site", out.path())];
+    let first = apply(
+        &plan(&input(
+            rev.path(),
+            &files,
+            &[],
+            None,
+            FileExistsBehavior::Disallow,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    // Same size, other content: only the hash tells.
+    fs::write(out.path().join("index.html"), "<h1>HI</h1>").unwrap();
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        Some(&first),
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    assert!(p.to_string().contains(&format!(
+        "create     {}",
+        out.path().join("index.html").display()
+    )));
+    apply(&p).unwrap();
+    assert_eq!(
+        fs::read_to_string(out.path().join("index.html")).unwrap(),
+        "<h1>hi</h1>"
+    );
+}
+
+#[test]
+fn two_sources_for_one_destination_are_refused() {
+    let rev = revision();
+    fs::write(rev.path().join("index.html"), "x").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let files = [
+        mapping("site", out.path()),
+        mapping("index.html", out.path()),
+    ];
+    let err = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Overwrite,
+    ))
+    .unwrap_err();
+    assert!(matches!(err, InstallError::TwoSources { .. }), "{err}");
+}
+
+#[test]
+fn pattern_matches_direct_children_and_double_star_everything() {
+    let obj = Path::new("/srv/app");
+    let mut p = perm(obj);
+    p.pattern = Some("*.sh".into());
+    let s = permissions::tests_selector(&p);
+    assert!(s(Path::new("/srv/app/run.sh"), false));
+    assert!(!s(Path::new("/srv/app/bin/run.sh"), false));
+    assert!(!s(Path::new("/srv/app"), true));
+
+    let mut p = perm(obj);
+    p.except = vec!["secret*".into()];
+    p.types = vec![ObjectType::File];
+    let s = permissions::tests_selector(&p);
+    assert!(s(Path::new("/srv/app/bin/run.sh"), false));
+    assert!(!s(Path::new("/srv/app/secret.key"), false));
+    assert!(!s(Path::new("/srv/app/bin"), true));
+}
+
+#[test]
+fn setid_is_refused_unless_a_permission_grants_it() {
+    let dest = Path::new("/opt/tool");
+    let files = [mapping("bin", dest)];
+    let setid = [("bin/helper".to_string(), 0o100_000 | 0o4755)];
+    let err = check_setid(&files, &[], &setid).unwrap_err();
+    assert!(err.to_string().contains("bin/helper"), "{err}");
+
+    let mut p = perm(dest);
+    p.pattern = Some("helper".into());
+    p.mode = Some(0o4750);
+    check_setid(&files, &[p.clone()], &setid).unwrap();
+    p.mode = Some(0o0750);
+    assert!(check_setid(&files, &[p], &setid).is_err());
+    // Not installed anywhere: harmless, the bits were cleared.
+    check_setid(&[mapping("other", dest)], &[], &setid).unwrap();
+}
+
+fn many_files(n: usize) -> tempfile::TempDir {
+    let rev = tempfile::tempdir().unwrap();
+    for i in 0..n {
+        let d = rev.path().join(format!("d{}", i % 7));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(format!("f{i}")), format!("content {i}")).unwrap();
+    }
+    rev
+}
+
+#[test]
+fn many_files_are_placed_on_several_threads_and_listed_in_path_order() {
+    let rev = many_files(300);
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("", out.path())];
+    let m = apply(
+        &plan(&input(
+            rev.path(),
+            &files,
+            &[],
+            None,
+            FileExistsBehavior::Disallow,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let placed: Vec<_> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .collect();
+    assert_eq!(placed.len(), 300);
+    for e in &placed {
+        let i: usize = e.path.file_name().unwrap().to_str().unwrap()[1..]
+            .parse()
+            .unwrap();
+        assert_eq!(fs::read_to_string(&e.path).unwrap(), format!("content {i}"));
+        assert_eq!(e.size, format!("content {i}").len() as u64);
+    }
+    let paths: Vec<_> = m.entries.iter().map(|e| e.path.clone()).collect();
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted);
+}
+
+#[test]
+fn a_failing_file_step_fails_the_apply_naming_the_file() {
+    let rev = many_files(300);
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("", out.path())];
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    fs::remove_file(rev.path().join("d3/f150")).unwrap();
+    let err = apply(&p).unwrap_err();
+    assert!(err.to_string().contains("d3/f150"), "{err}");
+}
+
+#[test]
+fn a_file_that_appears_between_plan_and_apply_is_not_clobbered() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("site", out.path())];
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    fs::write(out.path().join("index.html"), "someone else's").unwrap();
+    let err = apply(&p).unwrap_err();
+    assert!(
+        matches!(err, InstallError::AppearedSincePlan { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_to_string(out.path().join("index.html")).unwrap(),
+        "someone else's"
+    );
+    let stray: Vec<_> = fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".pier-"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn temp_files_of_a_killed_install_are_swept_but_not_a_live_ones() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let dead = out
+        .path()
+        .join(format!("{TEMP_PREFIX}999999999-0-index.html"));
+    let live = out
+        .path()
+        .join(format!("{TEMP_PREFIX}{}-0-index.html", std::process::id()));
+    fs::write(&dead, "half").unwrap();
+    fs::write(&live, "being written").unwrap();
+    let files = [mapping("site", out.path())];
+    let p = plan(&input(
+        rev.path(),
+        &files,
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    ))
+    .unwrap();
+    assert!(p.removals.contains(&Removal::File(dead.clone())));
+    assert!(!p.removals.contains(&Removal::File(live.clone())));
+    apply(&p).unwrap();
+    assert!(!dead.exists());
+    assert!(live.exists());
+}
