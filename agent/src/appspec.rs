@@ -1,1 +1,0 @@
-//! appspec (not yet written).
