@@ -168,15 +168,12 @@ fn check(found: &Found) -> Vec<Diagnostic> {
     match &found.bundle {
         Bundle::None => {
             // No bundle to look into, but the host's users can still be checked.
-            diags.extend(
-                appspec::check_environment(
-                    &found.label,
-                    &parsed.spec,
-                    &|_| true,
-                    Some(&user_exists),
-                )
-                .into_iter(),
-            );
+            diags.extend(appspec::check_environment(
+                &found.label,
+                &parsed.spec,
+                &|_| true,
+                Some(&user_exists),
+            ));
         }
         Bundle::Listed { files, dirs } => {
             let has = |p: &str| files.contains(p) || dirs.contains(p);
