@@ -330,6 +330,15 @@ fn duplicate_permission_objects_are_an_error() {
         &perm("  - object: /srv/app\n    mode: 644\n  - object: /srv/app/\n    owner: root\n    type: [file]\n"),
         "9:5: error: permissions[1].object: `/srv/app` already has permissions (permissions[0] on line 7)",
     );
+    // Both problems of a broken duplicate are reported.
+    expect(
+        &perm("  - object: /srv/app\n    mode: 999\n  - object: /srv/app\n    mode: 644\n"),
+        1,
+        &[
+            "8:11: error: permissions[0].mode: mode `999` is not octal",
+            "9:5: error: permissions[1].object: `/srv/app` already has permissions (permissions[0] on line 7)",
+        ],
+    );
     // Told apart by type, they are fine.
     expect(
         &perm("  - object: /srv/app\n    mode: 644\n    type: [file]\n  - object: /srv/app\n    mode: 755\n    type: [directory]\n"),
@@ -399,6 +408,15 @@ fn hook_location_escaping_the_bundle_is_an_error() {
     expect_error(
         &format!("{HEAD}hooks:\n  AfterInstall:\n    - location: ../outside.sh\n"),
         "5:17: error: hooks.AfterInstall[0].location: location `../outside.sh` climbs out of the bundle",
+    );
+}
+
+#[test]
+fn absolute_hook_location_is_read_in_the_bundle_with_a_warning() {
+    expect(
+        &format!("{HEAD}hooks:\n  AfterInstall:\n    - location: /scripts/go.sh\n"),
+        0,
+        &["5:17: warning: hooks.AfterInstall[0].location: location `/scripts/go.sh` is read inside the bundle, as `scripts/go.sh`, not on the host; write `location: scripts/go.sh`"],
     );
 }
 

@@ -521,16 +521,18 @@ fn permissions(ctx: &mut Ctx, node: &Node, files: &[FileMapping]) -> Vec<Permiss
         "write each entry as `- object: /ABS/PATH` with owner, group, mode... under it",
     );
     let mut out: Vec<Permission> = Vec::new();
+    // Every entry whose object could be read, valid or not, with its index.
+    let mut seen: Vec<(usize, Permission)> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let key = format!("permissions[{i}]");
         let Some(f) = ctx.mapping(item, &key, PERMISSION_KEYS) else {
             continue;
         };
-        if let Some(p) = permission(ctx, item, &key, &f) {
+        if let Some((p, ok)) = permission(ctx, item, &key, &f) {
             let overlaps = |a: &[ObjectType], b: &[ObjectType]| {
                 a.is_empty() || b.is_empty() || a.iter().any(|t| b.contains(t))
             };
-            if let Some((j, prev)) = out.iter().enumerate().find(|(_, q)| {
+            if let Some((j, prev)) = seen.iter().find(|(_, q)| {
                 q.object == p.object && q.pattern == p.pattern && overlaps(&q.types, &p.types)
             }) {
                 ctx.error(
@@ -556,13 +558,18 @@ fn permissions(ctx: &mut Ctx, node: &Node, files: &[FileMapping]) -> Vec<Permiss
                     "point object at a destination (or a path under one)",
                 );
             }
-            out.push(p);
+            seen.push((i, p.clone()));
+            if ok {
+                out.push(p);
+            }
         }
     }
     out
 }
 
-fn permission(ctx: &mut Ctx, item: &Node, key: &str, f: &Fields) -> Option<Permission> {
+/// The entry as far as it could be read, and whether it was free of errors (an entry with a
+/// bad mode still takes part in the duplicate-object check, so both problems are reported).
+fn permission(ctx: &mut Ctx, item: &Node, key: &str, f: &Fields) -> Option<(Permission, bool)> {
     let mut ok = true;
     let object = match f.value("object") {
         None => {
@@ -770,18 +777,21 @@ fn permission(ctx: &mut Ctx, item: &Node, key: &str, f: &Fields) -> Option<Permi
     }
 
     let object = object?;
-    ok.then_some(Permission {
-        object,
-        pattern,
-        except,
-        owner,
-        group,
-        mode,
-        acls,
-        context,
-        types,
-        span: item.span,
-    })
+    Some((
+        Permission {
+            object,
+            pattern,
+            except,
+            owner,
+            group,
+            mode,
+            acls,
+            context,
+            types,
+            span: item.span,
+        },
+        ok,
+    ))
 }
 
 /// `owner` or `group`: a user or group name as `chown` takes it.
@@ -1112,7 +1122,19 @@ fn hook(ctx: &mut Ctx, item: &Node, key: &str, f: &Fields) -> Option<Hook> {
                         );
                         None
                     }
-                    Ok(p) => Some(p),
+                    Ok(p) => {
+                        if raw.starts_with('/') {
+                            // CodeDeploy joins location to the bundle root too, but a reader
+                            // may take `/opt/x.sh` for a script already on the host.
+                            ctx.warn(
+                                n.span,
+                                &k,
+                                format!("location `{raw}` is read inside the bundle, as `{p}`, not on the host"),
+                                &format!("write `location: {p}`"),
+                            );
+                        }
+                        Some(p)
+                    }
                     Err(why) => {
                         ctx.error(
                             n.span,

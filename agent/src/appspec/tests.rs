@@ -39,7 +39,7 @@ hooks:
     - location: scripts/start.sh
       timeout: 300
       runas: www-data
-    - location: /scripts/./notify.sh
+    - location: scripts/./notify.sh
       timeout: 60
   BeforeInstall:
     - location: scripts/prepare.sh
