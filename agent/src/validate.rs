@@ -34,29 +34,36 @@ pub struct Options {
     pub path: PathBuf,
     /// `-A NAME`: the AppSpec file name inside a bundle.
     pub appspec_filename: Option<String>,
+    /// Text for people, JSON for tools.
     pub format: Format,
 }
 
 /// Why validation could not even start: these exit 2, not 1.
 #[derive(Debug, thiserror::Error)]
 pub enum ValidateError {
+    /// PATH does not exist.
     #[error("{path}: no such file or directory; give an appspec.yml, a bundle directory or a .tar/.tgz/.zip bundle")]
     Missing { path: PathBuf },
+    /// PATH (or a file in the bundle) could not be read.
     #[error("{path}: cannot read: {source}; check the path and its permissions")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The bundle holds none of the AppSpec names looked for.
     #[error("{path}: no {names} at the bundle root; add one, or name it with -A NAME")]
     NoAppSpec { path: PathBuf, names: String },
+    /// `-A` named something other than a file at the bundle root.
     #[error("{path}: -A `{name}` must be a file name at the bundle root, without `/` or `..`")]
     BadName { path: PathBuf, name: String },
+    /// The archive is truncated, corrupt, or not of the kind its name says.
     #[error("{path}: not a readable {kind} archive: {reason}; check that the file is complete and of that type")]
     Archive {
         path: PathBuf,
         kind: &'static str,
         reason: String,
     },
+    /// The AppSpec is too large to be one.
     #[error("{path}: the AppSpec `{name}` is over {MAX_APPSPEC_BYTES} bytes; an AppSpec is a small YAML file")]
     TooLarge { path: PathBuf, name: String },
 }
@@ -68,9 +75,13 @@ pub struct Report {
     pub path: String,
     /// The AppSpec label used in the findings.
     pub appspec: Option<String>,
+    /// True when there is no error (exit 0).
     pub valid: bool,
+    /// How many findings are errors.
     pub errors: usize,
+    /// How many findings are warnings.
     pub warnings: usize,
+    /// Every finding, in the order of the text.
     pub diagnostics: Vec<Diagnostic>,
     /// Set when validation could not start (exit 2); the findings are then empty.
     pub usage_error: Option<String>,

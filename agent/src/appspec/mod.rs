@@ -23,7 +23,9 @@ pub use check::{check_environment, check_file_objects};
 /// A position in the AppSpec text, both counted from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
 pub struct Span {
+    /// Line, from 1.
     pub line: usize,
+    /// Column in characters, from 1.
     pub col: usize,
 }
 
@@ -37,7 +39,9 @@ impl fmt::Display for Span {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Os {
+    /// `os: linux`, the only one pier deploys.
     Linux,
+    /// `os: windows`: understood so that it can be refused clearly.
     Windows,
 }
 
@@ -93,6 +97,7 @@ impl fmt::Display for FileExistsBehavior {
 
 /// A deployment lifecycle event, in CodeDeploy's order for an in-place deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[allow(missing_docs)] // The CodeDeploy event names speak for themselves.
 pub enum LifecycleEvent {
     BeforeBlockTraffic,
     AfterBlockTraffic,
@@ -187,7 +192,9 @@ pub struct FileMapping {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ObjectType {
+    /// Regular files (and symlinks) under a directory object.
     File,
+    /// Directories under a directory object.
     Directory,
 }
 
@@ -212,15 +219,19 @@ pub struct Permission {
     pub pattern: Option<String>,
     /// Globs of names under `object` to leave alone.
     pub except: Vec<String>,
+    /// User to `chown` to.
     pub owner: Option<String>,
+    /// Group to `chgrp` to.
     pub group: Option<String>,
     /// Permission bits, e.g. 0o644 (set-id and sticky bits allowed with four digits).
     pub mode: Option<u32>,
     /// setfacl entries such as `u:bob:rw` or `d:g:staff:rx`, validated.
     pub acls: Vec<String>,
+    /// SELinux context to set (`chcon`).
     pub context: Option<SeLinuxContext>,
     /// Which kinds of object this entry applies to; empty means both.
     pub types: Vec<ObjectType>,
+    /// Where the entry starts in the AppSpec.
     pub span: Span,
 }
 
@@ -233,6 +244,7 @@ pub struct Hook {
     pub timeout: Duration,
     /// The user to run as; None runs as the agent's user.
     pub runas: Option<String>,
+    /// Where the entry starts in the AppSpec.
     pub span: Span,
 }
 
@@ -241,10 +253,13 @@ pub struct Hook {
 pub struct AppSpec {
     /// Always "0.0" once validated.
     pub version: String,
+    /// Always [`Os::Linux`] once validated.
     pub os: Os,
+    /// What Install copies, in the order written.
     pub files: Vec<FileMapping>,
     /// None when the AppSpec leaves it to the deployment (codedeploy-local `-b`).
     pub file_exists_behavior: Option<FileExistsBehavior>,
+    /// What Install applies to the placed objects, in the order written.
     pub permissions: Vec<Permission>,
     /// Only hookable events appear; an event listed with no scripts is absent.
     pub hooks: BTreeMap<LifecycleEvent, Vec<Hook>>,
@@ -261,7 +276,9 @@ impl AppSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
+    /// The AppSpec cannot be deployed as written.
     Error,
+    /// Deployable, but probably not what was meant, or not portable to CodeDeploy.
     Warning,
 }
 
@@ -278,13 +295,16 @@ impl fmt::Display for Severity {
 /// `FILE:LINE:COL: error: KEY: MESSAGE; HINT` on one line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Diagnostic {
+    /// Error or warning.
     pub severity: Severity,
     /// The label the caller gave for the AppSpec (usually its path).
     pub file: String,
+    /// Where the value concerned starts.
     pub span: Span,
     /// The key concerned, as a path: `files[1].destination`, `hooks.ApplicationStart[0]`;
     /// empty for problems with the document as a whole.
     pub key: String,
+    /// What is wrong.
     pub message: String,
     /// What to do about it.
     pub hint: Option<String>,
@@ -314,7 +334,9 @@ impl fmt::Display for Diagnostic {
 /// A valid AppSpec and the warnings found on the way.
 #[derive(Debug, Clone)]
 pub struct Parsed {
+    /// The typed AppSpec.
     pub spec: AppSpec,
+    /// Findings that do not stop a deployment.
     pub warnings: Vec<Diagnostic>,
 }
 
