@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod deploy;
 pub mod hooks;
 pub mod install;
+pub mod logging;
 pub mod protocol;
 pub mod state;
 pub mod transport;

@@ -30,10 +30,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: pier::validate::Format,
     },
+    /// Run one deployment on this host from a bundle (the flags of codedeploy-local).
+    DeployLocal(pier::deploy::local::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    pier::logging::init(log::LevelFilter::Warn);
     let code = match cli.command {
         Command::Validate {
             path,
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
             appspec_filename,
             format,
         }),
+        Command::DeployLocal(args) => pier::deploy::local::run(&args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -1,1 +1,0 @@
-//! deploy (not yet written).
