@@ -104,6 +104,37 @@ fn missing_version_is_an_error() {
 }
 
 #[test]
+fn version_without_value_points_at_the_key() {
+    expect_error(
+        "os: linux\nversion:\n",
+        "2:1: error: version: `version` has no value; add `version: 0.0`",
+    );
+}
+
+#[test]
+fn merge_keys_are_honoured_like_codedeploy() {
+    let out = expect(
+        "x-dest: &web\n  destination: /var/www/app\nversion: 0.0\nos: linux\nfiles:\n  - <<: *web\n    source: site\n",
+        0,
+        &["1:1: warning: x-dest: unknown key `x-dest` is ignored"],
+    );
+    assert!(
+        !out.stdout.contains("destination` is missing"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn second_document_is_a_warning() {
+    expect(
+        "version: 0.0\nos: linux\n---\nversion: 1\n",
+        0,
+        &["3:1: warning: a second YAML document starts here and is ignored"],
+    );
+}
+
+#[test]
 fn windows_os_is_refused_on_linux() {
     expect_error(
         "version: 0.0\nos: windows\n",

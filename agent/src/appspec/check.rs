@@ -157,6 +157,14 @@ struct Fields<'n> {
 }
 
 impl<'n> Fields<'n> {
+    /// Where the key `name` is written, when it is.
+    fn key_span(&self, name: &str) -> Option<Span> {
+        self.entries
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, i, _)| self.key_spans[*i])
+    }
+
     fn get(&self, name: &str) -> Option<&'n Node> {
         self.entries
             .iter()
@@ -258,7 +266,17 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Diagnostic>> {
     };
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let root = match tree::parse(text) {
-        Ok(root) => root,
+        Ok(doc) => {
+            if let Some(span) = doc.second_document {
+                ctx.warn(
+                    span,
+                    "",
+                    "a second YAML document starts here and is ignored".to_string(),
+                    "keep one document per AppSpec file; remove this `---` and what follows",
+                );
+            }
+            doc.root
+        }
         Err(e) => {
             ctx.error(
                 e.span,
@@ -330,9 +348,13 @@ fn top(ctx: &mut Ctx, root: &Node) -> Option<AppSpec> {
 fn version(ctx: &mut Ctx, f: &Fields, root: Span) -> Option<String> {
     let Some(node) = f.value("version") else {
         ctx.error(
-            f.get("version").map_or(root, |n| n.span),
+            f.key_span("version").unwrap_or(root),
             "version",
-            "`version` is missing".to_string(),
+            if f.get("version").is_some() {
+                "`version` has no value".to_string()
+            } else {
+                "`version` is missing".to_string()
+            },
             "add `version: 0.0`, the only AppSpec version for EC2/on-premises",
         );
         return None;
@@ -353,9 +375,13 @@ fn version(ctx: &mut Ctx, f: &Fields, root: Span) -> Option<String> {
 fn os(ctx: &mut Ctx, f: &Fields, root: Span) -> Option<Os> {
     let Some(node) = f.value("os") else {
         ctx.error(
-            f.get("os").map_or(root, |n| n.span),
+            f.key_span("os").unwrap_or(root),
             "os",
-            "`os` is missing".to_string(),
+            if f.get("os").is_some() {
+                "`os` has no value".to_string()
+            } else {
+                "`os` is missing".to_string()
+            },
             "add `os: linux`",
         );
         return None;

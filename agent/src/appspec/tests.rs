@@ -238,6 +238,8 @@ proptest! {
         Just("x: &b {k: *b}\n"), Just("- \"\\\n"), Just("\t"), Just(": :\n"), Just("{[}\n"),
         Just("    type: []\n"), Just("    except: ~\n"), Just("    pattern: '['\n"),
         Just("file_exists_behavior: retain\n"), Just("---\n"), Just("? a\n: b\n"),
+        Just("b: &m {destination: /d}\n"), Just("  - <<: *m\n"), Just("<<: [*m, 1]\n"),
+        Just("<<: 3\n"), Just("\u{feff}"), Just("...\n"), Just("  - !!str 0.0\n"),
     ], 0..24)) {
         let text: String = pieces.concat();
         let _ = parse("fuzz.yml", &text);

@@ -70,12 +70,18 @@ pub(crate) struct SyntaxError {
     pub message: String,
 }
 
-/// Parses the first document of `text`. `Ok(None)` when the text holds no document at all
-/// (empty, or only comments).
-pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
+/// The first document of a YAML text, and where a second one starts (it is ignored).
+pub(crate) struct Document {
+    /// None when the text holds no document at all (empty, or only comments).
+    pub root: Option<Node>,
+    pub second_document: Option<Span>,
+}
+
+/// Parses `text`, keeping its first document.
+pub(crate) fn parse(text: &str) -> Result<Document, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    match parser.load(&mut builder, false) {
+    match parser.load(&mut builder, true) {
         Ok(()) => {}
         Err(e) => {
             let m = e.marker();
@@ -88,7 +94,10 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     if let Some(err) = builder.error {
         return Err(err);
     }
-    Ok(builder.root)
+    Ok(Document {
+        root: builder.root,
+        second_document: builder.second_document,
+    })
 }
 
 fn span_of(m: &Marker) -> Span {
@@ -123,6 +132,8 @@ struct Builder {
     expanded: usize,
     /// True once the first document is complete; a second one is ignored.
     done: bool,
+    /// Where a second document starts, if there is one.
+    second_document: Option<Span>,
 }
 
 impl Builder {
@@ -140,6 +151,50 @@ impl Builder {
     }
 }
 
+/// Resolves YAML merge keys (`<<: *base`, `<<: [*a, *b]`), which CodeDeploy's YAML reader
+/// honours: the merged mappings' entries are added unless the mapping sets them itself.
+fn merge_keys(pairs: Vec<(Node, Node)>) -> Vec<(Node, Node)> {
+    let is_merge =
+        |k: &Node| matches!(&k.value, Value::Scalar { text, plain: true } if text == "<<");
+    if !pairs.iter().any(|(k, _)| is_merge(k)) {
+        return pairs;
+    }
+    let (merges, mut out): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| is_merge(k));
+    let mut sources = Vec::new();
+    for (k, v) in merges {
+        match v.value {
+            Value::Map(m) => sources.push(m),
+            Value::Seq(items) => {
+                for item in items {
+                    if let Value::Map(m) = item.value {
+                        sources.push(m);
+                    }
+                }
+            }
+            // Not a mapping: keep it as an ordinary key so the validator reports it.
+            other => out.push((
+                k,
+                Node {
+                    value: other,
+                    span: v.span,
+                },
+            )),
+        }
+    }
+    for m in sources {
+        for (k, v) in m {
+            let present = out.iter().any(|(ok, _)| match (ok.text(), k.text()) {
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            });
+            if !present {
+                out.push((k, v));
+            }
+        }
+    }
+    out
+}
+
 fn count_nodes(n: &Node) -> usize {
     match &n.value {
         Value::Scalar { .. } => 1,
@@ -155,10 +210,13 @@ fn count_nodes(n: &Node) -> usize {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
+        let span = span_of(&mark);
+        if self.done && ev == Event::DocumentStart && self.second_document.is_none() {
+            self.second_document = Some(span);
+        }
         if self.error.is_some() || self.done {
             return;
         }
-        let span = span_of(&mark);
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
                 let plain = matches!(style, TScalarStyle::Plain);
@@ -203,6 +261,7 @@ impl MarkedEventReceiver for Builder {
                         while let (Some(k), Some(v)) = (it.next(), it.next()) {
                             pairs.push((k, v));
                         }
+                        let pairs = merge_keys(pairs);
                         // yaml-rust2 marks a block mapping where its first value starts;
                         // readers expect its first key.
                         let span = pairs.first().map_or(span, |(k, _)| k.span);
