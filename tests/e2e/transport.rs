@@ -18,7 +18,7 @@ use pier::transport::dedupe::{Dedupe, Seen};
 use pier::transport::s3::S3StatusSink;
 use pier::transport::spool::Spool;
 use pier::transport::sqs::{QueueSpec, SqsQueue};
-use pier::transport::{open_status_sink, Queue, StatusSink};
+use pier::transport::{keep_invisible, open_status_sink, Queue, StatusSink};
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -775,4 +775,42 @@ fn protocol_rejects_unknown_version_and_malformed_fields() {
 
     let e = Command::from_json(b"{\"version\": 1,").unwrap_err();
     assert!(e.to_string().contains("not valid JSON"), "{e}");
+}
+
+#[tokio::test]
+async fn sqs_message_stays_invisible_while_work_runs() {
+    let aws = moto_clients().await;
+    let host = unique("host.a");
+    let q = SqsQueue::open(aws.sqs.clone(), &QueueSpec::for_host(&host))
+        .await
+        .unwrap();
+    assert!(q
+        .url()
+        .ends_with(&format!("pier-{}", host.replace('.', "-"))));
+    q.send(b"{}").await.unwrap();
+    let got = q.receive(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+
+    // The work outlasts the 3 s visibility twice over; renewals keep the message hidden.
+    let seen_during = keep_invisible(&q, &got[0], Duration::from_secs(3), async {
+        let mut seen = 0;
+        let until = tokio::time::Instant::now() + Duration::from_secs(7);
+        while tokio::time::Instant::now() < until {
+            seen += q.receive(Duration::from_secs(1)).await.unwrap().len();
+        }
+        seen
+    })
+    .await;
+    assert_eq!(
+        seen_during, 0,
+        "another receiver got the message mid-deployment"
+    );
+
+    // Without renewals it comes back once its visibility runs out.
+    let back = q.receive(Duration::from_secs(6)).await.unwrap();
+    assert_eq!(
+        back.len(),
+        1,
+        "the message reappears after the work stopped renewing"
+    );
 }

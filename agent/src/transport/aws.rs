@@ -79,6 +79,23 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
     })
 }
 
+/// The EC2 instance id from IMDSv2, or `None` off EC2 (answers within about a second: the
+/// metadata service is link-local, so a host without it fails fast).
+pub async fn ec2_instance_id() -> Option<String> {
+    let client = aws_config::imds::client::Client::builder()
+        .connect_timeout(std::time::Duration::from_millis(500))
+        .read_timeout(std::time::Duration::from_millis(500))
+        .max_attempts(1)
+        .build();
+    match client.get("/latest/meta-data/instance-id").await {
+        Ok(id) => Some(id.as_ref().trim().to_string()).filter(|s| !s.is_empty()),
+        Err(e) => {
+            log::debug!("no EC2 instance id from IMDS: {e}");
+            None
+        }
+    }
+}
+
 /// Converts an SDK error, deciding whether it is worth retrying: timeouts, connection
 /// failures, unparseable responses, throttling and 5xx are; 4xx are not.
 pub(crate) fn aws_error<E>(

@@ -128,6 +128,38 @@ pub trait Queue: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Runs `work` while keeping `msg` invisible on `queue`: its visibility is set to
+/// `visibility` now and renewed every third of it until `work` ends, so a deployment that runs
+/// longer than the queue's visibility timeout is not handed to another receiver. A failed
+/// renewal is logged and retried at the next tick (the work is not interrupted: the dedupe
+/// store still stops a second run). Returns `work`'s output.
+pub async fn keep_invisible<T>(
+    queue: &dyn Queue,
+    msg: &Received,
+    visibility: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let visibility = visibility.max(Duration::from_secs(3));
+    let every = visibility / 3;
+    let renew = async {
+        loop {
+            if let Err(e) = queue.extend(msg, visibility).await {
+                log::warn!(
+                    "cannot keep message {} invisible on {}: {e}",
+                    msg.id,
+                    queue.describe()
+                );
+            }
+            tokio::time::sleep(every).await;
+        }
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => out,
+        never = renew => never,
+    }
+}
+
 /// A durable store of [`StatusRecord`]s, one per deployment and host.
 pub trait StatusSink: Send + Sync {
     /// Writes (replaces) the record for its deployment and host; durable when it returns.

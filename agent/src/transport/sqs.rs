@@ -41,6 +41,30 @@ pub struct QueueSpec {
     pub max_receive_count: u32,
 }
 
+impl QueueSpec {
+    /// The conventional queue of a host: `pier-{host_id}` (dots, not allowed in SQS names,
+    /// become dashes), created with a DLQ after 5 receives when missing.
+    pub fn for_host(host_id: &str) -> QueueSpec {
+        let safe: String = host_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        QueueSpec {
+            // SQS names are at most 80 characters, and the DLQ adds "-dlq".
+            name: format!("pier-{safe}").chars().take(76).collect(),
+            url: None,
+            create: true,
+            max_receive_count: 5,
+        }
+    }
+}
+
 impl SqsQueue {
     /// A queue by URL, without checking that it exists.
     pub fn new(client: aws_sdk_sqs::Client, url: impl Into<String>) -> SqsQueue {
