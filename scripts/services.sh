@@ -34,6 +34,21 @@ done
 
 log() { echo "services.sh: $*" >&2; }
 
+# A fresh Debian/Ubuntu lacks python3 or its venv module; install them when we can.
+ensure_python() {
+  if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    return
+  fi
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    log "installing python3 and python3-venv"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
+  else
+    log "moto needs python3 with the venv module: install python3 and python3-venv"
+    exit 1
+  fi
+}
+
 install_moto() {
   if [ -x "$venv/bin/moto_server" ] && [ "$(cat "$venv/.moto-version" 2>/dev/null)" = "$MOTO_VERSION" ]; then
     return
@@ -43,7 +58,9 @@ install_moto() {
   exec 9>"$(dirname "$venv")/.moto-install.lock"
   flock 9
   if [ ! -x "$venv/bin/moto_server" ] || [ "$(cat "$venv/.moto-version" 2>/dev/null)" != "$MOTO_VERSION" ]; then
+    ensure_python
     log "installing moto[server]==$MOTO_VERSION into $venv"
+    rm -rf "$venv"
     python3 -m venv "$venv" >&2
     "$venv/bin/python" -m pip install -q "moto[server]==$MOTO_VERSION" >&2
     echo "$MOTO_VERSION" >"$venv/.moto-version"
