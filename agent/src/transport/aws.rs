@@ -3,7 +3,9 @@
 //! identity), the region from config or that chain, and an endpoint override (config, or
 //! `AWS_ENDPOINT_URL`) for S3/SQS-compatible services such as moto or MinIO, with S3
 //! path-style addressing whenever the endpoint is overridden (such services rarely serve
-//! virtual-hosted buckets). Also turns SDK errors into [`TransportError`]s.
+//! virtual-hosted buckets). HTTPS proxy variables (`HTTPS_PROXY`, `NO_PROXY`) are honoured by
+//! the SDK's default client under the latest behavior version used here. Also turns SDK
+//! errors into [`TransportError`]s.
 
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};

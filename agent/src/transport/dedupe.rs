@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use super::{atomic_write, TransportError};
 
@@ -79,6 +80,38 @@ impl Dedupe {
         atomic_write(&path, b"done\n")
     }
 
+    /// Forgets finished deployments recorded at least `older_than` ago, so the store stays
+    /// small on a host that deploys for years; in-progress entries are always kept. A
+    /// redelivery older than SQS's retention (at most 14 days) cannot happen, so a month is
+    /// a safe age. Returns how many were removed.
+    pub fn prune_done(&self, older_than: Duration) -> Result<usize, TransportError> {
+        let _guard = self.lock.lock().expect("dedupe lock poisoned");
+        let now = SystemTime::now();
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| TransportError::io("list", &self.dir, e))?;
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| TransportError::io("list", &self.dir, e))?;
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.')
+                || read_state(&path)? != Some(Seen::Done)
+            {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            if age >= older_than {
+                std::fs::remove_file(&path).map_err(|e| TransportError::io("remove", &path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// The ids recorded in progress (for the daemon at start: deployments a previous run did
     /// not finish).
     pub fn in_progress(&self) -> Result<Vec<String>, TransportError> {
@@ -128,5 +161,14 @@ mod tests {
         assert_eq!(d.get("d-2").unwrap(), None);
         assert!(d.in_progress().unwrap().is_empty());
         assert!(d.begin("../x").is_err());
+        d.begin("d-3").unwrap();
+        assert_eq!(
+            d.prune_done(Duration::ZERO).unwrap(),
+            1,
+            "only the finished one"
+        );
+        assert_eq!(d.get("d-1").unwrap(), None);
+        assert_eq!(d.get("d-3").unwrap(), Some(Seen::InProgress));
+        assert_eq!(d.prune_done(Duration::from_secs(3600)).unwrap(), 0);
     }
 }
