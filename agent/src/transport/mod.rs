@@ -11,7 +11,20 @@
 //! The rules the daemon follows with these parts: extend a message's visibility while its
 //! deployment runs, [`Queue::ack`] only once the final status is written, and
 //! [`Queue::reject`] (never ack) a message that is not a valid command, so the queue's
-//! dead-letter policy keeps it for a human. This module knows nothing of AppSpec or installs.
+//! dead-letter policy keeps it for a human. A valid command whose deployment id
+//! [`dedupe::Dedupe::begin`] has already seen (done, or running from another delivery) is a
+//! duplicate: ack it without running it. This module knows nothing of AppSpec or installs.
+//!
+//! A daemon's loop, in short:
+//!
+//! ```text
+//! for msg in queue.receive(20 s):
+//!     cmd = Command::from_json(msg.body)   else queue.reject(msg, reason); count it; continue
+//!     dedupe.begin(cmd.deployment_id)      if Some(_): queue.ack(msg); continue
+//!     sink = open_status_sink(&cmd.status, aws)
+//!     keep_invisible(queue, msg, 5 min, deploy(cmd, sink))   // writes status at each event
+//!     dedupe.finish(id); queue.ack(msg)    // only after the final status write returned
+//! ```
 
 pub mod aws;
 pub mod dedupe;

@@ -87,30 +87,6 @@ impl Spool {
         Ok(out)
     }
 
-    /// Takes the ready commands: each renamed into `processing/`, then read.
-    fn take_new(&self) -> Result<Vec<Received>, TransportError> {
-        let processing = self.dir.join("processing");
-        let mut out = Vec::new();
-        for path in commands_in(&self.dir)? {
-            if out.len() >= MAX_MESSAGES {
-                break;
-            }
-            let name = path.file_name().expect("a listed file has a name");
-            let target = processing.join(name);
-            match std::fs::rename(&path, &target) {
-                Ok(()) => {}
-                // Another agent on the same spool took it first.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(TransportError::io("move into processing/", &path, e)),
-            }
-            sync_dir(&processing)?;
-            let body =
-                std::fs::read(&target).map_err(|e| TransportError::io("read", &target, e))?;
-            out.push(received(&target, body, 1));
-        }
-        Ok(out)
-    }
-
     fn finish(&self, msg: &Received, sub: &str) -> Result<PathBuf, TransportError> {
         let from = PathBuf::from(&msg.receipt);
         let to_dir = self.dir.join(sub);
@@ -119,6 +95,29 @@ impl Spool {
         sync_dir(&to_dir)?;
         Ok(to)
     }
+}
+
+/// Takes the ready commands: each renamed into `processing/`, then read.
+fn take_new(dir: &Path) -> Result<Vec<Received>, TransportError> {
+    let processing = dir.join("processing");
+    let mut out = Vec::new();
+    for path in commands_in(dir)? {
+        if out.len() >= MAX_MESSAGES {
+            break;
+        }
+        let name = path.file_name().expect("a listed file has a name");
+        let target = processing.join(name);
+        match std::fs::rename(&path, &target) {
+            Ok(()) => {}
+            // Another agent on the same spool took it first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(TransportError::io("move into processing/", &path, e)),
+        }
+        sync_dir(&processing)?;
+        let body = std::fs::read(&target).map_err(|e| TransportError::io("read", &target, e))?;
+        out.push(received(&target, body, 1));
+    }
+    Ok(out)
 }
 
 fn received(path: &Path, body: Vec<u8>, receive_count: u32) -> Received {
@@ -167,7 +166,8 @@ impl Queue for Spool {
             }
             let deadline = tokio::time::Instant::now() + wait;
             loop {
-                let found = self.take_new()?;
+                let dir = self.dir.clone();
+                let found = blocking(move || take_new(&dir)).await?;
                 if !found.is_empty() || tokio::time::Instant::now() >= deadline {
                     return Ok(found);
                 }
