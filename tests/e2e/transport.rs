@@ -480,11 +480,26 @@ async fn fetch_from_s3_by_version_id() {
     assert_eq!(std::fs::read(got.path).unwrap(), b"version one");
 }
 
-/// A tiny HTTP/1.1 server: answers each connection with the next of `responses` (status,
-/// body), repeating the last, and records each request's head.
-async fn http_server(
-    responses: Vec<(u16, Vec<u8>)>,
-) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+/// One canned HTTP answer.
+#[derive(Clone)]
+struct Reply {
+    status: u16,
+    /// Extra header lines, each ending in `\r\n`.
+    headers: String,
+    body: Vec<u8>,
+}
+
+fn reply(status: u16, body: &[u8]) -> Reply {
+    Reply {
+        status,
+        headers: String::new(),
+        body: body.to_vec(),
+    }
+}
+
+/// A tiny HTTP/1.1 server: answers each connection with the next of `responses`, repeating
+/// the last, and records each request's head.
+async fn http_server(responses: Vec<Reply>) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -495,7 +510,11 @@ async fn http_server(
             let Ok((mut sock, _)) = listener.accept().await else {
                 return;
             };
-            let (status, body) = responses[n.min(responses.len() - 1)].clone();
+            let Reply {
+                status,
+                headers,
+                body,
+            } = responses[n.min(responses.len() - 1)].clone();
             n += 1;
             let mut head = Vec::new();
             let mut buf = [0u8; 1024];
@@ -509,7 +528,7 @@ async fn http_server(
                 .unwrap()
                 .push(String::from_utf8_lossy(&head).into_owned());
             let reply = format!(
-                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                "HTTP/1.1 {status} X\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
                 body.len()
             );
             let _ = sock.write_all(reply.as_bytes()).await;
@@ -534,7 +553,7 @@ fn quick_retries() -> FetchOptions {
 #[tokio::test]
 async fn fetch_over_http_retries_transient_errors_and_verifies() {
     let body = b"bundle over http".to_vec();
-    let (base, seen) = http_server(vec![(503, b"busy".to_vec()), (200, body.clone())]).await;
+    let (base, seen) = http_server(vec![reply(503, b"busy"), reply(200, &body)]).await;
     let fetcher = Fetcher::new(None, quick_retries()).unwrap();
     let s = Scratch::new();
     let rev = Revision::Http {
@@ -550,7 +569,7 @@ async fn fetch_over_http_retries_transient_errors_and_verifies() {
     assert_eq!(seen.lock().unwrap().len(), 2, "one 503, then a retry");
 
     // A 404 is permanent: one request, no retries.
-    let (base, seen) = http_server(vec![(404, b"no".to_vec())]).await;
+    let (base, seen) = http_server(vec![reply(404, b"no")]).await;
     let rev = Revision::Http {
         url: format!("{base}/gone.zip"),
         bundle_type: BundleType::Zip,
@@ -564,7 +583,7 @@ async fn fetch_over_http_retries_transient_errors_and_verifies() {
     assert_eq!(seen.lock().unwrap().len(), 1);
 
     // The right bytes under the wrong hash are refused and removed.
-    let (base, _) = http_server(vec![(200, b"tampered".to_vec())]).await;
+    let (base, _) = http_server(vec![reply(200, b"tampered")]).await;
     let rev = Revision::Http {
         url: format!("{base}/rev.zip"),
         bundle_type: BundleType::Zip,
@@ -579,7 +598,14 @@ async fn fetch_over_http_retries_transient_errors_and_verifies() {
 #[tokio::test]
 async fn fetch_from_github_sends_token_to_the_api_only() {
     let body = b"tarball bytes".to_vec();
-    let (base, seen) = http_server(vec![(200, body.clone())]).await;
+    // Like api.github.com, the API redirects to another host (codeload) for the bytes.
+    let (codeload, codeload_seen) = http_server(vec![reply(200, &body)]).await;
+    let (base, seen) = http_server(vec![Reply {
+        status: 302,
+        headers: format!("location: {codeload}/acme/web/legacy.tar.gz/0123abc\r\n"),
+        body: Vec::new(),
+    }])
+    .await;
     let fetcher = Fetcher::new(
         None,
         FetchOptions {
@@ -611,9 +637,18 @@ async fn fetch_from_github_sends_token_to_the_api_only() {
         head.contains("authorization: bearer ghp_test_token"),
         "{head}"
     );
+    let head = codeload_seen.lock().unwrap()[0].to_lowercase();
+    assert!(
+        head.starts_with("get /acme/web/legacy.tar.gz/0123abc "),
+        "{head}"
+    );
+    assert!(
+        !head.contains("ghp_test_token"),
+        "token leaked on redirect: {head}"
+    );
 
     // A failure message names the repository, never the token.
-    let (base, _) = http_server(vec![(404, Vec::new())]).await;
+    let (base, _) = http_server(vec![reply(404, b"")]).await;
     let fetcher = Fetcher::new(
         None,
         FetchOptions {
