@@ -9,4 +9,5 @@ mod daemon;
 mod deploy_local;
 mod hooks;
 mod install;
+mod transport;
 mod validate;

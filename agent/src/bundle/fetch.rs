@@ -1,1 +1,602 @@
-//! Fetching revisions (not yet written).
+//! Fetching a revision bundle to a local file: from S3 (GetObject, a given version, ETag
+//! checked), over HTTP(S), from GitHub (a commit's tarball, with a token that is never
+//! logged), or from a local path.
+//!
+//! Every download is streamed to a `.part` file beside the destination while its SHA-256 is
+//! computed, and renamed to the destination only once the hash matches the command's: a bundle
+//! that does not match is removed, never unpacked. Transient failures (network, throttling,
+//! 5xx) are retried from the start with [`crate::backoff::Backoff`]. Progress goes to a
+//! callback so the CLI can draw a bar. Unpacking is [`super::unpack`]'s job.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, USER_AGENT};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::backoff::Backoff;
+use crate::protocol::{BundleType, Revision};
+
+/// Where GitHub's REST API is, unless configured otherwise (GitHub Enterprise, tests).
+pub const GITHUB_API_URL: &str = "https://api.github.com";
+
+/// Why a revision could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// A local file operation failed.
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server answered with an error status.
+    #[error("GET {url} returned HTTP {status}; check that the revision exists and is readable{hint}", hint = if *.status == 401 || *.status == 403 || *.status == 404 { " (for a private GitHub repository, configure a token)" } else { "" })]
+    Http {
+        /// The URL (never with a token in it).
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The request did not get an answer (DNS, connection, TLS, timeout, cut-off body).
+    #[error("GET {url} failed: {reason}; check the network and proxy settings")]
+    Network {
+        /// The URL.
+        url: String,
+        /// reqwest's description.
+        reason: String,
+    },
+    /// An S3 call failed.
+    #[error("fetching {location} failed: {message}")]
+    S3 {
+        /// `s3://bucket/key`.
+        location: String,
+        /// The SDK's error chain.
+        message: String,
+        /// Whether a retry may help.
+        transient: bool,
+    },
+    /// An S3 revision was asked for but no S3 client was configured.
+    #[error("revision {location} is in S3 but this agent has no AWS access configured; configure AWS access or use an HTTP or local revision")]
+    NoS3 {
+        /// `s3://bucket/key`.
+        location: String,
+    },
+    /// S3 returned a different object than the command expected.
+    #[error("{location} has ETag {actual}, the command expects {expected}; the object was replaced after the revision was registered: push it again")]
+    EtagMismatch {
+        /// `s3://bucket/key`.
+        location: String,
+        /// The ETag in the command.
+        expected: String,
+        /// The ETag S3 returned.
+        actual: String,
+    },
+    /// The bundle's SHA-256 is not the one in the command; the downloaded file was removed.
+    #[error("bundle from {source_desc} has SHA-256 {actual}, the command expects {expected}; the download was removed. The revision changed or was corrupted: push it again")]
+    Sha256Mismatch {
+        /// Where the bundle came from.
+        source_desc: String,
+        /// The SHA-256 in the command.
+        expected: String,
+        /// The SHA-256 of what was fetched.
+        actual: String,
+    },
+    /// The fetcher could not be built.
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(String),
+}
+
+impl FetchError {
+    /// Whether retrying may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Network { .. } => true,
+            FetchError::Http { status, .. } => *status == 429 || *status >= 500,
+            FetchError::S3 { transient, .. } => *transient,
+            _ => false,
+        }
+    }
+
+    fn io(op: &'static str, path: &Path, source: std::io::Error) -> FetchError {
+        FetchError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// How far a download has got, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Bytes written so far (starts again at 0 when a retry restarts the download).
+    pub done: u64,
+    /// Total size when the source says.
+    pub total: Option<u64>,
+}
+
+/// A fetched revision, verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The bundle: the destination file, or for a local directory revision the directory
+    /// itself (nothing is copied).
+    pub path: PathBuf,
+    /// The bundle's SHA-256 (lowercase hex); `None` for a directory.
+    pub sha256: Option<String>,
+    /// Its size in bytes (0 for a directory).
+    pub bytes: u64,
+    /// Its format.
+    pub bundle_type: BundleType,
+}
+
+/// Settings of a [`Fetcher`].
+#[derive(Clone)]
+pub struct FetchOptions {
+    /// GitHub API base URL, default [`GITHUB_API_URL`].
+    pub github_api_url: String,
+    /// GitHub token for private repositories (sent as a bearer token, never logged).
+    pub github_token: Option<String>,
+    /// Retry schedule for transient failures.
+    pub backoff: Backoff,
+    /// Connect timeout for HTTP(S) and GitHub (a stalled transfer is caught by `read_timeout`).
+    pub connect_timeout: Duration,
+    /// Longest silence in the middle of an HTTP(S) transfer.
+    pub read_timeout: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> FetchOptions {
+        FetchOptions {
+            github_api_url: GITHUB_API_URL.to_string(),
+            github_token: None,
+            backoff: Backoff::network(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl std::fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchOptions")
+            .field("github_api_url", &self.github_api_url)
+            .field(
+                "github_token",
+                &self.github_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("backoff", &self.backoff)
+            .finish()
+    }
+}
+
+/// Fetches revisions; build one per agent and share it.
+pub struct Fetcher {
+    s3: Option<aws_sdk_s3::Client>,
+    http: reqwest::Client,
+    github_api_url: String,
+    /// The `Authorization` header, marked sensitive so it never shows in debug output.
+    github_auth: Option<HeaderValue>,
+    backoff: Backoff,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("s3", &self.s3.is_some())
+            .field("github_api_url", &self.github_api_url)
+            .field(
+                "github_token",
+                &self.github_auth.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// The progress callback's type.
+pub type ProgressFn<'a> = &'a (dyn Fn(FetchProgress) + Send + Sync);
+
+impl Fetcher {
+    /// A fetcher; `s3` is needed only for S3 revisions. HTTP(S) honours the usual proxy
+    /// variables (`HTTPS_PROXY`, `NO_PROXY`).
+    pub fn new(
+        s3: Option<aws_sdk_s3::Client>,
+        options: FetchOptions,
+    ) -> Result<Fetcher, FetchError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("pier-agent/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(options.connect_timeout)
+            .read_timeout(options.read_timeout)
+            .build()
+            .map_err(|e| FetchError::Setup(e.to_string()))?;
+        let github_auth = match &options.github_token {
+            Some(token) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    FetchError::Setup(
+                        "the GitHub token contains characters not allowed in an HTTP header".into(),
+                    )
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Fetcher {
+            s3,
+            http,
+            github_api_url: options.github_api_url.trim_end_matches('/').to_string(),
+            github_auth,
+            backoff: options.backoff,
+        })
+    }
+
+    /// Fetches `revision` to `dest` (a file path; its directory must exist), verifies its
+    /// SHA-256 when the revision has one, and returns what was fetched. A local directory
+    /// revision is returned in place. On a hash mismatch nothing is left at `dest`.
+    pub async fn fetch(
+        &self,
+        revision: &Revision,
+        dest: &Path,
+        progress: ProgressFn<'_>,
+    ) -> Result<Fetched, FetchError> {
+        let bundle_type = revision.bundle_type();
+        if let Revision::Local { path, .. } = revision {
+            if bundle_type == BundleType::Directory {
+                let meta = tokio::fs::metadata(path)
+                    .await
+                    .map_err(|e| FetchError::io("read revision directory", Path::new(path), e))?;
+                if !meta.is_dir() {
+                    return Err(FetchError::io(
+                        "read revision directory",
+                        Path::new(path),
+                        std::io::Error::other("not a directory"),
+                    ));
+                }
+                return Ok(Fetched {
+                    path: PathBuf::from(path),
+                    sha256: None,
+                    bytes: 0,
+                    bundle_type,
+                });
+            }
+        }
+        let part = part_path(dest);
+        let result = self
+            .backoff
+            .retry(
+                |attempt| {
+                    if attempt > 1 {
+                        log::warn!(
+                            "retrying fetch of {} (attempt {attempt})",
+                            describe(revision)
+                        );
+                    }
+                    self.fetch_once(revision, &part, progress)
+                },
+                FetchError::is_transient,
+            )
+            .await;
+        let (bytes, actual) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                return Err(e);
+            }
+        };
+        if let Some(expected) = revision.sha256() {
+            if !expected.eq_ignore_ascii_case(&actual) {
+                let _ = std::fs::remove_file(&part);
+                return Err(FetchError::Sha256Mismatch {
+                    source_desc: describe(revision),
+                    expected: expected.to_string(),
+                    actual,
+                });
+            }
+        }
+        tokio::fs::rename(&part, dest)
+            .await
+            .map_err(|e| FetchError::io("rename into place", dest, e))?;
+        Ok(Fetched {
+            path: dest.to_path_buf(),
+            sha256: Some(actual),
+            bytes,
+            bundle_type,
+        })
+    }
+
+    /// One attempt: the whole bundle into `part`. Returns its size and SHA-256.
+    async fn fetch_once(
+        &self,
+        revision: &Revision,
+        part: &Path,
+        progress: ProgressFn<'_>,
+    ) -> Result<(u64, String), FetchError> {
+        match revision {
+            Revision::S3 {
+                bucket,
+                key,
+                version_id,
+                etag,
+                ..
+            } => {
+                self.fetch_s3(
+                    bucket,
+                    key,
+                    version_id.as_deref(),
+                    etag.as_deref(),
+                    part,
+                    progress,
+                )
+                .await
+            }
+            Revision::Http { url, .. } => self.fetch_http(url, None, part, progress).await,
+            Revision::Github {
+                owner,
+                repo,
+                commit,
+                ..
+            } => {
+                let url = format!(
+                    "{}/repos/{owner}/{repo}/tarball/{commit}",
+                    self.github_api_url
+                );
+                self.fetch_http(&url, self.github_auth.as_ref(), part, progress)
+                    .await
+            }
+            Revision::Local { path, .. } => copy_local(Path::new(path), part, progress).await,
+        }
+    }
+
+    async fn fetch_s3(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+        etag: Option<&str>,
+        part: &Path,
+        progress: ProgressFn<'_>,
+    ) -> Result<(u64, String), FetchError> {
+        let location = format!("s3://{bucket}/{key}");
+        let client = self.s3.as_ref().ok_or_else(|| FetchError::NoS3 {
+            location: location.clone(),
+        })?;
+        let mut req = client.get_object().bucket(bucket).key(key);
+        if let Some(v) = version_id {
+            req = req.version_id(v);
+        }
+        let out = req.send().await.map_err(|e| FetchError::S3 {
+            location: location.clone(),
+            transient: crate::transport::aws::is_transient(&e),
+            message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+        })?;
+        if let Some(expected) = etag {
+            let actual = out.e_tag().unwrap_or_default();
+            if expected.trim_matches('"') != actual.trim_matches('"') {
+                return Err(FetchError::EtagMismatch {
+                    location,
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        let total = out.content_length().and_then(|l| u64::try_from(l).ok());
+        let mut sink = PartFile::create(part, total, progress).await?;
+        let mut body = out.body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| FetchError::S3 {
+                location: location.clone(),
+                message: format!("download cut off: {e}"),
+                transient: true,
+            })?;
+            sink.push(&chunk).await?;
+        }
+        sink.finish().await
+    }
+
+    async fn fetch_http(
+        &self,
+        url: &str,
+        auth: Option<&HeaderValue>,
+        part: &Path,
+        progress: ProgressFn<'_>,
+    ) -> Result<(u64, String), FetchError> {
+        let network = |e: reqwest::Error| FetchError::Network {
+            url: url.to_string(),
+            // without_url: the error's own URL could be a redirect target with a signature.
+            reason: e.without_url().to_string(),
+        };
+        let mut req = self.http.get(url).header(
+            USER_AGENT,
+            concat!("pier-agent/", env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(auth) = auth {
+            // reqwest drops this header when GitHub redirects to another host (codeload).
+            req = req
+                .header(AUTHORIZATION, auth.clone())
+                .header(ACCEPT, "application/vnd.github+json");
+        }
+        let resp = req.send().await.map_err(network)?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(FetchError::Http {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        let mut sink = PartFile::create(part, resp.content_length(), progress).await?;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            sink.push(&chunk.map_err(network)?).await?;
+        }
+        sink.finish().await
+    }
+}
+
+/// A local archive is copied into place (hashed on the way), so the deployment keeps its own
+/// bundle even if the original changes afterwards.
+async fn copy_local(
+    src: &Path,
+    part: &Path,
+    progress: ProgressFn<'_>,
+) -> Result<(u64, String), FetchError> {
+    let mut file = tokio::fs::File::open(src)
+        .await
+        .map_err(|e| FetchError::io("open revision", src, e))?;
+    let total = file.metadata().await.ok().map(|m| m.len());
+    let mut sink = PartFile::create(part, total, progress).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .await
+            .map_err(|e| FetchError::io("read revision", src, e))?;
+        if n == 0 {
+            break;
+        }
+        sink.push(&buf[..n]).await?;
+    }
+    sink.finish().await
+}
+
+/// The download in progress: written, hashed and reported chunk by chunk.
+struct PartFile<'a> {
+    path: PathBuf,
+    file: tokio::fs::File,
+    hasher: Sha256,
+    done: u64,
+    total: Option<u64>,
+    progress: ProgressFn<'a>,
+}
+
+impl<'a> PartFile<'a> {
+    async fn create(
+        path: &Path,
+        total: Option<u64>,
+        progress: ProgressFn<'a>,
+    ) -> Result<PartFile<'a>, FetchError> {
+        // Truncates what an earlier attempt left: a retry starts over.
+        let file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| FetchError::io("create", path, e))?;
+        progress(FetchProgress { done: 0, total });
+        Ok(PartFile {
+            path: path.to_path_buf(),
+            file,
+            hasher: Sha256::new(),
+            done: 0,
+            total,
+            progress,
+        })
+    }
+
+    async fn push(&mut self, chunk: &[u8]) -> Result<(), FetchError> {
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(|e| FetchError::io("write", &self.path, e))?;
+        self.hasher.update(chunk);
+        self.done += chunk.len() as u64;
+        (self.progress)(FetchProgress {
+            done: self.done,
+            total: self.total,
+        });
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(u64, String), FetchError> {
+        self.file
+            .flush()
+            .await
+            .and(self.file.sync_all().await)
+            .map_err(|e| FetchError::io("write", &self.path, e))?;
+        Ok((self.done, hex::encode(self.hasher.finalize())))
+    }
+}
+
+/// `bundle.tgz` → `bundle.tgz.part`, beside it so the final rename stays on one filesystem.
+fn part_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    dest.with_file_name(name)
+}
+
+/// Where a revision comes from, for messages (never with a token).
+pub fn describe(revision: &Revision) -> String {
+    match revision {
+        Revision::S3 {
+            bucket,
+            key,
+            version_id,
+            ..
+        } => match version_id {
+            Some(v) => format!("s3://{bucket}/{key} (version {v})"),
+            None => format!("s3://{bucket}/{key}"),
+        },
+        Revision::Http { url, .. } => url.clone(),
+        Revision::Github {
+            owner,
+            repo,
+            commit,
+            ..
+        } => format!("github.com/{owner}/{repo}@{commit}"),
+        Revision::Local { path, .. } => path.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[tokio::test]
+    async fn local_archive_is_copied_and_verified() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("b.tgz");
+        std::fs::write(&src, b"bundle bytes").unwrap();
+        let f = Fetcher::new(None, FetchOptions::default()).unwrap();
+        let rev = Revision::Local {
+            path: src.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha(b"bundle bytes")),
+        };
+        let dest = tmp.path().join("out.tgz");
+        let seen = std::sync::Mutex::new(Vec::new());
+        let got = f
+            .fetch(&rev, &dest, &|p| seen.lock().unwrap().push(p.done))
+            .await
+            .unwrap();
+        assert_eq!(got.bytes, 12);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"bundle bytes");
+        assert_eq!(seen.lock().unwrap().last(), Some(&12));
+
+        let bad = Revision::Local {
+            path: src.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some("0".repeat(64)),
+        };
+        let dest2 = tmp.path().join("bad.tgz");
+        let e = f.fetch(&bad, &dest2, &|_| {}).await.unwrap_err();
+        assert!(matches!(e, FetchError::Sha256Mismatch { .. }), "{e}");
+        assert!(!dest2.exists() && !part_path(&dest2).exists());
+    }
+
+    #[test]
+    fn token_is_not_in_debug_output() {
+        let opts = FetchOptions {
+            github_token: Some("ghp_secret".into()),
+            ..FetchOptions::default()
+        };
+        assert!(!format!("{opts:?}").contains("ghp_secret"));
+        let f = Fetcher::new(None, opts).unwrap();
+        assert!(!format!("{f:?}").contains("ghp_secret"));
+    }
+}

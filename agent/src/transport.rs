@@ -1,1 +1,0 @@
-//! transport (not yet written).
