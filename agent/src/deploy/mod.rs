@@ -46,6 +46,11 @@ pub const DEFAULT_EVENTS: [LifecycleEvent; 7] = [
 pub enum Source {
     /// A bundle already on this host: a directory or an archive.
     Local { path: PathBuf, kind: BundleType },
+    /// A revision named by a command, fetched (and its sha256 verified) during DownloadBundle.
+    Remote {
+        revision: crate::protocol::Revision,
+        fetcher: Arc<crate::bundle::fetch::Fetcher>,
+    },
 }
 
 /// Everything one deployment needs to know.
@@ -95,7 +100,8 @@ impl Observer for NoObserver {
 
 /// Runs deployments on this host.
 pub struct Engine {
-    config: Arc<Config>,
+    /// Swapped whole on a reload; each deployment works with the snapshot it started with.
+    config: std::sync::RwLock<Arc<Config>>,
     root: Root,
     cancel: CancellationToken,
 }
@@ -164,6 +170,8 @@ impl EventFailure {
 /// What the events of a running deployment share.
 struct Run<'a> {
     req: &'a Request,
+    /// The configuration this deployment started with.
+    config: Arc<Config>,
     group: &'a Group,
     dir: PathBuf,
     log: ScriptLog,
@@ -180,10 +188,32 @@ impl Engine {
     pub fn new(config: Arc<Config>, cancel: CancellationToken) -> Result<Engine, DeployError> {
         let root = Root::open(&config.root_dir)?;
         Ok(Engine {
-            config,
+            config: std::sync::RwLock::new(config),
             root,
             cancel,
         })
+    }
+
+    /// The configuration deployments start with now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes a reloaded configuration for the deployments that start from now on. The
+    /// deployment root cannot change while the agent runs; a new `root_dir` is refused.
+    pub fn set_config(&self, config: Arc<Config>) -> Result<(), String> {
+        if config.root_dir != self.root.dir() {
+            return Err(format!(
+                "root_dir changed from {} to {}: restart the agent to move the deployment root",
+                self.root.dir().display(),
+                config.root_dir.display()
+            ));
+        }
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
     }
 
     pub fn root(&self) -> &Root {
@@ -213,6 +243,7 @@ impl Engine {
         req: &Request,
         observer: &dyn Observer,
     ) -> Result<Journal, DeployError> {
+        let config = self.config();
         let events = plan_events(req.events.as_deref())?;
         let group = self.root.group(&req.deployment_group_id)?;
         let dir = group.deployment_dir(&req.deployment_id)?;
@@ -248,8 +279,8 @@ impl Engine {
         })?;
         let log = ScriptLog::open(
             &dir.join("logs").join("scripts.log"),
-            self.config.hooks.log_max_bytes,
-            self.config.hooks.log_keep,
+            config.hooks.log_max_bytes,
+            config.hooks.log_keep,
         )
         .map_err(|source| StateError::Io {
             path: dir.join("logs"),
@@ -273,6 +304,7 @@ impl Engine {
         };
         let mut run = Run {
             req,
+            config: config.clone(),
             group: &group,
             dir,
             log,
@@ -327,7 +359,7 @@ impl Engine {
                         failure.message
                     );
                     run.save()?;
-                    self.prune(&group, &req.deployment_id);
+                    self.prune(&config, &group, &req.deployment_id);
                     drop(lock);
                     return Ok(run.journal);
                 }
@@ -350,12 +382,12 @@ impl Engine {
             req.deployment_id,
             req.deployment_group_id
         );
-        self.prune(&group, &req.deployment_id);
+        self.prune(&config, &group, &req.deployment_id);
         drop(lock);
         Ok(run.journal)
     }
 
-    fn prune(&self, group: &Group, current: &str) {
+    fn prune(&self, config: &Config, group: &Group, current: &str) {
         let last = group
             .last_successful()
             .ok()
@@ -365,7 +397,7 @@ impl Engine {
         if let Some(l) = last.as_deref() {
             protect.push(l);
         }
-        if let Err(e) = group.prune(self.config.max_revisions, &protect) {
+        if let Err(e) = group.prune(config.max_revisions, &protect) {
             log::warn!("retention in group {}: {e}", group.id());
         }
     }
@@ -416,8 +448,8 @@ impl Engine {
                         working_dir: revision.dir.clone(),
                         timeout: hook.timeout,
                         runas: hook.runas.clone(),
-                        env: self.hook_env(run.req, event),
-                        kill_grace: self.config.hooks.kill_grace,
+                        env: hook_env(&run.config, run.req, event),
+                        kill_grace: run.config.hooks.kill_grace,
                         event: event.to_string(),
                     };
                     let outcome = hooks::run(&spec, &run.log, &self.cancel).await;
@@ -474,42 +506,45 @@ impl Engine {
         }
     }
 
-    /// The environment every hook of this deployment gets (the hook runner adds the runas
-    /// user's own variables). Nothing of the agent's environment leaks but what the policy
-    /// passes.
-    fn hook_env(&self, req: &Request, event: LifecycleEvent) -> Vec<(String, String)> {
-        // The hook runner adds a default PATH when the policy gives none.
-        let mut env = self.config.hooks.env.resolve(|k| std::env::var(k).ok());
-        env.extend([
-            ("LIFECYCLE_EVENT".to_string(), event.to_string()),
-            ("DEPLOYMENT_ID".to_string(), req.deployment_id.clone()),
-            ("APPLICATION_NAME".to_string(), req.application_name.clone()),
-            (
-                "DEPLOYMENT_GROUP_NAME".to_string(),
-                req.deployment_group_name.clone(),
-            ),
-            (
-                "DEPLOYMENT_GROUP_ID".to_string(),
-                req.deployment_group_id.clone(),
-            ),
-        ]);
-        env.extend(req.bundle_env.iter().cloned());
-        env
-    }
-
     async fn download(&self, run: &mut Run<'_>) -> Result<(), EventFailure> {
         let revision_dir = run.dir.join("revision");
-        let Source::Local { path, kind } = &run.req.source;
-        let (src, kind, dest) = (path.clone(), *kind, revision_dir.clone());
+        // A fetched archive is only a step on the way: once unpacked it is removed, so each
+        // revision is kept on disk once.
+        let mut fetched_archive: Option<PathBuf> = None;
+        let (src, kind) = match &run.req.source {
+            Source::Local { path, kind } => (path.clone(), *kind),
+            Source::Remote { revision, fetcher } => {
+                let dest = run.dir.join("bundle.download");
+                let fetched = fetcher
+                    .fetch(revision, &dest, &|_| {})
+                    .await
+                    .map_err(|e| EventFailure::msg(format!("fetching the revision: {e}")))?;
+                if fetched.path == dest {
+                    fetched_archive = Some(dest);
+                }
+                let kind = match fetched.bundle_type {
+                    crate::protocol::BundleType::Tar => BundleType::Tar,
+                    crate::protocol::BundleType::Tgz => BundleType::Tgz,
+                    crate::protocol::BundleType::Zip => BundleType::Zip,
+                    crate::protocol::BundleType::Directory => BundleType::Directory,
+                };
+                (fetched.path, kind)
+            }
+        };
+        let dest = revision_dir.clone();
         let policy = UnpackPolicy {
-            max_total_bytes: self.config.bundle.max_bytes,
-            max_entries: self.config.bundle.max_entries,
+            max_total_bytes: run.config.bundle.max_bytes,
+            max_entries: run.config.bundle.max_entries,
         };
         let unpacked =
             tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
                 .await
                 .map_err(|e| EventFailure::msg(format!("unpack task failed: {e}")))?
-                .map_err(|e| EventFailure::msg(format!("bundle refused: {e}")))?;
+                .map_err(|e| EventFailure::msg(format!("bundle refused: {e}")));
+        if let Some(archive) = fetched_archive {
+            let _ = std::fs::remove_file(archive);
+        }
+        let unpacked = unpacked?;
         run.setid_entries = unpacked.setid_entries;
 
         let name = appspec_file_name(run.req, &revision_dir);
@@ -603,6 +638,28 @@ impl Run<'_> {
             }
         }
     }
+}
+
+/// The environment every hook of a deployment gets (the hook runner adds the runas user's
+/// own variables and a default PATH). Nothing of the agent's environment leaks but what the
+/// policy passes.
+fn hook_env(config: &Config, req: &Request, event: LifecycleEvent) -> Vec<(String, String)> {
+    let mut env = config.hooks.env.resolve(|k| std::env::var(k).ok());
+    env.extend([
+        ("LIFECYCLE_EVENT".to_string(), event.to_string()),
+        ("DEPLOYMENT_ID".to_string(), req.deployment_id.clone()),
+        ("APPLICATION_NAME".to_string(), req.application_name.clone()),
+        (
+            "DEPLOYMENT_GROUP_NAME".to_string(),
+            req.deployment_group_name.clone(),
+        ),
+        (
+            "DEPLOYMENT_GROUP_ID".to_string(),
+            req.deployment_group_id.clone(),
+        ),
+    ]);
+    env.extend(req.bundle_env.iter().cloned());
+    env
 }
 
 /// The AppSpec file of a revision: the one asked for, else appspec.yml, else appspec.yaml.
