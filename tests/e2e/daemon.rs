@@ -598,3 +598,114 @@ async fn two_agents_over_sqs_and_s3_with_failure_duplicate_and_malformed_message
         assert_eq!(a.terminate(Duration::from_secs(60)), 0);
     }
 }
+
+/// The agent's log lines reach journald with structured fields when the journal socket
+/// exists. Runs under a private journald (../shared/tools/with-journald.sh); skipped, saying
+/// so, where that cannot start.
+#[test]
+fn journald_gets_structured_deployment_fields() {
+    let tool = crate::support::repo_root().join("../shared/tools/with-journald.sh");
+    if !tool.exists() {
+        eprintln!("SKIPPED journald test: {} not found", tool.display());
+        return;
+    }
+    let scratch = Scratch::new();
+    let root = scratch.path().join("root");
+    let spool = scratch.path().join("spool");
+    let status = scratch.path().join("status");
+    let cfg = scratch.write(
+        "agent.yml",
+        &format!(
+            "root_dir: {}\nhost_id: jhost\ntransport:\n  type: spool\n  spool_dir: {}\n",
+            root.display(),
+            spool.display()
+        ),
+    );
+    let bundle = tgz_bundle(
+        &scratch,
+        "j",
+        &scratch.path().join("www"),
+        &[("ValidateService", "#!/bin/sh\nexit 4\n")],
+    );
+    let cmd = command(
+        "d-JOURNAL01",
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(&bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    );
+    std::fs::create_dir_all(&spool).unwrap();
+    pier::transport::spool::Spool::submit(&spool, "d-JOURNAL01.json", &cmd.to_json()).unwrap();
+    let record = status.join("deployments/d-JOURNAL01/hosts/jhost.json");
+    let script = scratch.write(
+        "in-journal.sh",
+        &format!(
+            "set -u\n{agent} run -c {cfg} &\npid=$!\nfor _ in $(seq 1 600); do grep -q '\"Failed\"' {rec} 2>/dev/null && break; sleep 0.1; done\nkill -TERM $pid; wait $pid\njournalctl -o json --no-pager\n",
+            agent = agent_bin().display(),
+            cfg = cfg.display(),
+            rec = record.display()
+        ),
+    );
+    let out = Proc::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(&tool)
+        .arg("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stdout.trim().is_empty() {
+        eprintln!("SKIPPED journald test: a private journald could not start: {stderr}");
+        return;
+    }
+    let entries: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["DEPLOYMENT_ID"] == "d-JOURNAL01")
+        .collect();
+    assert!(
+        !entries.is_empty(),
+        "no journal entry with DEPLOYMENT_ID\n{stdout}\n{stderr}"
+    );
+    let failed = entries
+        .iter()
+        .find(|e| e["LIFECYCLE_EVENT"] == "ValidateService" && e["SCRIPT"] == "scripts/h0.sh")
+        .unwrap_or_else(|| panic!("no ValidateService failure entry with SCRIPT: {entries:#?}"));
+    assert_eq!(failed["DEPLOYMENT_GROUP"], "g-prod");
+    assert_eq!(failed["PRIORITY"], "3", "an error-level entry");
+}
+
+/// The packaged systemd unit is valid (systemd-analyze verify, with ExecStart pointing at the
+/// binary this run built) and runs the agent as Type=notify with a watchdog.
+#[test]
+fn packaged_systemd_unit_verifies() {
+    let unit = crate::support::repo_root().join("packaging/pier-agent.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(text.contains("Type=notify") && text.contains("WatchdogSec="));
+    assert!(text.contains("ExecStart=/usr/bin/pier-agent run"));
+    if Proc::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("SKIPPED unit verification: systemd-analyze not installed");
+        return;
+    }
+    let scratch = Scratch::new();
+    let copy = scratch.write(
+        "pier-agent.service",
+        &text.replace("/usr/bin/pier-agent", &agent_bin().display().to_string()),
+    );
+    let out = Proc::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -323,6 +323,9 @@ impl Engine {
             run.journal.events[i].started_at = Some(Utc::now());
             run.save()?;
             log::info!(
+                DEPLOYMENT_ID = req.deployment_id.as_str(),
+                DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
+                LIFECYCLE_EVENT = event.as_str();
                 "deployment {} group {}: {} started",
                 req.deployment_id,
                 req.deployment_group_id,
@@ -352,6 +355,10 @@ impl Engine {
                     run.journal.ended_at = Some(Utc::now());
                     run.journal.error = Some(format!("{event}: {}", failure.message));
                     log::error!(
+                        DEPLOYMENT_ID = req.deployment_id.as_str(),
+                        DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
+                        LIFECYCLE_EVENT = event.as_str(),
+                        SCRIPT = failure.script.as_deref().unwrap_or("");
                         "deployment {} group {}: {} failed: {}",
                         req.deployment_id,
                         req.deployment_group_id,
@@ -378,6 +385,8 @@ impl Engine {
         run.journal.ended_at = Some(Utc::now());
         run.save()?;
         log::info!(
+            DEPLOYMENT_ID = req.deployment_id.as_str(),
+            DEPLOYMENT_GROUP = req.deployment_group_id.as_str();
             "deployment {} group {} succeeded",
             req.deployment_id,
             req.deployment_group_id
