@@ -689,7 +689,11 @@ fn packaged_systemd_unit_verifies() {
     let text = std::fs::read_to_string(&unit).unwrap();
     assert!(text.contains("Type=notify") && text.contains("WatchdogSec="));
     assert!(text.contains("ExecStart=/usr/bin/pier-agent run"));
-    if Proc::new("systemd-analyze").arg("--version").output().is_err() {
+    if Proc::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED unit verification: systemd-analyze not installed");
         return;
     }

@@ -396,6 +396,53 @@ impl Engine {
         Ok(run.journal)
     }
 
+    /// What Install would do for `req`, changing nothing outside a scratch directory: the
+    /// bundle is unpacked under the root, its AppSpec read and checked, and Install planned
+    /// against the group's manifest. The plan is returned as text, one action a line.
+    pub async fn plan_install(&self, req: &Request) -> Result<String, String> {
+        let config = self.config();
+        let Source::Local { path, kind } = &req.source else {
+            return Err("a dry run needs a bundle on this host".into());
+        };
+        let group = self
+            .root
+            .group(&req.deployment_group_id)
+            .map_err(|e| e.to_string())?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".dry-run-")
+            .tempdir_in(self.root.dir())
+            .map_err(|e| format!("{}: {e}", self.root.dir().display()))?;
+        let revision = scratch.path().join("revision");
+        let (src, kind, dest) = (path.clone(), *kind, revision.clone());
+        let policy = UnpackPolicy {
+            max_total_bytes: config.bundle.max_bytes,
+            max_entries: config.bundle.max_entries,
+        };
+        let unpacked =
+            tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("bundle refused: {e}"))?;
+        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)?;
+        install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
+            .map_err(|e| e.to_string())?;
+        let previous: Option<install::Manifest> =
+            state::read_json(&group.manifest_path()).map_err(|e| e.to_string())?;
+        let behavior = spec
+            .file_exists_behavior
+            .or(req.file_exists_behavior)
+            .unwrap_or_default();
+        let plan = install::plan(&install::InstallInput {
+            revision_root: &revision,
+            files: &spec.files,
+            permissions: &spec.permissions,
+            previous: previous.as_ref(),
+            file_exists_behavior: behavior,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(plan.to_string())
+    }
+
     fn prune(&self, config: &Config, group: &Group, current: &str) {
         let last = group
             .last_successful()
@@ -604,12 +651,17 @@ impl Engine {
         .await
         .map_err(|e| EventFailure::msg(format!("install task failed: {e}")))?
         .map_err(EventFailure::msg)?;
+        let note = plan_summary(&summary);
         log::info!(
-            "deployment {} install plan: {}",
-            run.req.deployment_id,
-            summary.lines().next().unwrap_or("")
+            DEPLOYMENT_ID = run.req.deployment_id.as_str(),
+            LIFECYCLE_EVENT = "Install";
+            "deployment {} install: {note}",
+            run.req.deployment_id
         );
-        Ok(format!("{} entries placed", manifest.entries.len()))
+        Ok(format!(
+            "{note}; {} entries in the manifest",
+            manifest.entries.len()
+        ))
     }
 }
 
@@ -713,6 +765,25 @@ fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, Stri
     Ok(spec)
 }
 
+/// Counts a plan's lines by their action word: "create 3, unchanged 120, remove 1".
+fn plan_summary(plan: &str) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for word in plan.lines().filter_map(|l| l.split_whitespace().next()) {
+        match counts.iter_mut().find(|(w, _)| *w == word) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((word, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return "nothing to do".to_string();
+    }
+    counts
+        .iter()
+        .map(|(w, n)| format!("{w} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Keeps the last [`TAIL_BYTES`] of `s`, on a character boundary; `None` when empty.
 fn keep_tail(s: String) -> Option<String> {
     if s.is_empty() {
@@ -773,6 +844,13 @@ mod tests {
         let t = keep_tail(s).unwrap();
         assert!(t.len() <= TAIL_BYTES);
         assert!(t.ends_with('b'));
+    }
+
+    #[test]
+    fn plan_summary_counts_actions_in_order() {
+        let plan = "remove     /a\ncreate     /b (0644) from x\ncreate     /c (0644) from y\nunchanged  /d\n";
+        assert_eq!(plan_summary(plan), "remove 1, create 2, unchanged 1");
+        assert_eq!(plan_summary(""), "nothing to do");
     }
 
     #[test]
