@@ -578,13 +578,7 @@ impl Engine {
                 if fetched.path == dest {
                     fetched_archive = Some(dest);
                 }
-                let kind = match fetched.bundle_type {
-                    crate::protocol::BundleType::Tar => BundleType::Tar,
-                    crate::protocol::BundleType::Tgz => BundleType::Tgz,
-                    crate::protocol::BundleType::Zip => BundleType::Zip,
-                    crate::protocol::BundleType::Directory => BundleType::Directory,
-                };
-                (fetched.path, kind)
+                (fetched.path, fetched.bundle_type)
             }
         };
         let dest = revision_dir.clone();
