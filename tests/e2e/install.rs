@@ -577,7 +577,15 @@ fn after_a_failed_install_the_next_one_cleans_up_what_it_left() {
     fs::remove_file(rev1.join("z.txt")).unwrap();
     let err = apply(&p).unwrap_err();
     assert!(err.to_string().contains("z.txt"), "{err}");
-    assert_eq!(read(dest.join("a.txt")), "a");
+    // Files are renamed into place only once all of them are written: a failure while writing
+    // leaves no new file and no temp file behind.
+    assert!(!dest.join("a.txt").exists());
+    let leftovers: Vec<_> = fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".pier-tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 
     let pending: Manifest = serde_json::from_str(&pending).unwrap();
     let rev2 = revision(&s, "rev2", &[("a.txt", "a2")]);

@@ -23,6 +23,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -867,8 +868,42 @@ pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
     for i in dirs {
         results[i] = place(&plan.steps[i])?;
     }
-    for (i, entry) in in_parallel(&files, |i| place(&plan.steps[i]))? {
-        results[i] = entry;
+    // Files in two passes: every file is first written beside its destination (in parallel),
+    // the written data is made durable with one syncfs per filesystem instead of an fsync per
+    // file, and only then is each file renamed into place. A reader sees the old file or the
+    // new one, never a part, and after a crash a renamed file has its data.
+    let staged_temps: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let staged = in_parallel(&files, |i| stage(&plan.steps[i], &staged_temps));
+    let staged = match staged.and_then(|staged| {
+        sync_filesystems(&staged_temps.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Ok(staged)
+    }) {
+        Ok(staged) => staged,
+        Err(e) => {
+            remove_all(&staged_temps.lock().unwrap_or_else(|e| e.into_inner()));
+            return Err(e);
+        }
+    };
+    let mut renamed = 0;
+    let mut failure = None;
+    for (i, (entry, pending)) in &staged {
+        if let Some((tmp, replace)) = pending {
+            if let Err(e) = rename_into_place(tmp, &plan.steps[*i].dest, *replace) {
+                failure = Some(e);
+                break;
+            }
+            renamed += 1;
+        }
+        results[*i] = entry.clone();
+    }
+    if let Some(e) = failure {
+        let left: Vec<PathBuf> = staged
+            .iter()
+            .filter_map(|(_, (_, p))| p.as_ref().map(|(t, _)| t.clone()))
+            .skip(renamed)
+            .collect();
+        remove_all(&left);
+        return Err(e);
     }
 
     // Renames and new entries are durable only once their directories are synced.
@@ -1141,23 +1176,69 @@ fn stale_temps(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Copies `source` to `dest` so that `dest` is never seen half-written: write beside, fsync,
-/// rename over. Returns the size and the hex sha256 of what was written.
-fn place_file(
-    source: &Path,
-    dest: &Path,
-    mode: u32,
-    replace: bool,
-) -> Result<(u64, String), InstallError> {
-    let mut input = File::open(source).map_err(read_err(source))?;
-    let tmp = temp_beside(dest);
+/// A file step's manifest entry, and the temp file still to be renamed over its destination
+/// (with whether it may replace what is there).
+type Staged = (Option<ManifestEntry>, Option<(PathBuf, bool)>);
+
+/// First pass of a file step: a new or replaced file is written to a temp name beside its
+/// destination (recorded in `temps` for cleanup) and left there; every other step is carried
+/// out at once.
+fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<Staged, InstallError> {
+    let (Action::Create { source, mode } | Action::Replace { source, mode }) = &s.action else {
+        return Ok((place(s)?, None));
+    };
+    let tmp = temp_beside(&s.dest);
+    temps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(tmp.clone());
+    let (size, sha) = write_temp(source, &tmp, *mode)?;
+    let entry = ManifestEntry {
+        path: s.dest.clone(),
+        kind: EntryKind::File,
+        size,
+        mode: *mode,
+        sha256: Some(sha),
+        link_target: None,
+        created: false,
+    };
+    let replace = matches!(s.action, Action::Replace { .. });
+    Ok((Some(entry), Some((tmp, replace))))
+}
+
+/// Flushes the filesystems holding `paths` to disk: one syncfs for each, however many files.
+fn sync_filesystems(paths: &[PathBuf]) -> Result<(), InstallError> {
+    let mut seen: BTreeSet<u64> = BTreeSet::new();
+    for p in paths {
+        let Ok(meta) = fs::symlink_metadata(p) else {
+            continue;
+        };
+        if seen.insert(meta.dev()) {
+            let f = File::open(p).map_err(write_err("open for sync", p))?;
+            nix::unistd::syncfs(&f)
+                .map_err(|e| write_err("sync the filesystem of", p)(e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = fs::remove_file(p);
+    }
+}
+
+/// Writes `source` to the new file `tmp` with `mode`, without syncing it. Returns the size and
+/// the hex sha256 of what was written. On failure nothing is left at `tmp`.
+fn write_temp(source: &Path, tmp: &Path, mode: u32) -> Result<(u64, String), InstallError> {
     let result = (|| {
+        let mut input = File::open(source).map_err(read_err(source))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(write_err("create", &tmp))?;
+            .open(tmp)
+            .map_err(write_err("create", tmp))?;
         let mut h = Sha256::new();
         let mut size = 0u64;
         let mut buf = vec![0u8; 128 * 1024];
@@ -1167,19 +1248,38 @@ fn place_file(
                 break;
             }
             h.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(write_err("write", &tmp))?;
+            out.write_all(&buf[..n]).map_err(write_err("write", tmp))?;
             size += n as u64;
         }
         out.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(write_err("change the mode of", &tmp))?;
-        out.sync_all().map_err(write_err("sync", &tmp))?;
-        rename_into_place(&tmp, dest, replace)?;
+            .map_err(write_err("change the mode of", tmp))?;
         Ok((size, hex::encode(h.finalize())))
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     result
+}
+
+/// Copies `source` to `dest` so that `dest` is never seen half-written: write beside, fsync,
+/// rename over. Returns the size and the hex sha256 of what was written. (`apply` stages many
+/// files at once instead, with one sync for all; this is the one-file path.)
+fn place_file(
+    source: &Path,
+    dest: &Path,
+    mode: u32,
+    replace: bool,
+) -> Result<(u64, String), InstallError> {
+    let tmp = temp_beside(dest);
+    let written = write_temp(source, &tmp, mode)?;
+    let result = File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(write_err("sync", &tmp))
+        .and_then(|()| rename_into_place(&tmp, dest, replace));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| written)
 }
 
 /// Places a symlink atomically (a new link renamed into place).
