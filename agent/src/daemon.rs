@@ -44,6 +44,10 @@ pub const EXIT_CONFIG: i32 = 64;
 /// renewed every third of this).
 const VISIBILITY: Duration = Duration::from_secs(300);
 
+/// Deployments remembered as done (against redelivery) and their saved commands are
+/// forgotten after this: SQS keeps a message at most 14 days.
+const FORGET_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Long-poll wait for the queue.
 const POLL_WAIT: Duration = Duration::from_secs(20);
 
@@ -256,6 +260,7 @@ impl Daemon {
     pub async fn serve(self, shutdown: CancellationToken, reload: Arc<tokio::sync::Notify>) {
         let this = Arc::new(self);
         this.report_interrupted().await;
+        this.housekeeping();
         log::info!(
             HOST_ID = this.host_id.as_str();
             "pier-agent {} ready: host {} polling {}",
@@ -344,6 +349,31 @@ impl Daemon {
                 }
             }
             Err(e) => log::error!("reload failed, keeping the running configuration: {e}"),
+        }
+    }
+
+    /// Keeps the dedupe store and the saved commands from growing for ever on a host that
+    /// deploys for years.
+    fn housekeeping(&self) {
+        match self.dedupe.prune_done(FORGET_AFTER) {
+            Ok(0) => {}
+            Ok(n) => log::info!("forgot {n} deployment(s) finished more than 30 days ago"),
+            Err(e) => log::warn!("pruning the dedupe store: {e}"),
+        }
+        let dir = commands_dir(self.engine.root().dir());
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= FORGET_AFTER);
+            if old {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
 
