@@ -712,3 +712,117 @@ fn deploy_wait_gives_up_at_the_timeout_when_no_agent_answers() {
     );
     assert!(run.stderr.contains("timed out"), "{}", run.stderr);
 }
+
+#[tokio::test]
+async fn a_large_push_goes_up_in_parts_and_deploy_can_pin_its_version() {
+    let aws = moto_clients().await;
+    let bucket = new_bucket(&aws).await;
+    aws.s3
+        .put_bucket_versioning()
+        .bucket(&bucket)
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let s = Scratch::new();
+    let src = bundle(&s, "app");
+    // Random bytes do not compress: the archive passes the 16 MiB single-request limit.
+    let mut noise = vec![0u8; 17 << 20];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut noise)
+        .unwrap();
+    std::fs::write(src.join("site/big.bin"), &noise).unwrap();
+    let location = format!("s3://{bucket}/big.tar");
+    let run = pier(&[
+        "push",
+        "--application",
+        "web",
+        "--source",
+        src.to_str().unwrap(),
+        "--s3-location",
+        &location,
+        "--bundle-type",
+        "tar",
+    ])
+    .success();
+    let printed: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let version = printed["version_id"]
+        .as_str()
+        .expect("a versioned bucket gives a version id")
+        .to_string();
+    assert!(
+        printed["etag"].as_str().unwrap().ends_with("-2\""),
+        "two parts: {printed}"
+    );
+    let obj = aws
+        .s3
+        .get_object()
+        .bucket(&bucket)
+        .key("big.tar")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        obj.server_side_encryption().map(|e| e.as_str()),
+        Some("AES256")
+    );
+    let sha = obj.metadata().unwrap().get("sha256").unwrap().clone();
+    let body = obj.body.collect().await.unwrap().into_bytes();
+    assert_eq!(sha, sha256(&body));
+    assert_eq!(printed["sha256"], sha.as_str());
+
+    // Push the same key again: a deployment that pins the first version still gets it.
+    std::fs::remove_file(src.join("site/big.bin")).unwrap();
+    pier(&[
+        "push",
+        "--application",
+        "web",
+        "--source",
+        src.to_str().unwrap(),
+        "--s3-location",
+        &location,
+        "--bundle-type",
+        "tar",
+    ])
+    .success();
+    let run = pier(&[
+        "deploy",
+        "--application",
+        "web",
+        "--deployment-group",
+        "prod",
+        "--revision",
+        &format!("{location}?versionId={version}"),
+        "--hosts",
+        "h1",
+        "--transport",
+        "spool",
+        "--spool-dir",
+        s.path().join("spool").to_str().unwrap(),
+        "--status-dir",
+        s.path().join("status").to_str().unwrap(),
+    ])
+    .success();
+    let cmd = DeployCommand::from_json(
+        &std::fs::read(s.path().join(format!("spool/{}.json", run.stdout.trim()))).unwrap(),
+    )
+    .unwrap();
+    match cmd.revision {
+        Revision::S3 {
+            version_id,
+            sha256,
+            bundle_type,
+            ..
+        } => {
+            assert_eq!(version_id.as_deref(), Some(version.as_str()));
+            assert_eq!(sha256, sha);
+            assert_eq!(bundle_type, BundleType::Tar);
+        }
+        other => panic!("not an S3 revision: {other:?}"),
+    }
+}

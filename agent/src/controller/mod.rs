@@ -156,9 +156,13 @@ impl AwsOptions {
             profile: self.profile.clone(),
             credentials: None,
         };
-        aws_clients(&settings)
-            .await
-            .map_err(|e| ControllerError::transport("cannot set up AWS access", e))
+        aws_clients(&settings).await.map_err(|e| {
+            ControllerError::transport(
+                "cannot set up AWS access (pier takes --region or AWS_REGION, --profile, \
+                     --endpoint-url or AWS_ENDPOINT_URL)",
+                e,
+            )
+        })
     }
 }
 
