@@ -26,6 +26,7 @@ struct Cli {
 }
 
 #[derive(Args)]
+#[command(next_help_heading = "AWS access")]
 struct AwsArgs {
     /// AWS region (else AWS_REGION or the profile's).
     #[arg(long, global = true, env = "AWS_REGION")]
