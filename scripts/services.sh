@@ -77,6 +77,7 @@ export AWS_ENDPOINT_URL=$endpoint
 export AWS_ACCESS_KEY_ID=\${AWS_ACCESS_KEY_ID:-testing}
 export AWS_SECRET_ACCESS_KEY=\${AWS_SECRET_ACCESS_KEY:-testing}
 export AWS_REGION=\${AWS_REGION:-us-east-1}
+export AWS_EC2_METADATA_DISABLED=true
 ENV
 }
 

@@ -18,4 +18,10 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+
+# One moto server (SQS + S3 wire protocol, pinned, on 127.0.0.1) for the whole run; the tests
+# read AWS_ENDPOINT_URL. Stopped however the run ends.
+eval "$(scripts/services.sh start)"
+trap 'scripts/services.sh stop' EXIT
+
 cargo test --workspace "$@"

@@ -125,13 +125,9 @@ pub struct RawTransport {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub spool_dir: Option<PathBuf>,
-    pub status_dir: Option<PathBuf>,
     pub queue_url: Option<String>,
     pub queue_name: Option<String>,
     pub create_queue: Option<bool>,
-    pub status_bucket: Option<String>,
-    pub status_prefix: Option<String>,
-    pub notify_queue_url: Option<String>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_yaml::Value>,
 }
@@ -200,19 +196,13 @@ pub struct BundleLimits {
 /// Where commands come from and where status goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportConfig {
-    /// Commands are JSON files renamed into `spool_dir`; status is written under `status_dir`.
-    Spool {
-        spool_dir: PathBuf,
-        status_dir: PathBuf,
-    },
-    /// Commands arrive on an SQS queue; status goes to S3.
+    /// Commands are JSON files renamed into `spool_dir`.
+    Spool { spool_dir: PathBuf },
+    /// Commands arrive on this host's SQS queue.
     Sqs {
         queue_url: Option<String>,
         queue_name: Option<String>,
         create_queue: bool,
-        status_bucket: String,
-        status_prefix: String,
-        notify_queue_url: Option<String>,
     },
 }
 
@@ -401,15 +391,13 @@ impl Config {
 
         let t = raw.transport.unwrap_or_default();
         p.unknown("transport", &t.unknown);
+        // Where status goes is not the agent's choice: each command names its status sink.
         let transport = match t.kind.as_deref().unwrap_or("spool") {
             "spool" => {
                 for (key, set) in [
                     ("queue_url", t.queue_url.is_some()),
                     ("queue_name", t.queue_name.is_some()),
                     ("create_queue", t.create_queue.is_some()),
-                    ("status_bucket", t.status_bucket.is_some()),
-                    ("status_prefix", t.status_prefix.is_some()),
-                    ("notify_queue_url", t.notify_queue_url.is_some()),
                 ] {
                     if set {
                         p.push(
@@ -418,56 +406,31 @@ impl Config {
                         );
                     }
                 }
-                for (key, dir) in [("spool_dir", &t.spool_dir), ("status_dir", &t.status_dir)] {
-                    if dir.as_ref().is_some_and(|d| !d.is_absolute()) {
-                        p.push(&format!("transport.{key}"), "must be an absolute path");
-                    }
+                if t.spool_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+                    p.push("transport.spool_dir", "must be an absolute path");
                 }
-                let spool_dir = t.spool_dir.unwrap_or_else(|| root_dir.join("spool"));
-                let status_dir = t.status_dir.unwrap_or_else(|| root_dir.join("status"));
                 TransportConfig::Spool {
-                    spool_dir,
-                    status_dir,
+                    spool_dir: t.spool_dir.unwrap_or_else(|| root_dir.join("spool")),
                 }
             }
             "sqs" => {
-                for (key, set) in [
-                    ("spool_dir", t.spool_dir.is_some()),
-                    ("status_dir", t.status_dir.is_some()),
-                ] {
-                    if set {
-                        p.push(
-                            &format!("transport.{key}"),
-                            "applies only to `type: spool`; remove it",
-                        );
-                    }
+                if t.spool_dir.is_some() {
+                    p.push(
+                        "transport.spool_dir",
+                        "applies only to `type: spool`; remove it",
+                    );
                 }
-                if t.queue_url.is_none() && t.queue_name.is_none() {
+                if t.queue_url.is_none() && t.create_queue != Some(true) {
                     p.push(
                         "transport.queue_url",
-                        "is required with `type: sqs` (or give queue_name with create_queue: true)",
-                    );
-                }
-                if t.queue_url.is_none() && t.queue_name.is_some() && t.create_queue != Some(true) {
-                    p.push(
-                        "transport.create_queue",
-                        "must be true when only queue_name is given (the agent creates the queue)",
-                    );
-                }
-                let status_bucket = t.status_bucket.unwrap_or_default();
-                if status_bucket.is_empty() {
-                    p.push(
-                        "transport.status_bucket",
-                        "is required with `type: sqs` (status records are written there)",
+                        "is required with `type: sqs` unless create_queue: true (the agent then \
+                         finds or creates `queue_name`, default pier-HOST_ID)",
                     );
                 }
                 TransportConfig::Sqs {
                     queue_url: t.queue_url,
                     queue_name: t.queue_name,
                     create_queue: t.create_queue.unwrap_or(false),
-                    status_bucket,
-                    status_prefix: t.status_prefix.unwrap_or_else(|| "pier".to_string()),
-                    notify_queue_url: t.notify_queue_url,
                 }
             }
             other => {
@@ -477,7 +440,6 @@ impl Config {
                 );
                 TransportConfig::Spool {
                     spool_dir: root_dir.join("spool"),
-                    status_dir: root_dir.join("status"),
                 }
             }
         };
@@ -586,7 +548,6 @@ mod tests {
             c.transport,
             TransportConfig::Spool {
                 spool_dir: "/var/lib/pier/spool".into(),
-                status_dir: "/var/lib/pier/status".into()
             }
         );
     }
@@ -634,13 +595,14 @@ mod tests {
     }
 
     #[test]
-    fn sqs_needs_a_queue_and_a_bucket() {
-        let err = parse("transport:\n  type: sqs\n").unwrap_err();
+    fn sqs_needs_a_queue_or_leave_to_create_one() {
+        let err = parse("transport:\n  type: sqs\n  spool_dir: /x\n").unwrap_err();
         let ConfigError::Invalid { problems, .. } = err else {
             panic!()
         };
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["transport.queue_url", "transport.status_bucket"]);
+        assert_eq!(keys, ["transport.spool_dir", "transport.queue_url"]);
+        parse("transport:\n  type: sqs\n  create_queue: true\n").unwrap();
     }
 
     #[test]

@@ -1,1 +1,816 @@
-//! daemon (not yet written).
+//! `pier-agent run`: the long-running agent. It polls this host's queue, turns each valid
+//! command into a deployment on the [`crate::deploy::Engine`], keeps the message invisible while
+//! the deployment runs, writes a status record at every event, and acknowledges the message
+//! only once the final record is durably written.
+//!
+//! Guarantees: a malformed or unknown-version message is never run and never deleted (it is
+//! rejected, logged with its reason and counted, and the queue's dead-letter policy keeps it);
+//! a command whose deployment id this host has already taken is never run twice (the dedupe
+//! store is on disk); different deployment groups deploy at once, up to
+//! `daemon.concurrency`, one group one deployment at a time (the engine's group lock).
+//!
+//! Signals: SIGTERM/SIGINT stop polling, give running hooks `daemon.shutdown_grace_seconds`
+//! to finish, then stop them; the interrupted deployment's status is written as failed, its
+//! message is left in the queue, and the next start reports it and acknowledges it. SIGHUP
+//! reloads the configuration. Under systemd the agent sends READY/STOPPING and watchdog pings.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::appspec::{FileExistsBehavior, LifecycleEvent};
+use crate::backoff::Backoff;
+use crate::bundle::fetch::{FetchOptions, Fetcher};
+use crate::config::{Config, TransportConfig, DEFAULT_CONFIG_PATH};
+use crate::deploy::{Engine, Observer, Request, Source};
+use crate::protocol::{self, Command, Revision, StatusRecord};
+use crate::state::{self, Journal};
+use crate::transport::aws::{aws_clients, AwsClients, AwsSettings};
+use crate::transport::dedupe::{Dedupe, Seen};
+use crate::transport::spool::Spool;
+use crate::transport::sqs::{QueueSpec, SqsQueue};
+use crate::transport::{self, keep_invisible, open_status_sink, Queue, Received, StatusSink};
+
+/// Exit code for a configuration error.
+pub const EXIT_CONFIG: i32 = 64;
+
+/// How long a received message is kept invisible at a time while its deployment runs (it is
+/// renewed every third of this).
+const VISIBILITY: Duration = Duration::from_secs(300);
+
+/// Long-poll wait for the queue.
+const POLL_WAIT: Duration = Duration::from_secs(20);
+
+/// Flags of `pier-agent run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The agent configuration file (a missing default file means all defaults).
+    #[arg(short = 'c', long = "config")]
+    pub config: Option<PathBuf>,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs the daemon until a shutdown signal; returns the process exit code.
+pub fn run(args: &Args) -> i32 {
+    crate::logging::init(log::LevelFilter::Info);
+    let (path, required) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let config = match Config::load(&path, required) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("pier-agent: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pier-agent: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let reload = Arc::new(tokio::sync::Notify::new());
+        if let Err(e) = spawn_signal_handlers(shutdown.clone(), reload.clone()) {
+            eprintln!("pier-agent: cannot install signal handlers: {e}");
+            return 1;
+        }
+        match Daemon::start(path, required, config).await {
+            Ok(daemon) => {
+                daemon.serve(shutdown, reload).await;
+                0
+            }
+            Err(e) => {
+                log::error!("cannot start: {e}");
+                eprintln!("pier-agent: {e}");
+                match e {
+                    DaemonError::Config(_) => EXIT_CONFIG,
+                    DaemonError::Setup(_) => 1,
+                }
+            }
+        }
+    })
+}
+
+fn spawn_signal_handlers(
+    shutdown: CancellationToken,
+    reload: Arc<tokio::sync::Notify>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload.notify_one();
+        }
+    });
+    Ok(())
+}
+
+/// The running agent's parts.
+pub struct Daemon {
+    config_path: PathBuf,
+    config_required: bool,
+    host_id: String,
+    queue: Arc<dyn Queue>,
+    aws: Option<AwsClients>,
+    fetcher: Arc<Fetcher>,
+    dedupe: Arc<Dedupe>,
+    engine: Arc<Engine>,
+    /// Fired when running hooks must stop (after the shutdown grace).
+    hook_cancel: CancellationToken,
+    /// Deployment ids running in this process.
+    running: Arc<Mutex<HashSet<String>>>,
+    /// Messages rejected as malformed or of an unknown version since start.
+    rejected: Arc<AtomicU64>,
+    slots: Arc<Semaphore>,
+}
+
+impl Daemon {
+    /// Builds every part; fails on a configuration that cannot work (no region for SQS, a
+    /// queue that does not exist and may not be created, an unwritable root).
+    pub async fn start(
+        config_path: PathBuf,
+        config_required: bool,
+        config: Config,
+    ) -> Result<Daemon, DaemonError> {
+        let config = Arc::new(config);
+        let host_id = resolve_host_id(&config).await;
+        let aws_settings = AwsSettings {
+            region: config.aws.region.clone(),
+            endpoint_url: config.aws.endpoint_url.clone(),
+            profile: None,
+            credentials: None,
+        };
+        // AWS clients are built when the queue needs them, and otherwise tried so that S3
+        // revisions and S3 status sinks work on a spool host too; a host with no region at all
+        // simply cannot use them.
+        let aws = match aws_settings_usable(&config) {
+            Err(why) if matches!(config.transport, TransportConfig::Spool { .. }) => {
+                log::info!("no AWS access ({why}); S3 revisions and status sinks are unavailable");
+                Ok(None)
+            }
+            Err(why) => Err(why),
+            Ok(()) => aws_clients(&aws_settings)
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        };
+        let aws = match aws {
+            Ok(c) => c,
+            Err(e) => {
+                if matches!(config.transport, TransportConfig::Sqs { .. }) {
+                    return Err(DaemonError::Setup(e));
+                }
+                log::info!("no AWS access ({e}); S3 revisions and status sinks are unavailable");
+                None
+            }
+        };
+        let queue: Arc<dyn Queue> = match &config.transport {
+            TransportConfig::Spool { spool_dir } => Arc::new(
+                Spool::open(spool_dir.clone()).map_err(|e| DaemonError::Setup(e.to_string()))?,
+            ),
+            TransportConfig::Sqs {
+                queue_url,
+                queue_name,
+                create_queue,
+            } => {
+                let mut spec = QueueSpec::for_host(&host_id);
+                spec.url = queue_url.clone();
+                if let Some(n) = queue_name {
+                    spec.name = n.clone();
+                }
+                spec.create = *create_queue;
+                let client = aws.as_ref().expect("built above for sqs").sqs.clone();
+                Arc::new(
+                    SqsQueue::open(client, &spec)
+                        .await
+                        .map_err(|e| DaemonError::Setup(e.to_string()))?,
+                )
+            }
+        };
+        let fetcher = Fetcher::new(
+            aws.as_ref().map(|a| a.s3.clone()),
+            FetchOptions {
+                github_api_url: config.github.api_url.clone(),
+                github_token: config.github.token.clone(),
+                ..FetchOptions::default()
+            },
+        )
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let dedupe = Dedupe::open(config.root_dir.join("dedupe"))
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        std::fs::create_dir_all(commands_dir(&config.root_dir))
+            .map_err(|e| DaemonError::Setup(format!("{}: {e}", config.root_dir.display())))?;
+        let hook_cancel = CancellationToken::new();
+        let engine = Engine::new(config.clone(), hook_cancel.clone())
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        Ok(Daemon {
+            config_path,
+            config_required,
+            host_id,
+            queue,
+            aws,
+            fetcher: Arc::new(fetcher),
+            dedupe: Arc::new(dedupe),
+            engine: Arc::new(engine),
+            hook_cancel,
+            running: Arc::new(Mutex::new(HashSet::new())),
+            rejected: Arc::new(AtomicU64::new(0)),
+            slots: Arc::new(Semaphore::new(config.daemon.concurrency)),
+        })
+    }
+
+    /// This host's id as the agent uses it.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    /// Polls and deploys until `shutdown` fires, then drains within the configured grace.
+    pub async fn serve(self, shutdown: CancellationToken, reload: Arc<tokio::sync::Notify>) {
+        let this = Arc::new(self);
+        this.report_interrupted().await;
+        log::info!(
+            HOST_ID = this.host_id.as_str();
+            "pier-agent {} ready: host {} polling {}",
+            env!("CARGO_PKG_VERSION"),
+            this.host_id,
+            this.queue.describe()
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let watchdog = spawn_watchdog(shutdown.clone());
+
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut backoff = Backoff::unbounded(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = reload.notified() => {
+                    this.reload();
+                    continue;
+                }
+                r = this.queue.receive(POLL_WAIT) => r,
+            };
+            let messages = match received {
+                Ok(m) => {
+                    backoff.reset();
+                    m
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay().unwrap_or(Duration::from_secs(30));
+                    log::warn!(
+                        "receiving from {}: {e}; retrying in {delay:?}",
+                        this.queue.describe()
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            for msg in messages {
+                let me = this.clone();
+                tasks.spawn(async move { me.handle(msg).await });
+            }
+        }
+
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        let grace = this.engine.config().daemon.shutdown_grace;
+        if !tasks.is_empty() {
+            log::info!(
+                "stopping: waiting up to {}s for {} running deployment task(s)",
+                grace.as_secs(),
+                tasks.len()
+            );
+        }
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            log::warn!("shutdown grace over: stopping running hooks");
+            this.hook_cancel.cancel();
+            // Hooks get TERM, their kill grace, then KILL; the tasks then record the state.
+            let bound = this.engine.config().hooks.kill_grace + Duration::from_secs(30);
+            if tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} })
+                .await
+                .is_err()
+            {
+                log::error!("deployment tasks did not finish after their hooks were stopped");
+                tasks.abort_all();
+            }
+        }
+        watchdog.abort();
+        log::info!("pier-agent stopped");
+    }
+
+    fn reload(&self) {
+        match Config::load(&self.config_path, self.config_required) {
+            Ok(new) => {
+                if new.transport != self.engine.config().transport {
+                    log::warn!("reload: transport changes take effect at the next restart");
+                }
+                match self.engine.set_config(Arc::new(new)) {
+                    Ok(()) => log::info!(
+                        "reload: configuration {} applied",
+                        self.config_path.display()
+                    ),
+                    Err(e) => log::warn!("reload refused: {e}"),
+                }
+            }
+            Err(e) => log::error!("reload failed, keeping the running configuration: {e}"),
+        }
+    }
+
+    /// Deployments a dead or stopped agent left unfinished: close them as failed and write
+    /// their status, so that a controller sees what happened.
+    async fn report_interrupted(&self) {
+        let closed = match self.engine.recover_all().await {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("recovering interrupted deployments: {e}");
+                return;
+            }
+        };
+        for journal in closed {
+            log::warn!(
+                DEPLOYMENT_ID = journal.deployment_id.as_str(),
+                DEPLOYMENT_GROUP = journal.deployment_group_id.as_str();
+                "deployment {} was interrupted: {}",
+                journal.deployment_id,
+                journal.error.as_deref().unwrap_or("")
+            );
+            if let Some(cmd) = self.saved_command(&journal.deployment_id) {
+                if let Err(e) = self.write_final(&cmd, &journal).await {
+                    log::error!(
+                        "status of interrupted deployment {}: {e}",
+                        journal.deployment_id
+                    );
+                }
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, msg: Received) {
+        let cmd = match Command::from_json(&msg.body) {
+            Ok(c) => c,
+            Err(e) => {
+                let n = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+                log::error!(
+                    MESSAGE_ID = msg.id.as_str();
+                    "rejected message {} ({n} since start): {e}; left for the dead-letter queue",
+                    msg.id
+                );
+                if let Err(e) = self.queue.reject(&msg, &e.to_string()).await {
+                    log::error!("rejecting message {}: {e}", msg.id);
+                }
+                return;
+            }
+        };
+        let id = cmd.deployment_id.clone();
+        // Claim the id in this process first, atomically: two deliveries of one command in the
+        // same batch must not both get past this point.
+        let claimed = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
+        if !claimed {
+            log::info!(DEPLOYMENT_ID = id.as_str(); "duplicate command for running deployment {id}: acknowledged, not run");
+            self.ack(&msg).await;
+            return;
+        }
+        match self.dedupe.begin(&id) {
+            Err(e) => {
+                // Without the dedupe store the agent cannot promise "once": leave the message.
+                log::error!(DEPLOYMENT_ID = id.as_str(); "dedupe store: {e}; message left in the queue");
+            }
+            Ok(Some(Seen::Done)) => {
+                log::info!(DEPLOYMENT_ID = id.as_str(); "deployment {id} already done here: duplicate acknowledged, not run");
+                self.ack(&msg).await;
+            }
+            Ok(Some(Seen::InProgress)) => self.clone().take_over(cmd, msg).await,
+            Ok(None) => self.clone().deploy(cmd, msg).await,
+        }
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// A command this host had started before it stopped: if its journal is final, report it
+    /// and acknowledge; if it never got as far as a journal, run it now.
+    async fn take_over(self: Arc<Self>, cmd: Command, msg: Received) {
+        let id = cmd.deployment_id.clone();
+        let journal = self
+            .engine
+            .root()
+            .group(&cmd.deployment_group_id)
+            .and_then(|g| g.journal(&id));
+        match journal {
+            Ok(Some(j)) if j.status != state::DeploymentStatus::InProgress => {
+                log::warn!(
+                    DEPLOYMENT_ID = id.as_str();
+                    "deployment {id} was interrupted by an earlier stop; reporting it as {:?}",
+                    j.status
+                );
+                if self.write_final(&cmd, &j).await.is_ok() {
+                    let _ = self.dedupe.finish(&id);
+                    self.ack(&msg).await;
+                }
+            }
+            Ok(None) => self.deploy(cmd, msg).await,
+            Ok(Some(_)) => log::warn!(
+                DEPLOYMENT_ID = id.as_str();
+                "deployment {id} is still in progress elsewhere on this host; message left"
+            ),
+            Err(e) => log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {e}"),
+        }
+    }
+
+    async fn deploy(self: Arc<Self>, cmd: Command, msg: Received) {
+        let id = cmd.deployment_id.clone();
+        let result = keep_invisible(
+            &*self.queue,
+            &msg,
+            VISIBILITY,
+            self.clone().run_command(&cmd),
+        )
+        .await;
+        match result {
+            Ok(journal) => {
+                if self.hook_cancel.is_cancelled() {
+                    // Stopped by shutdown: the status says so now, and the message stays so
+                    // that the next start reports the interruption and acknowledges it.
+                    log::warn!(DEPLOYMENT_ID = id.as_str(); "deployment {id} stopped by shutdown; message left for the next start");
+                    return;
+                }
+                let _ = self.dedupe.finish(&id);
+                self.ack(&msg).await;
+                log::info!(
+                    DEPLOYMENT_ID = id.as_str();
+                    "deployment {id} finished: {:?}",
+                    journal.status
+                );
+            }
+            Err(e) => {
+                log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {e}; message left in the queue");
+            }
+        }
+    }
+
+    /// Runs one command to its end and writes its final status; the error case means the
+    /// final status is not known to be written, so the message must stay.
+    async fn run_command(self: Arc<Self>, cmd: &Command) -> Result<Journal, String> {
+        let _slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.save_command(cmd).map_err(|e| e.to_string())?;
+        let sink: Arc<dyn StatusSink> =
+            Arc::from(open_status_sink(&cmd.status, self.aws.as_ref()).map_err(|e| e.to_string())?);
+        let req = self.request(cmd)?;
+
+        // Each journal update becomes a status record; a writer task sends the latest one,
+        // so a slow sink never holds up the deployment.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StatusRecord>();
+        let writer_sink = sink.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(mut rec) = rx.recv().await {
+                while let Ok(newer) = rx.try_recv() {
+                    rec = newer;
+                }
+                if let Err(e) = writer_sink.write(&rec).await {
+                    log::warn!("status write for {}: {e}", rec.deployment_id);
+                }
+            }
+        });
+        let observer = StatusObserver {
+            host_id: self.host_id.clone(),
+            tx,
+        };
+        let outcome = self.engine.deploy(&req, &observer).await;
+        drop(observer);
+        let _ = writer.await;
+        let journal = match outcome {
+            Ok(j) => j,
+            // Already on disk from an earlier delivery: its own status stands; a later
+            // delivery finds its journal and reports it.
+            Err(e @ crate::deploy::DeployError::Duplicate(_)) => return Err(e.to_string()),
+            Err(e) => {
+                // The deployment could not start (bad id, duplicate directory...): that is a
+                // failed deployment from the controller's point of view.
+                let mut rec = StatusRecord::new(&self.host_id, &cmd.deployment_id);
+                rec.status = protocol::DeploymentStatus::Failed;
+                rec.error = Some(e.to_string());
+                write_with_retry(&*sink, &rec).await?;
+                return Err(e.to_string());
+            }
+        };
+        let rec = status_record(&self.host_id, &journal);
+        write_with_retry(&*sink, &rec).await?;
+        Ok(journal)
+    }
+
+    fn request(&self, cmd: &Command) -> Result<Request, String> {
+        let events = match &cmd.events {
+            None => None,
+            Some(names) => Some(
+                names
+                    .iter()
+                    .map(|n| n.parse::<LifecycleEvent>().map_err(|e| e.to_string()))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let file_exists_behavior = cmd
+            .file_exists_behavior
+            .as_deref()
+            .map(|b| b.parse::<FileExistsBehavior>().map_err(|e| e.to_string()))
+            .transpose()?;
+        Ok(Request {
+            deployment_id: cmd.deployment_id.clone(),
+            application_name: cmd.application_name.clone(),
+            deployment_group_name: cmd.deployment_group_name.clone(),
+            deployment_group_id: cmd.deployment_group_id.clone(),
+            source: Source::Remote {
+                revision: cmd.revision.clone(),
+                fetcher: self.fetcher.clone(),
+            },
+            events,
+            file_exists_behavior,
+            appspec_filename: None,
+            bundle_env: bundle_env(&cmd.revision),
+        })
+    }
+
+    async fn write_final(&self, cmd: &Command, journal: &Journal) -> Result<(), String> {
+        let sink = open_status_sink(&cmd.status, self.aws.as_ref()).map_err(|e| e.to_string())?;
+        write_with_retry(&*sink, &status_record(&self.host_id, journal)).await
+    }
+
+    async fn ack(&self, msg: &Received) {
+        if let Err(e) = self.queue.ack(msg).await {
+            log::error!("acknowledging message {}: {e}", msg.id);
+        }
+    }
+
+    fn save_command(&self, cmd: &Command) -> std::io::Result<()> {
+        let dir = commands_dir(self.engine.root().dir());
+        state::write_atomic(
+            &dir.join(format!("{}.json", cmd.deployment_id)),
+            &cmd.to_json(),
+        )
+    }
+
+    fn saved_command(&self, deployment_id: &str) -> Option<Command> {
+        let dir = commands_dir(self.engine.root().dir());
+        let bytes = std::fs::read(dir.join(format!("{deployment_id}.json"))).ok()?;
+        Command::from_json(&bytes).ok()
+    }
+}
+
+/// Where the daemon keeps the command of each deployment it started, so that after a crash it
+/// still knows where that deployment's status goes.
+fn commands_dir(root: &Path) -> PathBuf {
+    root.join("commands")
+}
+
+/// Writes a final status record, retrying transient failures with backoff.
+async fn write_with_retry(sink: &dyn StatusSink, rec: &StatusRecord) -> Result<(), String> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10), 8);
+    loop {
+        match sink.write(rec).await {
+            Ok(()) => return Ok(()),
+            Err(e) => match backoff.next_delay() {
+                Some(d) if e.is_transient() => {
+                    log::warn!("status write for {}: {e}; retrying", rec.deployment_id);
+                    tokio::time::sleep(d).await;
+                }
+                _ => return Err(format!("final status for {}: {e}", rec.deployment_id)),
+            },
+        }
+    }
+}
+
+/// Turns journal updates into status records for the writer task.
+struct StatusObserver {
+    host_id: String,
+    tx: tokio::sync::mpsc::UnboundedSender<StatusRecord>,
+}
+
+impl Observer for StatusObserver {
+    fn update(&self, journal: &Journal) {
+        let _ = self.tx.send(status_record(&self.host_id, journal));
+    }
+}
+
+/// The status record of a deployment on this host, from its journal.
+pub fn status_record(host_id: &str, journal: &Journal) -> StatusRecord {
+    use crate::state::{DeploymentStatus as D, EventStatus as E};
+    let mut rec = StatusRecord::new(host_id, &journal.deployment_id);
+    rec.status = match journal.status {
+        D::InProgress => protocol::DeploymentStatus::InProgress,
+        D::Succeeded => protocol::DeploymentStatus::Succeeded,
+        D::Failed => protocol::DeploymentStatus::Failed,
+    };
+    rec.error = journal.error.clone();
+    rec.events = journal
+        .events
+        .iter()
+        .map(|e| protocol::EventStatus {
+            name: e.event.clone(),
+            status: match e.status {
+                E::Pending => protocol::EventState::Pending,
+                E::InProgress => protocol::EventState::InProgress,
+                E::Succeeded => protocol::EventState::Succeeded,
+                E::Failed => protocol::EventState::Failed,
+                E::TimedOut => protocol::EventState::TimedOut,
+                E::Skipped => protocol::EventState::Skipped,
+            },
+            started: e.started_at,
+            ended: e.ended_at,
+            exit_code: e.exit_code,
+            failing_script: e.script.clone(),
+            log_tail: e.tail.clone(),
+        })
+        .collect();
+    rec
+}
+
+/// The `BUNDLE_*` variables CodeDeploy gives hooks for a revision.
+fn bundle_env(revision: &Revision) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    match revision {
+        Revision::S3 {
+            bucket,
+            key,
+            version_id,
+            etag,
+            ..
+        } => {
+            env.push(("BUNDLE_BUCKET".to_string(), bucket.clone()));
+            env.push(("BUNDLE_KEY".to_string(), key.clone()));
+            if let Some(v) = version_id {
+                env.push(("BUNDLE_VERSION".to_string(), v.clone()));
+            }
+            if let Some(e) = etag {
+                env.push(("BUNDLE_ETAG".to_string(), e.clone()));
+            }
+        }
+        Revision::Github { commit, .. } => {
+            env.push(("BUNDLE_COMMIT".to_string(), commit.clone()));
+        }
+        Revision::Http { .. } | Revision::Local { .. } => {}
+    }
+    env
+}
+
+/// Pings the systemd watchdog at half its interval when the unit asks for one.
+fn spawn_watchdog(shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(interval) = sd_notify::watchdog_enabled() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(interval / 2);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+            }
+        }
+    })
+}
+
+/// The host id: configured, else the EC2 instance id (asked of IMDS only on a machine whose
+/// firmware says it is EC2, so no other host ever sends that request), else the machine id,
+/// else the hostname.
+pub async fn resolve_host_id(config: &Config) -> String {
+    if let Some(id) = &config.host_id {
+        return id.clone();
+    }
+    if looks_like_ec2() {
+        if let Some(id) = transport::aws::ec2_instance_id().await {
+            return id;
+        }
+    }
+    if let Ok(id) = std::fs::read_to_string("/etc/machine-id") {
+        let id = id.trim();
+        if crate::config::is_safe_id(id) {
+            return id.to_string();
+        }
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| crate::config::is_safe_id(h))
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Whether AWS clients can be built without guessing: a region must come from the config,
+/// the environment or a profile, or the host must be EC2 (where IMDS answers). Off EC2 this
+/// keeps the SDK from probing the instance metadata address at all.
+fn aws_settings_usable(config: &Config) -> Result<(), String> {
+    let env = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    let profile_file = std::env::var_os("HOME")
+        .map(|h| Path::new(&h).join(".aws/config").exists())
+        .unwrap_or(false);
+    if config.aws.region.is_some()
+        || env("AWS_REGION")
+        || env("AWS_DEFAULT_REGION")
+        || env("AWS_PROFILE")
+        || profile_file
+        || looks_like_ec2()
+    {
+        Ok(())
+    } else {
+        Err("no AWS region: set aws.region in the agent config or AWS_REGION".to_string())
+    }
+}
+
+/// Reads what the firmware says, without any network request.
+fn looks_like_ec2() -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    read("/sys/devices/virtual/dmi/id/board_asset_tag").starts_with("i-")
+        || read("/sys/devices/virtual/dmi/id/sys_vendor").contains("Amazon EC2")
+        || read("/sys/hypervisor/uuid").starts_with("ec2")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_revisions_give_codedeploy_bundle_variables() {
+        let env = bundle_env(&Revision::S3 {
+            bucket: "b".into(),
+            key: "k.tgz".into(),
+            version_id: Some("v1".into()),
+            etag: None,
+            bundle_type: protocol::BundleType::Tgz,
+            sha256: "0".repeat(64),
+        });
+        assert_eq!(
+            env,
+            vec![
+                ("BUNDLE_BUCKET".to_string(), "b".to_string()),
+                ("BUNDLE_KEY".to_string(), "k.tgz".to_string()),
+                ("BUNDLE_VERSION".to_string(), "v1".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn status_record_carries_the_failing_event() {
+        let mut j = Journal {
+            deployment_id: "d-1".into(),
+            application_name: "a".into(),
+            deployment_group_name: "g".into(),
+            deployment_group_id: "g".into(),
+            status: state::DeploymentStatus::Failed,
+            started_at: chrono::Utc::now(),
+            ended_at: None,
+            events: vec![state::EventRecord::pending("ValidateService")],
+            error: Some("ValidateService: script x exited with code 3".into()),
+            recovered: false,
+        };
+        j.events[0].status = state::EventStatus::Failed;
+        j.events[0].exit_code = Some(3);
+        j.events[0].script = Some("x".into());
+        j.events[0].tail = Some("boom".into());
+        let rec = status_record("h1", &j);
+        assert_eq!(rec.status, protocol::DeploymentStatus::Failed);
+        assert_eq!(rec.events[0].status, protocol::EventState::Failed);
+        assert_eq!(rec.events[0].exit_code, Some(3));
+        assert_eq!(rec.events[0].failing_script.as_deref(), Some("x"));
+        assert_eq!(rec.events[0].log_tail.as_deref(), Some("boom"));
+        // A record the controller can parse back.
+        StatusRecord::from_json(&rec.to_json()).unwrap();
+    }
+}

@@ -119,19 +119,9 @@ pub struct Command {
     pub created_at: DateTime<Utc>,
 }
 
-/// The archive format of a revision bundle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BundleType {
-    /// An uncompressed tar archive.
-    Tar,
-    /// A gzip-compressed tar archive.
-    Tgz,
-    /// A zip archive.
-    Zip,
-    /// A directory (local revisions only).
-    Directory,
-}
+/// The archive format of a revision bundle: `tar`, `tgz`, `zip`, or `directory` (local
+/// revisions only). The same type the unpacker takes, so a command's value reaches it as is.
+pub use crate::bundle::unpack::BundleType;
 
 /// Where a revision bundle comes from; tagged by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -826,3 +826,232 @@ async fn a_large_push_goes_up_in_parts_and_deploy_can_pin_its_version() {
         other => panic!("not an S3 revision: {other:?}"),
     }
 }
+
+/// A real `pier-agent run` standing in for one host: its own host id, deployment root and
+/// spool, and (through a private mount namespace with a tmpfs over `dest`) its own view of
+/// the directory the bundle installs into, as two machines would have. Stopped with SIGTERM
+/// when dropped.
+struct Agent {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(s: &Scratch, host: &str, dest: &Path) -> Agent {
+        let root = s.path().join(host).join("root");
+        let cfg = s.write(
+            &format!("{host}/agent.yml"),
+            &format!(
+                "host_id: {host}\nroot_dir: {root}\ntransport:\n  type: spool\n  spool_dir: {spool}\n",
+                root = root.display(),
+                spool = root.join("spool").display(),
+            ),
+        );
+        let log = s.path().join(format!("{host}/agent.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount -t tmpfs pier-e2e "$1" && exec "$2" run -c "$3""#)
+            .arg("sh")
+            .arg(dest)
+            .arg(crate::support::agent_bin())
+            .arg(&cfg)
+            .env("PIER_LOG_STDERR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start pier-agent run");
+        Agent { child, log }
+    }
+
+    /// `path` as this agent's host sees it.
+    fn host_path(&self, path: &Path) -> std::path::PathBuf {
+        Path::new(&format!("/proc/{}/root", self.child.id())).join(path.strip_prefix("/").unwrap())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether this machine lets a test give a process its own mount namespace.
+fn mount_namespaces_work() -> bool {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs pier-probe /mnt")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A bundle that installs `site/` into `dest`, records its hooks there, and whose
+/// ValidateService exits `validate_exit`.
+fn deployable_bundle(
+    s: &Scratch,
+    rel: &str,
+    dest: &Path,
+    validate_exit: i32,
+) -> std::path::PathBuf {
+    s.write(
+        &format!("{rel}/appspec.yml"),
+        &format!(
+            "version: 0.0\nos: linux\nfiles:\n  - source: site\n    destination: {dest}\n\
+             hooks:\n  AfterInstall:\n    - location: scripts/after.sh\n      timeout: 60\n\
+             \x20 ValidateService:\n    - location: scripts/validate.sh\n      timeout: 60\n",
+            dest = dest.display()
+        ),
+    );
+    s.write(
+        &format!("{rel}/site/index.html"),
+        &format!("<h1>{rel}</h1>\n"),
+    );
+    s.script(
+        &format!("{rel}/scripts/after.sh"),
+        &format!(
+            "#!/bin/sh\necho \"$LIFECYCLE_EVENT $DEPLOYMENT_ID\" > {}/hook.txt\n",
+            dest.display()
+        ),
+    );
+    s.script(
+        &format!("{rel}/scripts/validate.sh"),
+        &format!(
+            "#!/bin/sh\necho checking the site\necho 'health check failed: port 8080 closed' >&2\nexit {validate_exit}\n"
+        ),
+    );
+    s.path().join(rel)
+}
+
+#[test]
+fn deploy_wait_against_two_real_agents_succeeds_then_reports_a_failing_hook() {
+    if !mount_namespaces_work() {
+        eprintln!("skipping: this machine does not allow mount namespaces (unshare --mount), which give each agent its own install directory");
+        return;
+    }
+    let s = Scratch::new();
+    let dest = s.path().join("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    let agents = [
+        Agent::start(&s, "web-1", &dest),
+        Agent::start(&s, "web-2", &dest),
+    ];
+    let spool = format!("{}/{{host}}/root/spool", s.path().display());
+    let status = s.path().join("status");
+    let push = |rel: &str| {
+        let archive = s.path().join(format!("revs/{rel}.tgz"));
+        pier(&[
+            "push",
+            "--application",
+            "web",
+            "--source",
+            s.path().join(rel).to_str().unwrap(),
+            "--local-location",
+            archive.to_str().unwrap(),
+        ])
+        .success();
+        archive
+    };
+    let deploy = |archive: &Path| {
+        pier(&[
+            "deploy",
+            "--application",
+            "web",
+            "--deployment-group",
+            "prod",
+            "--revision",
+            archive.to_str().unwrap(),
+            "--hosts",
+            "web-1,web-2",
+            "--spool-dir",
+            &spool,
+            "--status-dir",
+            status.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "60",
+            "--poll-interval",
+            "0.2",
+        ])
+    };
+
+    deployable_bundle(&s, "good", &dest, 0);
+    let run = deploy(&push("good"));
+    let logs = || {
+        format!(
+            "{}\n--- agent logs\n{}\n{}",
+            run.all(),
+            agents[0].log(),
+            agents[1].log()
+        )
+    };
+    assert_eq!(run.code, 0, "{}", logs());
+    let id = run.stdout.trim().to_string();
+    for (agent, host) in agents.iter().zip(["web-1", "web-2"]) {
+        assert_eq!(
+            std::fs::read_to_string(agent.host_path(&dest.join("index.html"))).unwrap(),
+            "<h1>good</h1>\n",
+            "{host}: {}",
+            logs()
+        );
+        assert_eq!(
+            std::fs::read_to_string(agent.host_path(&dest.join("hook.txt"))).unwrap(),
+            format!("AfterInstall {id}\n")
+        );
+        assert!(
+            run.stderr.contains(&format!("{host}: Succeeded")),
+            "{}",
+            logs()
+        );
+    }
+    // Each agent's host sees only its own install, not the other's, nor the test's.
+    assert!(!dest.join("index.html").exists());
+    let table = pier(&["status", &id, "--status-dir", status.to_str().unwrap()]).success();
+    let row_of = |host: &str, event: &str| -> Vec<String> {
+        table
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|w| w.len() == 5 && w[0] == host && w[1] == event)
+            .unwrap_or_else(|| panic!("no {host} {event} row in\n{}", table.stdout))
+    };
+    assert_eq!(row_of("web-1", "Install")[2], "Succeeded");
+    assert_eq!(row_of("web-2", "ValidateService")[2], "Succeeded");
+
+    deployable_bundle(&s, "bad", &dest, 3);
+    let run = deploy(&push("bad"));
+    assert_eq!(run.code, 1, "{}", run.all());
+    for host in ["web-1", "web-2"] {
+        assert!(
+            run.stderr.contains(&format!(
+                "{host}: deployment failed in ValidateService (Failed), script scripts/validate.sh, exit code 3"
+            )),
+            "{}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr.contains("health check failed: port 8080 closed"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("did not succeed on every host"),
+        "{}",
+        run.stderr
+    );
+}

@@ -1,1 +1,715 @@
-//! daemon end-to-end tests.
+//! `pier-agent run` end to end: real agent processes polling a spool directory or SQS queues
+//! on the moto server, deploying real bundles, writing status records to local files or S3.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+use pier::protocol::{
+    BundleType, Command, DeploymentStatus, EventState, Revision, StatusRecord, StatusSinkSpec,
+    StatusTarget,
+};
+use pier::transport::sqs::{create_with_dlq, SqsQueue};
+use sha2::Digest;
+
+use crate::support::{agent_bin, Scratch};
+use crate::support::{moto_clients, moto_endpoint};
+
+/// A running `pier-agent run`, stopped (SIGKILL) when dropped.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(config: &Path, log: PathBuf) -> Agent {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Proc::new(agent_bin())
+            .args(["run", "-c"])
+            .arg(config)
+            .env("AWS_ENDPOINT_URL", moto_endpoint_if_needed())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("PIER_LOG_STDERR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start pier-agent run");
+        Agent { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; returns the exit code.
+    fn terminate(&mut self, bound: Duration) -> i32 {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                t.elapsed() < bound,
+                "agent did not stop within {bound:?} of SIGTERM\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The moto endpoint, started only by the tests that use SQS or S3.
+fn moto_endpoint_if_needed() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_default()
+}
+
+fn sha256_file(p: &Path) -> String {
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// Writes a tgz bundle whose appspec copies `app/` to `dest` and runs `hooks` (event, script
+/// body) from `scripts/`.
+fn tgz_bundle(scratch: &Scratch, name: &str, dest: &Path, hooks: &[(&str, &str)]) -> PathBuf {
+    let dir = scratch.path().join(format!("{name}-src"));
+    let mut spec = format!(
+        "version: 0.0\nos: linux\nfiles:\n  - source: app\n    destination: {}\n",
+        dest.display()
+    );
+    if !hooks.is_empty() {
+        spec.push_str("hooks:\n");
+    }
+    scratch.write(&format!("{name}-src/app/index.html"), name);
+    for (i, (event, body)) in hooks.iter().enumerate() {
+        spec.push_str(&format!(
+            "  {event}:\n    - location: scripts/h{i}.sh\n      timeout: 600\n"
+        ));
+        scratch.script(&format!("{name}-src/scripts/h{i}.sh"), body);
+    }
+    scratch.write(&format!("{name}-src/appspec.yml"), &spec);
+    let out = scratch.path().join(format!("{name}.tgz"));
+    let f = std::fs::File::create(&out).unwrap();
+    let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all(".", &dir).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    out
+}
+
+fn command(id: &str, revision: Revision, sink: StatusSinkSpec) -> Command {
+    Command {
+        version: 1,
+        deployment_id: id.into(),
+        application_name: "web".into(),
+        deployment_group_name: "prod".into(),
+        deployment_group_id: "g-prod".into(),
+        revision,
+        events: None,
+        file_exists_behavior: None,
+        is_rollback: false,
+        creator: Some("e2e".into()),
+        commit_sha: Some("0123456789abcdef0123456789abcdef01234567".into()),
+        status: StatusTarget {
+            sink,
+            notify_queue_url: None,
+        },
+        created_at: chrono::Utc::now(),
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        chrono::Utc::now().timestamp_millis() % 1_000_000
+    )
+}
+
+fn local_record(status_dir: &Path, id: &str, host: &str) -> Option<StatusRecord> {
+    let p = status_dir.join(format!("deployments/{id}/hosts/{host}.json"));
+    let bytes = std::fs::read(p).ok()?;
+    StatusRecord::from_json(&bytes).ok()
+}
+
+/// Polls `f` every 100 ms until it gives a value or `bound` passes.
+fn wait_for<T>(
+    bound: Duration,
+    what: &str,
+    agent_log: &dyn Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t.elapsed() < bound,
+            "timed out waiting for {what}\n--- agent log\n{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spool_config(scratch: &Scratch, host: &str, extra: &str) -> (PathBuf, PathBuf) {
+    let root = scratch.path().join(format!("root-{host}"));
+    let spool = scratch.path().join(format!("spool-{host}"));
+    let cfg = scratch.write(
+        &format!("agent-{host}.yml"),
+        &format!(
+            "root_dir: {}\nhost_id: {host}\nhooks:\n  kill_grace_seconds: 1\ntransport:\n  type: spool\n  spool_dir: {}\n{extra}",
+            root.display(),
+            spool.display()
+        ),
+    );
+    (cfg, spool)
+}
+
+#[test]
+fn spool_transport_end_to_end() {
+    let scratch = Scratch::new();
+    let (cfg, spool) = spool_config(&scratch, "solo", "");
+    let status = scratch.path().join("status");
+    let dest = scratch.path().join("www");
+    let hook_out = scratch.path().join("hook.txt");
+    let bundle = tgz_bundle(
+        &scratch,
+        "v1",
+        &dest,
+        &[(
+            "AfterInstall",
+            &format!(
+                "#!/bin/sh\necho \"$DEPLOYMENT_ID $APPLICATION_NAME $DEPLOYMENT_GROUP_NAME\" > {}\n",
+                hook_out.display()
+            ),
+        )],
+    );
+    let mut agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    let cmd = command(
+        "d-SPOOL0001",
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(&bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    );
+    // The spool directory appears once the agent has started.
+    wait_for(
+        Duration::from_secs(30),
+        "spool dir",
+        &|| agent.log(),
+        || spool.is_dir().then_some(()),
+    );
+    pier::transport::spool::Spool::submit(&spool, "d-SPOOL0001.json", &cmd.to_json()).unwrap();
+    let rec = wait_for(
+        Duration::from_secs(60),
+        "final status",
+        &|| agent.log(),
+        || local_record(&status, "d-SPOOL0001", "solo").filter(|r| r.status.is_final()),
+    );
+    assert_eq!(rec.status, DeploymentStatus::Succeeded, "{rec:?}");
+    assert!(rec
+        .events
+        .iter()
+        .any(|e| e.name == "AfterInstall" && e.status == EventState::Succeeded));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("index.html")).unwrap(),
+        "v1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&hook_out).unwrap().trim(),
+        "d-SPOOL0001 web prod"
+    );
+    // Acknowledged only after the final status: the command file ends in done/.
+    wait_for(Duration::from_secs(10), "ack", &|| agent.log(), || {
+        spool.join("done/d-SPOOL0001.json").exists().then_some(())
+    });
+    assert_eq!(agent.terminate(Duration::from_secs(30)), 0);
+}
+
+#[test]
+fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
+    let scratch = Scratch::new();
+    let (cfg, spool) = spool_config(
+        &scratch,
+        "stopper",
+        "daemon:\n  shutdown_grace_seconds: 1\n",
+    );
+    let status = scratch.path().join("status");
+    let dest = scratch.path().join("www");
+    let started = scratch.path().join("started");
+    let bundle = tgz_bundle(
+        &scratch,
+        "slow",
+        &dest,
+        &[(
+            "ApplicationStart",
+            &format!("#!/bin/sh\necho $$ > {}\nsleep 600\n", started.display()),
+        )],
+    );
+    let cmd = command(
+        "d-STOP00001",
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(&bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    );
+    std::fs::create_dir_all(&spool).unwrap();
+    pier::transport::spool::Spool::submit(&spool, "d-STOP00001.json", &cmd.to_json()).unwrap();
+    let mut agent = Agent::start(&cfg, scratch.path().join("agent1.log"));
+    wait_for(
+        Duration::from_secs(60),
+        "hook start",
+        &|| agent.log(),
+        || {
+            std::fs::read_to_string(&started)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+        },
+    );
+    let hook_pid: i32 = std::fs::read_to_string(&started)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // Grace 1 s + kill grace 1 s: well within 30 s, not the hook's 600 s.
+    assert_eq!(
+        agent.terminate(Duration::from_secs(30)),
+        0,
+        "{}",
+        agent.log()
+    );
+    assert!(
+        !Path::new(&format!("/proc/{hook_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{hook_pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z "),
+        "hook {hook_pid} outlived the agent"
+    );
+    let rec = local_record(&status, "d-STOP00001", "stopper").expect("status written at stop");
+    assert_eq!(rec.status, DeploymentStatus::Failed);
+    assert!(
+        rec.error.as_deref().unwrap_or("").contains("shut down"),
+        "{rec:?}"
+    );
+    // Not acknowledged: the command is still in processing/ for the next start.
+    assert!(!spool.join("done/d-STOP00001.json").exists());
+
+    let agent2 = Agent::start(&cfg, scratch.path().join("agent2.log"));
+    wait_for(
+        Duration::from_secs(30),
+        "next start acknowledges",
+        &|| agent2.log(),
+        || spool.join("done/d-STOP00001.json").exists().then_some(()),
+    );
+    assert!(agent2.log().contains("d-STOP00001"), "{}", agent2.log());
+    // And it did not run it again: the hook would have rewritten `started`.
+    assert_eq!(
+        std::fs::read_to_string(&started).unwrap().trim(),
+        hook_pid.to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_over_sqs_and_s3_with_failure_duplicate_and_malformed_messages() {
+    let aws = moto_clients().await;
+    let endpoint = moto_endpoint().to_string();
+    let scratch = Scratch::new();
+    let bucket = unique("pier-e2e");
+    aws.s3.create_bucket().bucket(&bucket).send().await.unwrap();
+
+    // The revisions: bundles uploaded to S3, verified by sha256 on each host. The two hosts
+    // share this machine, so each gets a bundle with its own destination.
+    let dest_root = scratch.path().join("dest");
+    let count_file = scratch.path().join("runs.txt");
+    let counting_hook = format!(
+        "#!/bin/sh\necho \"$DEPLOYMENT_ID $BUNDLE_BUCKET $BUNDLE_KEY\" >> {}\n",
+        count_file.display()
+    );
+    let good_a = tgz_bundle(
+        &scratch,
+        "good-a",
+        &dest_root.join("host-a"),
+        &[("BeforeInstall", &counting_hook)],
+    );
+    let good_b = tgz_bundle(
+        &scratch,
+        "good-b",
+        &dest_root.join("host-b"),
+        &[("BeforeInstall", &counting_hook)],
+    );
+    let bad = tgz_bundle(
+        &scratch,
+        "bad",
+        &scratch.path().join("bad-dest"),
+        &[(
+            "ValidateService",
+            "#!/bin/sh\necho 'service is down: 503'\nexit 7\n",
+        )],
+    );
+    for (key, path) in [
+        ("good-a.tgz", &good_a),
+        ("good-b.tgz", &good_b),
+        ("bad.tgz", &bad),
+    ] {
+        aws.s3
+            .put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(std::fs::read(path).unwrap().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let s3_rev = |key: &str, path: &Path| Revision::S3 {
+        bucket: bucket.clone(),
+        key: key.into(),
+        version_id: None,
+        etag: None,
+        bundle_type: BundleType::Tgz,
+        sha256: sha256_file(path),
+    };
+    let sink = StatusSinkSpec::S3 {
+        bucket: bucket.clone(),
+        prefix: "pier".into(),
+    };
+
+    // Two hosts, each with its own queue (max 1 receive before the DLQ) and root.
+    let mut agents = Vec::new();
+    let mut queues = Vec::new();
+    for host in ["host-a", "host-b"] {
+        let qname = unique(&format!("pier-{host}"));
+        let url = create_with_dlq(&aws.sqs, &qname, 1).await.unwrap();
+        let cfg = scratch.write(
+            &format!("{host}.yml"),
+            &format!(
+                "root_dir: {}\nhost_id: {host}\nhooks:\n  kill_grace_seconds: 1\ntransport:\n  type: sqs\n  queue_url: {url}\naws:\n  region: us-east-1\n  endpoint_url: {endpoint}\n",
+                scratch.path().join(format!("root-{host}")).display()
+            ),
+        );
+        agents.push(Agent::start(
+            &cfg,
+            scratch.path().join(format!("{host}.log")),
+        ));
+        queues.push((host, SqsQueue::new(aws.sqs.clone(), &url), qname));
+    }
+    let logs = || {
+        agents
+            .iter()
+            .map(|a| a.log())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+
+    // A malformed message first: rejected, never run, and the agent keeps serving.
+    queues[0]
+        .1
+        .send(b"{\"version\": 1, \"deployment_id\": 5}")
+        .await
+        .unwrap();
+
+    // The good deployment to both hosts; host-a gets its command twice (a duplicate delivery).
+    let good_for_a = command("d-GOOD00001", s3_rev("good-a.tgz", &good_a), sink.clone());
+    let good_for_b = command("d-GOOD00001", s3_rev("good-b.tgz", &good_b), sink.clone());
+    queues[0].1.send(&good_for_a.to_json()).await.unwrap();
+    queues[1].1.send(&good_for_b.to_json()).await.unwrap();
+    queues[0].1.send(&good_for_a.to_json()).await.unwrap();
+
+    let s3 = aws.s3.clone();
+    let read = |id: String, host: &'static str| {
+        let s3 = s3.clone();
+        let bucket = bucket.clone();
+        async move {
+            let out = s3
+                .get_object()
+                .bucket(&bucket)
+                .key(format!("pier/deployments/{id}/hosts/{host}.json"))
+                .send()
+                .await
+                .ok()?;
+            let bytes = out.body.collect().await.ok()?.into_bytes();
+            StatusRecord::from_json(&bytes).ok()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for host in ["host-a", "host-b"] {
+        loop {
+            if let Some(r) = read("d-GOOD00001".into(), host).await {
+                if r.status.is_final() {
+                    assert_eq!(
+                        r.status,
+                        DeploymentStatus::Succeeded,
+                        "{host}: {r:?}\n{}",
+                        logs()
+                    );
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no final status from {host}\n{}",
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for host in ["host-a", "host-b"] {
+        assert_eq!(
+            std::fs::read_to_string(dest_root.join(host).join("index.html")).unwrap(),
+            format!("good-{}", &host[5..])
+        );
+    }
+
+    // A failing deployment on host-b reports the failing event, script, exit code and tail.
+    let failing = command("d-BAD000001", s3_rev("bad.tgz", &bad), sink.clone());
+    queues[1].1.send(&failing.to_json()).await.unwrap();
+    let rec = loop {
+        if let Some(r) = read("d-BAD000001".into(), "host-b").await {
+            if r.status.is_final() {
+                break r;
+            }
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(60),
+            "no status\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(rec.status, DeploymentStatus::Failed);
+    let ev = rec
+        .events
+        .iter()
+        .find(|e| e.status == EventState::Failed)
+        .expect("a failed event");
+    assert_eq!(ev.name, "ValidateService");
+    assert_eq!(ev.exit_code, Some(7));
+    assert_eq!(ev.failing_script.as_deref(), Some("scripts/h0.sh"));
+    assert!(ev
+        .log_tail
+        .as_deref()
+        .unwrap_or("")
+        .contains("service is down: 503"));
+
+    // The malformed message ends in host-a's dead-letter queue, not deleted.
+    let dlq_url = aws
+        .sqs
+        .get_queue_url()
+        .queue_name(format!("{}-dlq", queues[0].2))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let t = Instant::now();
+    let dead = loop {
+        let got = aws
+            .sqs
+            .receive_message()
+            .queue_url(&dlq_url)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        if let Some(m) = got.messages.unwrap_or_default().into_iter().next() {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "malformed message never reached the DLQ\n{}",
+            logs()
+        );
+    };
+    assert!(dead.body.unwrap().contains("deployment_id"));
+    assert!(
+        agents[0].log().contains("rejected message"),
+        "{}",
+        agents[0].log()
+    );
+
+    // Let the duplicate be consumed, then count the runs: host-a ran d-GOOD00001 once, and
+    // host-b once: two BeforeInstall lines in all.
+    let t = Instant::now();
+    loop {
+        let attrs = aws
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queues[0].1.url())
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let a = attrs.attributes.unwrap_or_default();
+        let n = |k: aws_sdk_sqs::types::QueueAttributeName| {
+            a.get(&k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0)
+        };
+        if n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages) == 0
+            && n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible) == 0
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "host-a's queue never drained\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let runs = std::fs::read_to_string(&count_file).unwrap();
+    let good_runs = runs
+        .lines()
+        .filter(|l| l.starts_with("d-GOOD00001 "))
+        .count();
+    assert_eq!(
+        good_runs, 2,
+        "one run per host, the duplicate not run:\n{runs}"
+    );
+    assert!(
+        runs.contains(&format!("d-GOOD00001 {bucket} good-a.tgz")),
+        "{runs}"
+    );
+    assert!(logs().contains("duplicate"), "{}", logs());
+
+    for a in agents.iter_mut() {
+        assert_eq!(a.terminate(Duration::from_secs(60)), 0);
+    }
+}
+
+/// The agent's log lines reach journald with structured fields when the journal socket
+/// exists. Runs under a private journald (../shared/tools/with-journald.sh); skipped, saying
+/// so, where that cannot start.
+#[test]
+fn journald_gets_structured_deployment_fields() {
+    let tool = crate::support::repo_root().join("../shared/tools/with-journald.sh");
+    if !tool.exists() {
+        eprintln!("SKIPPED journald test: {} not found", tool.display());
+        return;
+    }
+    let scratch = Scratch::new();
+    let root = scratch.path().join("root");
+    let spool = scratch.path().join("spool");
+    let status = scratch.path().join("status");
+    let cfg = scratch.write(
+        "agent.yml",
+        &format!(
+            "root_dir: {}\nhost_id: jhost\ntransport:\n  type: spool\n  spool_dir: {}\n",
+            root.display(),
+            spool.display()
+        ),
+    );
+    let bundle = tgz_bundle(
+        &scratch,
+        "j",
+        &scratch.path().join("www"),
+        &[("ValidateService", "#!/bin/sh\nexit 4\n")],
+    );
+    let cmd = command(
+        "d-JOURNAL01",
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(&bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    );
+    std::fs::create_dir_all(&spool).unwrap();
+    pier::transport::spool::Spool::submit(&spool, "d-JOURNAL01.json", &cmd.to_json()).unwrap();
+    let record = status.join("deployments/d-JOURNAL01/hosts/jhost.json");
+    let script = scratch.write(
+        "in-journal.sh",
+        &format!(
+            "set -u\n{agent} run -c {cfg} &\npid=$!\nfor _ in $(seq 1 600); do grep -q '\"Failed\"' {rec} 2>/dev/null && break; sleep 0.1; done\nkill -TERM $pid; wait $pid\njournalctl -o json --no-pager\n",
+            agent = agent_bin().display(),
+            cfg = cfg.display(),
+            rec = record.display()
+        ),
+    );
+    let out = Proc::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(&tool)
+        .arg("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stdout.trim().is_empty() {
+        eprintln!("SKIPPED journald test: a private journald could not start: {stderr}");
+        return;
+    }
+    let entries: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["DEPLOYMENT_ID"] == "d-JOURNAL01")
+        .collect();
+    assert!(
+        !entries.is_empty(),
+        "no journal entry with DEPLOYMENT_ID\n{stdout}\n{stderr}"
+    );
+    let failed = entries
+        .iter()
+        .find(|e| e["LIFECYCLE_EVENT"] == "ValidateService" && e["SCRIPT"] == "scripts/h0.sh")
+        .unwrap_or_else(|| panic!("no ValidateService failure entry with SCRIPT: {entries:#?}"));
+    assert_eq!(failed["DEPLOYMENT_GROUP"], "g-prod");
+    assert_eq!(failed["PRIORITY"], "3", "an error-level entry");
+}
+
+/// The packaged systemd unit is valid (systemd-analyze verify, with ExecStart pointing at the
+/// binary this run built) and runs the agent as Type=notify with a watchdog.
+#[test]
+fn packaged_systemd_unit_verifies() {
+    let unit = crate::support::repo_root().join("packaging/pier-agent.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(text.contains("Type=notify") && text.contains("WatchdogSec="));
+    assert!(text.contains("ExecStart=/usr/bin/pier-agent run"));
+    if Proc::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED unit verification: systemd-analyze not installed");
+        return;
+    }
+    let scratch = Scratch::new();
+    let copy = scratch.write(
+        "pier-agent.service",
+        &text.replace("/usr/bin/pier-agent", &agent_bin().display().to_string()),
+    );
+    let out = Proc::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -633,3 +633,53 @@ fn every_example_bundle_deploys() {
         }
     }
 }
+
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let host = Host::new();
+    let dest = host.path("d");
+    let v1 = host.bundle(
+        "v1",
+        &appspec_files(&dest, ""),
+        &[("app/keep.txt", "same"), ("app/gone.txt", "old")],
+    );
+    host.deploy(&v1, &[]).success();
+    let v2 = host.bundle(
+        "v2",
+        &appspec_files(
+            &dest,
+            "hooks:\n  BeforeInstall:\n    - location: scripts/mark.sh\n",
+        ),
+        &[
+            ("app/keep.txt", "same"),
+            ("app/new.txt", "new"),
+            (
+                "scripts/mark.sh",
+                &format!("#!/bin/sh\ntouch {}\n", host.path("hook-ran").display()),
+            ),
+        ],
+    );
+    let r = host.deploy(&v2, &["--dry-run"]).success();
+    let plan = r.stdout;
+    assert!(
+        plan.contains(&format!("remove     {}", dest.join("gone.txt").display())),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("create     {}", dest.join("new.txt").display())),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("unchanged  {}", dest.join("keep.txt").display())),
+        "{plan}"
+    );
+    // Nothing changed: the old file is there, the new one is not, no hook ran, and the group
+    // still has one deployment.
+    assert_eq!(read(dest.join("gone.txt")), "old");
+    assert!(!dest.join("new.txt").exists());
+    assert!(!host.path("hook-ran").exists());
+    let deps = host
+        .root()
+        .join("groups/default-local-deployment-group/deployments");
+    assert_eq!(std::fs::read_dir(deps).unwrap().count(), 1);
+}

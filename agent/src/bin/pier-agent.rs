@@ -32,22 +32,30 @@ enum Command {
     },
     /// Run one deployment on this host from a bundle (the flags of codedeploy-local).
     DeployLocal(pier::deploy::local::Args),
+    /// Run the agent: poll this host's queue and deploy what arrives, until SIGTERM.
+    Run(pier::daemon::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    pier::logging::init(log::LevelFilter::Warn);
     let code = match cli.command {
         Command::Validate {
             path,
             appspec_filename,
             format,
-        } => pier::validate::run(&pier::validate::Options {
-            path,
-            appspec_filename,
-            format,
-        }),
-        Command::DeployLocal(args) => pier::deploy::local::run(&args),
+        } => {
+            pier::logging::init(log::LevelFilter::Warn);
+            pier::validate::run(&pier::validate::Options {
+                path,
+                appspec_filename,
+                format,
+            })
+        }
+        Command::DeployLocal(args) => {
+            pier::logging::init(log::LevelFilter::Warn);
+            pier::deploy::local::run(&args)
+        }
+        Command::Run(args) => pier::daemon::run(&args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -36,8 +36,9 @@ const KEPT_BITS: u32 = 0o1777;
 /// Longest symlink target accepted from a zip (where the target is the entry's data).
 const MAX_LINK_TARGET: u64 = 4096;
 
-/// The kinds of bundle `codedeploy-local -t` knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The kinds of bundle `codedeploy-local -t` knows (in JSON: their lower-case names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BundleType {
     /// A plain directory (hard-linked into place).
     Directory,

@@ -14,7 +14,8 @@ use crate::protocol::{
 };
 use crate::transport::{open_status_sink, StatusSink};
 
-/// The status directory a single host's agent uses by default (`ROOT/status`).
+/// Where a spool deployment asks hosts to write status unless `--status-dir` says otherwise
+/// (beside the agent's default spool, under the default deployment root).
 pub const DEFAULT_STATUS_DIR: &str = "/var/lib/pier/status";
 /// The S3 key prefix the agent's status records use by default.
 pub const DEFAULT_STATUS_PREFIX: &str = "pier";

@@ -56,6 +56,10 @@ pub struct Args {
     /// The AppSpec file name in the bundle (default appspec.yml, then appspec.yaml).
     #[arg(short = 'A', long = "appspec-filename")]
     pub appspec_filename: Option<String>,
+    /// Print what Install would create, replace, keep, remove and re-permission, and change
+    /// nothing (no hook runs).
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
 }
 
 fn parse_bundle_type(s: &str) -> Result<BundleType, String> {
@@ -194,6 +198,19 @@ pub fn run(args: &Args) -> i32 {
                 return 1;
             }
         };
+        if args.dry_run {
+            return match engine.plan_install(&req).await {
+                Ok(plan) => {
+                    print!("{plan}");
+                    eprintln!("dry run: nothing was changed");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("deploy-local: dry run: {e}");
+                    1
+                }
+            };
+        }
         eprintln!(
             "deployment {} of {} ({} bundle) to group {}",
             req.deployment_id,

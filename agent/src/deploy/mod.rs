@@ -46,6 +46,11 @@ pub const DEFAULT_EVENTS: [LifecycleEvent; 7] = [
 pub enum Source {
     /// A bundle already on this host: a directory or an archive.
     Local { path: PathBuf, kind: BundleType },
+    /// A revision named by a command, fetched (and its sha256 verified) during DownloadBundle.
+    Remote {
+        revision: crate::protocol::Revision,
+        fetcher: Arc<crate::bundle::fetch::Fetcher>,
+    },
 }
 
 /// Everything one deployment needs to know.
@@ -95,7 +100,8 @@ impl Observer for NoObserver {
 
 /// Runs deployments on this host.
 pub struct Engine {
-    config: Arc<Config>,
+    /// Swapped whole on a reload; each deployment works with the snapshot it started with.
+    config: std::sync::RwLock<Arc<Config>>,
     root: Root,
     cancel: CancellationToken,
 }
@@ -164,6 +170,8 @@ impl EventFailure {
 /// What the events of a running deployment share.
 struct Run<'a> {
     req: &'a Request,
+    /// The configuration this deployment started with.
+    config: Arc<Config>,
     group: &'a Group,
     dir: PathBuf,
     log: ScriptLog,
@@ -180,10 +188,32 @@ impl Engine {
     pub fn new(config: Arc<Config>, cancel: CancellationToken) -> Result<Engine, DeployError> {
         let root = Root::open(&config.root_dir)?;
         Ok(Engine {
-            config,
+            config: std::sync::RwLock::new(config),
             root,
             cancel,
         })
+    }
+
+    /// The configuration deployments start with now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes a reloaded configuration for the deployments that start from now on. The
+    /// deployment root cannot change while the agent runs; a new `root_dir` is refused.
+    pub fn set_config(&self, config: Arc<Config>) -> Result<(), String> {
+        if config.root_dir != self.root.dir() {
+            return Err(format!(
+                "root_dir changed from {} to {}: restart the agent to move the deployment root",
+                self.root.dir().display(),
+                config.root_dir.display()
+            ));
+        }
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
     }
 
     pub fn root(&self) -> &Root {
@@ -213,6 +243,7 @@ impl Engine {
         req: &Request,
         observer: &dyn Observer,
     ) -> Result<Journal, DeployError> {
+        let config = self.config();
         let events = plan_events(req.events.as_deref())?;
         let group = self.root.group(&req.deployment_group_id)?;
         let dir = group.deployment_dir(&req.deployment_id)?;
@@ -248,8 +279,8 @@ impl Engine {
         })?;
         let log = ScriptLog::open(
             &dir.join("logs").join("scripts.log"),
-            self.config.hooks.log_max_bytes,
-            self.config.hooks.log_keep,
+            config.hooks.log_max_bytes,
+            config.hooks.log_keep,
         )
         .map_err(|source| StateError::Io {
             path: dir.join("logs"),
@@ -273,6 +304,7 @@ impl Engine {
         };
         let mut run = Run {
             req,
+            config: config.clone(),
             group: &group,
             dir,
             log,
@@ -291,6 +323,9 @@ impl Engine {
             run.journal.events[i].started_at = Some(Utc::now());
             run.save()?;
             log::info!(
+                DEPLOYMENT_ID = req.deployment_id.as_str(),
+                DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
+                LIFECYCLE_EVENT = event.as_str();
                 "deployment {} group {}: {} started",
                 req.deployment_id,
                 req.deployment_group_id,
@@ -320,6 +355,10 @@ impl Engine {
                     run.journal.ended_at = Some(Utc::now());
                     run.journal.error = Some(format!("{event}: {}", failure.message));
                     log::error!(
+                        DEPLOYMENT_ID = req.deployment_id.as_str(),
+                        DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
+                        LIFECYCLE_EVENT = event.as_str(),
+                        SCRIPT = failure.script.as_deref().unwrap_or("");
                         "deployment {} group {}: {} failed: {}",
                         req.deployment_id,
                         req.deployment_group_id,
@@ -327,7 +366,7 @@ impl Engine {
                         failure.message
                     );
                     run.save()?;
-                    self.prune(&group, &req.deployment_id);
+                    self.prune(&config, &group, &req.deployment_id);
                     drop(lock);
                     return Ok(run.journal);
                 }
@@ -346,16 +385,65 @@ impl Engine {
         run.journal.ended_at = Some(Utc::now());
         run.save()?;
         log::info!(
+            DEPLOYMENT_ID = req.deployment_id.as_str(),
+            DEPLOYMENT_GROUP = req.deployment_group_id.as_str();
             "deployment {} group {} succeeded",
             req.deployment_id,
             req.deployment_group_id
         );
-        self.prune(&group, &req.deployment_id);
+        self.prune(&config, &group, &req.deployment_id);
         drop(lock);
         Ok(run.journal)
     }
 
-    fn prune(&self, group: &Group, current: &str) {
+    /// What Install would do for `req`, changing nothing outside a scratch directory: the
+    /// bundle is unpacked under the root, its AppSpec read and checked, and Install planned
+    /// against the group's manifest. The plan is returned as text, one action a line.
+    pub async fn plan_install(&self, req: &Request) -> Result<String, String> {
+        let config = self.config();
+        let Source::Local { path, kind } = &req.source else {
+            return Err("a dry run needs a bundle on this host".into());
+        };
+        let group = self
+            .root
+            .group(&req.deployment_group_id)
+            .map_err(|e| e.to_string())?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".dry-run-")
+            .tempdir_in(self.root.dir())
+            .map_err(|e| format!("{}: {e}", self.root.dir().display()))?;
+        let revision = scratch.path().join("revision");
+        let (src, kind, dest) = (path.clone(), *kind, revision.clone());
+        let policy = UnpackPolicy {
+            max_total_bytes: config.bundle.max_bytes,
+            max_entries: config.bundle.max_entries,
+        };
+        let unpacked =
+            tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("bundle refused: {e}"))?;
+        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)?;
+        install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
+            .map_err(|e| e.to_string())?;
+        let previous: Option<install::Manifest> =
+            state::read_json(&group.manifest_path()).map_err(|e| e.to_string())?;
+        let behavior = spec
+            .file_exists_behavior
+            .or(req.file_exists_behavior)
+            .unwrap_or_default();
+        let plan = install::plan(&install::InstallInput {
+            revision_root: &revision,
+            files: &spec.files,
+            permissions: &spec.permissions,
+            previous: previous.as_ref(),
+            file_exists_behavior: behavior,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(plan.to_string())
+    }
+
+    fn prune(&self, config: &Config, group: &Group, current: &str) {
         let last = group
             .last_successful()
             .ok()
@@ -365,7 +453,7 @@ impl Engine {
         if let Some(l) = last.as_deref() {
             protect.push(l);
         }
-        if let Err(e) = group.prune(self.config.max_revisions, &protect) {
+        if let Err(e) = group.prune(config.max_revisions, &protect) {
             log::warn!("retention in group {}: {e}", group.id());
         }
     }
@@ -416,8 +504,8 @@ impl Engine {
                         working_dir: revision.dir.clone(),
                         timeout: hook.timeout,
                         runas: hook.runas.clone(),
-                        env: self.hook_env(run.req, event),
-                        kill_grace: self.config.hooks.kill_grace,
+                        env: hook_env(&run.config, run.req, event),
+                        kill_grace: run.config.hooks.kill_grace,
                         event: event.to_string(),
                     };
                     let outcome = hooks::run(&spec, &run.log, &self.cancel).await;
@@ -474,42 +562,39 @@ impl Engine {
         }
     }
 
-    /// The environment every hook of this deployment gets (the hook runner adds the runas
-    /// user's own variables). Nothing of the agent's environment leaks but what the policy
-    /// passes.
-    fn hook_env(&self, req: &Request, event: LifecycleEvent) -> Vec<(String, String)> {
-        // The hook runner adds a default PATH when the policy gives none.
-        let mut env = self.config.hooks.env.resolve(|k| std::env::var(k).ok());
-        env.extend([
-            ("LIFECYCLE_EVENT".to_string(), event.to_string()),
-            ("DEPLOYMENT_ID".to_string(), req.deployment_id.clone()),
-            ("APPLICATION_NAME".to_string(), req.application_name.clone()),
-            (
-                "DEPLOYMENT_GROUP_NAME".to_string(),
-                req.deployment_group_name.clone(),
-            ),
-            (
-                "DEPLOYMENT_GROUP_ID".to_string(),
-                req.deployment_group_id.clone(),
-            ),
-        ]);
-        env.extend(req.bundle_env.iter().cloned());
-        env
-    }
-
     async fn download(&self, run: &mut Run<'_>) -> Result<(), EventFailure> {
         let revision_dir = run.dir.join("revision");
-        let Source::Local { path, kind } = &run.req.source;
-        let (src, kind, dest) = (path.clone(), *kind, revision_dir.clone());
+        // A fetched archive is only a step on the way: once unpacked it is removed, so each
+        // revision is kept on disk once.
+        let mut fetched_archive: Option<PathBuf> = None;
+        let (src, kind) = match &run.req.source {
+            Source::Local { path, kind } => (path.clone(), *kind),
+            Source::Remote { revision, fetcher } => {
+                let dest = run.dir.join("bundle.download");
+                let fetched = fetcher
+                    .fetch(revision, &dest, &|_| {})
+                    .await
+                    .map_err(|e| EventFailure::msg(format!("fetching the revision: {e}")))?;
+                if fetched.path == dest {
+                    fetched_archive = Some(dest);
+                }
+                (fetched.path, fetched.bundle_type)
+            }
+        };
+        let dest = revision_dir.clone();
         let policy = UnpackPolicy {
-            max_total_bytes: self.config.bundle.max_bytes,
-            max_entries: self.config.bundle.max_entries,
+            max_total_bytes: run.config.bundle.max_bytes,
+            max_entries: run.config.bundle.max_entries,
         };
         let unpacked =
             tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
                 .await
                 .map_err(|e| EventFailure::msg(format!("unpack task failed: {e}")))?
-                .map_err(|e| EventFailure::msg(format!("bundle refused: {e}")))?;
+                .map_err(|e| EventFailure::msg(format!("bundle refused: {e}")));
+        if let Some(archive) = fetched_archive {
+            let _ = std::fs::remove_file(archive);
+        }
+        let unpacked = unpacked?;
         run.setid_entries = unpacked.setid_entries;
 
         let name = appspec_file_name(run.req, &revision_dir);
@@ -560,12 +645,17 @@ impl Engine {
         .await
         .map_err(|e| EventFailure::msg(format!("install task failed: {e}")))?
         .map_err(EventFailure::msg)?;
+        let note = plan_summary(&summary);
         log::info!(
-            "deployment {} install plan: {}",
-            run.req.deployment_id,
-            summary.lines().next().unwrap_or("")
+            DEPLOYMENT_ID = run.req.deployment_id.as_str(),
+            LIFECYCLE_EVENT = "Install";
+            "deployment {} install: {note}",
+            run.req.deployment_id
         );
-        Ok(format!("{} entries placed", manifest.entries.len()))
+        Ok(format!(
+            "{note}; {} entries in the manifest",
+            manifest.entries.len()
+        ))
     }
 }
 
@@ -603,6 +693,28 @@ impl Run<'_> {
             }
         }
     }
+}
+
+/// The environment every hook of a deployment gets (the hook runner adds the runas user's
+/// own variables and a default PATH). Nothing of the agent's environment leaks but what the
+/// policy passes.
+fn hook_env(config: &Config, req: &Request, event: LifecycleEvent) -> Vec<(String, String)> {
+    let mut env = config.hooks.env.resolve(|k| std::env::var(k).ok());
+    env.extend([
+        ("LIFECYCLE_EVENT".to_string(), event.to_string()),
+        ("DEPLOYMENT_ID".to_string(), req.deployment_id.clone()),
+        ("APPLICATION_NAME".to_string(), req.application_name.clone()),
+        (
+            "DEPLOYMENT_GROUP_NAME".to_string(),
+            req.deployment_group_name.clone(),
+        ),
+        (
+            "DEPLOYMENT_GROUP_ID".to_string(),
+            req.deployment_group_id.clone(),
+        ),
+    ]);
+    env.extend(req.bundle_env.iter().cloned());
+    env
 }
 
 /// The AppSpec file of a revision: the one asked for, else appspec.yml, else appspec.yaml.
@@ -645,6 +757,25 @@ fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, Stri
         }
     }
     Ok(spec)
+}
+
+/// Counts a plan's lines by their action word: "create 3, unchanged 120, remove 1".
+fn plan_summary(plan: &str) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for word in plan.lines().filter_map(|l| l.split_whitespace().next()) {
+        match counts.iter_mut().find(|(w, _)| *w == word) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((word, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return "nothing to do".to_string();
+    }
+    counts
+        .iter()
+        .map(|(w, n)| format!("{w} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Keeps the last [`TAIL_BYTES`] of `s`, on a character boundary; `None` when empty.
@@ -707,6 +838,13 @@ mod tests {
         let t = keep_tail(s).unwrap();
         assert!(t.len() <= TAIL_BYTES);
         assert!(t.ends_with('b'));
+    }
+
+    #[test]
+    fn plan_summary_counts_actions_in_order() {
+        let plan = "remove     /a\ncreate     /b (0644) from x\ncreate     /c (0644) from y\nunchanged  /d\n";
+        assert_eq!(plan_summary(plan), "remove 1, create 2, unchanged 1");
+        assert_eq!(plan_summary(""), "nothing to do");
     }
 
     #[test]

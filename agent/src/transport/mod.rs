@@ -35,7 +35,6 @@ pub mod spool;
 pub mod sqs;
 
 use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
@@ -231,20 +230,9 @@ pub fn status_record_path(deployment_id: &str, host_id: &str) -> String {
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), TransportError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| TransportError::io("create directory", dir, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".pier-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| TransportError::io("create a temp file in", dir, e))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| TransportError::io("write", tmp.path(), e))?;
-    tmp.persist(path)
-        .map_err(|e| TransportError::io("rename into place", path, e.error))?;
-    sync_dir(dir)
+    crate::state::write_atomic(path, bytes).map_err(|e| TransportError::io("write", path, e))
 }
 
-/// fsyncs a directory so that a rename in it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), TransportError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
