@@ -837,15 +837,30 @@ struct Agent {
 }
 
 impl Agent {
+    /// An agent taking commands from its spool, `ROOT/spool`.
     fn start(s: &Scratch, host: &str, dest: &Path) -> Agent {
+        let spool = s.path().join(host).join("root/spool");
+        let transport = format!(
+            "transport:\n  type: spool\n  spool_dir: {}\n",
+            spool.display()
+        );
+        Agent::start_with(s, host, dest, &transport)
+    }
+
+    /// An agent taking commands from its SQS queue `pier-HOST` on moto, created on start.
+    fn start_sqs(s: &Scratch, host: &str, dest: &Path) -> Agent {
+        let transport = format!(
+            "transport:\n  type: sqs\n  create_queue: true\naws:\n  region: us-east-1\n  endpoint_url: {}\n",
+            moto_endpoint()
+        );
+        Agent::start_with(s, host, dest, &transport)
+    }
+
+    fn start_with(s: &Scratch, host: &str, dest: &Path, transport: &str) -> Agent {
         let root = s.path().join(host).join("root");
         let cfg = s.write(
             &format!("{host}/agent.yml"),
-            &format!(
-                "host_id: {host}\nroot_dir: {root}\ntransport:\n  type: spool\n  spool_dir: {spool}\n",
-                root = root.display(),
-                spool = root.join("spool").display(),
-            ),
+            &format!("host_id: {host}\nroot_dir: {}\n{transport}", root.display()),
         );
         let log = s.path().join(format!("{host}/agent.log"));
         let out = std::fs::File::create(&log).unwrap();
@@ -857,6 +872,9 @@ impl Agent {
             .arg(crate::support::agent_bin())
             .arg(&cfg)
             .env("PIER_LOG_STDERR", "1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -1054,4 +1072,104 @@ fn deploy_wait_against_two_real_agents_succeeds_then_reports_a_failing_hook() {
         "{}",
         run.stderr
     );
+}
+
+#[tokio::test]
+async fn push_to_s3_and_deploy_wait_over_sqs_to_two_real_agents() {
+    if !mount_namespaces_work() {
+        eprintln!("skipping: this machine does not allow mount namespaces (unshare --mount), which give each agent its own install directory");
+        return;
+    }
+    let aws = moto_clients().await;
+    let bucket = new_bucket(&aws).await;
+    let s = Scratch::new();
+    let dest = s.path().join("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    let hosts = [unique("web"), unique("web")];
+    let agents = [
+        Agent::start_sqs(&s, &hosts[0], &dest),
+        Agent::start_sqs(&s, &hosts[1], &dest),
+    ];
+    // The agents create their queues on start; pier only looks them up.
+    for h in &hosts {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while aws
+            .sqs
+            .get_queue_url()
+            .queue_name(format!("pier-{h}"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent {h} made no queue:\n{}\n{}",
+                agents[0].log(),
+                agents[1].log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let src = deployable_bundle(&s, "app", &dest, 0);
+    let location = format!("s3://{bucket}/web/app.tgz");
+    pier(&[
+        "push",
+        "--application",
+        "web",
+        "--source",
+        src.to_str().unwrap(),
+        "--s3-location",
+        &location,
+    ])
+    .success();
+    let hosts_arg = format!("{},{}", hosts[0], hosts[1]);
+    let args: Vec<String> = [
+        "deploy",
+        "--application",
+        "web",
+        "--deployment-group",
+        "prod",
+        "--revision",
+        &location,
+        "--hosts",
+        &hosts_arg,
+        "--status-bucket",
+        &bucket,
+        "--wait",
+        "--timeout",
+        "90",
+        "--poll-interval",
+        "0.3",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    // `pier` blocks while it waits: run it off the async runtime.
+    let run = tokio::task::spawn_blocking(move || {
+        pier(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        run.code,
+        0,
+        "{}\n--- agent logs\n{}\n{}",
+        run.all(),
+        agents[0].log(),
+        agents[1].log()
+    );
+    let id = run.stdout.trim();
+    let sink = S3StatusSink::new(aws.s3.clone(), &bucket, "pier");
+    for (agent, h) in agents.iter().zip(&hosts) {
+        assert_eq!(
+            std::fs::read_to_string(agent.host_path(&dest.join("index.html"))).unwrap(),
+            "<h1>app</h1>\n"
+        );
+        let rec = sink
+            .read(id, h)
+            .await
+            .unwrap()
+            .expect("a status record in S3");
+        assert_eq!(rec.status, DeploymentStatus::Succeeded);
+    }
 }
