@@ -13,7 +13,7 @@ use pier::transport::sqs::{create_with_dlq, SqsQueue};
 use sha2::Digest;
 
 use crate::support::{agent_bin, Scratch};
-use crate::transport::{moto_clients, moto_endpoint};
+use crate::support::{moto_clients, moto_endpoint};
 
 /// A running `pier-agent run`, stopped (SIGKILL) when dropped.
 struct Agent {

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use pier::transport::aws::{aws_clients, AwsClients, AwsSettings, Credentials};
 
 /// Path of the `pier-agent` binary cargo built for this test run.
 pub fn agent_bin() -> PathBuf {
@@ -143,4 +146,48 @@ pub fn ensure_user(name: &str) {
             .unwrap_or(false);
         assert!(st.success() || exists_now, "useradd {name} failed");
     }
+}
+
+/// The endpoint of the moto server for this test process.
+pub fn moto_endpoint() -> &'static str {
+    static ENDPOINT: OnceLock<String> = OnceLock::new();
+    ENDPOINT.get_or_init(|| {
+        if let Ok(url) = std::env::var("AWS_ENDPOINT_URL") {
+            if !url.is_empty() {
+                return url;
+            }
+        }
+        // A state dir of our own, so this process's moto is not confused with a shared one;
+        // --watch-pid stops it when this test process exits.
+        let state = std::env::temp_dir().join(format!("pier-moto-{}", std::process::id()));
+        let out = std::process::Command::new(repo_root().join("scripts/services.sh"))
+            .arg("start")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run scripts/services.sh start");
+        assert!(
+            out.status.success(),
+            "scripts/services.sh start failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(state.join("endpoint"))
+            .expect("services.sh wrote the endpoint")
+            .trim()
+            .to_string()
+    })
+}
+
+/// AWS clients for moto (which takes any credentials).
+pub async fn moto_clients() -> AwsClients {
+    let settings = AwsSettings {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(moto_endpoint().to_string()),
+        profile: None,
+        credentials: Some(Credentials::new("testing", "testing", None, None, "tests")),
+    };
+    aws_clients(&settings).await.expect("build AWS clients")
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pier::bundle::fetch::{FetchError, FetchOptions, Fetcher};
@@ -13,7 +13,7 @@ use pier::protocol::{
     BundleType, Command, DeploymentStatus, EventState, EventStatus, ProtocolError, Revision,
     StatusRecord, StatusSinkSpec, StatusTarget,
 };
-use pier::transport::aws::{aws_clients, AwsClients, AwsSettings, Credentials};
+use pier::transport::aws::AwsClients;
 use pier::transport::dedupe::{Dedupe, Seen};
 use pier::transport::s3::S3StatusSink;
 use pier::transport::spool::Spool;
@@ -22,51 +22,7 @@ use pier::transport::{keep_invisible, open_status_sink, Queue, StatusSink};
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{repo_root, Scratch};
-
-/// The endpoint of the moto server for this test process.
-pub fn moto_endpoint() -> &'static str {
-    static ENDPOINT: OnceLock<String> = OnceLock::new();
-    ENDPOINT.get_or_init(|| {
-        if let Ok(url) = std::env::var("AWS_ENDPOINT_URL") {
-            if !url.is_empty() {
-                return url;
-            }
-        }
-        // A state dir of our own, so this process's moto is not confused with a shared one;
-        // --watch-pid stops it when this test process exits.
-        let state = std::env::temp_dir().join(format!("pier-moto-{}", std::process::id()));
-        let out = std::process::Command::new(repo_root().join("scripts/services.sh"))
-            .arg("start")
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--watch-pid")
-            .arg(std::process::id().to_string())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run scripts/services.sh start");
-        assert!(
-            out.status.success(),
-            "scripts/services.sh start failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::read_to_string(state.join("endpoint"))
-            .expect("services.sh wrote the endpoint")
-            .trim()
-            .to_string()
-    })
-}
-
-/// AWS clients for moto (which takes any credentials).
-pub async fn moto_clients() -> AwsClients {
-    let settings = AwsSettings {
-        region: Some("us-east-1".into()),
-        endpoint_url: Some(moto_endpoint().to_string()),
-        profile: None,
-        credentials: Some(Credentials::new("testing", "testing", None, None, "tests")),
-    };
-    aws_clients(&settings).await.expect("build AWS clients")
-}
+use crate::support::{moto_clients, Scratch};
 
 /// A name no other test (or test run against a shared moto) uses.
 fn unique(prefix: &str) -> String {

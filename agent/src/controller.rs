@@ -1,1 +1,0 @@
-//! controller (not yet written).
