@@ -144,7 +144,8 @@ struct DeployArgs {
     queue_url_template: Option<String>,
     #[command(flatten)]
     sink: SinkArgs,
-    /// Lifecycle events to run, comma-separated (default all).
+    /// Lifecycle events to run, comma-separated, in lifecycle order; DownloadBundle and Install
+    /// always run (default: ApplicationStop through ValidateService, no traffic events).
     #[arg(long, value_delimiter = ',')]
     events: Option<Vec<String>>,
     /// DISALLOW, OVERWRITE or RETAIN, when the AppSpec does not say.
