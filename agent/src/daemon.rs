@@ -493,7 +493,7 @@ impl Daemon {
         )
         .await;
         match result {
-            Ok(journal) => {
+            Ok(status) => {
                 if self.hook_cancel.is_cancelled() {
                     // Stopped by shutdown: the status says so now, and the message stays so
                     // that the next start reports the interruption and acknowledges it.
@@ -504,8 +504,7 @@ impl Daemon {
                 self.ack(&msg).await;
                 log::info!(
                     DEPLOYMENT_ID = id.as_str();
-                    "deployment {id} finished: {:?}",
-                    journal.status
+                    "deployment {id} finished: {status:?}"
                 );
             }
             Err(e) => {
@@ -514,9 +513,12 @@ impl Daemon {
         }
     }
 
-    /// Runs one command to its end and writes its final status; the error case means the
-    /// final status is not known to be written, so the message must stay.
-    async fn run_command(self: Arc<Self>, cmd: &Command) -> Result<Journal, String> {
+    /// Runs one command to its end and writes its final status, which it returns; the error
+    /// case means the final status is not known to be written, so the message must stay.
+    async fn run_command(
+        self: Arc<Self>,
+        cmd: &Command,
+    ) -> Result<protocol::DeploymentStatus, String> {
         let _slot = self
             .slots
             .clone()
@@ -557,16 +559,19 @@ impl Daemon {
             Err(e) => {
                 // The deployment could not start (bad id, duplicate directory...): that is a
                 // failed deployment from the controller's point of view.
+                // It will fail the same way every time, so once that is reported the message
+                // has been processed.
+                log::error!(DEPLOYMENT_ID = cmd.deployment_id.as_str(); "deployment {} cannot start: {e}", cmd.deployment_id);
                 let mut rec = StatusRecord::new(&self.host_id, &cmd.deployment_id);
                 rec.status = protocol::DeploymentStatus::Failed;
                 rec.error = Some(e.to_string());
                 write_with_retry(&*sink, &rec).await?;
-                return Err(e.to_string());
+                return Ok(rec.status);
             }
         };
         let rec = status_record(&self.host_id, &journal);
         write_with_retry(&*sink, &rec).await?;
-        Ok(journal)
+        Ok(rec.status)
     }
 
     fn request(&self, cmd: &Command) -> Result<Request, String> {

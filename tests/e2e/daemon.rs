@@ -713,3 +713,50 @@ fn packaged_systemd_unit_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A valid command that can never run (its events are out of lifecycle order) is reported as
+/// failed with the reason and acknowledged once, not redelivered for ever.
+#[test]
+fn a_command_that_cannot_start_is_reported_and_acknowledged() {
+    let scratch = Scratch::new();
+    let (cfg, spool) = spool_config(&scratch, "strict", "");
+    let status = scratch.path().join("status");
+    let bundle = tgz_bundle(&scratch, "b", &scratch.path().join("www"), &[]);
+    let mut cmd = command(
+        "d-ORDER0001",
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(&bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    );
+    cmd.events = Some(vec!["ApplicationStart".into(), "BeforeInstall".into()]);
+    std::fs::create_dir_all(&spool).unwrap();
+    pier::transport::spool::Spool::submit(&spool, "d-ORDER0001.json", &cmd.to_json()).unwrap();
+    let mut agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    let rec = wait_for(
+        Duration::from_secs(60),
+        "final status",
+        &|| agent.log(),
+        || local_record(&status, "d-ORDER0001", "strict").filter(|r| r.status.is_final()),
+    );
+    assert_eq!(rec.status, DeploymentStatus::Failed);
+    assert!(
+        rec.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("lifecycle order"),
+        "{rec:?}"
+    );
+    wait_for(Duration::from_secs(10), "ack", &|| agent.log(), || {
+        spool.join("done/d-ORDER0001.json").exists().then_some(())
+    });
+    assert!(
+        !scratch.path().join("www").exists(),
+        "nothing was installed"
+    );
+    assert_eq!(agent.terminate(Duration::from_secs(30)), 0);
+}
