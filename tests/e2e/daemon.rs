@@ -760,3 +760,141 @@ fn a_command_that_cannot_start_is_reported_and_acknowledged() {
     );
     assert_eq!(agent.terminate(Duration::from_secs(30)), 0);
 }
+
+/// Deployments of different groups run at once; two of the same group run one after the
+/// other. Each hook proves it by what it can see of the others, not by timing: the two
+/// groups' hooks each wait for the other's to have started, and the same-group hooks check
+/// that the other is not running.
+#[test]
+fn different_groups_deploy_at_once_and_one_group_one_at_a_time() {
+    let scratch = Scratch::new();
+    let (cfg, spool) = spool_config(&scratch, "conc", "daemon:\n  concurrency: 4\n");
+    let status = scratch.path().join("status");
+    let marks = scratch.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let m = |n: &str| marks.join(n).display().to_string();
+    // Groups g1 and g2: each waits (up to 30 s) for the other to have started.
+    let meet = |me: &str, other: &str| {
+        format!(
+            "#!/bin/sh\ntouch {me}\nfor i in $(seq 1 300); do [ -e {other} ] && exit 0; sleep 0.1; done\necho 'never saw {other}'; exit 1\n",
+            me = m(me),
+            other = m(other)
+        )
+    };
+    // Group g3, twice: each marks itself running, checks the other is not, and takes a while.
+    let alone = |me: &str, other: &str| {
+        format!(
+            "#!/bin/sh\ntouch {me}.running\n[ -e {other}.running ] && {{ echo 'ran alongside {other}'; exit 1; }}\nsleep 1\nrm {me}.running\n",
+            me = m(me),
+            other = m(other)
+        )
+    };
+    let jobs = [
+        ("d-CONC00001", "g1", meet("g1", "g2")),
+        ("d-CONC00002", "g2", meet("g2", "g1")),
+        ("d-CONC00003", "g3", alone("a", "b")),
+        ("d-CONC00004", "g3", alone("b", "a")),
+    ];
+    std::fs::create_dir_all(&spool).unwrap();
+    for (id, group, hook) in &jobs {
+        let bundle = tgz_bundle(
+            &scratch,
+            id,
+            &scratch.path().join("www").join(id),
+            &[("AfterInstall", hook)],
+        );
+        let mut cmd = command(
+            id,
+            Revision::Local {
+                path: bundle.display().to_string(),
+                bundle_type: BundleType::Tgz,
+                sha256: Some(sha256_file(&bundle)),
+            },
+            StatusSinkSpec::Local {
+                dir: status.display().to_string(),
+            },
+        );
+        cmd.deployment_group_id = group.to_string();
+        cmd.deployment_group_name = group.to_string();
+        pier::transport::spool::Spool::submit(&spool, &format!("{id}.json"), &cmd.to_json())
+            .unwrap();
+    }
+    let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    for (id, _, _) in &jobs {
+        let rec = wait_for(Duration::from_secs(90), id, &|| agent.log(), || {
+            local_record(&status, id, "conc").filter(|r| r.status.is_final())
+        });
+        assert_eq!(
+            rec.status,
+            DeploymentStatus::Succeeded,
+            "{id}: {:?}\n{}",
+            rec.events
+                .iter()
+                .filter_map(|e| e.log_tail.clone())
+                .collect::<Vec<_>>(),
+            agent.log()
+        );
+    }
+}
+
+/// SIGHUP reloads the configuration for the deployments that start afterwards.
+#[test]
+fn sighup_reloads_the_configuration() {
+    let scratch = Scratch::new();
+    let (cfg, spool) = spool_config(&scratch, "reload", "");
+    let status = scratch.path().join("status");
+    let out = scratch.path().join("env.txt");
+    let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    wait_for(Duration::from_secs(30), "ready", &|| agent.log(), || {
+        agent.log().contains("ready").then_some(())
+    });
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "hooks:\n",
+            "hooks:\n  env:\n    set:\n      RELOADED: \"yes\"\n",
+        ),
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), "reload", &|| agent.log(), || {
+        agent.log().contains("applied").then_some(())
+    });
+    let bundle = tgz_bundle(
+        &scratch,
+        "r",
+        &scratch.path().join("www"),
+        &[(
+            "AfterInstall",
+            &format!(
+                "#!/bin/sh\necho \"${{RELOADED:-no}}\" > {}\n",
+                out.display()
+            ),
+        )],
+    );
+    let cmd = command(
+        "d-RELOAD001",
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(&bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    );
+    pier::transport::spool::Spool::submit(&spool, "d-RELOAD001.json", &cmd.to_json()).unwrap();
+    let rec = wait_for(
+        Duration::from_secs(60),
+        "final status",
+        &|| agent.log(),
+        || local_record(&status, "d-RELOAD001", "reload").filter(|r| r.status.is_final()),
+    );
+    assert_eq!(rec.status, DeploymentStatus::Succeeded, "{rec:?}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "yes");
+}
