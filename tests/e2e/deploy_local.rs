@@ -615,6 +615,16 @@ fn every_example_bundle_deploys() {
         .collect();
     names.sort();
     assert!(names.len() >= 4, "{names:?}");
+    // The systemd-service example leaves its service running; stop it however the test ends.
+    struct StopService(PathBuf);
+    impl Drop for StopService {
+        fn drop(&mut self) {
+            if self.0.exists() {
+                let _ = Command::new("bash").arg(&self.0).output();
+            }
+        }
+    }
+    let _stop = StopService(examples.join("systemd-service/scripts/stop.sh"));
     let host = Host::new();
     for name in &names {
         // Twice: the second deployment runs the first one's ApplicationStop and cleans up.
