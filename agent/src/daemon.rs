@@ -51,6 +51,9 @@ const FORGET_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Long-poll wait for the queue.
 const POLL_WAIT: Duration = Duration::from_secs(20);
 
+/// How much longer than the long poll a receive may take before it is given up as hung.
+const RECEIVE_SLACK: Duration = Duration::from_secs(30);
+
 /// Flags of `pier-agent run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -92,14 +95,15 @@ pub fn run(args: &Args) -> i32 {
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
         let reload = Arc::new(tokio::sync::Notify::new());
-        if let Err(e) = spawn_signal_handlers(shutdown.clone(), reload.clone()) {
+        if let Err(e) = spawn_signal_handlers(shutdown.clone(), force.clone(), reload.clone()) {
             eprintln!("pier-agent: cannot install signal handlers: {e}");
             return 1;
         }
         match Daemon::start(path, required, config).await {
             Ok(daemon) => {
-                daemon.serve(shutdown, reload).await;
+                daemon.serve(shutdown, force, reload).await;
                 0
             }
             Err(e) => {
@@ -114,8 +118,11 @@ pub fn run(args: &Args) -> i32 {
     })
 }
 
+/// SIGTERM/SIGINT fire `shutdown`; a second one fires `force` (stop hooks now, no grace).
+/// SIGHUP wakes `reload`.
 fn spawn_signal_handlers(
     shutdown: CancellationToken,
+    force: CancellationToken,
     reload: Arc<tokio::sync::Notify>,
 ) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -128,6 +135,12 @@ fn spawn_signal_handlers(
             _ = int.recv() => log::info!("SIGINT: shutting down"),
         }
         shutdown.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        log::warn!("second stop signal: stopping running hooks now");
+        force.cancel();
     });
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
@@ -257,8 +270,20 @@ impl Daemon {
     }
 
     /// Polls and deploys until `shutdown` fires, then drains within the configured grace.
-    pub async fn serve(self, shutdown: CancellationToken, reload: Arc<tokio::sync::Notify>) {
+    pub async fn serve(
+        self,
+        shutdown: CancellationToken,
+        force: CancellationToken,
+        reload: Arc<tokio::sync::Notify>,
+    ) {
         let this = Arc::new(self);
+        let forcer = {
+            let hooks = this.hook_cancel.clone();
+            tokio::spawn(async move {
+                force.cancelled().await;
+                hooks.cancel();
+            })
+        };
         this.report_interrupted().await;
         this.housekeeping();
         log::info!(
@@ -269,19 +294,27 @@ impl Daemon {
             this.queue.describe()
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        let watchdog = spawn_watchdog(shutdown.clone());
+        // The watchdog is fed only while the poll loop goes round (or the agent is stopping),
+        // so a loop stuck on a dead connection gets the agent restarted by systemd.
+        let heartbeat = Arc::new(Mutex::new(std::time::Instant::now()));
+        let watchdog = spawn_watchdog(shutdown.clone(), heartbeat.clone());
 
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut backoff = Backoff::unbounded(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             while tasks.try_join_next().is_some() {}
+            *heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
             let received = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = reload.notified() => {
                     this.reload();
                     continue;
                 }
-                r = this.queue.receive(POLL_WAIT) => r,
+                r = tokio::time::timeout(POLL_WAIT + RECEIVE_SLACK, this.queue.receive(POLL_WAIT)) => {
+                    r.unwrap_or_else(|_| Err(transport::TransportError::Config(format!(
+                        "no answer within {}s", (POLL_WAIT + RECEIVE_SLACK).as_secs()
+                    ))))
+                }
             };
             let messages = match received {
                 Ok(m) => {
@@ -307,6 +340,8 @@ impl Daemon {
         }
 
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        // Received commands still waiting for a slot or their group's lock must not start now.
+        this.engine.stop_new_deployments();
         let grace = this.engine.config().daemon.shutdown_grace;
         if !tasks.is_empty() {
             log::info!(
@@ -331,6 +366,7 @@ impl Daemon {
             }
         }
         watchdog.abort();
+        forcer.abort();
         log::info!("pier-agent stopped");
     }
 
@@ -424,17 +460,12 @@ impl Daemon {
         };
         let id = cmd.deployment_id.clone();
         // Claim the id in this process first, atomically: two deliveries of one command in the
-        // same batch must not both get past this point.
-        let claimed = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone());
-        if !claimed {
-            log::info!(DEPLOYMENT_ID = id.as_str(); "duplicate command for running deployment {id}: acknowledged, not run");
-            self.ack(&msg).await;
+        // same batch must not both get past this point. The claim is released however this
+        // task ends, a panic included.
+        let Some(_claim) = Claim::take(&self.running, &id) else {
+            self.hold_duplicate(&id, &msg).await;
             return;
-        }
+        };
         match self.dedupe.begin(&id) {
             Err(e) => {
                 // Without the dedupe store the agent cannot promise "once": leave the message.
@@ -447,20 +478,44 @@ impl Daemon {
             Ok(Some(Seen::InProgress)) => self.clone().take_over(cmd, msg).await,
             Ok(None) => self.clone().deploy(cmd, msg).await,
         }
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+    }
+
+    /// A second delivery of a deployment running in this process: not run, and not deleted
+    /// while the first might still fail to finish (deleting it could lose the only copy). It is
+    /// kept invisible until the running one ends, then acknowledged if that one is done.
+    async fn hold_duplicate(&self, id: &str, msg: &Received) {
+        log::info!(DEPLOYMENT_ID = id; "duplicate command for running deployment {id}: held, not run");
+        let running = self.running.clone();
+        keep_invisible(&*self.queue, msg, VISIBILITY, async move {
+            while running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(id)
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await;
+        if matches!(self.dedupe.get(id), Ok(Some(Seen::Done))) {
+            log::info!(DEPLOYMENT_ID = id; "duplicate command for deployment {id} acknowledged");
+            self.ack(msg).await;
+        }
     }
 
     /// A command this host had started before it stopped: if its journal is final, report it
     /// and acknowledge; if it never got as far as a journal, run it now.
     async fn take_over(self: Arc<Self>, cmd: Command, msg: Received) {
         let id = cmd.deployment_id.clone();
+        // The group the deployment really ran in is the one of the command saved when it
+        // started, whatever a replay says.
+        let group_id = self
+            .saved_command(&id)
+            .map(|c| c.deployment_group_id)
+            .unwrap_or_else(|| cmd.deployment_group_id.clone());
         let journal = self
             .engine
             .root()
-            .group(&cmd.deployment_group_id)
+            .group(&group_id)
             .and_then(|g| g.journal(&id));
         match journal {
             Ok(Some(j)) if j.status != state::DeploymentStatus::InProgress => {
@@ -470,8 +525,7 @@ impl Daemon {
                     j.status
                 );
                 if self.write_final(&cmd, &j).await.is_ok() {
-                    let _ = self.dedupe.finish(&id);
-                    self.ack(&msg).await;
+                    self.finish_and_ack(&id, &msg).await;
                 }
             }
             Ok(None) => self.deploy(cmd, msg).await,
@@ -480,6 +534,17 @@ impl Daemon {
                 "deployment {id} is still in progress elsewhere on this host; message left"
             ),
             Err(e) => log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {e}"),
+        }
+    }
+
+    /// Records the deployment as done, then deletes its message; if the record cannot be
+    /// written the message stays, so that a redelivery cannot run it again.
+    async fn finish_and_ack(&self, id: &str, msg: &Received) {
+        match self.dedupe.finish(id) {
+            Ok(()) => self.ack(msg).await,
+            Err(e) => {
+                log::error!(DEPLOYMENT_ID = id; "dedupe store: {e}; message {} left in the queue", msg.id)
+            }
         }
     }
 
@@ -493,42 +558,50 @@ impl Daemon {
         )
         .await;
         match result {
-            Ok(status) => {
+            Outcome::Finished(status) => {
                 if self.hook_cancel.is_cancelled() {
                     // Stopped by shutdown: the status says so now, and the message stays so
                     // that the next start reports the interruption and acknowledges it.
                     log::warn!(DEPLOYMENT_ID = id.as_str(); "deployment {id} stopped by shutdown; message left for the next start");
                     return;
                 }
-                let _ = self.dedupe.finish(&id);
-                self.ack(&msg).await;
+                self.finish_and_ack(&id, &msg).await;
                 log::info!(
                     DEPLOYMENT_ID = id.as_str();
                     "deployment {id} finished: {status:?}"
                 );
             }
-            Err(e) => {
-                log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {e}; message left in the queue");
+            Outcome::Left(why) => {
+                log::warn!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {why}; message left in the queue");
+            }
+            Outcome::Refused(why) => {
+                log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id} cannot run on this host: {why}; message rejected");
+                if let Err(e) = self.queue.reject(&msg, &why).await {
+                    log::error!("rejecting message {}: {e}", msg.id);
+                }
             }
         }
     }
 
-    /// Runs one command to its end and writes its final status, which it returns; the error
-    /// case means the final status is not known to be written, so the message must stay.
-    async fn run_command(
-        self: Arc<Self>,
-        cmd: &Command,
-    ) -> Result<protocol::DeploymentStatus, String> {
-        let _slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| e.to_string())?;
-        self.save_command(cmd).map_err(|e| e.to_string())?;
-        let sink: Arc<dyn StatusSink> =
-            Arc::from(open_status_sink(&cmd.status, self.aws.as_ref()).map_err(|e| e.to_string())?);
-        let req = self.request(cmd)?;
+    /// Runs one command to its end and writes its final status.
+    async fn run_command(self: Arc<Self>, cmd: &Command) -> Outcome {
+        let _slot = match self.slots.clone().acquire_owned().await {
+            Ok(s) => s,
+            Err(e) => return Outcome::Left(e.to_string()),
+        };
+        if let Err(e) = self.save_command(cmd) {
+            return Outcome::Left(format!("saving the command: {e}"));
+        }
+        // A sink this host cannot reach (S3 status without AWS access) will not appear by
+        // retrying: such a command goes to the dead-letter queue with the reason.
+        let sink: Arc<dyn StatusSink> = match open_status_sink(&cmd.status, self.aws.as_ref()) {
+            Ok(s) => Arc::from(s),
+            Err(e) => return Outcome::Refused(e.to_string()),
+        };
+        let req = match self.request(cmd) {
+            Ok(r) => r,
+            Err(e) => return Outcome::Refused(e),
+        };
 
         // Each journal update becomes a status record; a writer task sends the latest one,
         // so a slow sink never holds up the deployment.
@@ -551,27 +624,29 @@ impl Daemon {
         let outcome = self.engine.deploy(&req, &observer).await;
         drop(observer);
         let _ = writer.await;
-        let journal = match outcome {
-            Ok(j) => j,
-            // Already on disk from an earlier delivery: its own status stands; a later
-            // delivery finds its journal and reports it.
-            Err(e @ crate::deploy::DeployError::Duplicate(_)) => return Err(e.to_string()),
+        let rec = match outcome {
+            Ok(journal) => status_record(&self.host_id, &journal),
+            // Already on disk from an earlier delivery: its own status stands, and a later
+            // delivery finds its journal and reports it. Not started because the agent is
+            // stopping: the next start runs it.
+            Err(
+                e @ (crate::deploy::DeployError::Duplicate(_)
+                | crate::deploy::DeployError::ShuttingDown(_)),
+            ) => return Outcome::Left(e.to_string()),
             Err(e) => {
-                // The deployment could not start (bad id, duplicate directory...): that is a
-                // failed deployment from the controller's point of view.
                 // It will fail the same way every time, so once that is reported the message
                 // has been processed.
                 log::error!(DEPLOYMENT_ID = cmd.deployment_id.as_str(); "deployment {} cannot start: {e}", cmd.deployment_id);
                 let mut rec = StatusRecord::new(&self.host_id, &cmd.deployment_id);
                 rec.status = protocol::DeploymentStatus::Failed;
                 rec.error = Some(e.to_string());
-                write_with_retry(&*sink, &rec).await?;
-                return Ok(rec.status);
+                rec
             }
         };
-        let rec = status_record(&self.host_id, &journal);
-        write_with_retry(&*sink, &rec).await?;
-        Ok(rec.status)
+        match write_with_retry(&*sink, &rec).await {
+            Ok(()) => Outcome::Finished(rec.status),
+            Err(e) => Outcome::Left(e),
+        }
     }
 
     fn request(&self, cmd: &Command) -> Result<Request, String> {
@@ -628,6 +703,45 @@ impl Daemon {
         let dir = commands_dir(self.engine.root().dir());
         let bytes = std::fs::read(dir.join(format!("{deployment_id}.json"))).ok()?;
         Command::from_json(&bytes).ok()
+    }
+}
+
+/// How a command's processing ended, which decides what happens to its message.
+enum Outcome {
+    /// The final status is written: acknowledge.
+    Finished(protocol::DeploymentStatus),
+    /// Not finished here (shutting down, status not written, ...): leave the message.
+    Left(String),
+    /// Can never run on this host: reject it to the dead-letter queue with the reason.
+    Refused(String),
+}
+
+/// A deployment id claimed by this process; released when dropped, however the task ends.
+struct Claim {
+    running: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Claim {
+    /// Claims `id`, or `None` when a task of this process already holds it.
+    fn take(running: &Arc<Mutex<HashSet<String>>>, id: &str) -> Option<Claim> {
+        let fresh = running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string());
+        fresh.then(|| Claim {
+            running: running.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -727,17 +841,28 @@ fn bundle_env(revision: &Revision) -> Vec<(String, String)> {
     env
 }
 
-/// Pings the systemd watchdog at half its interval when the unit asks for one.
-fn spawn_watchdog(shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+/// Pings the systemd watchdog at half its interval when the unit asks for one, as long as the
+/// poll loop went round recently (or the agent is stopping, when the loop has ended).
+fn spawn_watchdog(
+    shutdown: CancellationToken,
+    heartbeat: Arc<Mutex<std::time::Instant>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Some(interval) = sd_notify::watchdog_enabled() else {
             return;
         };
+        let stale_after = (POLL_WAIT + RECEIVE_SLACK) * 2;
         let mut tick = tokio::time::interval(interval / 2);
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+            tick.tick().await;
+            let last = *heartbeat.lock().unwrap_or_else(|e| e.into_inner());
+            if shutdown.is_cancelled() || last.elapsed() < stale_after {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                log::error!(
+                    "poll loop silent for {:?}: not feeding the watchdog",
+                    last.elapsed()
+                );
             }
         }
     })

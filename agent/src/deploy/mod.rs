@@ -84,6 +84,8 @@ pub enum DeployError {
     Duplicate(String),
     #[error("the deployment task failed: {0}")]
     Task(String),
+    #[error("the agent is shutting down: deployment {0} was not started")]
+    ShuttingDown(String),
 }
 
 /// Sees each journal update of a running deployment.
@@ -104,6 +106,8 @@ pub struct Engine {
     config: std::sync::RwLock<Arc<Config>>,
     root: Root,
     cancel: CancellationToken,
+    /// Set when the agent stops: deployments not yet started are refused, not begun.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Orders and completes the events asked for, refusing unknown order.
@@ -191,7 +195,22 @@ impl Engine {
             config: std::sync::RwLock::new(config),
             root,
             cancel,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// From now on, [`Engine::deploy`] starts nothing: a deployment that has not yet taken its
+    /// group lock returns [`DeployError::ShuttingDown`] instead of beginning its events.
+    pub fn stop_new_deployments(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_not_stopping(&self, req: &Request) -> Result<(), DeployError> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(DeployError::ShuttingDown(req.deployment_id.clone()));
+        }
+        Ok(())
     }
 
     /// The configuration deployments start with now.
@@ -243,6 +262,7 @@ impl Engine {
         req: &Request,
         observer: &dyn Observer,
     ) -> Result<Journal, DeployError> {
+        self.check_not_stopping(req)?;
         let config = self.config();
         let events = plan_events(req.events.as_deref())?;
         let group = self.root.group(&req.deployment_group_id)?;
@@ -262,6 +282,8 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
+        // The wait for the lock may have outlasted the agent's decision to stop.
+        self.check_not_stopping(req)?;
         for closed in group.recover_interrupted(Utc::now())? {
             log::warn!(
                 "deployment {} of group {} was interrupted: {}",
