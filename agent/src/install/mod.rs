@@ -982,10 +982,21 @@ fn remove_previous(removals: &[Removal]) -> Result<(), InstallError> {
 fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
     let dest = &s.dest;
     Ok(match &s.action {
-        Action::Mkdir { mode } => {
-            make_dir(dest, *mode)?;
-            Some(dir_entry(dest, true))
-        }
+        Action::Mkdir { mode } => match fs::create_dir(dest) {
+            Ok(()) => {
+                set_dir_mode(dest, *mode)?;
+                Some(dir_entry(dest, true))
+            }
+            // Made since the plan by someone else (another group's install into a shared
+            // parent): a real directory is as good, but it is not ours to remove later.
+            Err(e)
+                if e.kind() == io::ErrorKind::AlreadyExists
+                    && fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_dir()) =>
+            {
+                Some(dir_entry(dest, false))
+            }
+            Err(e) => return Err(write_err("create directory", dest)(e)),
+        },
         Action::ReplaceWithDir { mode } => {
             fs::remove_file(dest).map_err(write_err("remove", dest))?;
             make_dir(dest, *mode)?;
@@ -1133,7 +1144,11 @@ fn dir_entry(path: &Path, created: bool) -> ManifestEntry {
 
 fn make_dir(path: &Path, mode: u32) -> Result<(), InstallError> {
     fs::create_dir(path).map_err(write_err("create directory", path))?;
-    // Explicitly, so the umask does not decide.
+    set_dir_mode(path, mode)
+}
+
+/// Sets a new directory's mode explicitly, so the umask does not decide.
+fn set_dir_mode(path: &Path, mode: u32) -> Result<(), InstallError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(write_err("change the mode of", path))
 }
