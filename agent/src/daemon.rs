@@ -875,7 +875,7 @@ pub async fn resolve_host_id(config: &Config) -> String {
     if let Some(id) = &config.host_id {
         return id.clone();
     }
-    if looks_like_ec2() {
+    if transport::aws::looks_like_ec2() {
         if let Some(id) = transport::aws::ec2_instance_id().await {
             return id;
         }
@@ -906,20 +906,12 @@ fn aws_settings_usable(config: &Config) -> Result<(), String> {
         || env("AWS_DEFAULT_REGION")
         || env("AWS_PROFILE")
         || profile_file
-        || looks_like_ec2()
+        || transport::aws::looks_like_ec2()
     {
         Ok(())
     } else {
         Err("no AWS region: set aws.region in the agent config or AWS_REGION".to_string())
     }
-}
-
-/// Reads what the firmware says, without any network request.
-fn looks_like_ec2() -> bool {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    read("/sys/devices/virtual/dmi/id/board_asset_tag").starts_with("i-")
-        || read("/sys/devices/virtual/dmi/id/sys_vendor").contains("Amazon EC2")
-        || read("/sys/hypervisor/uuid").starts_with("ec2")
 }
 
 #[cfg(test)]

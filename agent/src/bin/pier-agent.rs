@@ -37,6 +37,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    pier::transport::aws::disable_imds_off_ec2();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Validate {

@@ -174,6 +174,7 @@ struct StatusArgs {
 }
 
 fn main() -> ExitCode {
+    pier::transport::aws::disable_imds_off_ec2();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -62,6 +62,14 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
     if let Some(url) = &endpoint_url {
         loader = loader.endpoint_url(url);
     }
+    // A half-open connection must not hang a poll or an upload for ever; the read timeout is
+    // longer than SQS's 20 s long poll.
+    loader = loader.timeout_config(
+        aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(60))
+            .build(),
+    );
     let config = loader.load().await;
     let region = config.region().map(|r| r.to_string()).ok_or_else(|| {
         TransportError::Config(
@@ -79,6 +87,24 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
         region,
         endpoint_url,
     })
+}
+
+/// Whether this machine's firmware says it is an EC2 instance; reads files only, no network.
+pub fn looks_like_ec2() -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    read("/sys/devices/virtual/dmi/id/board_asset_tag").starts_with("i-")
+        || read("/sys/devices/virtual/dmi/id/sys_vendor").contains("Amazon EC2")
+        || read("/sys/hypervisor/uuid").starts_with("ec2")
+}
+
+/// Off EC2, turns the AWS SDK's instance-metadata lookups (for region and credentials) off
+/// for this process, so that the agent and the controller never send a request to the
+/// metadata address of a network they are not on. Call first thing in `main`, before any
+/// thread starts; an explicit `AWS_EC2_METADATA_DISABLED` is left as it is.
+pub fn disable_imds_off_ec2() {
+    if std::env::var_os("AWS_EC2_METADATA_DISABLED").is_none() && !looks_like_ec2() {
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    }
 }
 
 /// The EC2 instance id from IMDSv2, or `None` off EC2 (answers within about a second: the
