@@ -3,7 +3,7 @@
 //! refused and that nothing landed outside the destination.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -545,4 +545,44 @@ fn sparse_tar_entry_is_counted_at_its_real_size() {
     let err = c.run(&policy).unwrap_err();
     assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
     c.nothing_left();
+}
+
+/// A GNU long-name header declaring megabytes of name: the tar reader would hold it all in
+/// memory, so the stream itself is capped, not only the file data.
+#[test]
+fn huge_long_name_header_is_refused_without_reading_it_all() {
+    let s = Scratch::new();
+    let mut raw = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut raw);
+        let name_len: u64 = 8 << 20;
+        let mut h = tar::Header::new_gnu();
+        h.set_path("././@LongLink").unwrap();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(name_len);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, std::io::repeat(b'a').take(name_len)).unwrap();
+        let body = b"x";
+        let mut f = tar::Header::new_gnu();
+        f.set_path("short").unwrap();
+        f.set_size(1);
+        f.set_mode(0o644);
+        f.set_cksum();
+        b.append(&f, &body[..]).unwrap();
+        b.finish().unwrap();
+    }
+    let tgz = s.path().join("longname.tgz");
+    let mut gz =
+        flate2::write::GzEncoder::new(fs::File::create(&tgz).unwrap(), flate2::Compression::fast());
+    gz.write_all(&raw).unwrap();
+    gz.finish().unwrap();
+    let policy = UnpackPolicy {
+        max_total_bytes: 1 << 20,
+        max_entries: 10,
+    };
+    let dest = s.path().join("out");
+    let err = unpack(&tgz, BundleType::Tgz, &dest, &policy).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
+    assert!(!dest.exists());
 }

@@ -33,6 +33,29 @@ const S_IFIFO: u32 = 0o010_000;
 const SETID_BITS: u32 = 0o6000;
 /// Permission bits kept from the bundle (sticky included, set-id never).
 const KEPT_BITS: u32 = 0o1777;
+/// What a [`CappedReader`] says when its budget is spent.
+const CAP_MESSAGE: &str = "archive stream passes the bundle size cap";
+
+/// A reader that fails once more than `left` bytes have been read through it.
+struct CappedReader<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for CappedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Err(io::Error::new(io::ErrorKind::FileTooLarge, CAP_MESSAGE));
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Longest symlink target accepted from a zip (where the target is the entry's data).
 const MAX_LINK_TARGET: u64 = 4096;
 
@@ -484,6 +507,14 @@ impl<'a> Extractor<'a> {
     }
 
     fn corrupt(&self, detail: impl fmt::Display) -> UnpackError {
+        // A cap hit deep inside a read surfaces as an I/O error; name it for what it is.
+        if detail.to_string().contains(CAP_MESSAGE) {
+            return UnpackError::TooLarge {
+                entry: "(the archive stream)".to_string(),
+                total: self.policy.max_total_bytes,
+                limit: self.policy.max_total_bytes,
+            };
+        }
         UnpackError::Corrupt {
             path: self.src.to_path_buf(),
             kind: self.kind,
@@ -716,10 +747,33 @@ impl<'a> Extractor<'a> {
     }
 
     fn tar<R: Read>(&mut self, reader: R) -> Result<(), UnpackError> {
-        let mut ar = tar::Archive::new(reader);
+        // Every byte the tar reader pulls is counted, not only file data: the tar crate reads
+        // GNU long-name and pax headers whole into memory, so a small tgz declaring a huge one
+        // would otherwise make the agent allocate gigabytes before any entry is seen.
+        let cap = self
+            .policy
+            .max_total_bytes
+            .saturating_add(self.policy.max_entries.saturating_mul(1024))
+            .saturating_add(1 << 20);
+        let capped = CappedReader {
+            inner: reader,
+            left: cap,
+        };
+        let mut ar = tar::Archive::new(capped);
+        let over_cap = |e: &io::Error| e.kind() == io::ErrorKind::FileTooLarge;
         let entries = ar.entries().map_err(|e| self.corrupt(e))?;
         for item in entries {
-            let mut e = item.map_err(|e| self.corrupt(e))?;
+            let mut e = match item {
+                Ok(e) => e,
+                Err(e) if over_cap(&e) => {
+                    return Err(UnpackError::TooLarge {
+                        entry: "(the archive stream)".to_string(),
+                        total: cap,
+                        limit: self.policy.max_total_bytes,
+                    })
+                }
+                Err(e) => return Err(self.corrupt(e)),
+            };
             let raw = e.path_bytes().into_owned();
             let name = String::from_utf8_lossy(&raw).into_owned();
             let hdr = e.header();
