@@ -350,8 +350,13 @@ impl Group {
             if !is_safe_id(&name) {
                 continue;
             }
-            if let Some(j) = self.journal(&name)? {
-                out.push(j);
+            // One unreadable journal (corrupt, or from a newer version) must not stop every
+            // later deployment of the group: it is reported and passed over, and retention
+            // treats its directory as debris.
+            match self.journal(&name) {
+                Ok(Some(j)) => out.push(j),
+                Ok(None) => {}
+                Err(e) => log::warn!("deployment group {}: skipping {name}: {e}", self.id),
             }
         }
         out.sort_by(|a, b| {
@@ -367,8 +372,17 @@ impl Group {
     /// Returns the journals it closed.
     pub fn recover_interrupted(&self, now: DateTime<Utc>) -> Result<Vec<Journal>, StateError> {
         let mut closed = Vec::new();
+        let last_ok = self.last_successful()?.map(|l| l.deployment_id);
         for mut j in self.deployments()? {
             if j.status != DeploymentStatus::InProgress {
+                continue;
+            }
+            // The process died after recording this deployment as the group's last
+            // successful one but before its journal said so: it did succeed.
+            if last_ok.as_deref() == Some(j.deployment_id.as_str()) {
+                j.status = DeploymentStatus::Succeeded;
+                j.ended_at = Some(now);
+                self.write_journal(&j)?;
                 continue;
             }
             let at = j
@@ -517,6 +531,40 @@ mod tests {
         assert_eq!(j.events[1].status, EventStatus::Failed);
         assert_eq!(j.events[2].status, EventStatus::Skipped);
         assert!(g.recover_interrupted(Utc::now()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_journal_does_not_block_the_group() {
+        let d = tempfile::tempdir().unwrap();
+        let g = Root::open(d.path()).unwrap().group("g").unwrap();
+        g.write_journal(&journal("d-ok", 0, DeploymentStatus::InProgress))
+            .unwrap();
+        let bad = g.deployment_dir("d-bad").unwrap();
+        fs::create_dir_all(&bad).unwrap();
+        fs::write(bad.join("journal.json"), "{ not json").unwrap();
+        let closed = g.recover_interrupted(Utc::now()).unwrap();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].deployment_id, "d-ok");
+    }
+
+    #[test]
+    fn recovery_keeps_a_deployment_already_recorded_as_last_successful() {
+        let d = tempfile::tempdir().unwrap();
+        let g = Root::open(d.path()).unwrap().group("g").unwrap();
+        g.write_journal(&journal("d-1", 0, DeploymentStatus::InProgress))
+            .unwrap();
+        g.set_last_successful(&LastSuccessful {
+            deployment_id: "d-1".into(),
+            revision_dir: "/x".into(),
+            appspec_file: "appspec.yml".into(),
+            ended_at: Utc::now(),
+        })
+        .unwrap();
+        assert!(g.recover_interrupted(Utc::now()).unwrap().is_empty());
+        assert_eq!(
+            g.journal("d-1").unwrap().unwrap().status,
+            DeploymentStatus::Succeeded
+        );
     }
 
     #[test]

@@ -600,3 +600,25 @@ fn after_a_failed_install_the_next_one_cleans_up_what_it_left() {
     assert_eq!(read(dest.join("a.txt")), "a2");
     assert!(!dest.join("sub").exists());
 }
+
+/// A temp file left by an earlier life of this same pid (an agent that is PID 1 in a
+/// container comes back as PID 1) is swept like any other stale one, and does not collide.
+#[test]
+fn temp_left_by_an_earlier_process_with_the_same_pid_is_swept() {
+    let s = Scratch::new();
+    let dest = s.path().join("app");
+    fs::create_dir_all(&dest).unwrap();
+    let stale = dest.join(format!(".pier-tmp-{}-0-0-a.txt", std::process::id()));
+    fs::write(&stale, "half").unwrap();
+    let rev = revision(&s, "rev", &[("a.txt", "a")]);
+    install(
+        &rev,
+        &[map("", &dest)],
+        &[],
+        None,
+        FileExistsBehavior::Disallow,
+    )
+    .unwrap();
+    assert_eq!(read(dest.join("a.txt")), "a");
+    assert!(!stale.exists(), "stale temp left in place");
+}

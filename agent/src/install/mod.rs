@@ -1170,11 +1170,23 @@ fn temp_beside(dest: &Path) -> PathBuf {
     // Keep the whole name within NAME_MAX; uniqueness comes from pid and counter.
     let name: String = name.chars().take(64).collect();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dest.with_file_name(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
+    dest.with_file_name(format!(
+        "{TEMP_PREFIX}{}-{}-{n}-{name}",
+        std::process::id(),
+        process_nonce()
+    ))
+}
+
+/// A random tag for this process's temp names: a pid can come back (an agent that is PID 1
+/// in a container restarts as PID 1), the tag does not.
+fn process_nonce() -> u32 {
+    static NONCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(rand::random::<u32>)
 }
 
 /// Temp files in `dir` left by an agent that died before renaming them: their pid is not a
-/// live process (a live one may be another install writing there right now).
+/// live process (a live one may be another install writing there right now), or it is this
+/// process's pid with another process's tag (the pid came back after a crash).
 fn stale_temps(dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
@@ -1184,9 +1196,19 @@ fn stale_temps(dir: &Path) -> Vec<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name();
             let rest = name.to_str()?.strip_prefix(TEMP_PREFIX)?;
-            let pid: u32 = rest.split('-').next()?.parse().ok()?;
+            let mut parts = rest.split('-');
+            let pid: u32 = parts.next()?.parse().ok()?;
+            let nonce: Option<u32> = parts.next().and_then(|n| n.parse().ok());
+            // Another live process's temp may be in use right now; one with this process's
+            // pid but not its tag was left by an earlier life of the same pid.
+            let ours = pid == std::process::id();
             let alive = Path::new("/proc").join(pid.to_string()).exists();
-            (!alive).then(|| e.path())
+            let stale = if ours {
+                nonce != Some(process_nonce())
+            } else {
+                !alive
+            };
+            stale.then(|| e.path())
         })
         .collect()
 }
