@@ -622,3 +622,62 @@ fn temp_left_by_an_earlier_process_with_the_same_pid_is_swept() {
     assert_eq!(read(dest.join("a.txt")), "a");
     assert!(!stale.exists(), "stale temp left in place");
 }
+
+/// A file or symlink of the last revision that this one turns into a directory: the cleanup
+/// removes it, so nothing is in the way of the directory or of what goes beneath it.
+#[test]
+fn a_file_or_link_that_becomes_a_directory_installs() {
+    let s = Scratch::new();
+    let dest = s.path().join("app");
+    let files = [map("", &dest)];
+    let rev1 = revision(&s, "rev1", &[("config", "flat"), ("keep.txt", "k")]);
+    fs::create_dir_all(s.path().join("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(s.path().join("elsewhere"), rev1.join("lib")).unwrap();
+    let m1 = install(&rev1, &files, &[], None, FileExistsBehavior::Disallow).unwrap();
+    assert!(fs::symlink_metadata(dest.join("lib"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    let rev2 = revision(
+        &s,
+        "rev2",
+        &[("config/a.conf", "a"), ("lib/x.so", "x"), ("keep.txt", "k")],
+    );
+    install(&rev2, &files, &[], Some(&m1), FileExistsBehavior::Disallow).unwrap();
+    assert_eq!(read(dest.join("config/a.conf")), "a");
+    assert!(fs::symlink_metadata(dest.join("lib")).unwrap().is_dir());
+    assert_eq!(read(dest.join("lib/x.so")), "x");
+    // Nothing went through the old link.
+    assert!(!s.path().join("elsewhere/x.so").exists());
+}
+
+/// OVERWRITE over a file pier did not place: if the install fails before the replacement
+/// lands, the manifest handed to the next install does not claim that file.
+#[test]
+fn a_failed_overwrite_does_not_hand_the_operators_file_to_cleanup() {
+    let s = Scratch::new();
+    let dest = s.path().join("app");
+    fs::create_dir_all(&dest).unwrap();
+    fs::write(dest.join("local.conf"), "operator's").unwrap();
+    let rev = revision(&s, "rev", &[("local.conf", "ours"), ("z.txt", "z")]);
+    let p = plan(&InstallInput {
+        revision_root: &rev,
+        files: &[map("", &dest)],
+        permissions: &[],
+        previous: None,
+        file_exists_behavior: FileExistsBehavior::Overwrite,
+    })
+    .unwrap();
+    let pending = p.pending_manifest();
+    assert!(
+        !pending
+            .entries
+            .iter()
+            .any(|e| e.path == dest.join("local.conf")),
+        "{pending:?}"
+    );
+    fs::remove_file(rev.join("z.txt")).unwrap();
+    apply(&p).unwrap_err();
+    assert_eq!(read(dest.join("local.conf")), "operator's");
+}

@@ -391,7 +391,11 @@ impl Plan {
             let entry = match &s.action {
                 Action::Mkdir { .. } | Action::ReplaceWithDir { .. } => dir_entry(&s.dest, true),
                 Action::KeepDir { created } => dir_entry(&s.dest, *created),
-                Action::Create { mode, .. } | Action::Replace { mode, .. } => ManifestEntry {
+                // A file OVERWRITE replaces was not placed by pier; until the replacement has
+                // landed it stays the operator's, and a failed install must not hand it to
+                // the next one's cleanup. (Once applied, the final manifest lists it.)
+                Action::Replace { .. } => continue,
+                Action::Create { mode, .. } => ManifestEntry {
                     path: s.dest.clone(),
                     kind: EntryKind::File,
                     size: 0,
@@ -752,12 +756,20 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     let behavior = input.file_exists_behavior;
     let mut disallowed = Vec::new();
     for (dest, w) in &wanted {
-        let existing = if removed.contains(dest) {
+        // Nothing is in the way of a path the cleanup removes, nor of one beneath it (a file
+        // or link of the last revision that this one turns into a directory); a path beneath
+        // a file (ENOTDIR) does not exist either.
+        let existing = if dest.ancestors().any(|a| removed.contains(a)) {
             None
         } else {
             match fs::symlink_metadata(dest) {
                 Ok(m) => Some(m),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    None
+                }
                 Err(e) => return Err(read_err(dest)(e)),
             }
         };
