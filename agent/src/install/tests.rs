@@ -347,9 +347,11 @@ fn temp_files_of_a_killed_install_are_swept_but_not_a_live_ones() {
     let dead = out
         .path()
         .join(format!("{TEMP_PREFIX}999999999-0-index.html"));
-    let live = out
-        .path()
-        .join(format!("{TEMP_PREFIX}{}-0-index.html", std::process::id()));
+    let live = out.path().join(format!(
+        "{TEMP_PREFIX}{}-{}-0-index.html",
+        std::process::id(),
+        process_nonce()
+    ));
     fs::write(&dead, "half").unwrap();
     fs::write(&live, "being written").unwrap();
     let files = [mapping("site", out.path())];
