@@ -1032,10 +1032,16 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
             if previous.kind == EntryKind::File {
                 // Not rewritten, but reset to what a fresh copy would have: the bundle's mode
                 // and the agent's ownership (permissions set theirs again afterwards).
-                let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
-                std::os::unix::fs::lchown(dest, Some(uid.as_raw()), Some(gid.as_raw()))
-                    .map_err(write_err("change the owner of", dest))?;
-                fs::set_permissions(dest, fs::Permissions::from_mode(*mode))
+                // Through a descriptor opened without following links: the file sits where
+                // an application user may be able to swap it for a symlink.
+                let file = permissions::open_no_follow(dest)?;
+                nix::unistd::fchown(
+                    &file,
+                    Some(nix::unistd::geteuid()),
+                    Some(nix::unistd::getegid()),
+                )
+                .map_err(|e| write_err("change the owner of", dest)(e.into()))?;
+                file.set_permissions(fs::Permissions::from_mode(*mode))
                     .map_err(write_err("change the mode of", dest))?;
             }
             Some(previous.clone())
@@ -1263,7 +1269,12 @@ fn sync_filesystems(paths: &[PathBuf]) -> Result<(), InstallError> {
             continue;
         };
         if seen.insert(meta.dev()) {
-            let f = File::open(p).map_err(write_err("open for sync", p))?;
+            // Not through a link, never blocking on a FIFO someone put in a temp's place.
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(p)
+                .map_err(write_err("open for sync", p))?;
             nix::unistd::syncfs(&f)
                 .map_err(|e| write_err("sync the filesystem of", p)(e.into()))?;
         }

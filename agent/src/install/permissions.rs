@@ -278,28 +278,51 @@ fn run_tool(cmd: &mut Command, path: &Path) -> Result<(), InstallError> {
 
 /// Sets the planned permissions: owner first (chown clears set-id bits), then mode, ACLs and
 /// SELinux context.
+///
+/// Each file or directory is opened once without following symlinks and everything is done
+/// through that descriptor (the external tools get `/proc/PID/fd/N`): the directories an
+/// AppSpec hands to an application user are writable by that user, who could otherwise swap a
+/// placed file for a symlink to `/etc/shadow` between the install and this step and have root
+/// change its mode.
 pub(super) fn apply(steps: &[PermissionStep]) -> Result<(), InstallError> {
     for s in steps {
         let path = &s.path;
-        if s.uid.is_some() || s.gid.is_some() {
-            std::os::unix::fs::lchown(path, s.uid, s.gid)
-                .map_err(super::write_err("change the owner of", path))?;
-        }
         if s.is_link {
+            if s.uid.is_some() || s.gid.is_some() {
+                std::os::unix::fs::lchown(path, s.uid, s.gid)
+                    .map_err(super::write_err("change the owner of", path))?;
+            }
             continue;
+        }
+        let file = open_no_follow(path)?;
+        if s.uid.is_some() || s.gid.is_some() {
+            nix::unistd::fchown(
+                &file,
+                s.uid.map(nix::unistd::Uid::from_raw),
+                s.gid.map(nix::unistd::Gid::from_raw),
+            )
+            .map_err(|e| super::write_err("change the owner of", path)(e.into()))?;
         }
         if let Some(mode) = s.mode {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(super::write_err("change the mode of", path))?;
         }
+        let by_fd = {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                file.as_raw_fd()
+            ))
+        };
         if let Some(setfacl) = &s.setfacl {
             run_tool(
                 Command::new(setfacl)
                     .arg("-m")
                     .arg(s.acls.join(","))
                     .arg("--")
-                    .arg(path),
+                    .arg(&by_fd),
                 path,
             )?;
         }
@@ -312,10 +335,39 @@ pub(super) fn apply(steps: &[PermissionStep]) -> Result<(), InstallError> {
             if let Some(range) = &ctx.range {
                 cmd.arg("-l").arg(range);
             }
-            run_tool(cmd.arg("--").arg(path), path)?;
+            run_tool(cmd.arg("--").arg(&by_fd), path)?;
         }
     }
     Ok(())
+}
+
+/// Opens what install placed at `path` for changing its metadata: never through a symlink,
+/// never blocking on a FIFO, and only a regular file or a directory.
+pub(super) fn open_no_follow(path: &Path) -> Result<std::fs::File, InstallError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                super::write_err("set permissions on", path)(std::io::Error::other(
+                    "it was replaced by a symlink after it was installed; refusing to follow it",
+                ))
+            } else {
+                super::write_err("open to set permissions on", path)(e)
+            }
+        })?;
+    let kind = file
+        .metadata()
+        .map_err(super::write_err("inspect", path))?
+        .file_type();
+    if !(kind.is_file() || kind.is_dir()) || kind.is_fifo() {
+        return Err(super::write_err("set permissions on", path)(
+            std::io::Error::other("it is no longer a regular file or directory"),
+        ));
+    }
+    Ok(file)
 }
 
 /// Where a bundle entry (revision-relative) lands, for each `files` mapping that installs it.
@@ -382,4 +434,62 @@ pub fn check_setid(
 pub(super) fn tests_selector(p: &Permission) -> impl Fn(&Path, bool) -> bool {
     let s = Selector::new(p).expect("valid globs");
     move |path, is_dir| s.selects(path, is_dir)
+}
+
+#[cfg(test)]
+mod swap_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn step(path: &Path, mode: u32) -> PermissionStep {
+        PermissionStep {
+            path: path.to_path_buf(),
+            is_link: false,
+            object: path.to_path_buf(),
+            uid: None,
+            names: (None, None),
+            gid: None,
+            mode: Some(mode),
+            acls: vec![],
+            context: None,
+            setfacl: None,
+            chcon: None,
+        }
+    }
+
+    #[test]
+    fn a_placed_file_swapped_for_a_symlink_is_refused_and_its_target_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("shadow");
+        std::fs::write(&secret, "x").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let placed = d.path().join("index.html");
+        std::os::unix::fs::symlink(&secret, &placed).unwrap();
+        let err = apply(&[step(&placed, 0o666)]).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_file_is_refused_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let placed = d.path().join("f");
+        nix::unistd::mkfifo(&placed, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = apply(&[step(&placed, 0o644)]).unwrap_err();
+        assert!(
+            err.to_string().contains("no longer a regular file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mode_is_set_through_the_descriptor() {
+        let d = tempfile::tempdir().unwrap();
+        let placed = d.path().join("f");
+        std::fs::write(&placed, "x").unwrap();
+        apply(&[step(&placed, 0o640)]).unwrap();
+        let mode = std::fs::metadata(&placed).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640);
+    }
 }
