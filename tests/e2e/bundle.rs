@@ -586,3 +586,30 @@ fn huge_long_name_header_is_refused_without_reading_it_all() {
     assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
     assert!(!dest.exists());
 }
+
+/// A directory bundle's file that someone else could still change (another owner, or group-
+/// or world-writable) is copied, not hard-linked: the revision keeps what was checked.
+#[test]
+fn directory_bundle_links_only_files_no_one_else_can_change() {
+    crate::support::ensure_user("pier-e2e-bundle");
+    let s = Scratch::new();
+    let src = s.path().join("src");
+    let mine = s.write("src/mine.sh", "#!/bin/sh\n");
+    let open = s.write("src/open.sh", "#!/bin/sh\n");
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o666)).unwrap();
+    let theirs = s.write("src/theirs.sh", "#!/bin/sh\n");
+    let user = nix::unistd::User::from_name("pier-e2e-bundle")
+        .unwrap()
+        .unwrap();
+    std::os::unix::fs::chown(&theirs, Some(user.uid.as_raw()), None).unwrap();
+    let dest = s.path().join("rev");
+    unpack(&src, BundleType::Directory, &dest, &UnpackPolicy::default()).unwrap();
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&mine), ino(&dest.join("mine.sh")));
+    assert_ne!(ino(&open), ino(&dest.join("open.sh")));
+    assert_ne!(ino(&theirs), ino(&dest.join("theirs.sh")));
+    assert_eq!(
+        fs::read_to_string(dest.join("theirs.sh")).unwrap(),
+        "#!/bin/sh\n"
+    );
+}

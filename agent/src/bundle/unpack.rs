@@ -33,6 +33,29 @@ const S_IFIFO: u32 = 0o010_000;
 const SETID_BITS: u32 = 0o6000;
 /// Permission bits kept from the bundle (sticky included, set-id never).
 const KEPT_BITS: u32 = 0o1777;
+/// Opens a directory bundle's file for copying, without following a symlink and only if it is
+/// still the file that was checked (same device and inode): the bundle's owner cannot swap it
+/// for a link to a file only root may read between the check and the copy.
+fn open_same_file(path: &Path, checked: &fs::Metadata) -> Result<File, UnpackError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| UnpackError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_err)?;
+    let now = f.metadata().map_err(read_err)?;
+    if now.dev() != checked.dev() || now.ino() != checked.ino() || !now.is_file() {
+        return Err(read_err(io::Error::other(
+            "the file changed while the bundle was being read",
+        )));
+    }
+    Ok(f)
+}
+
 /// What a [`CappedReader`] says when its budget is spent.
 const CAP_MESSAGE: &str = "archive stream passes the bundle size cap";
 
@@ -947,8 +970,15 @@ impl<'a> Extractor<'a> {
                 self.make_symlink(&rel, &name, target.as_os_str().as_bytes())?;
             } else if ft.is_file() {
                 self.declare(&name, m.len())?;
-                if mode & SETID_BITS != 0 {
-                    let mut f = File::open(&path).map_err(rerr(&path))?;
+                // A hard link shares the inode with the bundle: only for a file nobody but
+                // the agent's user can change afterwards (owned by it, not group- or
+                // world-writable); any other is copied, so a script checked now is the script
+                // run later.
+                let linkable = mode & SETID_BITS == 0
+                    && mode & 0o022 == 0
+                    && m.uid() == nix::unistd::geteuid().as_raw();
+                if !linkable {
+                    let mut f = open_same_file(&path, &m)?;
                     self.make_file(&rel, &name, mode, &mut f)?;
                 } else {
                     let full = self.parents(&rel, &name)?;
@@ -965,7 +995,7 @@ impl<'a> Extractor<'a> {
                         self.files.insert(rel);
                         self.out.files += 1;
                     } else {
-                        let mut f = File::open(&path).map_err(rerr(&path))?;
+                        let mut f = open_same_file(&path, &m)?;
                         self.make_file(&rel, &name, mode, &mut f)?;
                     }
                 }
