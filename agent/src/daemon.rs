@@ -48,6 +48,11 @@ const VISIBILITY: Duration = Duration::from_secs(300);
 /// forgotten after this: SQS keeps a message at most 14 days.
 const FORGET_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// First delay before a left message is handled again in this process; it doubles each time
+/// up to [`RETRY_MAX`].
+const RETRY_BASE: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// Long-poll wait for the queue.
 const POLL_WAIT: Duration = Duration::from_secs(20);
 
@@ -167,6 +172,8 @@ pub struct Daemon {
     /// Messages rejected as malformed or of an unknown version since start.
     rejected: Arc<AtomicU64>,
     slots: Arc<Semaphore>,
+    /// How many times each deployment's message was left and retried in this process.
+    retries: Arc<Mutex<std::collections::HashMap<String, u32>>>,
 }
 
 impl Daemon {
@@ -261,6 +268,7 @@ impl Daemon {
             running: Arc::new(Mutex::new(HashSet::new())),
             rejected: Arc::new(AtomicU64::new(0)),
             slots: Arc::new(Semaphore::new(config.daemon.concurrency)),
+            retries: Arc::new(Mutex::new(std::collections::HashMap::new())),
         })
     }
 
@@ -573,6 +581,7 @@ impl Daemon {
             }
             Outcome::Left(why) => {
                 log::warn!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {why}; message left in the queue");
+                self.retry_later(id, msg);
             }
             Outcome::Refused(why) => {
                 log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id} cannot run on this host: {why}; message rejected");
@@ -581,6 +590,33 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Handles a message that was left (its final status not written, say) again after a
+    /// growing delay, so that it is not stuck until the next restart (a spool keeps it in
+    /// `processing/`; SQS would also offer it again once its visibility lapses, and the
+    /// dedupe store makes the two meet safely). Not while the agent is stopping.
+    fn retry_later(self: &Arc<Self>, id: String, msg: Received) {
+        if self.hook_cancel.is_cancelled() || self.engine.is_stopping() {
+            return;
+        }
+        let attempt = {
+            let mut r = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+            let n = r.entry(id.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let delay = RETRY_BASE
+            .saturating_mul(1 << attempt.min(5))
+            .min(RETRY_MAX);
+        log::info!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: trying its message again in {}s", delay.as_secs());
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if !me.engine.is_stopping() {
+                me.clone().handle(msg).await;
+            }
+        });
     }
 
     /// Runs one command to its end and writes its final status.

@@ -898,3 +898,68 @@ fn sighup_reloads_the_configuration() {
     assert_eq!(rec.status, DeploymentStatus::Succeeded, "{rec:?}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "yes");
 }
+
+/// A deployment whose final status cannot be written is not acknowledged, and not forgotten
+/// either: its message is handled again (without running the deployment twice) until the
+/// status lands.
+#[test]
+fn a_status_that_cannot_be_written_is_retried_not_lost() {
+    let scratch = Scratch::new();
+    let (cfg, spool) = spool_config(&scratch, "retry", "");
+    let status = scratch.path().join("status");
+    // A file where the sink needs a directory: every write fails until it is removed.
+    std::fs::create_dir_all(&status).unwrap();
+    let blocker = status.join("deployments");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let runs = scratch.path().join("runs.txt");
+    let bundle = tgz_bundle(
+        &scratch,
+        "r",
+        &scratch.path().join("www"),
+        &[(
+            "AfterInstall",
+            &format!("#!/bin/sh\necho ran >> {}\n", runs.display()),
+        )],
+    );
+    let cmd = command(
+        "d-RETRY0001",
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(&bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    );
+    std::fs::create_dir_all(&spool).unwrap();
+    pier::transport::spool::Spool::submit(&spool, "d-RETRY0001.json", &cmd.to_json()).unwrap();
+    let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    wait_for(
+        Duration::from_secs(60),
+        "a retry to be planned",
+        &|| agent.log(),
+        || {
+            agent
+                .log()
+                .contains("trying its message again")
+                .then_some(())
+        },
+    );
+    assert!(
+        !spool.join("done/d-RETRY0001.json").exists(),
+        "acknowledged without a status"
+    );
+    std::fs::remove_file(&blocker).unwrap();
+    let rec = wait_for(
+        Duration::from_secs(90),
+        "final status",
+        &|| agent.log(),
+        || local_record(&status, "d-RETRY0001", "retry").filter(|r| r.status.is_final()),
+    );
+    assert_eq!(rec.status, DeploymentStatus::Succeeded, "{rec:?}");
+    wait_for(Duration::from_secs(30), "ack", &|| agent.log(), || {
+        spool.join("done/d-RETRY0001.json").exists().then_some(())
+    });
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "ran once");
+}

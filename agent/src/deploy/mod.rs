@@ -206,6 +206,11 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Whether [`Engine::stop_new_deployments`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn check_not_stopping(&self, req: &Request) -> Result<(), DeployError> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(DeployError::ShuttingDown(req.deployment_id.clone()));
