@@ -199,6 +199,14 @@ impl std::fmt::Debug for Fetcher {
     }
 }
 
+/// A URL fit for a message: its query (a presigned URL's signature) is replaced by `?…`.
+fn redact_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_string(),
+    }
+}
+
 /// The progress callback's type.
 pub type ProgressFn<'a> = &'a (dyn Fn(FetchProgress) + Send + Sync);
 
@@ -407,7 +415,7 @@ impl Fetcher {
         progress: ProgressFn<'_>,
     ) -> Result<(u64, String), FetchError> {
         let network = |e: reqwest::Error| FetchError::Network {
-            url: url.to_string(),
+            url: redact_query(url),
             // without_url: the error's own URL could be a redirect target with a signature.
             reason: e.without_url().to_string(),
         };
@@ -425,7 +433,7 @@ impl Fetcher {
         let status = resp.status();
         if !status.is_success() {
             return Err(FetchError::Http {
-                url: url.to_string(),
+                url: redact_query(url),
                 status: status.as_u16(),
             });
         }
@@ -546,6 +554,18 @@ pub fn describe(revision: &Revision) -> String {
             ..
         } => format!("github.com/{owner}/{repo}@{commit}"),
         Revision::Local { path, .. } => path.clone(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn presigned_signatures_stay_out_of_messages() {
+        assert_eq!(
+            super::redact_query("https://b.s3.amazonaws.com/k.tgz?X-Amz-Signature=abc"),
+            "https://b.s3.amazonaws.com/k.tgz?…"
+        );
+        assert_eq!(super::redact_query("https://h/k.tgz"), "https://h/k.tgz");
     }
 }
 

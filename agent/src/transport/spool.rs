@@ -107,11 +107,33 @@ fn take_new(dir: &Path) -> Result<Vec<Received>, TransportError> {
         }
         let name = path.file_name().expect("a listed file has a name");
         let target = processing.join(name);
-        match std::fs::rename(&path, &target) {
+        // Never over a command of the same name still in processing/: that one is running,
+        // and replacing its file would lose it. The new one waits until the name is free.
+        match nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            nix::fcntl::AT_FDCWD,
+            &target,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
             Ok(()) => {}
             // Another agent on the same spool took it first.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(TransportError::io("move into processing/", &path, e)),
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(nix::errno::Errno::EEXIST) => {
+                // Checked at every poll: debug, not to flood the log.
+                log::debug!(
+                    "spool: {} waits: a command of the same name is still in processing/",
+                    path.display()
+                );
+                continue;
+            }
+            Err(e) => {
+                return Err(TransportError::io(
+                    "move into processing/",
+                    &path,
+                    std::io::Error::from(e),
+                ))
+            }
         }
         sync_dir(&processing)?;
         let body = std::fs::read(&target).map_err(|e| TransportError::io("read", &target, e))?;
