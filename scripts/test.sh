@@ -22,6 +22,18 @@ cargo clippy --workspace --all-targets -- -D warnings
 # One moto server (SQS + S3 wire protocol, pinned, on 127.0.0.1) for the whole run; the tests
 # read AWS_ENDPOINT_URL. Stopped however the run ends.
 eval "$(scripts/services.sh start)"
-trap 'scripts/services.sh stop' EXIT
+trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
 
-cargo test --workspace "$@"
+out=$(mktemp)
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$out"
+rc=${PIPESTATUS[0]}
+set -e
+scripts/services.sh stop >/dev/null 2>&1 || true
+
+# One closing line for the whole run, summed over every test binary.
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$out" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '^test result: .* ([0-9]+) failed' "$out" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+rm -f "$out"
+echo "tests: $passed passed, $failed failed"
+exit "$rc"
