@@ -701,15 +701,28 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     let mut kept: HashMap<PathBuf, ManifestEntry> = HashMap::new();
     let mut carried_dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let mut dirs_to_remove = Vec::new();
-    for e in prev_entries {
+    // Which of the previous install's files would be placed again unchanged: the content
+    // checks hash both sides, so they run on a few threads when there are many.
+    let candidates: Vec<usize> = (0..prev_entries.len())
+        .filter(|&i| {
+            matches!(prev_entries[i].kind, EntryKind::File | EntryKind::Symlink)
+                && wanted.contains_key(&prev_entries[i].path)
+        })
+        .collect();
+    let same: BTreeSet<usize> = in_parallel(&candidates, |i| {
+        let e = &prev_entries[i];
+        unchanged(e, &wanted[&e.path].want, &e.path)
+    })?
+    .into_iter()
+    .filter_map(|(i, same)| same.then_some(i))
+    .collect();
+    for (i, e) in prev_entries.iter().enumerate() {
         let want = wanted.get(&e.path).map(|w| &w.want);
         match e.kind {
             EntryKind::File | EntryKind::Symlink => {
-                if let Some(w) = want {
-                    if unchanged(e, w, &e.path)? {
-                        kept.insert(e.path.clone(), e.clone());
-                        continue;
-                    }
+                if same.contains(&i) {
+                    kept.insert(e.path.clone(), e.clone());
+                    continue;
                 }
                 match fs::symlink_metadata(&e.path) {
                     // Someone put a directory there since: not ours to remove.
