@@ -129,6 +129,21 @@ fn command(id: &str, revision: Revision, sink: StatusSinkSpec) -> Command {
     }
 }
 
+/// A command for a tgz bundle on this host, reporting to a local status directory.
+fn local_command(id: &str, bundle: &Path, status: &Path) -> Command {
+    command(
+        id,
+        Revision::Local {
+            path: bundle.display().to_string(),
+            bundle_type: BundleType::Tgz,
+            sha256: Some(sha256_file(bundle)),
+        },
+        StatusSinkSpec::Local {
+            dir: status.display().to_string(),
+        },
+    )
+}
+
 fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -201,17 +216,7 @@ fn spool_transport_end_to_end() {
         )],
     );
     let mut agent = Agent::start(&cfg, scratch.path().join("agent.log"));
-    let cmd = command(
-        "d-SPOOL0001",
-        Revision::Local {
-            path: bundle.display().to_string(),
-            bundle_type: BundleType::Tgz,
-            sha256: Some(sha256_file(&bundle)),
-        },
-        StatusSinkSpec::Local {
-            dir: status.display().to_string(),
-        },
-    );
+    let cmd = local_command("d-SPOOL0001", &bundle, &status);
     // The spool directory appears once the agent has started.
     wait_for(
         Duration::from_secs(30),
@@ -266,17 +271,7 @@ fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
             &format!("#!/bin/sh\necho $$ > {}\nsleep 600\n", started.display()),
         )],
     );
-    let cmd = command(
-        "d-STOP00001",
-        Revision::Local {
-            path: bundle.display().to_string(),
-            bundle_type: BundleType::Tgz,
-            sha256: Some(sha256_file(&bundle)),
-        },
-        StatusSinkSpec::Local {
-            dir: status.display().to_string(),
-        },
-    );
+    let cmd = local_command("d-STOP00001", &bundle, &status);
     std::fs::create_dir_all(&spool).unwrap();
     pier::transport::spool::Spool::submit(&spool, "d-STOP00001.json", &cmd.to_json()).unwrap();
     let mut agent = Agent::start(&cfg, scratch.path().join("agent1.log"));
@@ -627,17 +622,7 @@ fn journald_gets_structured_deployment_fields() {
         &scratch.path().join("www"),
         &[("ValidateService", "#!/bin/sh\nexit 4\n")],
     );
-    let cmd = command(
-        "d-JOURNAL01",
-        Revision::Local {
-            path: bundle.display().to_string(),
-            bundle_type: BundleType::Tgz,
-            sha256: Some(sha256_file(&bundle)),
-        },
-        StatusSinkSpec::Local {
-            dir: status.display().to_string(),
-        },
-    );
+    let cmd = local_command("d-JOURNAL01", &bundle, &status);
     std::fs::create_dir_all(&spool).unwrap();
     pier::transport::spool::Spool::submit(&spool, "d-JOURNAL01.json", &cmd.to_json()).unwrap();
     let record = status.join("deployments/d-JOURNAL01/hosts/jhost.json");
@@ -722,17 +707,7 @@ fn a_command_that_cannot_start_is_reported_and_acknowledged() {
     let (cfg, spool) = spool_config(&scratch, "strict", "");
     let status = scratch.path().join("status");
     let bundle = tgz_bundle(&scratch, "b", &scratch.path().join("www"), &[]);
-    let mut cmd = command(
-        "d-ORDER0001",
-        Revision::Local {
-            path: bundle.display().to_string(),
-            bundle_type: BundleType::Tgz,
-            sha256: Some(sha256_file(&bundle)),
-        },
-        StatusSinkSpec::Local {
-            dir: status.display().to_string(),
-        },
-    );
+    let mut cmd = local_command("d-ORDER0001", &bundle, &status);
     cmd.events = Some(vec!["ApplicationStart".into(), "BeforeInstall".into()]);
     std::fs::create_dir_all(&spool).unwrap();
     pier::transport::spool::Spool::submit(&spool, "d-ORDER0001.json", &cmd.to_json()).unwrap();
@@ -803,17 +778,7 @@ fn different_groups_deploy_at_once_and_one_group_one_at_a_time() {
             &scratch.path().join("www").join(id),
             &[("AfterInstall", hook)],
         );
-        let mut cmd = command(
-            id,
-            Revision::Local {
-                path: bundle.display().to_string(),
-                bundle_type: BundleType::Tgz,
-                sha256: Some(sha256_file(&bundle)),
-            },
-            StatusSinkSpec::Local {
-                dir: status.display().to_string(),
-            },
-        );
+        let mut cmd = local_command(id, &bundle, &status);
         cmd.deployment_group_id = group.to_string();
         cmd.deployment_group_name = group.to_string();
         pier::transport::spool::Spool::submit(&spool, &format!("{id}.json"), &cmd.to_json())
@@ -877,17 +842,7 @@ fn sighup_reloads_the_configuration() {
             ),
         )],
     );
-    let cmd = command(
-        "d-RELOAD001",
-        Revision::Local {
-            path: bundle.display().to_string(),
-            bundle_type: BundleType::Tgz,
-            sha256: Some(sha256_file(&bundle)),
-        },
-        StatusSinkSpec::Local {
-            dir: status.display().to_string(),
-        },
-    );
+    let cmd = local_command("d-RELOAD001", &bundle, &status);
     pier::transport::spool::Spool::submit(&spool, "d-RELOAD001.json", &cmd.to_json()).unwrap();
     let rec = wait_for(
         Duration::from_secs(60),
@@ -921,17 +876,7 @@ fn a_status_that_cannot_be_written_is_retried_not_lost() {
             &format!("#!/bin/sh\necho ran >> {}\n", runs.display()),
         )],
     );
-    let cmd = command(
-        "d-RETRY0001",
-        Revision::Local {
-            path: bundle.display().to_string(),
-            bundle_type: BundleType::Tgz,
-            sha256: Some(sha256_file(&bundle)),
-        },
-        StatusSinkSpec::Local {
-            dir: status.display().to_string(),
-        },
-    );
+    let cmd = local_command("d-RETRY0001", &bundle, &status);
     std::fs::create_dir_all(&spool).unwrap();
     pier::transport::spool::Spool::submit(&spool, "d-RETRY0001.json", &cmd.to_json()).unwrap();
     let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
