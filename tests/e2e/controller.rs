@@ -5,7 +5,6 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use pier::protocol::{
@@ -17,24 +16,11 @@ use pier::transport::local::LocalStatusSink;
 use pier::transport::s3::S3StatusSink;
 use pier::transport::sqs::SqsQueue;
 use pier::transport::{Queue, StatusSink};
-use sha2::Digest;
 
-use crate::support::{moto_clients, moto_endpoint, pier_bin, run_cmd, Run, Scratch};
-
-/// A name no other test (or earlier run against a shared moto) uses.
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        chrono::Utc::now().timestamp_millis() % 1_000_000
-    )
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(bytes))
-}
+use crate::support::{
+    moto_clients, moto_endpoint, new_bucket, new_versioned_bucket, pier_bin, run_cmd, sha256,
+    unique, Run, Scratch,
+};
 
 /// Runs the real `pier` with moto's endpoint and test credentials in its environment.
 fn pier(args: &[&str]) -> Run {
@@ -95,17 +81,6 @@ fn commit_all(dir: &Path) -> String {
     git(dir, &["rev-parse", "HEAD"])
 }
 
-async fn new_bucket(aws: &AwsClients) -> String {
-    let bucket = unique("pier-ctl");
-    aws.s3
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .expect("create bucket");
-    bucket
-}
-
 /// The entry names of a tgz and which of them are symlinks.
 fn tgz_entries(bytes: &[u8]) -> Vec<(String, bool)> {
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
@@ -130,16 +105,7 @@ async fn push_to_s3_encrypts_and_records_sha256_and_commit() {
     let head = commit_all(&src);
     let location = format!("s3://{bucket}/web/rev-1.tgz");
 
-    let run = pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--s3-location",
-        &location,
-    ])
-    .success();
+    let run = push(&src, "--s3-location", &location, &[]).success();
 
     let obj = aws
         .s3
@@ -198,17 +164,12 @@ async fn push_with_kms_and_a_second_push_of_the_same_tree_gives_the_same_sha256(
     let src = bundle(&s, "app");
     let mut shas = Vec::new();
     for key in ["a.tgz", "b.tgz"] {
-        let run = pier(&[
-            "push",
-            "--application",
-            "web",
-            "--source",
-            src.to_str().unwrap(),
+        let run = push(
+            &src,
             "--s3-location",
             &format!("s3://{bucket}/{key}"),
-            "--sse",
-            "aws:kms",
-        ])
+            &["--sse", "aws:kms"],
+        )
         .success();
         let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
         assert!(v.get("commit").is_none(), "not a git checkout: {v}");
@@ -238,17 +199,12 @@ fn push_to_a_local_path_writes_the_archive_and_its_sidecar() {
     std::fs::write(src.join("site/index.html"), "<h1>changed</h1>\n").unwrap();
     let out = s.path().join("revs/web.zip");
 
-    let run = pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
+    let run = push(
+        &src,
         "--local-location",
         out.to_str().unwrap(),
-        "--bundle-type",
-        "zip",
-    ])
+        &["--bundle-type", "zip"],
+    )
     .success();
 
     let bytes = std::fs::read(&out).expect("archive written");
@@ -280,16 +236,7 @@ fn push_to_a_local_path_writes_the_archive_and_its_sidecar() {
 fn push_usage_errors_exit_64_naming_the_flag() {
     let s = Scratch::new();
     let src = bundle(&s, "app");
-    let run = pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--s3-location",
-        "not-a-url",
-    ])
-    .code(64);
+    let run = push(&src, "--s3-location", "not-a-url", &[]).code(64);
     assert!(run.stderr.contains("--s3-location"), "{}", run.stderr);
     let run = pier(&[
         "push",
@@ -308,6 +255,21 @@ fn push_usage_errors_exit_64_naming_the_flag() {
     pier(&["push", "--application", "web"]).code(64);
 }
 
+/// `pier push --application web --source SRC FLAG LOCATION EXTRA...`: the push most tests make.
+fn push(src: &Path, flag: &str, location: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "push",
+        "--application",
+        "web",
+        "--source",
+        src.to_str().unwrap(),
+        flag,
+        location,
+    ];
+    args.extend_from_slice(extra);
+    pier(&args)
+}
+
 /// Takes the one message waiting on `url` and parses it as a command.
 async fn receive_command(aws: &AwsClients, url: &str) -> DeployCommand {
     let q = SqsQueue::new(aws.sqs.clone(), url);
@@ -324,16 +286,7 @@ async fn deploy_sends_a_valid_command_to_each_hosts_sqs_queue() {
     let src = bundle(&s, "app");
     let head = commit_all(&src);
     let location = format!("s3://{bucket}/web/rev.tgz");
-    let pushed = pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--s3-location",
-        &location,
-    ])
-    .success();
+    let pushed = push(&src, "--s3-location", &location, &[]).success();
     let pushed: serde_json::Value = serde_json::from_str(&pushed.stdout).unwrap();
     let hosts = [unique("h"), unique("h")];
     let mut urls = Vec::new();
@@ -422,16 +375,7 @@ async fn deploy_finds_every_queue_before_sending_any() {
     let s = Scratch::new();
     let src = bundle(&s, "app");
     let location = format!("s3://{bucket}/rev.tgz");
-    pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--s3-location",
-        &location,
-    ])
-    .success();
+    push(&src, "--s3-location", &location, &[]).success();
     let present = unique("h");
     let missing = unique("h");
     let url = aws
@@ -475,16 +419,7 @@ fn deploy_drops_commands_into_spool_directories() {
     let s = Scratch::new();
     let src = bundle(&s, "app");
     let archive = s.path().join("revs/web.tgz");
-    let pushed = pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--local-location",
-        archive.to_str().unwrap(),
-    ])
-    .success();
+    let pushed = push(&src, "--local-location", archive.to_str().unwrap(), &[]).success();
     std::fs::write(s.path().join("rev.json"), &pushed.stdout).unwrap();
     let pushed: serde_json::Value = serde_json::from_str(&pushed.stdout).unwrap();
     let spool = format!("{}/{{host}}/spool", s.path().display());
@@ -674,16 +609,7 @@ fn deploy_wait_gives_up_at_the_timeout_when_no_agent_answers() {
     let s = Scratch::new();
     let src = bundle(&s, "app");
     let archive = s.path().join("web.tgz");
-    pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--local-location",
-        archive.to_str().unwrap(),
-    ])
-    .success();
+    push(&src, "--local-location", archive.to_str().unwrap(), &[]).success();
     let run = pier(&[
         "deploy",
         "--application",
@@ -716,18 +642,7 @@ fn deploy_wait_gives_up_at_the_timeout_when_no_agent_answers() {
 #[tokio::test]
 async fn a_large_push_goes_up_in_parts_and_deploy_can_pin_its_version() {
     let aws = moto_clients().await;
-    let bucket = new_bucket(&aws).await;
-    aws.s3
-        .put_bucket_versioning()
-        .bucket(&bucket)
-        .versioning_configuration(
-            aws_sdk_s3::types::VersioningConfiguration::builder()
-                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let bucket = new_versioned_bucket(&aws).await;
     let s = Scratch::new();
     let src = bundle(&s, "app");
     // Random bytes do not compress: the archive passes the 16 MiB single-request limit.
@@ -738,18 +653,7 @@ async fn a_large_push_goes_up_in_parts_and_deploy_can_pin_its_version() {
         .unwrap();
     std::fs::write(src.join("site/big.bin"), &noise).unwrap();
     let location = format!("s3://{bucket}/big.tar");
-    let run = pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--s3-location",
-        &location,
-        "--bundle-type",
-        "tar",
-    ])
-    .success();
+    let run = push(&src, "--s3-location", &location, &["--bundle-type", "tar"]).success();
     let printed: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     let version = printed["version_id"]
         .as_str()
@@ -778,18 +682,7 @@ async fn a_large_push_goes_up_in_parts_and_deploy_can_pin_its_version() {
 
     // Push the same key again: a deployment that pins the first version still gets it.
     std::fs::remove_file(src.join("site/big.bin")).unwrap();
-    pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--s3-location",
-        &location,
-        "--bundle-type",
-        "tar",
-    ])
-    .success();
+    push(&src, "--s3-location", &location, &["--bundle-type", "tar"]).success();
     let run = pier(&[
         "deploy",
         "--application",
@@ -1112,16 +1005,7 @@ async fn push_to_s3_and_deploy_wait_over_sqs_to_two_real_agents() {
     }
     let src = deployable_bundle(&s, "app", &dest, 0);
     let location = format!("s3://{bucket}/web/app.tgz");
-    pier(&[
-        "push",
-        "--application",
-        "web",
-        "--source",
-        src.to_str().unwrap(),
-        "--s3-location",
-        &location,
-    ])
-    .success();
+    push(&src, "--s3-location", &location, &[]).success();
     let hosts_arg = format!("{},{}", hosts[0], hosts[1]);
     let args: Vec<String> = [
         "deploy",

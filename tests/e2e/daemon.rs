@@ -10,9 +10,8 @@ use pier::protocol::{
     StatusTarget,
 };
 use pier::transport::sqs::{create_with_dlq, SqsQueue};
-use sha2::Digest;
 
-use crate::support::{agent_bin, Scratch};
+use crate::support::{agent_bin, unique, Scratch};
 use crate::support::{moto_clients, moto_endpoint};
 
 /// A running `pier-agent run`, stopped (SIGKILL) when dropped.
@@ -77,7 +76,7 @@ fn moto_endpoint_if_needed() -> String {
 }
 
 fn sha256_file(p: &Path) -> String {
-    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+    crate::support::sha256(&std::fs::read(p).unwrap())
 }
 
 /// Writes a tgz bundle whose appspec copies `app/` to `dest` and runs `hooks` (event, script
@@ -141,17 +140,6 @@ fn local_command(id: &str, bundle: &Path, status: &Path) -> Command {
         StatusSinkSpec::Local {
             dir: status.display().to_string(),
         },
-    )
-}
-
-fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        chrono::Utc::now().timestamp_millis() % 1_000_000
     )
 }
 

@@ -191,3 +191,50 @@ pub async fn moto_clients() -> AwsClients {
     };
     aws_clients(&settings).await.expect("build AWS clients")
 }
+
+/// A name no other test (or test run against a shared moto) uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        chrono::Utc::now().timestamp_millis() % 1_000_000
+    )
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A new, empty bucket on moto.
+pub async fn new_bucket(aws: &AwsClients) -> String {
+    let bucket = unique("pier-e2e");
+    aws.s3
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create bucket");
+    bucket
+}
+
+/// A new bucket on moto with versioning on.
+pub async fn new_versioned_bucket(aws: &AwsClients) -> String {
+    let bucket = new_bucket(aws).await;
+    aws.s3
+        .put_bucket_versioning()
+        .bucket(&bucket)
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("enable versioning");
+    bucket
+}

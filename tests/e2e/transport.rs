@@ -19,25 +19,9 @@ use pier::transport::s3::S3StatusSink;
 use pier::transport::spool::Spool;
 use pier::transport::sqs::{QueueSpec, SqsQueue};
 use pier::transport::{keep_invisible, open_status_sink, Queue, StatusSink};
-use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{moto_clients, Scratch};
-
-/// A name no other test (or test run against a shared moto) uses.
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        chrono::Utc::now().timestamp_millis() % 1_000_000
-    )
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(bytes))
-}
+use crate::support::{moto_clients, new_bucket, new_versioned_bucket, sha256, unique, Scratch};
 
 fn command(id: &str, revision: Revision, status_dir: &Path) -> Command {
     Command {
@@ -190,12 +174,6 @@ fn record(deployment: &str, host: &str, status: DeploymentStatus) -> StatusRecor
         log_tail: Some("curl: connection refused\n".into()),
     });
     r
-}
-
-async fn new_bucket(aws: &AwsClients) -> String {
-    let bucket = unique("pier-status");
-    aws.s3.create_bucket().bucket(&bucket).send().await.unwrap();
-    bucket
 }
 
 #[tokio::test]
@@ -394,18 +372,7 @@ async fn fetch_from_s3_verifies_sha256_and_etag() {
 #[tokio::test]
 async fn fetch_from_s3_by_version_id() {
     let aws = moto_clients().await;
-    let bucket = new_bucket(&aws).await;
-    aws.s3
-        .put_bucket_versioning()
-        .bucket(&bucket)
-        .versioning_configuration(
-            aws_sdk_s3::types::VersioningConfiguration::builder()
-                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let bucket = new_versioned_bucket(&aws).await;
     let v1 = aws
         .s3
         .put_object()
