@@ -24,6 +24,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 eval "$(scripts/services.sh start)"
 trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
 
+# The end-to-end tests run the real binaries, which live in other packages than the test:
+# build them first (the tests find them beside their own binary, in target/debug).
+cargo build --workspace --bins
+
 out=$(mktemp)
 set +e
 cargo test --workspace "$@" 2>&1 | tee "$out"

@@ -1,5 +1,5 @@
 //! bundle end-to-end tests: real archives built here with the tar/zip crates (hostile ones
-//! included) unpacked by `pier::bundle::unpack` into real directories, checking both what was
+//! included) unpacked by `pier_engine::bundle::unpack` into real directories, checking both what was
 //! refused and that nothing landed outside the destination.
 
 use std::fs;
@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use pier::bundle::unpack::{unpack, BundleType, UnpackError, UnpackPolicy, Unpacked};
+use pier_engine::bundle::unpack::{unpack, BundleType, UnpackError, UnpackPolicy, Unpacked};
 
 use crate::support::Scratch;
 
@@ -93,7 +93,7 @@ impl Case {
     }
 
     fn run(&self, policy: &UnpackPolicy) -> Result<Unpacked, UnpackError> {
-        let kind = BundleType::detect(&self.archive).unwrap();
+        let kind = pier_engine::bundle::unpack::detect_bundle_type(&self.archive).unwrap();
         unpack(&self.archive, kind, &self.dest(), policy)
     }
 
@@ -428,12 +428,19 @@ fn bundle_type_is_detected_by_name_then_by_content() {
     ] {
         let p = s.path().join(name);
         fs::write(&p, bytes).unwrap();
-        assert_eq!(BundleType::detect(&p).unwrap(), kind, "{name}");
+        assert_eq!(
+            pier_engine::bundle::unpack::detect_bundle_type(&p).unwrap(),
+            kind,
+            "{name}"
+        );
     }
-    assert_eq!(BundleType::detect(s.path()).unwrap(), BundleType::Directory);
+    assert_eq!(
+        pier_engine::bundle::unpack::detect_bundle_type(s.path()).unwrap(),
+        BundleType::Directory
+    );
     let junk = s.write("junk.bin", "not an archive");
     assert!(matches!(
-        BundleType::detect(&junk),
+        pier_engine::bundle::unpack::detect_bundle_type(&junk),
         Err(UnpackError::Undetectable { .. })
     ));
 }

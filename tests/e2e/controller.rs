@@ -7,15 +7,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use pier::protocol::{
+use pier_protocol::{
     BundleType, Command as DeployCommand, DeploymentStatus, EventState, EventStatus, Revision,
     StatusRecord, StatusSinkSpec,
 };
-use pier::transport::aws::AwsClients;
-use pier::transport::local::LocalStatusSink;
-use pier::transport::s3::S3StatusSink;
-use pier::transport::sqs::SqsQueue;
-use pier::transport::{Queue, StatusSink};
+use pier_transport::aws::AwsClients;
+use pier_transport::local::LocalStatusSink;
+use pier_transport::s3::S3StatusSink;
+use pier_transport::sqs::SqsQueue;
+use pier_transport::{Queue, StatusSink};
 
 use crate::support::{
     moto_clients, moto_endpoint, new_bucket, new_versioned_bucket, pier_bin, run_cmd, sha256,
@@ -525,6 +525,7 @@ fn event(name: &str, status: EventState, code: Option<i32>) -> EventStatus {
         exit_code: code,
         failing_script: None,
         log_tail: None,
+        diagnostics: None,
     }
 }
 

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
-use pier::protocol::{
+use pier_protocol::{
     BundleType, Command, DeploymentStatus, EventState, Revision, StatusRecord, StatusSinkSpec,
     StatusTarget,
 };
-use pier::transport::sqs::{create_with_dlq, SqsQueue};
+use pier_transport::sqs::{create_with_dlq, SqsQueue};
 
 use crate::support::{agent_bin, unique, Scratch};
 use crate::support::{moto_clients, moto_endpoint};
@@ -212,7 +212,7 @@ fn spool_transport_end_to_end() {
         &|| agent.log(),
         || spool.is_dir().then_some(()),
     );
-    pier::transport::spool::Spool::submit(&spool, "d-SPOOL0001.json", &cmd.to_json()).unwrap();
+    pier_transport::spool::Spool::submit(&spool, "d-SPOOL0001.json", &cmd.to_json()).unwrap();
     let rec = wait_for(
         Duration::from_secs(60),
         "final status",
@@ -261,7 +261,7 @@ fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
     );
     let cmd = local_command("d-STOP00001", &bundle, &status);
     std::fs::create_dir_all(&spool).unwrap();
-    pier::transport::spool::Spool::submit(&spool, "d-STOP00001.json", &cmd.to_json()).unwrap();
+    pier_transport::spool::Spool::submit(&spool, "d-STOP00001.json", &cmd.to_json()).unwrap();
     let mut agent = Agent::start(&cfg, scratch.path().join("agent1.log"));
     wait_for(
         Duration::from_secs(60),
@@ -612,7 +612,7 @@ fn journald_gets_structured_deployment_fields() {
     );
     let cmd = local_command("d-JOURNAL01", &bundle, &status);
     std::fs::create_dir_all(&spool).unwrap();
-    pier::transport::spool::Spool::submit(&spool, "d-JOURNAL01.json", &cmd.to_json()).unwrap();
+    pier_transport::spool::Spool::submit(&spool, "d-JOURNAL01.json", &cmd.to_json()).unwrap();
     let record = status.join("deployments/d-JOURNAL01/hosts/jhost.json");
     let script = scratch.write(
         "in-journal.sh",
@@ -698,7 +698,7 @@ fn a_command_that_cannot_start_is_reported_and_acknowledged() {
     let mut cmd = local_command("d-ORDER0001", &bundle, &status);
     cmd.events = Some(vec!["ApplicationStart".into(), "BeforeInstall".into()]);
     std::fs::create_dir_all(&spool).unwrap();
-    pier::transport::spool::Spool::submit(&spool, "d-ORDER0001.json", &cmd.to_json()).unwrap();
+    pier_transport::spool::Spool::submit(&spool, "d-ORDER0001.json", &cmd.to_json()).unwrap();
     let mut agent = Agent::start(&cfg, scratch.path().join("agent.log"));
     let rec = wait_for(
         Duration::from_secs(60),
@@ -769,7 +769,7 @@ fn different_groups_deploy_at_once_and_one_group_one_at_a_time() {
         let mut cmd = local_command(id, &bundle, &status);
         cmd.deployment_group_id = group.to_string();
         cmd.deployment_group_name = group.to_string();
-        pier::transport::spool::Spool::submit(&spool, &format!("{id}.json"), &cmd.to_json())
+        pier_transport::spool::Spool::submit(&spool, &format!("{id}.json"), &cmd.to_json())
             .unwrap();
     }
     let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
@@ -831,7 +831,7 @@ fn sighup_reloads_the_configuration() {
         )],
     );
     let cmd = local_command("d-RELOAD001", &bundle, &status);
-    pier::transport::spool::Spool::submit(&spool, "d-RELOAD001.json", &cmd.to_json()).unwrap();
+    pier_transport::spool::Spool::submit(&spool, "d-RELOAD001.json", &cmd.to_json()).unwrap();
     let rec = wait_for(
         Duration::from_secs(60),
         "final status",
@@ -866,7 +866,7 @@ fn a_status_that_cannot_be_written_is_retried_not_lost() {
     );
     let cmd = local_command("d-RETRY0001", &bundle, &status);
     std::fs::create_dir_all(&spool).unwrap();
-    pier::transport::spool::Spool::submit(&spool, "d-RETRY0001.json", &cmd.to_json()).unwrap();
+    pier_transport::spool::Spool::submit(&spool, "d-RETRY0001.json", &cmd.to_json()).unwrap();
     let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
     wait_for(
         Duration::from_secs(60),

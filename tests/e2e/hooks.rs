@@ -1,4 +1,4 @@
-//! The hook runner end to end: `pier::hooks::run` on real scripts in scratch directories, as
+//! The hook runner end to end: `pier_engine::hooks::run` on real scripts in scratch directories, as
 //! real users, with real signals, checking the processes themselves (by pid, in /proc) and the
 //! real script log on disk.
 
@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pier::hooks::{self, HookError, HookResult, HookRun, ScriptLog};
+use pier_engine::hooks::{self, HookError, HookResult, HookRun, ScriptLog};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{ensure_user, Scratch};

@@ -1,4 +1,4 @@
-//! install end-to-end tests: `pier::install::plan` + `apply` on real revisions placed into real
+//! install end-to-end tests: `pier_engine::install::plan` + `apply` on real revisions placed into real
 //! destination trees, with a real user and group, real setfacl, and the manifest of one install
 //! driving the cleanup of the next.
 
@@ -8,8 +8,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pier::appspec::{FileExistsBehavior, FileMapping, ObjectType, Permission, SeLinuxContext};
-use pier::install::{apply, check_setid, plan, InstallError, InstallInput, Manifest};
+use pier_engine::appspec::{
+    FileExistsBehavior, FileMapping, ObjectType, Permission, SeLinuxContext,
+};
+use pier_engine::install::{apply, check_setid, plan, InstallError, InstallInput, Manifest};
 
 use crate::support::{ensure_user, Scratch};
 
@@ -479,7 +481,8 @@ fn symlinks_are_placed_as_symlinks() {
     assert!(m
         .entries
         .iter()
-        .any(|e| e.path == dest.join("current") && e.kind == pier::install::EntryKind::Symlink));
+        .any(|e| e.path == dest.join("current")
+            && e.kind == pier_engine::install::EntryKind::Symlink));
 }
 
 #[test]
@@ -496,9 +499,9 @@ fn setuid_from_the_bundle_needs_a_permission_that_grants_it() {
     b.append(&h, &b"#!/bin/sh\n"[..]).unwrap();
     fs::write(&archive, b.into_inner().unwrap()).unwrap();
     let rev = s.path().join("rev");
-    let u = pier::bundle::unpack::unpack(
+    let u = pier_engine::bundle::unpack::unpack(
         &archive,
-        pier::bundle::unpack::BundleType::Tar,
+        pier_engine::bundle::unpack::BundleType::Tar,
         &rev,
         &Default::default(),
     )
@@ -524,9 +527,9 @@ fn a_directory_bundle_reaches_its_destination_as_one_copy() {
     let s = Scratch::new();
     let src = revision(&s, "src", &[("site/index.html", "hi")]);
     let rev = s.path().join("deploy/rev");
-    pier::bundle::unpack::unpack(
+    pier_engine::bundle::unpack::unpack(
         &src,
-        pier::bundle::unpack::BundleType::Directory,
+        pier_engine::bundle::unpack::BundleType::Directory,
         &rev,
         &Default::default(),
     )

@@ -6,23 +6,45 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use pier::transport::aws::{aws_clients, AwsClients, AwsSettings, Credentials};
+use pier_transport::aws::{aws_clients, AwsClients, AwsSettings, Credentials};
 
-/// Path of the `pier-agent` binary cargo built for this test run.
+/// Path of the `pier-agent` binary (`cargo build --workspace --bins` builds it; the test
+/// command does that first).
 pub fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pier-agent"))
+    built_bin("pier-agent")
 }
 
-/// Path of the `pier` controller binary cargo built for this test run.
+/// Path of the `pier` controller binary.
 pub fn pier_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pier"))
+    built_bin("pier")
+}
+
+/// A binary of this workspace, from the target directory this test binary was built in
+/// (`target/PROFILE/deps/e2e-HASH` → `target/PROFILE/NAME`). The binaries live in other
+/// packages than this test, so cargo does not hand us their paths; a missing one is a clear
+/// failure, not a skip.
+fn built_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/PROFILE/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` before the end-to-end tests \
+         (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
 }
 
 /// The repository's top-level directory (where `appspec-examples/` lives).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("agent/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("agent/e2e is two levels below the top")
         .to_path_buf()
 }
 

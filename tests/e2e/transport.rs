@@ -8,17 +8,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pier::bundle::fetch::{FetchError, FetchOptions, Fetcher};
-use pier::protocol::{
+use pier_agent::dedupe::{Dedupe, Seen};
+use pier_agent::fetch::{FetchOptions, Fetcher};
+use pier_engine::bundle::{FetchError, RevisionFetcher};
+use pier_protocol::{
     BundleType, Command, DeploymentStatus, EventState, EventStatus, ProtocolError, Revision,
     StatusRecord, StatusSinkSpec, StatusTarget,
 };
-use pier::transport::aws::AwsClients;
-use pier::transport::dedupe::{Dedupe, Seen};
-use pier::transport::s3::S3StatusSink;
-use pier::transport::spool::Spool;
-use pier::transport::sqs::{QueueSpec, SqsQueue};
-use pier::transport::{keep_invisible, open_status_sink, Queue, StatusSink};
+use pier_transport::aws::AwsClients;
+use pier_transport::s3::S3StatusSink;
+use pier_transport::spool::Spool;
+use pier_transport::sqs::{QueueSpec, SqsQueue};
+use pier_transport::{keep_invisible, open_status_sink, Queue, StatusSink};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{moto_clients, new_bucket, new_versioned_bucket, sha256, unique, Scratch};
@@ -172,6 +173,7 @@ fn record(deployment: &str, host: &str, status: DeploymentStatus) -> StatusRecor
         exit_code: Some(3),
         failing_script: Some("scripts/check.sh".into()),
         log_tail: Some("curl: connection refused\n".into()),
+        diagnostics: None,
     });
     r
 }
@@ -464,7 +466,7 @@ async fn http_server(responses: Vec<Reply>) -> (String, Arc<std::sync::Mutex<Vec
 
 fn quick_retries() -> FetchOptions {
     FetchOptions {
-        backoff: pier::backoff::Backoff::new(
+        backoff: pier_transport::backoff::Backoff::new(
             Duration::from_millis(10),
             Duration::from_millis(50),
             4,

@@ -1,0 +1,270 @@
+//! `pier`: the deployment controller and operator CLI. Parses arguments and hands off to
+//! `pier_controller`; usage errors exit 64, failures 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pier_controller::deploy::{DeployOptions, TransportKind};
+use pier_controller::push::PushOptions;
+use pier_controller::revision::{parse_bundle_type, RevisionOverrides};
+use pier_controller::status::{SinkOptions, StatusOptions};
+use pier_controller::{AwsOptions, ControllerError, EXIT_USAGE};
+
+#[derive(Parser)]
+#[command(
+    name = "pier",
+    version,
+    about = "pier deployment controller: push revisions, deploy them to hosts, follow their status"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
+#[derive(Args)]
+#[command(next_help_heading = "AWS access")]
+struct AwsArgs {
+    /// AWS region (else AWS_REGION or the profile's).
+    #[arg(long, global = true, env = "AWS_REGION")]
+    region: Option<String>,
+    /// Endpoint for S3 and SQS (moto, MinIO, ...).
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// Named AWS profile.
+    #[arg(long, global = true, env = "AWS_PROFILE")]
+    profile: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Archive a directory, upload it as a revision, print the revision JSON on stdout.
+    Push(PushArgs),
+    /// Send a deployment to hosts; with --wait, follow it until every host is done.
+    Deploy(DeployArgs),
+    /// Show a deployment's per-host, per-event status.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct PushArgs {
+    /// Application name, recorded with the revision.
+    #[arg(long)]
+    application: String,
+    /// The directory to archive (its `.git` is left out).
+    #[arg(long)]
+    source: PathBuf,
+    /// Upload to s3://BUCKET/KEY.
+    #[arg(
+        long,
+        conflicts_with = "local_location",
+        required_unless_present = "local_location"
+    )]
+    s3_location: Option<String>,
+    /// Write the archive here (for the spool transport), with a PATH.pier.json sidecar.
+    #[arg(long)]
+    local_location: Option<PathBuf>,
+    /// Server-side encryption: AES256 (default) or aws:kms.
+    #[arg(long)]
+    sse: Option<String>,
+    /// KMS key id for --sse aws:kms.
+    #[arg(long)]
+    sse_kms_key_id: Option<String>,
+    /// Archive format: tgz (default), tar or zip.
+    #[arg(long)]
+    bundle_type: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TransportArg {
+    Sqs,
+    Spool,
+}
+
+#[derive(Args)]
+struct SinkArgs {
+    /// Bucket where hosts write status records.
+    #[arg(long, env = "PIER_STATUS_BUCKET", conflicts_with = "status_dir")]
+    status_bucket: Option<String>,
+    /// Key prefix of the status records (default pier).
+    #[arg(long, env = "PIER_STATUS_PREFIX")]
+    status_prefix: Option<String>,
+    /// Directory where hosts write status records (spool transport; default
+    /// /var/lib/pier/status).
+    #[arg(long, env = "PIER_STATUS_DIR")]
+    status_dir: Option<PathBuf>,
+}
+
+impl SinkArgs {
+    fn into_options(self) -> SinkOptions {
+        SinkOptions {
+            status_bucket: self.status_bucket,
+            status_prefix: self.status_prefix,
+            status_dir: self.status_dir,
+        }
+    }
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    /// Application name (APPLICATION_NAME in hooks).
+    #[arg(long)]
+    application: String,
+    /// Deployment group name (DEPLOYMENT_GROUP_NAME in hooks).
+    #[arg(long)]
+    deployment_group: String,
+    /// Deployment group id (DEPLOYMENT_GROUP_ID in hooks); defaults to the group name.
+    #[arg(long)]
+    deployment_group_id: Option<String>,
+    /// s3://BUCKET/KEY[?versionId=V], a local archive or directory, @revision.json (what
+    /// `pier push` printed), or an http(s) URL.
+    #[arg(long)]
+    revision: String,
+    /// The bundle's sha256 when nothing recorded it.
+    #[arg(long)]
+    sha256: Option<String>,
+    /// The bundle's format when neither its metadata nor its name says: tgz, tar or zip.
+    #[arg(long)]
+    bundle_type: Option<String>,
+    /// Target host ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// How commands reach hosts (default: sqs when --queue-url-template or --status-bucket
+    /// is given, else spool).
+    #[arg(long, value_enum, env = "PIER_TRANSPORT")]
+    transport: Option<TransportArg>,
+    /// Spool directory of the host, or a template with {host} (default /var/lib/pier/spool).
+    #[arg(long, env = "PIER_SPOOL_DIR")]
+    spool_dir: Option<String>,
+    /// SQS queue URL template with {host} (default: look up the queue pier-{host}).
+    #[arg(long, env = "PIER_QUEUE_URL_TEMPLATE")]
+    queue_url_template: Option<String>,
+    #[command(flatten)]
+    sink: SinkArgs,
+    /// Lifecycle events to run, comma-separated, in lifecycle order; DownloadBundle and Install
+    /// always run (default: ApplicationStop through ValidateService, no traffic events).
+    #[arg(long, value_delimiter = ',')]
+    events: Option<Vec<String>>,
+    /// DISALLOW, OVERWRITE or RETAIN, when the AppSpec does not say.
+    #[arg(long)]
+    file_exists_behavior: Option<String>,
+    /// Follow the deployment until every host is done; exit 0 only if all succeeded.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// With --wait: seconds between status reads.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    poll_interval: f64,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The deployment id `pier deploy` printed.
+    deployment_id: String,
+    #[command(flatten)]
+    sink: SinkArgs,
+    /// Hosts to show even if they have not reported yet, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    pier_transport::aws::disable_imds_off_ec2();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; every other parse failure is a usage
+            // error, exit 64 like the rest of pier's usage errors.
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    pier_sys::logging::init(log::LevelFilter::Warn);
+    let aws = AwsOptions {
+        region: cli.aws.region,
+        endpoint_url: cli.aws.endpoint_url.filter(|e| !e.is_empty()),
+        profile: cli.aws.profile,
+    };
+    let code = pier_controller::run(async move {
+        match cli.command {
+            Command::Push(a) => push(a, aws).await,
+            Command::Deploy(a) => deploy(a, aws).await,
+            Command::Status(a) => {
+                pier_controller::status::status(&StatusOptions {
+                    deployment_id: a.deployment_id,
+                    sink: a.sink.into_options(),
+                    hosts: a.hosts,
+                    aws,
+                })
+                .await
+            }
+        }
+    });
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+async fn push(a: PushArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
+    let pushed = pier_controller::push::push(&PushOptions {
+        application: a.application,
+        source: a.source,
+        s3_location: a.s3_location,
+        local_location: a.local_location,
+        bundle_type: a.bundle_type,
+        sse: a.sse,
+        sse_kms_key_id: a.sse_kms_key_id,
+        aws,
+    })
+    .await?;
+    eprintln!(
+        "pushed {} bytes: {}",
+        pushed.size,
+        pier_controller::revision::describe(&pushed.info)
+    );
+    println!("{}", pushed.info.to_json());
+    Ok(0)
+}
+
+async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
+    let bundle_type = a
+        .bundle_type
+        .as_deref()
+        .map(|t| parse_bundle_type("--bundle-type", t))
+        .transpose()?;
+    if !(a.poll_interval > 0.0 && a.poll_interval.is_finite()) {
+        return Err(ControllerError::Usage {
+            flag: "--poll-interval".into(),
+            message: "must be a positive number of seconds".into(),
+        });
+    }
+    pier_controller::deploy::deploy(&DeployOptions {
+        application: a.application,
+        deployment_group: a.deployment_group,
+        deployment_group_id: a.deployment_group_id,
+        revision: a.revision,
+        overrides: RevisionOverrides {
+            sha256: a.sha256,
+            bundle_type,
+        },
+        hosts: a.hosts,
+        transport: a.transport.map(|t| match t {
+            TransportArg::Sqs => TransportKind::Sqs,
+            TransportArg::Spool => TransportKind::Spool,
+        }),
+        spool_dir: a.spool_dir,
+        queue_url_template: a.queue_url_template,
+        sink: a.sink.into_options(),
+        events: a.events,
+        file_exists_behavior: a.file_exists_behavior,
+        wait: a.wait,
+        timeout: a.timeout.map(Duration::from_secs),
+        poll_interval: Duration::from_secs_f64(a.poll_interval),
+        aws,
+    })
+    .await
+}

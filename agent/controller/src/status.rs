@@ -1,0 +1,353 @@
+//! `pier status`: a deployment's per-host, per-event table, read from the status records the
+//! agents wrote (an S3 prefix or a local directory), and the text helpers `pier deploy
+//! --wait` shares with it: one line per event change, and the failure report of a host (the
+//! failing event, script, exit code and log tail).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+
+use super::{AwsOptions, ControllerError};
+use pier_protocol::{
+    DeploymentStatus, EventState, EventStatus, StatusRecord, StatusSinkSpec, StatusTarget,
+};
+use pier_transport::{open_status_sink, StatusSink};
+
+/// Where a spool deployment asks hosts to write status unless `--status-dir` says otherwise
+/// (beside the agent's default spool, under the default deployment root).
+pub const DEFAULT_STATUS_DIR: &str = "/var/lib/pier/status";
+/// The S3 key prefix the agent's status records use by default.
+pub const DEFAULT_STATUS_PREFIX: &str = "pier";
+
+/// Where status records are, as the flags gave it (`--status-bucket`/`--status-prefix` or
+/// `--status-dir`, also from `PIER_STATUS_BUCKET`, `PIER_STATUS_PREFIX`, `PIER_STATUS_DIR`).
+#[derive(Debug, Clone, Default)]
+pub struct SinkOptions {
+    /// Bucket of the records.
+    pub status_bucket: Option<String>,
+    /// Key prefix within the bucket (default [`DEFAULT_STATUS_PREFIX`]).
+    pub status_prefix: Option<String>,
+    /// Local directory of the records.
+    pub status_dir: Option<PathBuf>,
+}
+
+impl SinkOptions {
+    /// The sink these flags name. With neither a bucket nor a directory, `default_local`
+    /// chooses [`DEFAULT_STATUS_DIR`] (the spool transport's default); otherwise it is an
+    /// error that names the flags.
+    pub fn spec(&self, default_local: bool) -> Result<StatusSinkSpec, ControllerError> {
+        match (&self.status_bucket, &self.status_dir) {
+            (Some(_), Some(_)) => Err(ControllerError::usage(
+                "--status-bucket/--status-dir",
+                "give one of them: status records are either in S3 or in a local directory",
+            )),
+            (Some(bucket), None) => {
+                if bucket.trim().is_empty() {
+                    return Err(ControllerError::usage(
+                        "--status-bucket",
+                        "must not be empty",
+                    ));
+                }
+                Ok(StatusSinkSpec::S3 {
+                    bucket: bucket.clone(),
+                    prefix: self
+                        .status_prefix
+                        .as_deref()
+                        .unwrap_or(DEFAULT_STATUS_PREFIX)
+                        .trim_matches('/')
+                        .to_string(),
+                })
+            }
+            (None, Some(dir)) => Ok(StatusSinkSpec::Local {
+                dir: super::absolute(dir)?.display().to_string(),
+            }),
+            (None, None) if default_local => Ok(StatusSinkSpec::Local {
+                dir: DEFAULT_STATUS_DIR.to_string(),
+            }),
+            (None, None) => Err(ControllerError::usage(
+                "--status-bucket",
+                "the sqs transport writes status to S3: pass --status-bucket BUCKET (or set \
+                 PIER_STATUS_BUCKET), or --status-dir DIR for hosts that write locally",
+            )),
+        }
+    }
+}
+
+/// A sink spec for humans: `s3://bucket/prefix` or the directory.
+pub fn describe_sink(spec: &StatusSinkSpec) -> String {
+    match spec {
+        StatusSinkSpec::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+        StatusSinkSpec::Local { dir } => dir.clone(),
+    }
+}
+
+/// Opens the store `spec` names; AWS clients are built only for S3.
+pub async fn open_sink(
+    spec: &StatusSinkSpec,
+    aws: &AwsOptions,
+) -> Result<Box<dyn StatusSink>, ControllerError> {
+    let clients = match spec {
+        StatusSinkSpec::S3 { .. } => Some(aws.clients().await?),
+        StatusSinkSpec::Local { .. } => None,
+    };
+    let target = StatusTarget {
+        sink: spec.clone(),
+        notify_queue_url: None,
+    };
+    open_status_sink(&target, clients.as_ref())
+        .map_err(|e| ControllerError::transport("cannot open the status store", e))
+}
+
+/// What `pier status` was asked.
+#[derive(Debug, Clone)]
+pub struct StatusOptions {
+    /// The deployment.
+    pub deployment_id: String,
+    /// Where its records are.
+    pub sink: SinkOptions,
+    /// Hosts to show even when they have not reported (else: those that have).
+    pub hosts: Vec<String>,
+    /// How to reach S3.
+    pub aws: AwsOptions,
+}
+
+/// Prints the table of `opts.deployment_id` on stdout. Returns the exit code: 0 when every
+/// host listed succeeded, 1 when any failed or is still running or silent, so scripts can
+/// ask "is it done and good?".
+pub async fn status(opts: &StatusOptions) -> Result<i32, ControllerError> {
+    if !pier_protocol::is_valid_id(&opts.deployment_id) {
+        return Err(ControllerError::usage(
+            "DEPLOYMENT_ID",
+            format!(
+                "`{}` is not a deployment id (letters, digits, `.`, `_`, `-`)",
+                opts.deployment_id
+            ),
+        ));
+    }
+    let spec = opts.sink.spec(true)?;
+    let sink = open_sink(&spec, &opts.aws).await?;
+    let id = &opts.deployment_id;
+    let mut hosts = sink
+        .list_hosts(id)
+        .await
+        .map_err(|e| ControllerError::transport("cannot list the hosts' status records", e))?;
+    for h in &opts.hosts {
+        if !hosts.contains(h) {
+            hosts.push(h.clone());
+        }
+    }
+    if hosts.is_empty() {
+        return Err(ControllerError::NoStatus {
+            deployment_id: id.clone(),
+            sink: describe_sink(&spec),
+        });
+    }
+    let mut rows = Vec::new();
+    for h in &hosts {
+        let rec = sink
+            .read(id, h)
+            .await
+            .map_err(|e| ControllerError::transport(format!("host {h}: cannot read status"), e))?;
+        rows.push((h.clone(), rec));
+    }
+    print!("{}", render(&rows));
+    let all_good = rows
+        .iter()
+        .all(|(_, r)| r.as_ref().map(|r| r.status) == Some(DeploymentStatus::Succeeded));
+    Ok(if all_good { 0 } else { super::EXIT_FAILURE })
+}
+
+/// The table of events (host, event, status, duration, exit code) followed by each host's
+/// overall status and error line. A host with no record yet shows as `no status yet`.
+pub fn render(rows: &[(String, Option<StatusRecord>)]) -> String {
+    let mut table = vec![[
+        "HOST".to_string(),
+        "EVENT".to_string(),
+        "STATUS".to_string(),
+        "DURATION".to_string(),
+        "EXIT".to_string(),
+    ]];
+    for (host, rec) in rows {
+        let Some(rec) = rec else { continue };
+        for e in &rec.events {
+            table.push([
+                host.clone(),
+                e.name.clone(),
+                state_word(e.status).to_string(),
+                duration(e.started, e.ended).unwrap_or_else(|| "-".into()),
+                e.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+            ]);
+        }
+    }
+    let mut widths = [0usize; 5];
+    for row in &table {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &table {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out.push('\n');
+    for (host, rec) in rows {
+        match rec {
+            None => {
+                let _ = writeln!(out, "{host}: no status yet");
+            }
+            Some(rec) => {
+                let _ = write!(out, "{host}: {}", overall_word(rec.status));
+                if let Some(err) = &rec.error {
+                    let _ = write!(out, ": {err}");
+                }
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The word shown for an event state.
+pub fn state_word(s: EventState) -> &'static str {
+    match s {
+        EventState::Pending => "Pending",
+        EventState::InProgress => "InProgress",
+        EventState::Succeeded => "Succeeded",
+        EventState::Failed => "Failed",
+        EventState::Skipped => "Skipped",
+        EventState::TimedOut => "TimedOut",
+    }
+}
+
+/// The word shown for a host's overall state.
+pub fn overall_word(s: DeploymentStatus) -> &'static str {
+    match s {
+        DeploymentStatus::InProgress => "InProgress",
+        DeploymentStatus::Succeeded => "Succeeded",
+        DeploymentStatus::Failed => "Failed",
+    }
+}
+
+/// `1.25s`, `42s`, `3m07s` between two times, when both are known.
+pub fn duration(started: Option<DateTime<Utc>>, ended: Option<DateTime<Utc>>) -> Option<String> {
+    let ms = (ended? - started?).num_milliseconds().max(0);
+    Some(if ms < 10_000 {
+        format!("{:.2}s", ms as f64 / 1000.0)
+    } else if ms < 60_000 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    })
+}
+
+/// The event that failed or timed out on a host, if any.
+pub fn failing_event(rec: &StatusRecord) -> Option<&EventStatus> {
+    rec.events
+        .iter()
+        .find(|e| matches!(e.status, EventState::Failed | EventState::TimedOut))
+}
+
+/// What went wrong on a failed host, for a human: the failing event, its script and exit
+/// code, the error line, then the log tail indented.
+pub fn failure_report(rec: &StatusRecord) -> String {
+    let mut out = format!("{}: deployment failed", rec.host_id);
+    if let Some(e) = failing_event(rec) {
+        let _ = write!(out, " in {} ({})", e.name, state_word(e.status));
+        if let Some(s) = &e.failing_script {
+            let _ = write!(out, ", script {s}");
+        }
+        if let Some(c) = e.exit_code {
+            let _ = write!(out, ", exit code {c}");
+        }
+    }
+    out.push('\n');
+    if let Some(err) = &rec.error {
+        let _ = writeln!(out, "  error: {err}");
+    }
+    if let Some(tail) = failing_event(rec).and_then(|e| e.log_tail.as_deref()) {
+        let _ = writeln!(out, "  --- last output:");
+        for line in tail.trim_end().lines() {
+            let _ = writeln!(out, "  | {line}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(host: &str, status: DeploymentStatus, events: Vec<EventStatus>) -> StatusRecord {
+        let mut r = StatusRecord::new(host, "d-1");
+        r.status = status;
+        r.events = events;
+        r
+    }
+
+    fn ev(name: &str, status: EventState, ms: i64, code: Option<i32>) -> EventStatus {
+        let t: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        EventStatus {
+            name: name.into(),
+            status,
+            started: Some(t),
+            ended: Some(t + chrono::Duration::milliseconds(ms)),
+            exit_code: code,
+            failing_script: None,
+            log_tail: None,
+            diagnostics: None,
+        }
+    }
+
+    #[test]
+    fn table_lists_every_event_and_host() {
+        let mut bad = rec(
+            "h2",
+            DeploymentStatus::Failed,
+            vec![ev("ValidateService", EventState::Failed, 65_000, Some(3))],
+        );
+        bad.error = Some("ValidateService failed".into());
+        let text = render(&[
+            (
+                "h1".into(),
+                Some(rec(
+                    "h1",
+                    DeploymentStatus::Succeeded,
+                    vec![ev("Install", EventState::Succeeded, 1250, None)],
+                )),
+            ),
+            ("h2".into(), Some(bad)),
+            ("h3".into(), None),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "HOST  EVENT            STATUS     DURATION  EXIT");
+        assert_eq!(lines[1], "h1    Install          Succeeded  1.25s     -");
+        assert_eq!(lines[2], "h2    ValidateService  Failed     1m05s     3");
+        assert!(text.contains("h1: Succeeded\n"));
+        assert!(text.contains("h2: Failed: ValidateService failed\n"));
+        assert!(text.contains("h3: no status yet\n"));
+    }
+
+    #[test]
+    fn failure_report_names_event_script_code_and_tail() {
+        let mut e = ev("AfterInstall", EventState::TimedOut, 10, Some(137));
+        e.failing_script = Some("scripts/slow.sh".into());
+        e.log_tail = Some("one\ntwo\n".into());
+        let text = failure_report(&rec("h1", DeploymentStatus::Failed, vec![e]));
+        assert!(text.starts_with(
+            "h1: deployment failed in AfterInstall (TimedOut), script scripts/slow.sh, exit code 137"
+        ));
+        assert!(text.contains("  | one\n  | two\n"));
+    }
+}

@@ -1,0 +1,587 @@
+//! The agent's configuration file (`/etc/pier/agent.yml` by default).
+//!
+//! Read in two steps: the YAML is deserialized into a plain [`RawConfig`] (every field
+//! optional, unknown keys collected rather than refused), then [`Config::from_raw`] builds the
+//! validated [`Config`] and reports every problem at once. A syntax or type error that stops
+//! the YAML parser is reported with its `file:line:col`. Every key is documented in
+//! `docs/configuration.md`; keep the two in step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use pier_engine::settings::{BundleLimits, EngineSettings, HookEnvPolicy, HookSettings};
+
+/// Where the agent looks for its configuration when `-c` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pier/agent.yml";
+
+/// Environment variables that never reach a hook, whatever `hooks.env.pass` says: the agent's
+/// own credentials and the knobs that would point a script's AWS tools at them.
+const NEVER_PASSED_PREFIXES: &[&str] = &["AWS_", "PIER_AGENT_"];
+
+/// One problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The dotted key the problem concerns (`hooks.kill_grace_seconds`), or empty for the file.
+    pub key: String,
+    pub message: String,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error("{path}: {} problem(s):\n{}", problems.len(), ProblemList(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+struct ProblemList<'a>(&'a [ConfigProblem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.key.is_empty() {
+                write!(f, "  - {}", p.message)?;
+            } else {
+                write!(f, "  - {}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The file as written: every field optional, unknown keys kept so they can be reported.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawConfig {
+    pub root_dir: Option<PathBuf>,
+    pub max_revisions: Option<i64>,
+    pub host_id: Option<String>,
+    pub hooks: Option<RawHooks>,
+    pub bundle: Option<RawBundle>,
+    pub daemon: Option<RawDaemon>,
+    pub transport: Option<RawTransport>,
+    pub aws: Option<RawAws>,
+    pub github: Option<RawGithub>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawHooks {
+    pub kill_grace_seconds: Option<i64>,
+    pub log_max_bytes: Option<i64>,
+    pub log_keep: Option<i64>,
+    pub env: Option<RawHookEnv>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawHookEnv {
+    pub pass: Option<Vec<String>>,
+    pub set: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawBundle {
+    pub max_bytes: Option<i64>,
+    pub max_entries: Option<i64>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDaemon {
+    pub deployment_groups: Option<Vec<String>>,
+    pub concurrency: Option<i64>,
+    pub shutdown_grace_seconds: Option<i64>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTransport {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub spool_dir: Option<PathBuf>,
+    pub queue_url: Option<String>,
+    pub queue_name: Option<String>,
+    pub create_queue: Option<bool>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAws {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawGithub {
+    pub token: Option<String>,
+    pub api_url: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// Where commands come from and where status goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportConfig {
+    /// Commands are JSON files renamed into `spool_dir`.
+    Spool { spool_dir: PathBuf },
+    /// Commands arrive on this host's SQS queue.
+    Sqs {
+        queue_url: Option<String>,
+        queue_name: Option<String>,
+        create_queue: bool,
+    },
+}
+
+/// Daemon settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// Deployment group names this host belongs to (informational, announced in the registry).
+    pub deployment_groups: Vec<String>,
+    /// How many deployments (of different groups) may run at once.
+    pub concurrency: usize,
+    /// How long a running hook may go on after SIGTERM before it is stopped.
+    pub shutdown_grace: Duration,
+}
+
+/// AWS access overrides; everything else comes from the standard credential chain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AwsSettings {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+/// GitHub revision access.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GithubSettings {
+    pub token: Option<String>,
+    pub api_url: String,
+}
+
+impl fmt::Debug for GithubSettings {
+    // The token never reaches a log line, not even a debug one.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GithubSettings")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("api_url", &self.api_url)
+            .finish()
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The deployment root: revisions, logs, journals, per-group state.
+    pub root_dir: PathBuf,
+    /// Deployments kept per deployment group (the last successful and the running one are
+    /// always kept on top of this).
+    pub max_revisions: usize,
+    /// Configured host id; when absent the daemon asks IMDS, then uses the machine id.
+    pub host_id: Option<String>,
+    pub hooks: HookSettings,
+    pub bundle: BundleLimits,
+    pub daemon: DaemonSettings,
+    pub transport: TransportConfig,
+    pub aws: AwsSettings,
+    pub github: GithubSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_raw(RawConfig::default()).expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// What the engine is told of this configuration.
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            root_dir: self.root_dir.clone(),
+            max_revisions: self.max_revisions,
+            hooks: self.hooks.clone(),
+            bundle: self.bundle,
+        }
+    }
+
+    /// Loads `path`. When `required` is false and the file does not exist, the defaults are used
+    /// (so `deploy-local` works on a host that was never configured).
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Config::parse(path, &text)
+    }
+
+    /// Parses configuration text; `path` is used in messages only.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| {
+                let (line, col) = e
+                    .location()
+                    .map(|l| (l.line(), l.column()))
+                    .unwrap_or((1, 1));
+                ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    line,
+                    col,
+                    message: e.to_string(),
+                }
+            })?
+        };
+        Config::from_raw(raw).map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Builds the validated configuration, collecting every problem.
+    pub fn from_raw(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
+        let mut p = Problems::default();
+        p.unknown("", &raw.unknown);
+
+        let root_dir = raw
+            .root_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/pier"));
+        if !root_dir.is_absolute() {
+            p.push("root_dir", "must be an absolute path");
+        }
+        let max_revisions = p.positive("max_revisions", raw.max_revisions, 5);
+        if let Some(id) = &raw.host_id {
+            if !pier_protocol::is_valid_id(id) {
+                p.push(
+                    "host_id",
+                    "may hold only letters, digits, '.', '_' and '-' (1 to 128 of them)",
+                );
+            }
+        }
+
+        let hooks_raw = raw.hooks.unwrap_or_default();
+        p.unknown("hooks", &hooks_raw.unknown);
+        let env_raw = hooks_raw.env.unwrap_or_default();
+        p.unknown("hooks.env", &env_raw.unknown);
+        let pass = env_raw.pass.unwrap_or_else(|| {
+            ["LANG", "LC_ALL", "TZ"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
+        for name in &pass {
+            if NEVER_PASSED_PREFIXES
+                .iter()
+                .any(|pre| name.starts_with(pre))
+            {
+                p.push(
+                    "hooks.env.pass",
+                    &format!(
+                        "{name} is never passed to hooks (the agent's credentials stay with the agent)"
+                    ),
+                );
+            }
+        }
+        let set = env_raw.set.unwrap_or_default();
+        for name in set.keys() {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                p.push("hooks.env.set", &format!("{name:?} is not a variable name"));
+            }
+        }
+        let hooks = HookSettings {
+            kill_grace: Duration::from_secs(p.positive(
+                "hooks.kill_grace_seconds",
+                hooks_raw.kill_grace_seconds,
+                10,
+            ) as u64),
+            log_max_bytes: p.positive("hooks.log_max_bytes", hooks_raw.log_max_bytes, 10 << 20)
+                as u64,
+            log_keep: p.positive("hooks.log_keep", hooks_raw.log_keep, 5),
+            env: HookEnvPolicy { pass, set },
+        };
+
+        let bundle_raw = raw.bundle.unwrap_or_default();
+        p.unknown("bundle", &bundle_raw.unknown);
+        let bundle = BundleLimits {
+            max_bytes: p.positive("bundle.max_bytes", bundle_raw.max_bytes, 4 << 30) as u64,
+            max_entries: p.positive("bundle.max_entries", bundle_raw.max_entries, 1_000_000) as u64,
+        };
+
+        let daemon_raw = raw.daemon.unwrap_or_default();
+        p.unknown("daemon", &daemon_raw.unknown);
+        let daemon = DaemonSettings {
+            deployment_groups: daemon_raw.deployment_groups.unwrap_or_default(),
+            concurrency: p.positive("daemon.concurrency", daemon_raw.concurrency, 4),
+            shutdown_grace: Duration::from_secs(p.positive(
+                "daemon.shutdown_grace_seconds",
+                daemon_raw.shutdown_grace_seconds,
+                60,
+            ) as u64),
+        };
+
+        let t = raw.transport.unwrap_or_default();
+        p.unknown("transport", &t.unknown);
+        // Where status goes is not the agent's choice: each command names its status sink.
+        let transport = match t.kind.as_deref().unwrap_or("spool") {
+            "spool" => {
+                for (key, set) in [
+                    ("queue_url", t.queue_url.is_some()),
+                    ("queue_name", t.queue_name.is_some()),
+                    ("create_queue", t.create_queue.is_some()),
+                ] {
+                    if set {
+                        p.push(
+                            &format!("transport.{key}"),
+                            "applies only to `type: sqs`; remove it or set transport.type: sqs",
+                        );
+                    }
+                }
+                if t.spool_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+                    p.push("transport.spool_dir", "must be an absolute path");
+                }
+                TransportConfig::Spool {
+                    spool_dir: t.spool_dir.unwrap_or_else(|| root_dir.join("spool")),
+                }
+            }
+            "sqs" => {
+                if t.spool_dir.is_some() {
+                    p.push(
+                        "transport.spool_dir",
+                        "applies only to `type: spool`; remove it",
+                    );
+                }
+                if t.queue_url.is_none() && t.create_queue != Some(true) {
+                    p.push(
+                        "transport.queue_url",
+                        "is required with `type: sqs` unless create_queue: true (the agent then \
+                         finds or creates `queue_name`, default pier-HOST_ID)",
+                    );
+                }
+                TransportConfig::Sqs {
+                    queue_url: t.queue_url,
+                    queue_name: t.queue_name,
+                    create_queue: t.create_queue.unwrap_or(false),
+                }
+            }
+            other => {
+                p.push(
+                    "transport.type",
+                    &format!("unknown transport {other:?}; use `spool` or `sqs`"),
+                );
+                TransportConfig::Spool {
+                    spool_dir: root_dir.join("spool"),
+                }
+            }
+        };
+
+        let aws_raw = raw.aws.unwrap_or_default();
+        p.unknown("aws", &aws_raw.unknown);
+        if let Some(url) = &aws_raw.endpoint_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                p.push("aws.endpoint_url", "must start with http:// or https://");
+            }
+        }
+        let aws = AwsSettings {
+            region: aws_raw.region,
+            endpoint_url: aws_raw.endpoint_url,
+        };
+
+        let gh = raw.github.unwrap_or_default();
+        p.unknown("github", &gh.unknown);
+        let github = GithubSettings {
+            token: gh.token,
+            api_url: gh
+                .api_url
+                .unwrap_or_else(|| "https://api.github.com".to_string()),
+        };
+
+        if !p.0.is_empty() {
+            return Err(p.0);
+        }
+        Ok(Config {
+            root_dir,
+            max_revisions,
+            host_id: raw.host_id,
+            hooks,
+            bundle,
+            daemon,
+            transport,
+            aws,
+            github,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, key: &str, message: &str) {
+        self.0.push(ConfigProblem {
+            key: key.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    fn unknown(&mut self, section: &str, keys: &BTreeMap<String, serde_yaml::Value>) {
+        for k in keys.keys() {
+            let key = if section.is_empty() {
+                k.clone()
+            } else {
+                format!("{section}.{k}")
+            };
+            self.push(
+                &key,
+                "unknown key (see docs/configuration.md for the keys pier reads)",
+            );
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: Option<i64>, default: usize) -> usize {
+        match value {
+            None => default,
+            Some(v) if v > 0 => v as usize,
+            Some(v) => {
+                self.push(key, &format!("must be a positive integer, not {v}"));
+                default
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("agent.yml"), text)
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.root_dir, PathBuf::from("/var/lib/pier"));
+        assert_eq!(c.max_revisions, 5);
+        assert_eq!(c.hooks.kill_grace, Duration::from_secs(10));
+        assert_eq!(
+            c.transport,
+            TransportConfig::Spool {
+                spool_dir: "/var/lib/pier/spool".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = parse(
+            "root_dir: relative\nmax_revisions: 0\nbogus: 1\nhooks:\n  kill_grace_seconds: -1\n  env:\n    pass: [AWS_SECRET_ACCESS_KEY]\n",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "bogus",
+                "root_dir",
+                "max_revisions",
+                "hooks.env.pass",
+                "hooks.kill_grace_seconds"
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let err = parse("root_dir: /x\nmax_revisions: [1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("agent.yml:"), "{msg}");
+        let ConfigError::Syntax { line, .. } = err else {
+            panic!("expected Syntax")
+        };
+        assert!(line >= 2);
+    }
+
+    #[test]
+    fn type_errors_are_located() {
+        let err = parse("root_dir: /x\nmax_revisions: many\n").unwrap_err();
+        let ConfigError::Syntax { line, col, .. } = err else {
+            panic!("expected Syntax, got {err}")
+        };
+        assert_eq!((line, col), (2, 16));
+    }
+
+    #[test]
+    fn sqs_needs_a_queue_or_leave_to_create_one() {
+        let err = parse("transport:\n  type: sqs\n  spool_dir: /x\n").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!()
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["transport.spool_dir", "transport.queue_url"]);
+        parse("transport:\n  type: sqs\n  create_queue: true\n").unwrap();
+    }
+
+    #[test]
+    fn hook_env_policy_never_leaks_and_set_wins() {
+        let policy = HookEnvPolicy {
+            pass: vec!["LANG".into(), "MISSING".into()],
+            set: [("LANG".to_string(), "C.UTF-8".to_string())].into(),
+        };
+        let env = policy.resolve(|k| (k == "LANG").then(|| "en_US.UTF-8".to_string()));
+        assert_eq!(env, vec![("LANG".to_string(), "C.UTF-8".to_string())]);
+    }
+
+    #[test]
+    fn github_token_is_not_debug_printed() {
+        let c = parse("github:\n  token: ghp_secret\n").unwrap();
+        assert!(!format!("{c:?}").contains("ghp_secret"));
+    }
+
+    #[test]
+    fn ids_that_could_escape_a_directory_are_unsafe() {
+        assert!(pier_protocol::is_valid_id("d-ABC123_x.y"));
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(!pier_protocol::is_valid_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The AppSpec: CodeDeploy's `appspec.yml` for EC2/on-premises, parsed and validated into
+//! typed values that `install`, `hooks` and `deploy` consume.
+//!
+//! This module owns the meaning of every key and every validation rule, and reports each
+//! problem (all of them, not the first) as a [`Diagnostic`] located at `FILE:LINE:COL`, naming
+//! the key and saying how to fix it. It does no I/O: callers hand it the text, and the checks
+//! that need the bundle or the host ([`check_environment`], [`check_file_objects`]) take
+//! callbacks. Reading files, archives and the user database is `validate`'s and `deploy`'s job.
+
+mod check;
+mod tree;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use check::{check_environment, check_file_objects};
+
+/// A position in the AppSpec text, both counted from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+pub struct Span {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column in characters, from 1.
+    pub col: usize,
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.col)
+    }
+}
+
+/// The `os` key. Only Linux deploys here; Windows is recognised so the refusal is clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Os {
+    /// `os: linux`, the only one pier deploys.
+    Linux,
+    /// `os: windows`: understood so that it can be refused clearly.
+    Windows,
+}
+
+pub use pier_protocol::{
+    FileExistsBehavior, LifecycleEvent, UnknownFileExistsBehavior, UnknownLifecycleEvent,
+};
+
+/// One `files` entry: copy `source` (a file, or a directory's contents) under `destination`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileMapping {
+    /// Relative to the bundle root, normalized (no `.`, `..`, or leading `/`); "" is the root.
+    pub source: String,
+    /// Absolute and normalized (no trailing `/`, no `.`).
+    pub destination: PathBuf,
+    /// Where the entry starts in the AppSpec.
+    pub span: Span,
+}
+
+/// The object kinds a `permissions` entry's `type` list can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectType {
+    /// Regular files (and symlinks) under a directory object.
+    File,
+    /// Directories under a directory object.
+    Directory,
+}
+
+/// A `permissions` entry's SELinux `context`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeLinuxContext {
+    /// The SELinux user (`name` in the AppSpec), e.g. `system_u`.
+    pub user: Option<String>,
+    /// The SELinux type (`type` in the AppSpec), e.g. `httpd_sys_content_t`.
+    pub kind: String,
+    /// The MLS/MCS range, e.g. `s0` or `s0-s0:c0.c255`.
+    pub range: Option<String>,
+}
+
+/// One `permissions` entry: ownership, mode, ACLs and SELinux context for an installed path
+/// or, for a directory, the objects under it that `pattern` matches and `except` does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Permission {
+    /// Absolute, normalized.
+    pub object: PathBuf,
+    /// A glob on names under `object`; None means every object (`**`, the default).
+    pub pattern: Option<String>,
+    /// Globs of names under `object` to leave alone.
+    pub except: Vec<String>,
+    /// User to `chown` to.
+    pub owner: Option<String>,
+    /// Group to `chgrp` to.
+    pub group: Option<String>,
+    /// Permission bits, e.g. 0o644 (set-id and sticky bits allowed with four digits).
+    pub mode: Option<u32>,
+    /// setfacl entries such as `u:bob:rw` or `d:g:staff:rx`, validated.
+    pub acls: Vec<String>,
+    /// SELinux context to set (`chcon`).
+    pub context: Option<SeLinuxContext>,
+    /// Which kinds of object this entry applies to; empty means both.
+    pub types: Vec<ObjectType>,
+    /// Where the entry starts in the AppSpec.
+    pub span: Span,
+}
+
+/// One script under a lifecycle event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hook {
+    /// Relative to the bundle root, normalized.
+    pub location: String,
+    /// How long the script may run before its process group is stopped (default 3600 s).
+    pub timeout: Duration,
+    /// The user to run as; None runs as the agent's user.
+    pub runas: Option<String>,
+    /// Where the entry starts in the AppSpec.
+    pub span: Span,
+}
+
+/// A validated AppSpec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppSpec {
+    /// Always "0.0" once validated.
+    pub version: String,
+    /// Always [`Os::Linux`] once validated.
+    pub os: Os,
+    /// What Install copies, in the order written.
+    pub files: Vec<FileMapping>,
+    /// None when the AppSpec leaves it to the deployment (codedeploy-local `-b`).
+    pub file_exists_behavior: Option<FileExistsBehavior>,
+    /// What Install applies to the placed objects, in the order written.
+    pub permissions: Vec<Permission>,
+    /// Only hookable events appear; an event listed with no scripts is absent.
+    pub hooks: BTreeMap<LifecycleEvent, Vec<Hook>>,
+}
+
+impl AppSpec {
+    /// The scripts for `ev` in the order written; empty when there are none.
+    pub fn hooks_for(&self, ev: LifecycleEvent) -> &[Hook] {
+        self.hooks.get(&ev).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// How bad a finding is: errors make the AppSpec invalid, warnings do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The AppSpec cannot be deployed as written.
+    Error,
+    /// Deployable, but probably not what was meant, or not portable to CodeDeploy.
+    Warning,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        })
+    }
+}
+
+/// One finding, located. Displayed as
+/// `FILE:LINE:COL: error: KEY: MESSAGE; HINT` on one line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// The label the caller gave for the AppSpec (usually its path).
+    pub file: String,
+    /// Where the value concerned starts.
+    pub span: Span,
+    /// The key concerned, as a path: `files[1].destination`, `hooks.ApplicationStart[0]`;
+    /// empty for problems with the document as a whole.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+}
+
+impl Diagnostic {
+    /// True for an error (the AppSpec cannot be deployed).
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}: ", self.file, self.span, self.severity)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "; {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A valid AppSpec and the warnings found on the way.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The typed AppSpec.
+    pub spec: AppSpec,
+    /// Findings that do not stop a deployment.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Parse and validate text read from `file` (the label used in messages).
+///
+/// `Err` holds every finding, errors and warnings, in the order of the text.
+pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Diagnostic>> {
+    check::parse(file, text)
+}
+
+/// Like [`parse`], for raw bytes: text that is not UTF-8 is reported at the line and column
+/// of the first bad byte. A leading byte-order mark is ignored.
+pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Parsed, Vec<Diagnostic>> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse(file, text),
+        Err(e) => {
+            let good = &bytes[..e.valid_up_to()];
+            let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
+            let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            let col = 1 + String::from_utf8_lossy(&good[line_start..]).chars().count();
+            Err(vec![Diagnostic {
+                severity: Severity::Error,
+                file: file.to_string(),
+                span: Span { line, col },
+                key: String::new(),
+                message: "the AppSpec is not UTF-8 text".to_string(),
+                hint: Some("save the file as UTF-8".to_string()),
+            }])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

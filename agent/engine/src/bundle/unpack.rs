@@ -1,0 +1,988 @@
+//! Safe unpacking of a revision bundle (tar, tgz, zip, or a directory) into a fresh directory.
+//!
+//! A bundle is untrusted input: this module decides what may land on disk and refuses, naming
+//! the entry, anything that could write outside the destination (`..`, absolute paths, writing
+//! *through* a symlink, hard links to outside), special nodes (devices, FIFOs, sockets) and
+//! bundles past a size or entry cap. Set-uid/set-gid bits are cleared and reported so that the
+//! deploy engine can refuse them unless the AppSpec grants them. It knows nothing of AppSpec
+//! semantics and never shells out. On any refusal the destination is removed again.
+//!
+//! Directory bundles are reproduced by hard-linking each file (copying across filesystems), so a
+//! directory bundle's data is written once, by Install, on its way to its destination.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// File-type bits as found in `st_mode` and in zip "external attributes".
+const S_IFMT: u32 = 0o170_000;
+const S_IFSOCK: u32 = 0o140_000;
+const S_IFLNK: u32 = 0o120_000;
+const S_IFREG: u32 = 0o100_000;
+const S_IFBLK: u32 = 0o060_000;
+const S_IFDIR: u32 = 0o040_000;
+const S_IFCHR: u32 = 0o020_000;
+const S_IFIFO: u32 = 0o010_000;
+/// Set-uid and set-gid: cleared on disk, reported in [`Unpacked::setid_entries`].
+const SETID_BITS: u32 = 0o6000;
+/// Permission bits kept from the bundle (sticky included, set-id never).
+const KEPT_BITS: u32 = 0o1777;
+/// Opens a directory bundle's file for copying, without following a symlink and only if it is
+/// still the file that was checked (same device and inode): the bundle's owner cannot swap it
+/// for a link to a file only root may read between the check and the copy.
+fn open_same_file(path: &Path, checked: &fs::Metadata) -> Result<File, UnpackError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| UnpackError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_err)?;
+    let now = f.metadata().map_err(read_err)?;
+    if now.dev() != checked.dev() || now.ino() != checked.ino() || !now.is_file() {
+        return Err(read_err(io::Error::other(
+            "the file changed while the bundle was being read",
+        )));
+    }
+    Ok(f)
+}
+
+/// What a [`CappedReader`] says when its budget is spent.
+const CAP_MESSAGE: &str = "archive stream passes the bundle size cap";
+
+/// A reader that fails once more than `left` bytes have been read through it.
+struct CappedReader<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for CappedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Err(io::Error::new(io::ErrorKind::FileTooLarge, CAP_MESSAGE));
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Longest symlink target accepted from a zip (where the target is the entry's data).
+const MAX_LINK_TARGET: u64 = 4096;
+
+pub use pier_protocol::BundleType;
+
+/// Tells the type of the bundle at `path`: a directory, then by name (`.tar`, `.tar.gz` or
+/// `.tgz`, `.zip`), then by the file's first bytes.
+pub fn detect_bundle_type(path: &Path) -> Result<BundleType, UnpackError> {
+    let read_err = |source| UnpackError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = fs::metadata(path).map_err(read_err)?;
+    if meta.is_dir() {
+        return Ok(BundleType::Directory);
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some(t) = BundleType::from_file_name(&name) {
+        return Ok(t);
+    }
+    let mut head = [0u8; pier_protocol::MAGIC_LEN];
+    let mut f = File::open(path).map_err(read_err)?;
+    let n = read_up_to(&mut f, &mut head).map_err(read_err)?;
+    BundleType::from_magic(&head[..n]).ok_or_else(|| UnpackError::Undetectable {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Reads until `buf` is full or the file ends; returns how much was read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Limits that keep a hostile or broken bundle from filling the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackPolicy {
+    /// Cap on the total size of the files in the bundle (declared and actually written).
+    pub max_total_bytes: u64,
+    /// Cap on the number of entries (files, directories, links).
+    pub max_entries: u64,
+}
+
+impl Default for UnpackPolicy {
+    fn default() -> Self {
+        UnpackPolicy {
+            max_total_bytes: 4 << 30,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// What an unpack placed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unpacked {
+    /// Regular files placed (hard links included).
+    pub files: u64,
+    /// Bytes of file data placed.
+    pub bytes: u64,
+    /// Entries that carried set-uid/set-gid bits; the bits were cleared on disk. Each is the
+    /// entry's path relative to the bundle root (normalized like `FileMapping::source`) and its
+    /// mode as the bundle gave it, file-type bits included (`S_IFREG | 0o4755`), so a reader
+    /// can tell files from directories.
+    pub setid_entries: Vec<(String, u32)>,
+}
+
+/// Why a bundle was refused or could not be unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// Neither name nor content tells the type.
+    #[error(
+        "cannot tell what kind of bundle {path} is: name it .tar, .tgz/.tar.gz or .zip, \
+         or give the type (-t directory|tar|tgz|zip)"
+    )]
+    Undetectable {
+        /// The bundle.
+        path: PathBuf,
+    },
+    /// Unpacking only goes into a fresh directory.
+    #[error(
+        "cannot unpack into {dest}: it already exists; unpack into a path that does not exist"
+    )]
+    DestExists {
+        /// The destination given.
+        dest: PathBuf,
+    },
+    /// A directory bundle asked to unpack into itself (it would copy itself forever).
+    #[error(
+        "cannot unpack the directory bundle {src} into {dest}, which is inside it; choose a \
+         deployment root outside the bundle"
+    )]
+    DestInsideSource {
+        /// The bundle directory.
+        src: PathBuf,
+        /// The destination.
+        dest: PathBuf,
+    },
+    /// An entry with an absolute path.
+    #[error(
+        "refused bundle: entry {entry:?} has an absolute path; a bundle may hold relative \
+         paths only, rebuild it from inside its root directory"
+    )]
+    AbsolutePath {
+        /// The entry as named in the bundle.
+        entry: String,
+    },
+    /// An entry with a `..` component.
+    #[error(
+        "refused bundle: entry {entry:?} climbs out of the bundle with '..'; rebuild it \
+         without parent-directory components"
+    )]
+    ParentDir {
+        /// The entry as named in the bundle.
+        entry: String,
+    },
+    /// A name that cannot be a path (NUL byte, empty).
+    #[error("refused bundle: entry {entry:?} has a name that cannot be a file path")]
+    BadName {
+        /// The entry as named in the bundle (lossy).
+        entry: String,
+    },
+    /// An entry that would be written beneath a symlink from the bundle.
+    #[error(
+        "refused bundle: entry {entry:?} would be written through the symlink {symlink:?}; \
+         a bundle may contain symlinks, but nothing may be placed beneath one"
+    )]
+    ThroughSymlink {
+        /// The entry as named in the bundle.
+        entry: String,
+        /// The bundle symlink on its way.
+        symlink: String,
+    },
+    /// A hard link to outside the bundle or to something not (yet) extracted as a file.
+    #[error(
+        "refused bundle: entry {entry:?} is a hard link to {target:?}, which is outside the \
+         bundle or not a file extracted before it; replace the link with a copy of the file"
+    )]
+    HardLink {
+        /// The entry as named in the bundle.
+        entry: String,
+        /// The link's target as named in the bundle.
+        target: String,
+    },
+    /// Device, FIFO or socket nodes.
+    #[error(
+        "refused bundle: entry {entry:?} is a {kind}; a bundle may contain only files, \
+         directories and symlinks"
+    )]
+    SpecialFile {
+        /// The entry as named in the bundle.
+        entry: String,
+        /// What it is ("character device", "FIFO", ...).
+        kind: &'static str,
+    },
+    /// Past the byte cap (declared or actually written).
+    #[error(
+        "refused bundle: it is larger than the cap of {limit} bytes (entry {entry:?} brings it \
+         to {total} bytes or more); raise the bundle size cap if this bundle is trusted"
+    )]
+    TooLarge {
+        /// The entry that passed the cap.
+        entry: String,
+        /// The total reached.
+        total: u64,
+        /// The cap.
+        limit: u64,
+    },
+    /// Past the entry cap.
+    #[error(
+        "refused bundle: it has more than {limit} entries (at {entry:?}); raise the entry cap \
+         if this bundle is trusted"
+    )]
+    TooManyEntries {
+        /// The entry that passed the cap.
+        entry: String,
+        /// The cap.
+        limit: u64,
+    },
+    /// Two entries of different kinds at one path (a file where a directory is, ...).
+    #[error(
+        "refused bundle: entry {entry:?} conflicts with an earlier entry of another kind at \
+         {path:?}; rebuild the bundle without the duplicate"
+    )]
+    Conflict {
+        /// The entry as named in the bundle.
+        entry: String,
+        /// The bundle path in conflict.
+        path: String,
+    },
+    /// The bundle could not be read.
+    #[error("cannot read bundle {path}: {source}")]
+    Read {
+        /// The bundle or the file in it.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The archive is malformed.
+    #[error("bundle {path} is not a readable {kind} archive: {detail}")]
+    Corrupt {
+        /// The bundle.
+        path: PathBuf,
+        /// Its type.
+        kind: BundleType,
+        /// What the archive reader said.
+        detail: String,
+    },
+    /// Writing into the destination failed.
+    #[error("cannot write {path} while unpacking the bundle: {source}")]
+    Write {
+        /// What was being written.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Unpack `src` into `dest` (must not exist; created). On any refusal `dest` is removed and
+/// nothing was written outside it.
+pub fn unpack(
+    src: &Path,
+    kind: BundleType,
+    dest: &Path,
+    policy: &UnpackPolicy,
+) -> Result<Unpacked, UnpackError> {
+    if fs::symlink_metadata(dest).is_ok() {
+        return Err(UnpackError::DestExists {
+            dest: dest.to_path_buf(),
+        });
+    }
+    if kind == BundleType::Directory {
+        if let (Ok(src), Some(dest)) = (fs::canonicalize(src), resolve_missing(dest)) {
+            if dest.starts_with(&src) {
+                return Err(UnpackError::DestInsideSource { src, dest });
+            }
+        }
+    }
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(|source| UnpackError::Write {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    // create_dir (not _all) so that a racing creator makes us fail rather than share.
+    fs::create_dir(dest).map_err(|source| match source.kind() {
+        io::ErrorKind::AlreadyExists => UnpackError::DestExists {
+            dest: dest.to_path_buf(),
+        },
+        _ => UnpackError::Write {
+            path: dest.to_path_buf(),
+            source,
+        },
+    })?;
+    let mut x = Extractor::new(src, kind, dest, *policy);
+    let result = match kind {
+        BundleType::Directory => x.directory(),
+        BundleType::Tar => open(src).and_then(|f| x.tar(BufReader::new(f))),
+        BundleType::Tgz => {
+            open(src).and_then(|f| x.tar(flate2::read::MultiGzDecoder::new(BufReader::new(f))))
+        }
+        BundleType::Zip => open(src).and_then(|f| x.zip(f)),
+    }
+    .and_then(|()| x.finish_dirs());
+    match result {
+        Ok(()) => Ok(x.out),
+        Err(e) => {
+            // Best effort: the refusal is what the caller needs to see, not a cleanup hiccup.
+            if let Err(rm) = fs::remove_dir_all(dest) {
+                log::warn!(
+                    "could not remove {} after refusing the bundle: {rm}",
+                    dest.display()
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The canonical form of a path that does not exist yet: its nearest existing ancestor
+/// resolved, the rest appended.
+fn resolve_missing(path: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(path).ok()?;
+    let mut rest = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(real) = fs::canonicalize(at) {
+            return Some(rest.iter().rev().fold(real, |p, c| p.join(c)));
+        }
+        rest.push(at.file_name()?);
+        at = at.parent()?;
+    }
+}
+
+fn open(src: &Path) -> Result<File, UnpackError> {
+    File::open(src).map_err(|source| UnpackError::Read {
+        path: src.to_path_buf(),
+        source,
+    })
+}
+
+/// A bundle entry's path, checked and normalized: relative, no `..`, no `.`, no empty parts.
+/// `None` is the bundle root itself (`./`).
+fn entry_rel(raw: &[u8]) -> Result<Option<PathBuf>, UnpackError> {
+    let name = || String::from_utf8_lossy(raw).into_owned();
+    if raw.contains(&0) {
+        return Err(UnpackError::BadName { entry: name() });
+    }
+    if raw.first() == Some(&b'/') {
+        return Err(UnpackError::AbsolutePath { entry: name() });
+    }
+    let mut rel = PathBuf::new();
+    for part in raw.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => return Err(UnpackError::ParentDir { entry: name() }),
+            p => rel.push(OsStr::from_bytes(p)),
+        }
+    }
+    Ok(if rel.as_os_str().is_empty() {
+        None
+    } else {
+        Some(rel)
+    })
+}
+
+fn display(rel: &Path) -> String {
+    rel.to_string_lossy().into_owned()
+}
+
+/// What an archive entry is, once its type is known.
+enum Kind {
+    File,
+    Dir,
+    Symlink(Vec<u8>),
+    HardLink(Vec<u8>),
+    Special(&'static str),
+    /// Metadata-only records (pax global headers) that place nothing.
+    Skip,
+}
+
+/// The state of one unpack: counters, what was extracted, directory modes to set last.
+struct Extractor<'a> {
+    src: &'a Path,
+    kind: BundleType,
+    dest: &'a Path,
+    policy: UnpackPolicy,
+    out: Unpacked,
+    entries: u64,
+    declared: u64,
+    /// Regular files extracted so far (relative), the only valid hard-link targets.
+    files: HashSet<PathBuf>,
+    /// Directories with their modes, set once everything is in (a read-only directory in the
+    /// bundle must not stop its own contents from being written).
+    dirs: Vec<(PathBuf, u32)>,
+}
+
+impl<'a> Extractor<'a> {
+    fn new(src: &'a Path, kind: BundleType, dest: &'a Path, policy: UnpackPolicy) -> Self {
+        Extractor {
+            src,
+            kind,
+            dest,
+            policy,
+            out: Unpacked::default(),
+            entries: 0,
+            declared: 0,
+            files: HashSet::new(),
+            dirs: Vec::new(),
+        }
+    }
+
+    fn corrupt(&self, detail: impl fmt::Display) -> UnpackError {
+        // A cap hit deep inside a read surfaces as an I/O error; name it for what it is.
+        if detail.to_string().contains(CAP_MESSAGE) {
+            return UnpackError::TooLarge {
+                entry: "(the archive stream)".to_string(),
+                total: self.policy.max_total_bytes,
+                limit: self.policy.max_total_bytes,
+            };
+        }
+        UnpackError::Corrupt {
+            path: self.src.to_path_buf(),
+            kind: self.kind,
+            detail: detail.to_string(),
+        }
+    }
+
+    fn count_entry(&mut self, entry: &str) -> Result<(), UnpackError> {
+        self.entries += 1;
+        if self.entries > self.policy.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                entry: entry.to_string(),
+                limit: self.policy.max_entries,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a size the archive declares before any of it is written.
+    fn declare(&mut self, entry: &str, size: u64) -> Result<(), UnpackError> {
+        self.declared = self.declared.saturating_add(size);
+        if self.declared > self.policy.max_total_bytes {
+            return Err(UnpackError::TooLarge {
+                entry: entry.to_string(),
+                total: self.declared,
+                limit: self.policy.max_total_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes sure every ancestor of `rel` under `dest` is a real directory (creating missing
+    /// ones), never a symlink; returns the full path of `rel`.
+    fn parents(&mut self, rel: &Path, entry: &str) -> Result<PathBuf, UnpackError> {
+        let mut at = self.dest.to_path_buf();
+        let mut sofar = PathBuf::new();
+        let comps: Vec<_> = rel.components().collect();
+        for c in &comps[..comps.len().saturating_sub(1)] {
+            at.push(c);
+            sofar.push(c);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(UnpackError::ThroughSymlink {
+                        entry: entry.to_string(),
+                        symlink: display(&sofar),
+                    })
+                }
+                Ok(_) => {
+                    return Err(UnpackError::Conflict {
+                        entry: entry.to_string(),
+                        path: display(&sofar),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&at).map_err(|source| UnpackError::Write {
+                        path: at.clone(),
+                        source,
+                    })?;
+                    self.dirs.push((at.clone(), 0o755));
+                }
+                Err(source) => return Err(UnpackError::Write { path: at, source }),
+            }
+        }
+        Ok(self.dest.join(rel))
+    }
+
+    /// Frees the final path for a new entry: a later non-directory entry replaces an earlier
+    /// one (the old link itself is removed, never followed); kinds may not change to or from a
+    /// directory. Returns whether a directory is already there.
+    fn clear_slot(
+        &mut self,
+        full: &Path,
+        rel: &Path,
+        entry: &str,
+        want_dir: bool,
+    ) -> Result<bool, UnpackError> {
+        match fs::symlink_metadata(full) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(UnpackError::Write {
+                path: full.to_path_buf(),
+                source,
+            }),
+            Ok(m) if m.file_type().is_dir() && want_dir => Ok(true),
+            Ok(m) if m.file_type().is_dir() || want_dir => Err(UnpackError::Conflict {
+                entry: entry.to_string(),
+                path: display(rel),
+            }),
+            Ok(_) => {
+                fs::remove_file(full).map_err(|source| UnpackError::Write {
+                    path: full.to_path_buf(),
+                    source,
+                })?;
+                self.files.remove(rel);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Clears set-id bits from `mode`, reporting them; returns the bits to put on disk.
+    fn strip_setid(&mut self, rel: &Path, mode: u32, type_bits: u32) -> u32 {
+        if mode & SETID_BITS != 0 {
+            self.out
+                .setid_entries
+                .push((display(rel), type_bits | (mode & 0o7777)));
+        }
+        mode & KEPT_BITS
+    }
+
+    fn make_dir(&mut self, rel: &Path, entry: &str, mode: u32) -> Result<(), UnpackError> {
+        let full = self.parents(rel, entry)?;
+        if !self.clear_slot(&full, rel, entry, true)? {
+            fs::create_dir(&full).map_err(|source| UnpackError::Write {
+                path: full.clone(),
+                source,
+            })?;
+        }
+        let mode = self.strip_setid(rel, mode, S_IFDIR);
+        self.dirs.push((full, mode));
+        Ok(())
+    }
+
+    fn make_symlink(&mut self, rel: &Path, entry: &str, target: &[u8]) -> Result<(), UnpackError> {
+        if target.is_empty() || target.contains(&0) {
+            return Err(UnpackError::BadName {
+                entry: entry.to_string(),
+            });
+        }
+        let full = self.parents(rel, entry)?;
+        self.clear_slot(&full, rel, entry, false)?;
+        std::os::unix::fs::symlink(OsStr::from_bytes(target), &full).map_err(|source| {
+            UnpackError::Write {
+                path: full.clone(),
+                source,
+            }
+        })
+    }
+
+    fn make_hardlink(&mut self, rel: &Path, entry: &str, target: &[u8]) -> Result<(), UnpackError> {
+        let refused = || UnpackError::HardLink {
+            entry: entry.to_string(),
+            target: String::from_utf8_lossy(target).into_owned(),
+        };
+        let trel = match entry_rel(target) {
+            Ok(Some(t)) => t,
+            _ => return Err(refused()),
+        };
+        if !self.files.contains(&trel) {
+            return Err(refused());
+        }
+        let tfull = self.dest.join(&trel);
+        // The set only holds paths whose ancestors were checked to be real directories, and a
+        // directory can never be replaced later (clear_slot), so tfull resolves inside dest.
+        match fs::symlink_metadata(&tfull) {
+            Ok(m) if m.file_type().is_file() => {}
+            _ => return Err(refused()),
+        }
+        let full = self.parents(rel, entry)?;
+        if full == tfull {
+            return Ok(());
+        }
+        self.clear_slot(&full, rel, entry, false)?;
+        fs::hard_link(&tfull, &full).map_err(|source| UnpackError::Write {
+            path: full.clone(),
+            source,
+        })?;
+        self.files.insert(rel.to_path_buf());
+        self.out.files += 1;
+        Ok(())
+    }
+
+    /// Writes a regular file from `data`, counting the real bytes against the cap whatever the
+    /// archive declared (a zip bomb lies about its sizes).
+    fn make_file(
+        &mut self,
+        rel: &Path,
+        entry: &str,
+        mode: u32,
+        data: &mut dyn Read,
+    ) -> Result<(), UnpackError> {
+        let full = self.parents(rel, entry)?;
+        self.clear_slot(&full, rel, entry, false)?;
+        let werr = |source| UnpackError::Write {
+            path: full.clone(),
+            source,
+        };
+        // create_new: O_EXCL never follows a symlink, so nothing is written through one.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&full)
+            .map_err(werr)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match data.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.corrupt(format_args!("entry {entry:?}: {e}"))),
+            };
+            self.out.bytes += n as u64;
+            if self.out.bytes > self.policy.max_total_bytes {
+                return Err(UnpackError::TooLarge {
+                    entry: entry.to_string(),
+                    total: self.out.bytes,
+                    limit: self.policy.max_total_bytes,
+                });
+            }
+            f.write_all(&buf[..n]).map_err(werr)?;
+        }
+        let mode = self.strip_setid(rel, mode, S_IFREG);
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(werr)?;
+        self.files.insert(rel.to_path_buf());
+        self.out.files += 1;
+        Ok(())
+    }
+
+    /// Sets directory modes, deepest first, now that nothing more is written into them.
+    fn finish_dirs(&mut self) -> Result<(), UnpackError> {
+        let mut dirs = std::mem::take(&mut self.dirs);
+        dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (p, mode) in dirs {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                .map_err(|source| UnpackError::Write { path: p, source })?;
+        }
+        Ok(())
+    }
+
+    fn tar<R: Read>(&mut self, reader: R) -> Result<(), UnpackError> {
+        // Every byte the tar reader pulls is counted, not only file data: the tar crate reads
+        // GNU long-name and pax headers whole into memory, so a small tgz declaring a huge one
+        // would otherwise make the agent allocate gigabytes before any entry is seen.
+        let cap = self
+            .policy
+            .max_total_bytes
+            .saturating_add(self.policy.max_entries.saturating_mul(1024))
+            .saturating_add(1 << 20);
+        let capped = CappedReader {
+            inner: reader,
+            left: cap,
+        };
+        let mut ar = tar::Archive::new(capped);
+        let over_cap = |e: &io::Error| e.kind() == io::ErrorKind::FileTooLarge;
+        let entries = ar.entries().map_err(|e| self.corrupt(e))?;
+        for item in entries {
+            let mut e = match item {
+                Ok(e) => e,
+                Err(e) if over_cap(&e) => {
+                    return Err(UnpackError::TooLarge {
+                        entry: "(the archive stream)".to_string(),
+                        total: cap,
+                        limit: self.policy.max_total_bytes,
+                    })
+                }
+                Err(e) => return Err(self.corrupt(e)),
+            };
+            let raw = e.path_bytes().into_owned();
+            let name = String::from_utf8_lossy(&raw).into_owned();
+            let hdr = e.header();
+            let kind = match hdr.entry_type() {
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse => Kind::File,
+                tar::EntryType::Directory => Kind::Dir,
+                tar::EntryType::Symlink => {
+                    Kind::Symlink(e.link_name_bytes().unwrap_or_default().into_owned())
+                }
+                tar::EntryType::Link => {
+                    Kind::HardLink(e.link_name_bytes().unwrap_or_default().into_owned())
+                }
+                tar::EntryType::Char => Kind::Special("character device"),
+                tar::EntryType::Block => Kind::Special("block device"),
+                tar::EntryType::Fifo => Kind::Special("FIFO"),
+                tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink => Kind::Skip,
+                _ => Kind::Special("node of a type bundles may not hold"),
+            };
+            if matches!(kind, Kind::Skip) {
+                continue;
+            }
+            let mode = hdr.mode().unwrap_or(0o644);
+            let size = e.size();
+            self.count_entry(&name)?;
+            self.entry(&raw, &name, kind, mode, size, &mut e)?;
+        }
+        Ok(())
+    }
+
+    /// Places one archive entry after its path and kind have been checked.
+    fn entry(
+        &mut self,
+        raw: &[u8],
+        name: &str,
+        kind: Kind,
+        mode: u32,
+        size: u64,
+        data: &mut dyn Read,
+    ) -> Result<(), UnpackError> {
+        if let Kind::Special(what) = kind {
+            return Err(UnpackError::SpecialFile {
+                entry: name.to_string(),
+                kind: what,
+            });
+        }
+        let Some(rel) = entry_rel(raw)? else {
+            // The root itself ("./"): nothing to place; its mode is ours to choose.
+            return Ok(());
+        };
+        match kind {
+            Kind::File => {
+                self.declare(name, size)?;
+                self.make_file(&rel, name, mode, data)
+            }
+            Kind::Dir => self.make_dir(&rel, name, mode),
+            Kind::Symlink(target) => self.make_symlink(&rel, name, &target),
+            Kind::HardLink(target) => self.make_hardlink(&rel, name, &target),
+            Kind::Special(_) | Kind::Skip => Ok(()),
+        }
+    }
+
+    fn zip(&mut self, file: File) -> Result<(), UnpackError> {
+        let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| self.corrupt(e))?;
+        // The central directory declares every size up front: refuse before writing anything.
+        let mut total = 0u64;
+        for i in 0..zip.len() {
+            let f = zip.by_index_raw(i).map_err(|e| self.corrupt(e))?;
+            let name = f.name().map(|n| n.into_owned()).unwrap_or_default();
+            if i as u64 >= self.policy.max_entries {
+                return Err(UnpackError::TooManyEntries {
+                    entry: name,
+                    limit: self.policy.max_entries,
+                });
+            }
+            total = total.saturating_add(f.size());
+            if total > self.policy.max_total_bytes {
+                return Err(UnpackError::TooLarge {
+                    entry: name,
+                    total,
+                    limit: self.policy.max_total_bytes,
+                });
+            }
+        }
+        for i in 0..zip.len() {
+            let mut f = zip.by_index(i).map_err(|e| self.corrupt(e))?;
+            let name = f.name().map_err(|e| self.corrupt(e))?.into_owned();
+            // The raw unix mode: the zip crate's unix_mode() drops set-id bits silently, and
+            // they must be reported, not just lost.
+            let unix = match (f.system(), f.external_attributes() >> 16) {
+                (zip::System::Unix, raw) if raw != 0 => Some(raw),
+                _ => f.unix_mode(),
+            };
+            let is_dir = f.is_dir();
+            let size = f.size();
+            let kind = match unix.map(|m| m & S_IFMT) {
+                Some(S_IFLNK) => {
+                    let mut target = Vec::new();
+                    (&mut f)
+                        .take(MAX_LINK_TARGET + 1)
+                        .read_to_end(&mut target)
+                        .map_err(|e| self.corrupt(format_args!("entry {name:?}: {e}")))?;
+                    if target.len() as u64 > MAX_LINK_TARGET {
+                        return Err(UnpackError::BadName { entry: name });
+                    }
+                    Kind::Symlink(target)
+                }
+                Some(S_IFDIR) => Kind::Dir,
+                Some(S_IFCHR) => Kind::Special("character device"),
+                Some(S_IFBLK) => Kind::Special("block device"),
+                Some(S_IFIFO) => Kind::Special("FIFO"),
+                Some(S_IFSOCK) => Kind::Special("socket"),
+                _ if is_dir => Kind::Dir,
+                _ => Kind::File,
+            };
+            let default_mode = if matches!(kind, Kind::Dir) {
+                0o755
+            } else {
+                0o644
+            };
+            let mode = unix.map(|m| m & 0o7777).unwrap_or(default_mode);
+            self.count_entry(&name)?;
+            self.entry(name.as_bytes(), &name, kind, mode, size, &mut f)?;
+        }
+        Ok(())
+    }
+
+    /// Reproduces a directory tree: hard links for files (a copy when linking fails, e.g.
+    /// across filesystems, and for set-id files, whose bits must not be cleared on the source),
+    /// never following a symlink.
+    fn directory(&mut self) -> Result<(), UnpackError> {
+        let meta = fs::metadata(self.src).map_err(|source| UnpackError::Read {
+            path: self.src.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(self.corrupt("not a directory"));
+        }
+        self.walk(PathBuf::new())
+    }
+
+    fn walk(&mut self, rel_dir: PathBuf) -> Result<(), UnpackError> {
+        let dir = self.src.join(&rel_dir);
+        let rerr = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| UnpackError::Read { path, source }
+        };
+        let mut names = fs::read_dir(&dir)
+            .map_err(rerr(&dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rerr(&dir))?;
+        names.sort();
+        for n in names {
+            let rel = rel_dir.join(&n);
+            let name = display(&rel);
+            let path = self.src.join(&rel);
+            let m = fs::symlink_metadata(&path).map_err(rerr(&path))?;
+            self.count_entry(&name)?;
+            let ft = m.file_type();
+            let mode = m.mode() & 0o7777;
+            if ft.is_dir() {
+                self.make_dir(&rel, &name, mode)?;
+                self.walk(rel)?;
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&path).map_err(rerr(&path))?;
+                self.make_symlink(&rel, &name, target.as_os_str().as_bytes())?;
+            } else if ft.is_file() {
+                self.declare(&name, m.len())?;
+                // A hard link shares the inode with the bundle: only for a file nobody but
+                // the agent's user can change afterwards (owned by it, not group- or
+                // world-writable); any other is copied, so a script checked now is the script
+                // run later.
+                let linkable = mode & SETID_BITS == 0
+                    && mode & 0o022 == 0
+                    && m.uid() == nix::unistd::geteuid().as_raw();
+                if !linkable {
+                    let mut f = open_same_file(&path, &m)?;
+                    self.make_file(&rel, &name, mode, &mut f)?;
+                } else {
+                    let full = self.parents(&rel, &name)?;
+                    self.clear_slot(&full, &rel, &name, false)?;
+                    if fs::hard_link(&path, &full).is_ok() {
+                        self.out.bytes += m.len();
+                        if self.out.bytes > self.policy.max_total_bytes {
+                            return Err(UnpackError::TooLarge {
+                                entry: name,
+                                total: self.out.bytes,
+                                limit: self.policy.max_total_bytes,
+                            });
+                        }
+                        self.files.insert(rel);
+                        self.out.files += 1;
+                    } else {
+                        let mut f = open_same_file(&path, &m)?;
+                        self.make_file(&rel, &name, mode, &mut f)?;
+                    }
+                }
+            } else {
+                let what = match m.mode() & S_IFMT {
+                    S_IFCHR => "character device",
+                    S_IFBLK => "block device",
+                    S_IFIFO => "FIFO",
+                    S_IFSOCK => "socket",
+                    _ => "node of a type bundles may not hold",
+                };
+                return Err(UnpackError::SpecialFile {
+                    entry: name,
+                    kind: what,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_paths_are_normalized_and_checked() {
+        assert_eq!(
+            entry_rel(b"./a//b/./c").unwrap(),
+            Some(PathBuf::from("a/b/c"))
+        );
+        assert_eq!(entry_rel(b"./").unwrap(), None);
+        assert!(matches!(
+            entry_rel(b"a/../../x"),
+            Err(UnpackError::ParentDir { .. })
+        ));
+        assert!(matches!(
+            entry_rel(b"/etc/passwd"),
+            Err(UnpackError::AbsolutePath { .. })
+        ));
+        assert!(matches!(
+            entry_rel(b"a\0b"),
+            Err(UnpackError::BadName { .. })
+        ));
+    }
+
+    #[test]
+    fn bundle_type_names_round_trip() {
+        for t in [
+            BundleType::Directory,
+            BundleType::Tar,
+            BundleType::Tgz,
+            BundleType::Zip,
+        ] {
+            assert_eq!(t.to_string().parse::<BundleType>().unwrap(), t);
+        }
+        assert!("rar".parse::<BundleType>().is_err());
+    }
+}

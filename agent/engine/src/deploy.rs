@@ -1,0 +1,855 @@
+//! One deployment on this host: the ordered lifecycle events, which revision each event's
+//! scripts come from, and the journal that records progress durably.
+//!
+//! The engine is the same for `pier-agent deploy-local` and the daemon; it does not know how a
+//! deployment arrived. It takes the group lock (one deployment per group at a time), closes any
+//! deployment a dead process left open, then walks the events: ApplicationStop and the
+//! BlockTraffic events run the scripts of the group's last successful revision, DownloadBundle
+//! materializes the new revision, Install copies its files, and the other events run its
+//! scripts. The journal is rewritten after every change and handed to an [`Observer`] (the
+//! daemon turns it into status records).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::appspec::{self, AppSpec, FileExistsBehavior, LifecycleEvent};
+use crate::bundle::unpack::{self, BundleType, UnpackPolicy};
+use crate::hooks::{self, HookResult, HookRun, ScriptLog};
+use crate::install;
+use crate::settings::EngineSettings as Config;
+use crate::state::{
+    self, DeploymentStatus, EventRecord, EventState, Group, Journal, LastSuccessful, Root,
+    StateError,
+};
+
+/// How much script output an event keeps for its status record.
+const TAIL_BYTES: usize = 4096;
+
+/// The events run when none are asked for: everything but the traffic events.
+pub const DEFAULT_EVENTS: [LifecycleEvent; 7] = [
+    LifecycleEvent::ApplicationStop,
+    LifecycleEvent::DownloadBundle,
+    LifecycleEvent::BeforeInstall,
+    LifecycleEvent::Install,
+    LifecycleEvent::AfterInstall,
+    LifecycleEvent::ApplicationStart,
+    LifecycleEvent::ValidateService,
+];
+
+/// Where the revision comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A bundle already on this host: a directory or an archive.
+    Local { path: PathBuf, kind: BundleType },
+    /// A revision named by a command, fetched (and its sha256 verified) during DownloadBundle.
+    Remote {
+        revision: pier_protocol::Revision,
+        fetcher: Arc<dyn crate::bundle::RevisionFetcher>,
+    },
+}
+
+/// Everything one deployment needs to know.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub deployment_id: String,
+    pub application_name: String,
+    pub deployment_group_name: String,
+    pub deployment_group_id: String,
+    pub source: Source,
+    /// The events asked for; `None` runs [`DEFAULT_EVENTS`]. DownloadBundle and Install are
+    /// always added.
+    pub events: Option<Vec<LifecycleEvent>>,
+    /// The command's file_exists_behavior; the AppSpec's own value wins over it.
+    pub file_exists_behavior: Option<FileExistsBehavior>,
+    /// The AppSpec file name in the bundle; `None` tries appspec.yml then appspec.yaml.
+    pub appspec_filename: Option<String>,
+    /// `BUNDLE_*` variables describing the revision, given to every hook.
+    pub bundle_env: Vec<(String, String)>,
+}
+
+/// Why a deployment could not even start (as opposed to a deployment that ran and failed,
+/// which is a [`Journal`] with status Failed).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("events: {0}")]
+    Events(String),
+    #[error("deployment {0} already exists on this host; deployment ids must be unique")]
+    Duplicate(String),
+    #[error("the deployment task failed: {0}")]
+    Task(String),
+    #[error("the agent is shutting down: deployment {0} was not started")]
+    ShuttingDown(String),
+}
+
+/// Sees each journal update of a running deployment.
+pub trait Observer: Send + Sync {
+    fn update(&self, journal: &Journal);
+}
+
+/// An observer that ignores updates.
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn update(&self, _journal: &Journal) {}
+}
+
+/// Runs deployments on this host.
+pub struct Engine {
+    /// Swapped whole on a reload; each deployment works with the snapshot it started with.
+    config: std::sync::RwLock<Arc<Config>>,
+    root: Root,
+    cancel: CancellationToken,
+    /// Set when the agent stops: deployments not yet started are refused, not begun.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Orders and completes the events asked for, refusing unknown order.
+pub fn plan_events(asked: Option<&[LifecycleEvent]>) -> Result<Vec<LifecycleEvent>, DeployError> {
+    let Some(asked) = asked else {
+        return Ok(DEFAULT_EVENTS.to_vec());
+    };
+    pier_protocol::check_order(asked).map_err(|e| DeployError::Events(e.to_string()))?;
+    let mut events: Vec<LifecycleEvent> = asked.to_vec();
+    for must in [LifecycleEvent::DownloadBundle, LifecycleEvent::Install] {
+        if !events.contains(&must) {
+            events.push(must);
+        }
+    }
+    events.sort_by_key(|e| e.position());
+    Ok(events)
+}
+
+/// Runs from the group's last successful revision rather than the new one.
+fn runs_from_previous_revision(event: LifecycleEvent) -> bool {
+    matches!(
+        event,
+        LifecycleEvent::ApplicationStop
+            | LifecycleEvent::BeforeBlockTraffic
+            | LifecycleEvent::AfterBlockTraffic
+    )
+}
+
+/// A revision whose AppSpec has been read.
+struct Revision {
+    dir: PathBuf,
+    spec: AppSpec,
+}
+
+/// The failure of one event, recorded in its journal entry.
+struct EventFailure {
+    status: EventState,
+    script: Option<String>,
+    exit_code: Option<i32>,
+    message: String,
+}
+
+impl EventFailure {
+    fn msg(message: impl Into<String>) -> EventFailure {
+        EventFailure {
+            status: EventState::Failed,
+            script: None,
+            exit_code: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the events of a running deployment share.
+struct Run<'a> {
+    req: &'a Request,
+    /// The configuration this deployment started with.
+    config: Arc<Config>,
+    group: &'a Group,
+    dir: PathBuf,
+    log: ScriptLog,
+    journal: Journal,
+    observer: &'a dyn Observer,
+    previous: Option<Revision>,
+    previous_note: Option<String>,
+    new: Option<Revision>,
+    setid_entries: Vec<(String, u32)>,
+}
+
+impl Engine {
+    /// Opens the deployment root named by `config`.
+    pub fn new(config: Arc<Config>, cancel: CancellationToken) -> Result<Engine, DeployError> {
+        let root = Root::open(&config.root_dir)?;
+        Ok(Engine {
+            config: std::sync::RwLock::new(config),
+            root,
+            cancel,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// From now on, [`Engine::deploy`] starts nothing: a deployment that has not yet taken its
+    /// group lock returns [`DeployError::ShuttingDown`] instead of beginning its events.
+    pub fn stop_new_deployments(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether [`Engine::stop_new_deployments`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn check_not_stopping(&self, req: &Request) -> Result<(), DeployError> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(DeployError::ShuttingDown(req.deployment_id.clone()));
+        }
+        Ok(())
+    }
+
+    /// The configuration deployments start with now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes a reloaded configuration for the deployments that start from now on. The
+    /// deployment root cannot change while the agent runs; a new `root_dir` is refused.
+    pub fn set_config(&self, config: Arc<Config>) -> Result<(), String> {
+        if config.root_dir != self.root.dir() {
+            return Err(format!(
+                "root_dir changed from {} to {}: restart the agent to move the deployment root",
+                self.root.dir().display(),
+                config.root_dir.display()
+            ));
+        }
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    /// Closes deployments of every group left unfinished by a process that died; returns
+    /// them so the caller can report them. Takes each group's lock briefly.
+    pub async fn recover_all(&self) -> Result<Vec<Journal>, DeployError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut closed = Vec::new();
+            for g in root.groups()? {
+                let _lock = g.lock()?;
+                closed.extend(g.recover_interrupted(Utc::now())?);
+            }
+            Ok(closed)
+        })
+        .await
+        .map_err(|e| DeployError::Task(e.to_string()))?
+    }
+
+    /// Runs one deployment to its end. `Ok` carries the final journal, succeeded or failed;
+    /// `Err` means it could not start.
+    pub async fn deploy(
+        &self,
+        req: &Request,
+        observer: &dyn Observer,
+    ) -> Result<Journal, DeployError> {
+        self.check_not_stopping(req)?;
+        let config = self.config();
+        let events = plan_events(req.events.as_deref())?;
+        let group = self.root.group(&req.deployment_group_id)?;
+        let dir = group.deployment_dir(&req.deployment_id)?;
+
+        let lock_group = group.clone();
+        let lock = match group.try_lock() {
+            Ok(l) => l,
+            Err(StateError::Busy { .. }) => {
+                log::info!(
+                    "waiting for deployment group {} (another deployment is running)",
+                    group.id()
+                );
+                tokio::task::spawn_blocking(move || lock_group.lock())
+                    .await
+                    .map_err(|e| DeployError::Task(e.to_string()))??
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The wait for the lock may have outlasted the agent's decision to stop.
+        self.check_not_stopping(req)?;
+        for closed in group.recover_interrupted(Utc::now())? {
+            log::warn!(
+                "deployment {} of group {} was interrupted: {}",
+                closed.deployment_id,
+                group.id(),
+                closed.error.as_deref().unwrap_or("")
+            );
+        }
+        if dir.exists() {
+            return Err(DeployError::Duplicate(req.deployment_id.clone()));
+        }
+        std::fs::create_dir_all(dir.join("logs")).map_err(|source| StateError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let log = ScriptLog::open(
+            &dir.join("logs").join("scripts.log"),
+            config.hooks.log_max_bytes,
+            config.hooks.log_keep,
+        )
+        .map_err(|source| StateError::Io {
+            path: dir.join("logs"),
+            source,
+        })?;
+
+        let journal = Journal {
+            deployment_id: req.deployment_id.clone(),
+            application_name: req.application_name.clone(),
+            deployment_group_name: req.deployment_group_name.clone(),
+            deployment_group_id: req.deployment_group_id.clone(),
+            status: DeploymentStatus::InProgress,
+            started_at: Utc::now(),
+            ended_at: None,
+            events: events
+                .iter()
+                .map(|e| EventRecord::pending(e.as_str()))
+                .collect(),
+            error: None,
+            recovered: false,
+        };
+        let mut run = Run {
+            req,
+            config: config.clone(),
+            group: &group,
+            dir,
+            log,
+            journal,
+            observer,
+            previous: None,
+            previous_note: None,
+            new: None,
+            setid_entries: Vec::new(),
+        };
+        run.save()?;
+        run.load_previous();
+
+        for (i, event) in events.iter().copied().enumerate() {
+            run.journal.events[i].status = EventState::InProgress;
+            run.journal.events[i].started_at = Some(Utc::now());
+            run.save()?;
+            log::info!(
+                DEPLOYMENT_ID = req.deployment_id.as_str(),
+                DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
+                LIFECYCLE_EVENT = event.as_str();
+                "deployment {} group {}: {} started",
+                req.deployment_id,
+                req.deployment_group_id,
+                event
+            );
+
+            let outcome = self.run_event(&mut run, event).await;
+            let rec = &mut run.journal.events[i];
+            rec.ended_at = Some(Utc::now());
+            match outcome {
+                Ok((status, tail, note)) => {
+                    rec.status = status;
+                    rec.tail = tail;
+                    rec.message = note;
+                    run.save()?;
+                }
+                Err((failure, tail)) => {
+                    rec.status = failure.status;
+                    rec.script = failure.script.clone();
+                    rec.exit_code = failure.exit_code;
+                    rec.message = Some(failure.message.clone());
+                    rec.tail = tail;
+                    for later in run.journal.events[i + 1..].iter_mut() {
+                        later.status = EventState::Skipped;
+                    }
+                    run.journal.status = DeploymentStatus::Failed;
+                    run.journal.ended_at = Some(Utc::now());
+                    run.journal.error = Some(format!("{event}: {}", failure.message));
+                    log::error!(
+                        DEPLOYMENT_ID = req.deployment_id.as_str(),
+                        DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
+                        LIFECYCLE_EVENT = event.as_str(),
+                        SCRIPT = failure.script.as_deref().unwrap_or("");
+                        "deployment {} group {}: {} failed: {}",
+                        req.deployment_id,
+                        req.deployment_group_id,
+                        event,
+                        failure.message
+                    );
+                    run.save()?;
+                    self.prune(&config, &group, &req.deployment_id);
+                    drop(lock);
+                    return Ok(run.journal);
+                }
+            }
+        }
+
+        // Success: this revision's scripts stop the application next time.
+        let new = run.new.as_ref().expect("DownloadBundle always runs");
+        group.set_last_successful(&LastSuccessful {
+            deployment_id: req.deployment_id.clone(),
+            revision_dir: new.dir.clone(),
+            appspec_file: appspec_file_name(req, &new.dir),
+            ended_at: Utc::now(),
+        })?;
+        run.journal.status = DeploymentStatus::Succeeded;
+        run.journal.ended_at = Some(Utc::now());
+        run.save()?;
+        log::info!(
+            DEPLOYMENT_ID = req.deployment_id.as_str(),
+            DEPLOYMENT_GROUP = req.deployment_group_id.as_str();
+            "deployment {} group {} succeeded",
+            req.deployment_id,
+            req.deployment_group_id
+        );
+        self.prune(&config, &group, &req.deployment_id);
+        drop(lock);
+        Ok(run.journal)
+    }
+
+    /// What Install would do for `req`, changing nothing outside a scratch directory: the
+    /// bundle is unpacked under the root, its AppSpec read and checked, and Install planned
+    /// against the group's manifest. The plan is returned as text, one action a line.
+    pub async fn plan_install(&self, req: &Request) -> Result<String, String> {
+        let config = self.config();
+        let Source::Local { path, kind } = &req.source else {
+            return Err("a dry run needs a bundle on this host".into());
+        };
+        let group = self
+            .root
+            .group(&req.deployment_group_id)
+            .map_err(|e| e.to_string())?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".dry-run-")
+            .tempdir_in(self.root.dir())
+            .map_err(|e| format!("{}: {e}", self.root.dir().display()))?;
+        let revision = scratch.path().join("revision");
+        let (src, kind, dest) = (path.clone(), *kind, revision.clone());
+        let policy = UnpackPolicy {
+            max_total_bytes: config.bundle.max_bytes,
+            max_entries: config.bundle.max_entries,
+        };
+        let unpacked =
+            tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("bundle refused: {e}"))?;
+        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)?;
+        install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
+            .map_err(|e| e.to_string())?;
+        let previous: Option<install::Manifest> =
+            state::read_json(&group.manifest_path()).map_err(|e| e.to_string())?;
+        let behavior = spec
+            .file_exists_behavior
+            .or(req.file_exists_behavior)
+            .unwrap_or_default();
+        let plan = install::plan(&install::InstallInput {
+            revision_root: &revision,
+            files: &spec.files,
+            permissions: &spec.permissions,
+            previous: previous.as_ref(),
+            file_exists_behavior: behavior,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(plan.to_string())
+    }
+
+    fn prune(&self, config: &Config, group: &Group, current: &str) {
+        let last = group
+            .last_successful()
+            .ok()
+            .flatten()
+            .map(|l| l.deployment_id);
+        let mut protect = vec![current];
+        if let Some(l) = last.as_deref() {
+            protect.push(l);
+        }
+        if let Err(e) = group.prune(config.max_revisions, &protect) {
+            log::warn!("retention in group {}: {e}", group.id());
+        }
+    }
+
+    /// Runs one event. Ok: (status, output tail, note); Err: (failure, output tail).
+    async fn run_event(
+        &self,
+        run: &mut Run<'_>,
+        event: LifecycleEvent,
+    ) -> Result<(EventState, Option<String>, Option<String>), (EventFailure, Option<String>)> {
+        match event {
+            LifecycleEvent::DownloadBundle => self
+                .download(run)
+                .await
+                .map(|()| (EventState::Succeeded, None, None))
+                .map_err(|f| (f, None)),
+            LifecycleEvent::Install => self
+                .install(run)
+                .await
+                .map(|note| (EventState::Succeeded, None, Some(note)))
+                .map_err(|f| (f, None)),
+            _ => {
+                let revision = if runs_from_previous_revision(event) {
+                    match &run.previous {
+                        Some(r) => r,
+                        None => {
+                            let note = run
+                                .previous_note
+                                .clone()
+                                .unwrap_or_else(|| "no previous successful revision".into());
+                            return Ok((EventState::Skipped, None, Some(note)));
+                        }
+                    }
+                } else {
+                    run.new
+                        .as_ref()
+                        .expect("DownloadBundle runs before any hook")
+                };
+                let hooks = revision.spec.hooks_for(event);
+                if hooks.is_empty() {
+                    return Ok((EventState::Skipped, None, Some("no scripts".into())));
+                }
+                let mut tail = String::new();
+                for hook in hooks {
+                    let spec = HookRun {
+                        script: revision.dir.join(&hook.location),
+                        location: hook.location.clone(),
+                        working_dir: revision.dir.clone(),
+                        timeout: hook.timeout,
+                        runas: hook.runas.clone(),
+                        env: hook_env(&run.config, run.req, event),
+                        kill_grace: run.config.hooks.kill_grace,
+                        event: event.to_string(),
+                    };
+                    let outcome = hooks::run(&spec, &run.log, &self.cancel).await;
+                    let outcome = match outcome {
+                        Ok(o) => o,
+                        Err(e) => {
+                            let mut f = EventFailure::msg(e.to_string());
+                            f.script = Some(hook.location.clone());
+                            return Err((f, keep_tail(tail)));
+                        }
+                    };
+                    tail.push_str(&outcome.tail);
+                    tail = keep_tail(tail).unwrap_or_default();
+                    let failure = match outcome.result {
+                        HookResult::Succeeded => continue,
+                        HookResult::Failed { exit_code, signal } => EventFailure {
+                            status: EventState::Failed,
+                            script: Some(hook.location.clone()),
+                            exit_code,
+                            message: match (exit_code, signal) {
+                                (Some(c), _) => {
+                                    format!("script {} exited with code {c}", hook.location)
+                                }
+                                (None, Some(s)) => {
+                                    format!("script {} was killed by signal {s}", hook.location)
+                                }
+                                _ => format!("script {} failed", hook.location),
+                            },
+                        },
+                        HookResult::TimedOut => EventFailure {
+                            status: EventState::TimedOut,
+                            script: Some(hook.location.clone()),
+                            exit_code: None,
+                            message: format!(
+                                "script {} timed out after {}s",
+                                hook.location,
+                                hook.timeout.as_secs()
+                            ),
+                        },
+                        HookResult::Cancelled => EventFailure {
+                            status: EventState::Failed,
+                            script: Some(hook.location.clone()),
+                            exit_code: None,
+                            message: format!(
+                                "script {} was stopped because the agent shut down",
+                                hook.location
+                            ),
+                        },
+                    };
+                    return Err((failure, keep_tail(tail)));
+                }
+                Ok((EventState::Succeeded, keep_tail(tail), None))
+            }
+        }
+    }
+
+    async fn download(&self, run: &mut Run<'_>) -> Result<(), EventFailure> {
+        let revision_dir = run.dir.join("revision");
+        // A fetched archive is only a step on the way: once unpacked it is removed, so each
+        // revision is kept on disk once.
+        let mut fetched_archive: Option<PathBuf> = None;
+        let (src, kind) = match &run.req.source {
+            Source::Local { path, kind } => (path.clone(), *kind),
+            Source::Remote { revision, fetcher } => {
+                let dest = run.dir.join("bundle.download");
+                let fetched = fetcher
+                    .fetch(revision, &dest, &|_| {})
+                    .await
+                    .map_err(|e| EventFailure::msg(format!("fetching the revision: {e}")))?;
+                if fetched.path == dest {
+                    fetched_archive = Some(dest);
+                }
+                (fetched.path, fetched.bundle_type)
+            }
+        };
+        let dest = revision_dir.clone();
+        let policy = UnpackPolicy {
+            max_total_bytes: run.config.bundle.max_bytes,
+            max_entries: run.config.bundle.max_entries,
+        };
+        let unpacked =
+            tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
+                .await
+                .map_err(|e| EventFailure::msg(format!("unpack task failed: {e}")))?
+                .map_err(|e| EventFailure::msg(format!("bundle refused: {e}")));
+        if let Some(archive) = fetched_archive {
+            let _ = std::fs::remove_file(archive);
+        }
+        let unpacked = unpacked?;
+        run.setid_entries = unpacked.setid_entries;
+
+        let name = appspec_file_name(run.req, &revision_dir);
+        let spec = read_appspec(&revision_dir, &name, true).map_err(EventFailure::msg)?;
+        install::check_setid(&spec.files, &spec.permissions, &run.setid_entries)
+            .map_err(|e| EventFailure::msg(e.to_string()))?;
+        run.new = Some(Revision {
+            dir: revision_dir,
+            spec,
+        });
+        Ok(())
+    }
+
+    async fn install(&self, run: &mut Run<'_>) -> Result<String, EventFailure> {
+        let new = run
+            .new
+            .as_ref()
+            .expect("DownloadBundle runs before Install");
+        let behavior = new
+            .spec
+            .file_exists_behavior
+            .or(run.req.file_exists_behavior)
+            .unwrap_or_default();
+        let manifest_path = run.group.manifest_path();
+        let previous: Option<install::Manifest> =
+            state::read_json(&manifest_path).map_err(|e| EventFailure::msg(e.to_string()))?;
+        let revision_root = new.dir.clone();
+        let files = new.spec.files.clone();
+        let permissions = new.spec.permissions.clone();
+        let (manifest, summary) = tokio::task::spawn_blocking(move || {
+            let input = install::InstallInput {
+                revision_root: &revision_root,
+                files: &files,
+                permissions: &permissions,
+                previous: previous.as_ref(),
+                file_exists_behavior: behavior,
+            };
+            let plan = install::plan(&input).map_err(|e| e.to_string())?;
+            let summary = plan.to_string();
+            // Recorded before anything is written, so that if apply fails or the process dies
+            // half way the next Install still knows which files to clean up.
+            state::write_json(&manifest_path, &plan.pending_manifest())
+                .map_err(|e| e.to_string())?;
+            let manifest = install::apply(&plan).map_err(|e| e.to_string())?;
+            state::write_json(&manifest_path, &manifest).map_err(|e| e.to_string())?;
+            Ok::<_, String>((manifest, summary))
+        })
+        .await
+        .map_err(|e| EventFailure::msg(format!("install task failed: {e}")))?
+        .map_err(EventFailure::msg)?;
+        let note = plan_summary(&summary);
+        log::info!(
+            DEPLOYMENT_ID = run.req.deployment_id.as_str(),
+            LIFECYCLE_EVENT = "Install";
+            "deployment {} install: {note}",
+            run.req.deployment_id
+        );
+        Ok(format!(
+            "{note}; {} entries in the manifest",
+            manifest.entries.len()
+        ))
+    }
+}
+
+impl Run<'_> {
+    fn save(&mut self) -> Result<(), StateError> {
+        self.group.write_journal(&self.journal)?;
+        self.observer.update(&self.journal);
+        Ok(())
+    }
+
+    /// Reads the last successful revision's AppSpec, for ApplicationStop and the
+    /// BlockTraffic events. A revision that can no longer be read is noted and skipped: a
+    /// broken old revision must not block every future deployment.
+    fn load_previous(&mut self) {
+        let last = match self.group.last_successful() {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                self.previous_note = Some(format!("last successful revision unreadable: {e}"));
+                return;
+            }
+        };
+        match read_appspec(&last.revision_dir, &last.appspec_file, false) {
+            Ok(spec) => {
+                self.previous = Some(Revision {
+                    dir: last.revision_dir,
+                    spec,
+                })
+            }
+            Err(e) => {
+                self.previous_note = Some(format!(
+                    "last successful revision {} unusable, its scripts are skipped: {e}",
+                    last.deployment_id
+                ))
+            }
+        }
+    }
+}
+
+/// The environment every hook of a deployment gets (the hook runner adds the runas user's
+/// own variables and a default PATH). Nothing of the agent's environment leaks but what the
+/// policy passes.
+fn hook_env(config: &Config, req: &Request, event: LifecycleEvent) -> Vec<(String, String)> {
+    let mut env = config.hooks.env.resolve(|k| std::env::var(k).ok());
+    env.extend([
+        ("LIFECYCLE_EVENT".to_string(), event.to_string()),
+        ("DEPLOYMENT_ID".to_string(), req.deployment_id.clone()),
+        ("APPLICATION_NAME".to_string(), req.application_name.clone()),
+        (
+            "DEPLOYMENT_GROUP_NAME".to_string(),
+            req.deployment_group_name.clone(),
+        ),
+        (
+            "DEPLOYMENT_GROUP_ID".to_string(),
+            req.deployment_group_id.clone(),
+        ),
+    ]);
+    env.extend(req.bundle_env.iter().cloned());
+    env
+}
+
+/// The AppSpec file of a revision: the one asked for, else appspec.yml, else appspec.yaml.
+fn appspec_file_name(req: &Request, revision_dir: &Path) -> String {
+    if let Some(n) = &req.appspec_filename {
+        return n.clone();
+    }
+    if !revision_dir.join("appspec.yml").exists() && revision_dir.join("appspec.yaml").exists() {
+        return "appspec.yaml".into();
+    }
+    "appspec.yml".into()
+}
+
+/// Reads and validates a revision's AppSpec; every problem in one message.
+fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, String> {
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read the AppSpec {name} at the bundle root: {e} (use -A to name another file)"
+        )
+    })?;
+    let parsed = appspec::parse(name, &text).map_err(|diags| {
+        diags
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let spec = parsed.spec;
+    if check_env {
+        let has = |rel: &str| dir.join(rel).symlink_metadata().is_ok();
+        let user = |u: &str| matches!(nix::unistd::User::from_name(u), Ok(Some(_)));
+        let problems: Vec<String> = appspec::check_environment(name, &spec, &has, Some(&user))
+            .into_iter()
+            .filter(|d| d.severity == appspec::Severity::Error)
+            .map(|d| d.to_string())
+            .collect();
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+    }
+    Ok(spec)
+}
+
+/// Counts a plan's lines by their action word: "create 3, unchanged 120, remove 1".
+fn plan_summary(plan: &str) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for word in plan.lines().filter_map(|l| l.split_whitespace().next()) {
+        match counts.iter_mut().find(|(w, _)| *w == word) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((word, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return "nothing to do".to_string();
+    }
+    counts
+        .iter()
+        .map(|(w, n)| format!("{w} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Keeps the last [`TAIL_BYTES`] of `s`, on a character boundary; `None` when empty.
+fn keep_tail(s: String) -> Option<String> {
+    if s.is_empty() {
+        return None;
+    }
+    if s.len() <= TAIL_BYTES {
+        return Some(s);
+    }
+    let mut start = s.len() - TAIL_BYTES;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(s[start..].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use LifecycleEvent::*;
+
+    #[test]
+    fn default_events_skip_traffic() {
+        assert_eq!(plan_events(None).unwrap(), DEFAULT_EVENTS.to_vec());
+    }
+
+    #[test]
+    fn asked_events_gain_download_and_install() {
+        let got = plan_events(Some(&[BeforeInstall, ApplicationStart])).unwrap();
+        assert_eq!(
+            got,
+            vec![DownloadBundle, BeforeInstall, Install, ApplicationStart]
+        );
+    }
+
+    #[test]
+    fn events_out_of_order_are_refused() {
+        let err = plan_events(Some(&[ApplicationStart, BeforeInstall]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("BeforeInstall cannot come after ApplicationStart"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tail_keeps_the_end_on_a_char_boundary() {
+        let s = format!("{}é{}", "a".repeat(10), "b".repeat(TAIL_BYTES - 1));
+        let t = keep_tail(s).unwrap();
+        assert!(t.len() <= TAIL_BYTES);
+        assert!(t.ends_with('b'));
+    }
+
+    #[test]
+    fn plan_summary_counts_actions_in_order() {
+        let plan = "remove     /a\ncreate     /b (0644) from x\ncreate     /c (0644) from y\nunchanged  /d\n";
+        assert_eq!(plan_summary(plan), "remove 1, create 2, unchanged 1");
+        assert_eq!(plan_summary(""), "nothing to do");
+    }
+}
