@@ -24,7 +24,7 @@ fi
 step() { printf '\n==> %s\n' "$*"; }
 
 step "building pier-agent and pier"
-cargo build -q -p pier --bins
+cargo build -q -p pier-agent -p pier-controller --bins
 target="${CARGO_TARGET_DIR:-$repo/target}/debug"
 agent="$target/pier-agent"
 pier="$target/pier"
