@@ -162,17 +162,16 @@ pub async fn push(opts: &PushOptions) -> Result<Pushed, ControllerError> {
             // The sidecar first: an archive without its sidecar cannot be deployed, while a
             // sidecar that names an older archive is caught by the host's sha256 check.
             let sidecar = sidecar_path(&path);
-            pier_transport::atomic_write(&sidecar, format!("{}\n", info.to_json()).as_bytes())
-                .map_err(|e| ControllerError::transport("cannot write the sidecar", e))?;
-            archive
-                .persist(&path)
-                .map_err(|e| ControllerError::io("rename into place", &path, e.error))?;
+            pier_sys::atomic_write(&sidecar, format!("{}\n", info.to_json()).as_bytes())
+                .map_err(|e| ControllerError::io("write the sidecar", &sidecar, e))?;
+            pier_sys::persist(archive, &path)
+                .map_err(|e| ControllerError::io("rename into place", &path, e))?;
         }
         Destination::S3 { bucket, key } => {
             let mut metadata = vec![
                 (META_SHA256, sha256.clone()),
                 (META_APPLICATION, opts.application.clone()),
-                (META_BUNDLE_TYPE, bundle_type_word(bundle_type).to_string()),
+                (META_BUNDLE_TYPE, bundle_type.to_string()),
             ];
             if let Some(c) = &info.commit {
                 metadata.push((META_COMMIT, c.clone()));
@@ -199,15 +198,6 @@ pub async fn push(opts: &PushOptions) -> Result<Pushed, ControllerError> {
         }
     }
     Ok(Pushed { info, size })
-}
-
-fn bundle_type_word(t: BundleType) -> &'static str {
-    match t {
-        BundleType::Tgz => "tgz",
-        BundleType::Tar => "tar",
-        BundleType::Zip => "zip",
-        BundleType::Directory => "directory",
-    }
 }
 
 /// The commit SHA of `dir`'s checkout and whether `dir` has uncommitted changes; `(None,

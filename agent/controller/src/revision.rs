@@ -54,12 +54,7 @@ impl RevisionInfo {
 /// `s3://revs/web.tgz (tgz, sha256 1f2e3d4c5b6a, commit 0a1b2c3d4e5f, dirty)`.
 pub fn describe(info: &RevisionInfo) -> String {
     let mut s = info.revision.describe();
-    let kind = match info.revision.bundle_type() {
-        BundleType::Tgz => "tgz",
-        BundleType::Tar => "tar",
-        BundleType::Zip => "zip",
-        BundleType::Directory => "directory",
-    };
+    let kind = info.revision.bundle_type();
     s.push_str(&format!(" ({kind}"));
     if let Some(sha) = info.revision.sha256() {
         s.push_str(&format!(", sha256 {}", &sha[..sha.len().min(12)]));
@@ -81,32 +76,10 @@ pub fn sidecar_path(archive: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The archive format a file name implies, if any.
-pub fn bundle_type_from_name(name: &str) -> Option<BundleType> {
-    let n = name.to_ascii_lowercase();
-    if n.ends_with(".tgz") || n.ends_with(".tar.gz") {
-        Some(BundleType::Tgz)
-    } else if n.ends_with(".tar") {
-        Some(BundleType::Tar)
-    } else if n.ends_with(".zip") {
-        Some(BundleType::Zip)
-    } else {
-        None
-    }
-}
-
-/// Parses a bundle type word (`tgz`, `tar`, `zip`, `directory`).
+/// Parses a bundle type word (`tgz`, `tar`, `zip`, `directory`) given to `flag`.
 pub fn parse_bundle_type(flag: &str, s: &str) -> Result<BundleType, ControllerError> {
-    match s {
-        "tgz" | "tar.gz" => Ok(BundleType::Tgz),
-        "tar" => Ok(BundleType::Tar),
-        "zip" => Ok(BundleType::Zip),
-        "directory" => Ok(BundleType::Directory),
-        _ => Err(ControllerError::usage(
-            flag,
-            format!("`{s}` is not a bundle type; use tgz, tar or zip"),
-        )),
-    }
+    s.parse::<BundleType>()
+        .map_err(|e| ControllerError::usage(flag, e.to_string()))
 }
 
 fn is_sha256(s: &str) -> bool {
@@ -204,7 +177,7 @@ fn from_file(path: &Path) -> Result<RevisionInfo, ControllerError> {
 fn from_http(url: &str, overrides: &RevisionOverrides) -> Result<RevisionInfo, ControllerError> {
     let bundle_type = overrides
         .bundle_type
-        .or_else(|| bundle_type_from_name(url.split(['?', '#']).next().unwrap_or(url)))
+        .or_else(|| BundleType::from_file_name(url.split(['?', '#']).next().unwrap_or(url)))
         .ok_or_else(|| ControllerError::Revision {
             revision: url.to_string(),
             message: "its name does not say the archive format; pass --bundle-type".into(),
@@ -257,7 +230,7 @@ fn from_local(path: &Path, overrides: &RevisionOverrides) -> Result<RevisionInfo
     } else {
         overrides
             .bundle_type
-            .or_else(|| bundle_type_from_name(&abs.to_string_lossy()))
+            .or_else(|| BundleType::from_file_name(&abs.to_string_lossy()))
             .ok_or_else(|| ControllerError::Revision {
                 revision: path.display().to_string(),
                 message: "its name does not say the archive format; pass --bundle-type".into(),
@@ -300,7 +273,7 @@ async fn from_s3(
         Some(t) => t,
         None => match meta.get(META_BUNDLE_TYPE) {
             Some(t) => parse_bundle_type("bundle-type metadata", t)?,
-            None => bundle_type_from_name(&key).ok_or_else(|| ControllerError::Revision {
+            None => BundleType::from_file_name(&key).ok_or_else(|| ControllerError::Revision {
                 revision: url.to_string(),
                 message: "neither its metadata nor its key says the archive format; pass \
                           --bundle-type"
@@ -362,10 +335,13 @@ mod tests {
 
     #[test]
     fn names_give_bundle_types() {
-        assert_eq!(bundle_type_from_name("a/B.TAR.GZ"), Some(BundleType::Tgz));
-        assert_eq!(bundle_type_from_name("x.tar"), Some(BundleType::Tar));
-        assert_eq!(bundle_type_from_name("x.zip"), Some(BundleType::Zip));
-        assert_eq!(bundle_type_from_name("x.bin"), None);
+        assert_eq!(
+            BundleType::from_file_name("a/B.TAR.GZ"),
+            Some(BundleType::Tgz)
+        );
+        assert_eq!(BundleType::from_file_name("x.tar"), Some(BundleType::Tar));
+        assert_eq!(BundleType::from_file_name("x.zip"), Some(BundleType::Zip));
+        assert_eq!(BundleType::from_file_name("x.bin"), None);
     }
 
     #[tokio::test]

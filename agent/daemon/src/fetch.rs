@@ -205,8 +205,10 @@ impl Fetcher {
                 });
             }
         }
-        tokio::fs::rename(&part, dest)
+        let (from, to) = (part.clone(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || pier_sys::persist_path(&from, &to))
             .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
             .map_err(|e| FetchError::io("rename into place", dest, e))?;
         Ok(Fetched {
             path: dest.to_path_buf(),

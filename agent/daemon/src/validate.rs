@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use pier_engine::appspec::{self, Diagnostic};
+use pier_protocol::BundleType;
 
 /// An AppSpec larger than this is surely not one; refusing it keeps a stray archive member
 /// from being read into memory.
@@ -229,38 +230,22 @@ fn no_appspec(path: &Path, names: &[String]) -> ValidateError {
     }
 }
 
-/// The kinds of archive a bundle can be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Archive {
-    Tar,
-    Tgz,
-    Zip,
-}
-
-impl Archive {
-    fn name(self) -> &'static str {
-        match self {
-            Archive::Tar => "tar",
-            Archive::Tgz => "tar.gz",
-            Archive::Zip => "zip",
-        }
+/// How an archive kind is named in messages.
+fn archive_name(kind: BundleType) -> &'static str {
+    match kind {
+        BundleType::Tgz => "tar.gz",
+        other => other.as_str(),
     }
 }
 
 /// Names the archive kind from the file name, else from its first bytes; None for text.
-fn archive_kind(path: &Path) -> Result<Option<Archive>, ValidateError> {
+fn archive_kind(path: &Path) -> Result<Option<BundleType>, ValidateError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    if name.ends_with(".tar") {
-        return Ok(Some(Archive::Tar));
-    }
-    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
-        return Ok(Some(Archive::Tgz));
-    }
-    if name.ends_with(".zip") {
-        return Ok(Some(Archive::Zip));
+    if let Some(kind) = BundleType::from_file_name(&name) {
+        return Ok(Some(kind));
     }
     if name.ends_with(".yml") || name.ends_with(".yaml") {
         return Ok(None);
@@ -269,7 +254,7 @@ fn archive_kind(path: &Path) -> Result<Option<Archive>, ValidateError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut head = [0u8; 262];
+    let mut head = [0u8; pier_protocol::MAGIC_LEN];
     let mut f = File::open(path).map_err(read_err)?;
     let mut n = 0;
     while n < head.len() {
@@ -278,16 +263,7 @@ fn archive_kind(path: &Path) -> Result<Option<Archive>, ValidateError> {
             k => n += k,
         }
     }
-    let head = &head[..n];
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Some(Archive::Tgz)
-    } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
-        Some(Archive::Zip)
-    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
-        Some(Archive::Tar)
-    } else {
-        None
-    })
+    Ok(BundleType::from_magic(&head[..n]))
 }
 
 fn find(path: &Path, name: Option<&str>) -> Result<Found, ValidateError> {
@@ -420,11 +396,15 @@ fn add_member(
     }
 }
 
-fn find_in_archive(path: &Path, kind: Archive, name: Option<&str>) -> Result<Found, ValidateError> {
+fn find_in_archive(
+    path: &Path,
+    kind: BundleType,
+    name: Option<&str>,
+) -> Result<Found, ValidateError> {
     let names = candidates(name, path)?;
     let bad = |reason: String| ValidateError::Archive {
         path: path.to_path_buf(),
-        kind: kind.name(),
+        kind: archive_name(kind),
         reason,
     };
     let read_err = |source| ValidateError::Read {
@@ -437,8 +417,8 @@ fn find_in_archive(path: &Path, kind: Archive, name: Option<&str>) -> Result<Fou
     let mut found: Vec<(String, Vec<u8>)> = Vec::new();
     let file = File::open(path).map_err(read_err)?;
     match kind {
-        Archive::Tar | Archive::Tgz => {
-            let reader: Box<dyn Read> = if kind == Archive::Tgz {
+        BundleType::Tar | BundleType::Tgz => {
+            let reader: Box<dyn Read> = if kind == BundleType::Tgz {
                 Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
             } else {
                 Box::new(BufReader::new(file))
@@ -465,7 +445,7 @@ fn find_in_archive(path: &Path, kind: Archive, name: Option<&str>) -> Result<Fou
                 add_member(p, is_dir, &mut files, &mut dirs);
             }
         }
-        Archive::Zip => {
+        BundleType::Zip => {
             let mut ar =
                 zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
             for i in 0..ar.len() {
@@ -490,6 +470,7 @@ fn find_in_archive(path: &Path, kind: Archive, name: Option<&str>) -> Result<Fou
                 add_member(p, is_dir, &mut files, &mut dirs);
             }
         }
+        BundleType::Directory => unreachable!("archive_kind never names a directory"),
     }
     // The first candidate name wins, whatever order the archive stores them in.
     let (chosen, bytes) = names

@@ -13,23 +13,48 @@ use std::path::Path;
 /// even across a power cut: a temp file in the same directory, fsync, rename over, fsync of
 /// the directory. The directory is created when missing.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes)?;
+    persist(tmp, path)
+}
+
+/// A temp file in `path`'s directory (created when missing), named after it, for a caller
+/// that writes a large file in pieces and then [`persist`]s it. Dropped unpersisted, it is
+/// removed.
+pub fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    let dir = parent_dir(path);
     std::fs::create_dir_all(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
+        .tempfile_in(dir)
+}
+
+/// Puts a fully written temp file (from [`temp_beside`], or any temp in `path`'s directory)
+/// in place of `path` durably: fsync the file, rename over, fsync the directory.
+pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
+    sync_dir(parent_dir(path))
+}
+
+/// [`persist`] for a temp file known by its path (one written by async code): fsync it,
+/// rename it over `path`, fsync the directory.
+pub fn persist_path(tmp: &Path, path: &Path) -> io::Result<()> {
+    File::open(tmp)?.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    sync_dir(parent_dir(path))
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 /// Makes a directory's entries (a rename, a new or removed name) durable.
