@@ -23,7 +23,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use pier_protocol::{is_valid_id, ErrorCode};
+use pier_protocol::{is_valid_id, Diagnostics, ErrorCode};
 
 /// Errors of the state store; each names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,24 @@ impl EventRecord {
             tail: None,
             code: None,
         }
+    }
+
+    /// Why the event failed, for the status record: set for a failed or timed-out event
+    /// only. An event failed by a version that did not record codes reads as
+    /// [`ErrorCode::UnknownError`].
+    pub fn diagnostics(&self) -> Option<Diagnostics> {
+        if !matches!(self.status, EventState::Failed | EventState::TimedOut) {
+            return None;
+        }
+        Some(Diagnostics {
+            error_code: self.code.unwrap_or(ErrorCode::UnknownError),
+            script_name: self.script.clone(),
+            message: self
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("{} failed", self.event)),
+            log_tail: self.tail.clone(),
+        })
     }
 }
 
@@ -528,6 +546,29 @@ mod tests {
         assert_eq!(j.events[1].code, Some(ErrorCode::AgentInterrupted));
         assert!(j.error.unwrap().contains("during AfterInstall"));
         assert_eq!(j.events[2].status, EventState::Skipped);
+    }
+
+    #[test]
+    fn only_failed_and_timed_out_events_have_diagnostics() {
+        let mut e = EventRecord::pending("ValidateService");
+        e.status = EventState::Succeeded;
+        e.tail = Some("ok".into());
+        assert_eq!(e.diagnostics(), None);
+        e.status = EventState::TimedOut;
+        e.code = Some(ErrorCode::ScriptTimedOut);
+        e.script = Some("s/slow.sh".into());
+        e.message = Some("script s/slow.sh timed out after 1s".into());
+        assert_eq!(
+            e.diagnostics(),
+            Some(Diagnostics {
+                error_code: ErrorCode::ScriptTimedOut,
+                script_name: Some("s/slow.sh".into()),
+                message: "script s/slow.sh timed out after 1s".into(),
+                log_tail: Some("ok".into()),
+            })
+        );
+        e.code = None;
+        assert_eq!(e.diagnostics().unwrap().error_code, ErrorCode::UnknownError);
     }
 
     #[test]
