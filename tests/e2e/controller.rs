@@ -950,12 +950,31 @@ fn deploy_wait_against_two_real_agents_succeeds_then_reports_a_failing_hook() {
     for host in ["web-1", "web-2"] {
         assert!(
             run.stderr.contains(&format!(
-                "{host}: deployment failed in ValidateService (Failed), script scripts/validate.sh, exit code 3"
+                "{host}: deployment failed in ValidateService (Failed), script scripts/validate.sh, exit code 3 [ScriptFailed]\n"
             )),
             "{}",
             run.stderr
         );
+        // The progress line of the failed event carries its code too.
+        let prefix = format!("{host}: ValidateService");
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.starts_with(&prefix) && l.ends_with("[ScriptFailed]")),
+            "{}",
+            run.stderr
+        );
     }
+    let bad_id = run.stdout.trim().to_string();
+    let table = pier(&["status", &bad_id, "--status-dir", status.to_str().unwrap()]).code(1);
+    assert!(
+        table.stdout.contains(
+            "web-2: Failed: ValidateService: script scripts/validate.sh exited with code 3\n  \
+             ValidateService failed [ScriptFailed] scripts/validate.sh exit 3\n"
+        ),
+        "{}",
+        table.stdout
+    );
     assert!(
         run.stderr.contains("health check failed: port 8080 closed"),
         "{}",

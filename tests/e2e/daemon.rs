@@ -15,13 +15,13 @@ use crate::support::{agent_bin, unique, Scratch};
 use crate::support::{moto_clients, moto_endpoint};
 
 /// A running `pier-agent run`, stopped (SIGKILL) when dropped.
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
     log: PathBuf,
 }
 
 impl Agent {
-    fn start(config: &Path, log: PathBuf) -> Agent {
+    pub(crate) fn start(config: &Path, log: PathBuf) -> Agent {
         let out = std::fs::File::create(&log).unwrap();
         let child = Proc::new(agent_bin())
             .args(["run", "-c"])
@@ -40,12 +40,12 @@ impl Agent {
         Agent { child, log }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit; returns the exit code.
-    fn terminate(&mut self, bound: Duration) -> i32 {
+    pub(crate) fn terminate(&mut self, bound: Duration) -> i32 {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         let t = Instant::now();
@@ -75,7 +75,7 @@ fn moto_endpoint_if_needed() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_default()
 }
 
-fn sha256_file(p: &Path) -> String {
+pub(crate) fn sha256_file(p: &Path) -> String {
     crate::support::sha256(&std::fs::read(p).unwrap())
 }
 
@@ -107,7 +107,7 @@ fn tgz_bundle(scratch: &Scratch, name: &str, dest: &Path, hooks: &[(&str, &str)]
     out
 }
 
-fn command(id: &str, revision: Revision, sink: StatusSinkSpec) -> Command {
+pub(crate) fn command(id: &str, revision: Revision, sink: StatusSinkSpec) -> Command {
     Command {
         version: 1,
         deployment_id: id.into(),
@@ -129,7 +129,7 @@ fn command(id: &str, revision: Revision, sink: StatusSinkSpec) -> Command {
 }
 
 /// A command for a tgz bundle on this host, reporting to a local status directory.
-fn local_command(id: &str, bundle: &Path, status: &Path) -> Command {
+pub(crate) fn local_command(id: &str, bundle: &Path, status: &Path) -> Command {
     command(
         id,
         Revision::Local {
@@ -143,14 +143,14 @@ fn local_command(id: &str, bundle: &Path, status: &Path) -> Command {
     )
 }
 
-fn local_record(status_dir: &Path, id: &str, host: &str) -> Option<StatusRecord> {
+pub(crate) fn local_record(status_dir: &Path, id: &str, host: &str) -> Option<StatusRecord> {
     let p = status_dir.join(format!("deployments/{id}/hosts/{host}.json"));
     let bytes = std::fs::read(p).ok()?;
     StatusRecord::from_json(&bytes).ok()
 }
 
 /// Polls `f` every 100 ms until it gives a value or `bound` passes.
-fn wait_for<T>(
+pub(crate) fn wait_for<T>(
     bound: Duration,
     what: &str,
     agent_log: &dyn Fn() -> String,
@@ -170,7 +170,7 @@ fn wait_for<T>(
     }
 }
 
-fn spool_config(scratch: &Scratch, host: &str, extra: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn spool_config(scratch: &Scratch, host: &str, extra: &str) -> (PathBuf, PathBuf) {
     let root = scratch.path().join(format!("root-{host}"));
     let spool = scratch.path().join(format!("spool-{host}"));
     let cfg = scratch.write(
@@ -297,6 +297,18 @@ fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
     assert_eq!(rec.status, DeploymentStatus::Failed);
     assert!(
         rec.error.as_deref().unwrap_or("").contains("shut down"),
+        "{rec:?}"
+    );
+    // The hook the shutdown stopped is the failed event, and says why.
+    let stopped = rec
+        .events
+        .iter()
+        .find(|e| e.name == "ApplicationStart")
+        .unwrap();
+    assert_eq!(stopped.status, EventState::Failed, "{rec:?}");
+    assert_eq!(
+        stopped.diagnostics.as_ref().map(|d| d.error_code),
+        Some(pier_protocol::ErrorCode::AgentInterrupted),
         "{rec:?}"
     );
     // Not acknowledged: the command is still in processing/ for the next start.

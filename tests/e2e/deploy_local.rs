@@ -324,6 +324,7 @@ fn failing_validate_service_fails_the_deployment_with_event_script_code_and_log(
     assert!(last.contains("ValidateService"), "{last}");
     assert!(last.contains("scripts/check.sh"), "{last}");
     assert!(last.contains("code 3"), "{last}");
+    assert!(last.contains("failed [ScriptFailed]:"), "{last}");
     assert!(last.contains("scripts.log"), "{last}");
     assert!(r.stderr.contains("health check: down"), "{}", r.stderr);
     assert!(host.scripts_logs().contains("health check: down"));
@@ -536,6 +537,13 @@ fn killed_mid_deployment_then_next_run_reports_and_continues() {
             interrupted += 1;
             assert_eq!(j["status"], "Failed");
             assert!(j["error"].as_str().unwrap().contains("AfterInstall"), "{j}");
+            let after = j["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["event"] == "AfterInstall")
+                .unwrap();
+            assert_eq!(after["code"], "AgentInterrupted", "{j}");
         }
     }
     assert_eq!(interrupted, 1);

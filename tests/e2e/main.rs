@@ -7,6 +7,7 @@ mod bundle;
 mod controller;
 mod daemon;
 mod deploy_local;
+mod diagnostics;
 mod hooks;
 mod install;
 mod transport;

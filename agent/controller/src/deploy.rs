@@ -410,8 +410,13 @@ fn print_changes(rec: &StatusRecord, shown: &mut HashMap<(String, String), Event
         let took = duration(e.started, e.ended)
             .map(|d| format!(" ({d})"))
             .unwrap_or_default();
+        let code = e
+            .diagnostics
+            .as_ref()
+            .map(|d| format!(" [{}]", d.error_code))
+            .unwrap_or_default();
         eprintln!(
-            "{}: {:<18} {}{took}",
+            "{}: {:<18} {}{took}{code}",
             rec.host_id,
             e.name,
             state_word(e.status)

@@ -1,7 +1,7 @@
 //! `pier status`: a deployment's per-host, per-event table, read from the status records the
 //! agents wrote (an S3 prefix or a local directory), and the text helpers `pier deploy
 //! --wait` shares with it: one line per event change, and the failure report of a host (the
-//! failing event, script, exit code and log tail).
+//! failing event, script, exit code, error code and log tail).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -213,6 +213,9 @@ pub fn render(rows: &[(String, Option<StatusRecord>)]) -> String {
                     let _ = write!(out, ": {err}");
                 }
                 out.push('\n');
+                if let Some(cause) = failing_event(rec).and_then(cause_line) {
+                    let _ = writeln!(out, "  {cause}");
+                }
             }
         }
     }
@@ -259,6 +262,24 @@ pub fn failing_event(rec: &StatusRecord) -> Option<&EventStatus> {
         .find(|e| matches!(e.status, EventState::Failed | EventState::TimedOut))
 }
 
+/// A failed event's machine-readable cause in one line, when its record has one:
+/// `ValidateService failed [ScriptFailed] scripts/check.sh exit 3`.
+pub fn cause_line(e: &EventStatus) -> Option<String> {
+    let d = e.diagnostics.as_ref()?;
+    let word = match e.status {
+        EventState::TimedOut => "timed out",
+        _ => "failed",
+    };
+    let mut out = format!("{} {word} [{}]", e.name, d.error_code);
+    if let Some(s) = d.script_name.as_ref().or(e.failing_script.as_ref()) {
+        let _ = write!(out, " {s}");
+    }
+    if let Some(c) = e.exit_code {
+        let _ = write!(out, " exit {c}");
+    }
+    Some(out)
+}
+
 /// What went wrong on a failed host, for a human: the failing event, its script and exit
 /// code, the error line, then the log tail indented.
 pub fn failure_report(rec: &StatusRecord) -> String {
@@ -270,6 +291,9 @@ pub fn failure_report(rec: &StatusRecord) -> String {
         }
         if let Some(c) = e.exit_code {
             let _ = write!(out, ", exit code {c}");
+        }
+        if let Some(d) = &e.diagnostics {
+            let _ = write!(out, " [{}]", d.error_code);
         }
     }
     out.push('\n');
@@ -318,6 +342,13 @@ mod tests {
             vec![ev("ValidateService", EventState::Failed, 65_000, Some(3))],
         );
         bad.error = Some("ValidateService failed".into());
+        bad.events[0].failing_script = Some("scripts/check.sh".into());
+        bad.events[0].diagnostics = Some(pier_protocol::Diagnostics {
+            error_code: pier_protocol::ErrorCode::ScriptFailed,
+            script_name: Some("scripts/check.sh".into()),
+            message: "script scripts/check.sh exited with code 3".into(),
+            log_tail: None,
+        });
         let text = render(&[
             (
                 "h1".into(),
@@ -335,7 +366,9 @@ mod tests {
         assert_eq!(lines[1], "h1    Install          Succeeded  1.25s     -");
         assert_eq!(lines[2], "h2    ValidateService  Failed     1m05s     3");
         assert!(text.contains("h1: Succeeded\n"));
-        assert!(text.contains("h2: Failed: ValidateService failed\n"));
+        assert!(text.contains(
+            "h2: Failed: ValidateService failed\n  ValidateService failed [ScriptFailed] scripts/check.sh exit 3\n"
+        ));
         assert!(text.contains("h3: no status yet\n"));
     }
 
@@ -344,10 +377,25 @@ mod tests {
         let mut e = ev("AfterInstall", EventState::TimedOut, 10, Some(137));
         e.failing_script = Some("scripts/slow.sh".into());
         e.log_tail = Some("one\ntwo\n".into());
-        let text = failure_report(&rec("h1", DeploymentStatus::Failed, vec![e]));
+        let text = failure_report(&rec("h1", DeploymentStatus::Failed, vec![e.clone()]));
         assert!(text.starts_with(
-            "h1: deployment failed in AfterInstall (TimedOut), script scripts/slow.sh, exit code 137"
+            "h1: deployment failed in AfterInstall (TimedOut), script scripts/slow.sh, exit code 137\n"
         ));
+        // With the cause a newer agent records, the code follows on the same line.
+        e.diagnostics = Some(pier_protocol::Diagnostics {
+            error_code: pier_protocol::ErrorCode::ScriptTimedOut,
+            script_name: Some("scripts/slow.sh".into()),
+            message: "script scripts/slow.sh timed out after 10s".into(),
+            log_tail: None,
+        });
+        let text = failure_report(&rec("h1", DeploymentStatus::Failed, vec![e.clone()]));
+        assert!(text.starts_with(
+            "h1: deployment failed in AfterInstall (TimedOut), script scripts/slow.sh, exit code 137 [ScriptTimedOut]\n"
+        ), "{text}");
+        assert_eq!(
+            cause_line(&e).unwrap(),
+            "AfterInstall timed out [ScriptTimedOut] scripts/slow.sh exit 137"
+        );
         assert!(text.contains("  | one\n  | two\n"));
     }
 }

@@ -846,7 +846,7 @@ pub fn status_record(host_id: &str, journal: &Journal) -> StatusRecord {
             exit_code: e.exit_code,
             failing_script: e.script.clone(),
             log_tail: e.tail.clone(),
-            diagnostics: None,
+            diagnostics: e.diagnostics(),
         })
         .collect();
     rec
@@ -995,7 +995,14 @@ mod tests {
         j.events[0].exit_code = Some(3);
         j.events[0].script = Some("x".into());
         j.events[0].tail = Some("boom".into());
+        j.events[0].message = Some("script x exited with code 3".into());
+        j.events[0].code = Some(pier_protocol::ErrorCode::ScriptFailed);
         let rec = status_record("h1", &j);
+        let d = rec.events[0].diagnostics.as_ref().expect("diagnostics");
+        assert_eq!(d.error_code, pier_protocol::ErrorCode::ScriptFailed);
+        assert_eq!(d.script_name.as_deref(), Some("x"));
+        assert_eq!(d.message, "script x exited with code 3");
+        assert_eq!(d.log_tail.as_deref(), Some("boom"));
         assert_eq!(rec.status, pier_protocol::DeploymentStatus::Failed);
         assert_eq!(rec.events[0].status, pier_protocol::EventState::Failed);
         assert_eq!(rec.events[0].exit_code, Some(3));

@@ -254,8 +254,12 @@ pub fn run(args: &Args) -> i32 {
                     eprintln!("{}", tail.trim_end());
                     eprintln!("---");
                 }
+                let code = failed
+                    .and_then(|e| e.code)
+                    .map(|c| format!(" [{c}]"))
+                    .unwrap_or_default();
                 println!(
-                    "deployment {} failed: {}; full log: {}",
+                    "deployment {} failed{code}: {}; full log: {}",
                     journal.deployment_id,
                     journal.error.as_deref().unwrap_or("unknown error"),
                     log_path.display()

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::Utc;
+use pier_protocol::ErrorCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::appspec::{self, AppSpec, FileExistsBehavior, LifecycleEvent};
+use crate::appspec::{self, AppSpec, AppSpecError, FileExistsBehavior, LifecycleEvent};
 use crate::bundle::unpack::{self, BundleType, UnpackPolicy};
 use crate::hooks::{self, HookResult, HookRun, ScriptLog};
 use crate::install;
@@ -143,19 +144,66 @@ struct Revision {
 /// The failure of one event, recorded in its journal entry.
 struct EventFailure {
     status: EventState,
+    /// Typed where the failure was made: each error type says its own code.
+    code: ErrorCode,
     script: Option<String>,
     exit_code: Option<i32>,
     message: String,
 }
 
 impl EventFailure {
-    fn msg(message: impl Into<String>) -> EventFailure {
+    /// A failed event with no script of its own.
+    fn new(code: ErrorCode, message: impl Into<String>) -> EventFailure {
         EventFailure {
             status: EventState::Failed,
+            code,
             script: None,
             exit_code: None,
             message: message.into(),
         }
+    }
+
+    /// A failure of the agent's own (a task that panicked, a state file it cannot write).
+    fn unknown(message: impl Into<String>) -> EventFailure {
+        EventFailure::new(ErrorCode::UnknownError, message)
+    }
+
+    /// How a hook that started but did not succeed ended; `None` for a success.
+    fn from_hook(result: HookResult, hook: &appspec::Hook) -> Option<EventFailure> {
+        let code = result.error_code()?;
+        let location = &hook.location;
+        let (status, exit_code, message) = match result {
+            HookResult::Succeeded => return None,
+            HookResult::Failed { exit_code, signal } => (
+                EventState::Failed,
+                exit_code,
+                match (exit_code, signal) {
+                    (Some(c), _) => format!("script {location} exited with code {c}"),
+                    (None, Some(s)) => format!("script {location} was killed by signal {s}"),
+                    _ => format!("script {location} failed"),
+                },
+            ),
+            HookResult::TimedOut => (
+                EventState::TimedOut,
+                None,
+                format!(
+                    "script {location} timed out after {}s",
+                    hook.timeout.as_secs()
+                ),
+            ),
+            HookResult::Cancelled => (
+                EventState::Failed,
+                None,
+                format!("script {location} was stopped because the agent shut down"),
+            ),
+        };
+        Some(EventFailure {
+            status,
+            code,
+            script: Some(location.clone()),
+            exit_code,
+            message,
+        })
     }
 }
 
@@ -359,6 +407,7 @@ impl Engine {
                 }
                 Err((failure, tail)) => {
                     rec.status = failure.status;
+                    rec.code = Some(failure.code);
                     rec.script = failure.script.clone();
                     rec.exit_code = failure.exit_code;
                     rec.message = Some(failure.message.clone());
@@ -373,11 +422,13 @@ impl Engine {
                         DEPLOYMENT_ID = req.deployment_id.as_str(),
                         DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
                         LIFECYCLE_EVENT = event.as_str(),
-                        SCRIPT = failure.script.as_deref().unwrap_or("");
-                        "deployment {} group {}: {} failed: {}",
+                        SCRIPT = failure.script.as_deref().unwrap_or(""),
+                        ERROR_CODE = failure.code.as_str();
+                        "deployment {} group {}: {} failed [{}]: {}",
                         req.deployment_id,
                         req.deployment_group_id,
                         event,
+                        failure.code,
                         failure.message
                     );
                     run.save()?;
@@ -438,7 +489,8 @@ impl Engine {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("bundle refused: {e}"))?;
-        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)?;
+        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)
+            .map_err(|e| e.to_string())?;
         install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
             .map_err(|e| e.to_string())?;
         let previous: Option<install::Manifest> =
@@ -527,50 +579,17 @@ impl Engine {
                     let outcome = match outcome {
                         Ok(o) => o,
                         Err(e) => {
-                            let mut f = EventFailure::msg(e.to_string());
+                            let mut f = EventFailure::new(e.error_code(), e.to_string());
                             f.script = Some(hook.location.clone());
                             return Err((f, keep_tail(tail)));
                         }
                     };
                     tail.push_str(&outcome.tail);
                     tail = keep_tail(tail).unwrap_or_default();
-                    let failure = match outcome.result {
-                        HookResult::Succeeded => continue,
-                        HookResult::Failed { exit_code, signal } => EventFailure {
-                            status: EventState::Failed,
-                            script: Some(hook.location.clone()),
-                            exit_code,
-                            message: match (exit_code, signal) {
-                                (Some(c), _) => {
-                                    format!("script {} exited with code {c}", hook.location)
-                                }
-                                (None, Some(s)) => {
-                                    format!("script {} was killed by signal {s}", hook.location)
-                                }
-                                _ => format!("script {} failed", hook.location),
-                            },
-                        },
-                        HookResult::TimedOut => EventFailure {
-                            status: EventState::TimedOut,
-                            script: Some(hook.location.clone()),
-                            exit_code: None,
-                            message: format!(
-                                "script {} timed out after {}s",
-                                hook.location,
-                                hook.timeout.as_secs()
-                            ),
-                        },
-                        HookResult::Cancelled => EventFailure {
-                            status: EventState::Failed,
-                            script: Some(hook.location.clone()),
-                            exit_code: None,
-                            message: format!(
-                                "script {} was stopped because the agent shut down",
-                                hook.location
-                            ),
-                        },
-                    };
-                    return Err((failure, keep_tail(tail)));
+                    match EventFailure::from_hook(outcome.result, hook) {
+                        None => continue,
+                        Some(failure) => return Err((failure, keep_tail(tail))),
+                    }
                 }
                 Ok((EventState::Succeeded, keep_tail(tail), None))
             }
@@ -586,10 +605,9 @@ impl Engine {
             Source::Local { path, kind } => (path.clone(), *kind),
             Source::Remote { revision, fetcher } => {
                 let dest = run.dir.join("bundle.download");
-                let fetched = fetcher
-                    .fetch(revision, &dest, &|_| {})
-                    .await
-                    .map_err(|e| EventFailure::msg(format!("fetching the revision: {e}")))?;
+                let fetched = fetcher.fetch(revision, &dest, &|_| {}).await.map_err(|e| {
+                    EventFailure::new(e.error_code(), format!("fetching the revision: {e}"))
+                })?;
                 if fetched.path == dest {
                     fetched_archive = Some(dest);
                 }
@@ -604,8 +622,8 @@ impl Engine {
         let unpacked =
             tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
                 .await
-                .map_err(|e| EventFailure::msg(format!("unpack task failed: {e}")))?
-                .map_err(|e| EventFailure::msg(format!("bundle refused: {e}")));
+                .map_err(|e| EventFailure::unknown(format!("unpack task failed: {e}")))?
+                .map_err(|e| EventFailure::new(e.error_code(), format!("bundle refused: {e}")));
         if let Some(archive) = fetched_archive {
             let _ = std::fs::remove_file(archive);
         }
@@ -613,9 +631,10 @@ impl Engine {
         run.setid_entries = unpacked.setid_entries;
 
         let name = appspec_file_name(run.req, &revision_dir);
-        let spec = read_appspec(&revision_dir, &name, true).map_err(EventFailure::msg)?;
+        let spec = read_appspec(&revision_dir, &name, true)
+            .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
         install::check_setid(&spec.files, &spec.permissions, &run.setid_entries)
-            .map_err(|e| EventFailure::msg(e.to_string()))?;
+            .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
         run.new = Some(Revision {
             dir: revision_dir,
             spec,
@@ -635,7 +654,7 @@ impl Engine {
             .unwrap_or_default();
         let manifest_path = run.group.manifest_path();
         let previous: Option<install::Manifest> =
-            state::read_json(&manifest_path).map_err(|e| EventFailure::msg(e.to_string()))?;
+            state::read_json(&manifest_path).map_err(|e| EventFailure::unknown(e.to_string()))?;
         let revision_root = new.dir.clone();
         let files = new.spec.files.clone();
         let permissions = new.spec.permissions.clone();
@@ -647,19 +666,21 @@ impl Engine {
                 previous: previous.as_ref(),
                 file_exists_behavior: behavior,
             };
-            let plan = install::plan(&input).map_err(|e| e.to_string())?;
+            let installing =
+                |e: install::InstallError| EventFailure::new(e.error_code(), e.to_string());
+            let plan = install::plan(&input).map_err(installing)?;
             let summary = plan.to_string();
             // Recorded before anything is written, so that if apply fails or the process dies
             // half way the next Install still knows which files to clean up.
             state::write_json(&manifest_path, &plan.pending_manifest())
-                .map_err(|e| e.to_string())?;
-            let manifest = install::apply(&plan).map_err(|e| e.to_string())?;
-            state::write_json(&manifest_path, &manifest).map_err(|e| e.to_string())?;
-            Ok::<_, String>((manifest, summary))
+                .map_err(|e| EventFailure::unknown(e.to_string()))?;
+            let manifest = install::apply(&plan).map_err(installing)?;
+            state::write_json(&manifest_path, &manifest)
+                .map_err(|e| EventFailure::unknown(e.to_string()))?;
+            Ok::<_, EventFailure>((manifest, summary))
         })
         .await
-        .map_err(|e| EventFailure::msg(format!("install task failed: {e}")))?
-        .map_err(EventFailure::msg)?;
+        .map_err(|e| EventFailure::unknown(format!("install task failed: {e}")))??;
         let note = plan_summary(&summary);
         log::info!(
             DEPLOYMENT_ID = run.req.deployment_id.as_str(),
@@ -743,32 +764,28 @@ fn appspec_file_name(req: &Request, revision_dir: &Path) -> String {
     "appspec.yml".into()
 }
 
-/// Reads and validates a revision's AppSpec; every problem in one message.
-fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, String> {
+/// Reads and validates a revision's AppSpec; every problem in one error.
+fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, AppSpecError> {
     let path = dir.join(name);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        format!(
-            "cannot read the AppSpec {name} at the bundle root: {e} (use -A to name another file)"
-        )
+    let text = std::fs::read_to_string(&path).map_err(|source| AppSpecError::Unreadable {
+        name: name.to_string(),
+        source,
     })?;
-    let parsed = appspec::parse(name, &text).map_err(|diags| {
-        diags
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
+    let parsed =
+        appspec::parse(name, &text).map_err(|diagnostics| AppSpecError::Invalid { diagnostics })?;
     let spec = parsed.spec;
     if check_env {
         let has = |rel: &str| dir.join(rel).symlink_metadata().is_ok();
         let user = |u: &str| matches!(nix::unistd::User::from_name(u), Ok(Some(_)));
-        let problems: Vec<String> = appspec::check_environment(name, &spec, &has, Some(&user))
-            .into_iter()
-            .filter(|d| d.severity == appspec::Severity::Error)
-            .map(|d| d.to_string())
-            .collect();
+        let problems: Vec<appspec::Diagnostic> =
+            appspec::check_environment(name, &spec, &has, Some(&user))
+                .into_iter()
+                .filter(|d| d.severity == appspec::Severity::Error)
+                .collect();
         if !problems.is_empty() {
-            return Err(problems.join("; "));
+            return Err(AppSpecError::Invalid {
+                diagnostics: problems,
+            });
         }
     }
     Ok(spec)
@@ -812,6 +829,173 @@ fn keep_tail(s: String) -> Option<String> {
 mod tests {
     use super::*;
     use LifecycleEvent::*;
+
+    /// Runs one deployment of the directory `bundle` under `root` and returns its journal.
+    async fn deploy_dir(root: &Path, id: &str, bundle: &Path) -> Journal {
+        let settings = Config {
+            root_dir: root.to_path_buf(),
+            max_revisions: 5,
+            hooks: crate::settings::HookSettings {
+                kill_grace: std::time::Duration::from_millis(200),
+                log_max_bytes: 1 << 20,
+                log_keep: 1,
+                env: Default::default(),
+            },
+            bundle: crate::settings::BundleLimits {
+                max_bytes: 1 << 30,
+                max_entries: 10_000,
+            },
+        };
+        let engine = Engine::new(Arc::new(settings), CancellationToken::new()).unwrap();
+        let req = Request {
+            deployment_id: id.into(),
+            application_name: "app".into(),
+            deployment_group_name: "g".into(),
+            deployment_group_id: "g".into(),
+            source: Source::Local {
+                path: bundle.to_path_buf(),
+                kind: BundleType::Directory,
+            },
+            events: None,
+            file_exists_behavior: None,
+            appspec_filename: None,
+            bundle_env: vec![],
+        };
+        engine.deploy(&req, &NoObserver).await.unwrap()
+    }
+
+    fn write(path: &Path, text: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// The failed event's (name, status, code, script).
+    fn failed(j: &Journal) -> (String, EventState, Option<ErrorCode>, Option<String>) {
+        let e = j
+            .events
+            .iter()
+            .find(|e| matches!(e.status, EventState::Failed | EventState::TimedOut))
+            .expect("a failed event");
+        assert!(j
+            .events
+            .iter()
+            .filter(|o| o.event != e.event)
+            .all(|o| o.code.is_none()));
+        (e.event.clone(), e.status, e.code, e.script.clone())
+    }
+
+    #[tokio::test]
+    async fn each_failure_is_journaled_with_the_code_of_its_cause() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, dest) = (d.path().join("root"), d.path().join("dest"));
+        let spec = |hooks: &str| {
+            format!(
+                "version: 0.0\nos: linux\nfiles:\n  - source: app\n    destination: {}\n{hooks}",
+                dest.display()
+            )
+        };
+
+        // A hook that exits non-zero.
+        let b = d.path().join("b-fail");
+        write(&b.join("app/f"), "x", 0o644);
+        write(
+            &b.join("s/check.sh"),
+            "#!/bin/sh\necho down\nexit 3\n",
+            0o755,
+        );
+        write(
+            &b.join("appspec.yml"),
+            &spec("hooks:\n  ValidateService:\n    - location: s/check.sh\n"),
+            0o644,
+        );
+        let j = deploy_dir(&root, "d-1", &b).await;
+        assert_eq!(
+            failed(&j),
+            (
+                "ValidateService".into(),
+                EventState::Failed,
+                Some(ErrorCode::ScriptFailed),
+                Some("s/check.sh".into())
+            )
+        );
+        let succeeded = j.events.iter().find(|e| e.event == "Install").unwrap();
+        assert_eq!(
+            (succeeded.status, succeeded.code),
+            (EventState::Succeeded, None)
+        );
+
+        // A hook past its timeout.
+        let b = d.path().join("b-slow");
+        write(&b.join("app/f"), "x", 0o644);
+        write(&b.join("s/slow.sh"), "#!/bin/sh\nsleep 30\n", 0o755);
+        write(
+            &b.join("appspec.yml"),
+            &spec("hooks:\n  BeforeInstall:\n    - location: s/slow.sh\n      timeout: 1\n"),
+            0o644,
+        );
+        let (event, status, code, _) = failed(&deploy_dir(&root, "d-2", &b).await);
+        assert_eq!(
+            (event.as_str(), status, code),
+            (
+                "BeforeInstall",
+                EventState::TimedOut,
+                Some(ErrorCode::ScriptTimedOut)
+            )
+        );
+
+        // A hook script an earlier hook removed from the revision: missing at run time.
+        let b = d.path().join("b-gone");
+        write(&b.join("app/f"), "x", 0o644);
+        write(&b.join("s/rm.sh"), "#!/bin/sh\nrm s/later.sh\n", 0o755);
+        write(&b.join("s/later.sh"), "#!/bin/sh\n", 0o755);
+        write(
+            &b.join("appspec.yml"),
+            &spec(
+                "hooks:\n  BeforeInstall:\n    - location: s/rm.sh\n  AfterInstall:\n    - location: s/later.sh\n",
+            ),
+            0o644,
+        );
+        let (event, _, code, script) = failed(&deploy_dir(&root, "d-3", &b).await);
+        assert_eq!(
+            (event.as_str(), code, script.as_deref()),
+            (
+                "AfterInstall",
+                Some(ErrorCode::ScriptMissing),
+                Some("s/later.sh")
+            )
+        );
+
+        // No AppSpec in the bundle.
+        let b = d.path().join("b-nospec");
+        write(&b.join("app/f"), "x", 0o644);
+        let (event, _, code, _) = failed(&deploy_dir(&root, "d-4", &b).await);
+        assert_eq!(
+            (event.as_str(), code),
+            ("DownloadBundle", Some(ErrorCode::AppSpecInvalid))
+        );
+
+        // DISALLOW and a file of someone else's in the way (dest/f exists from the deployments
+        // above, but the group's manifest says Install placed it: use another destination).
+        let other = d.path().join("other");
+        write(&other.join("f"), "mine", 0o644);
+        let b = d.path().join("b-exists");
+        write(&b.join("app/f"), "x", 0o644);
+        write(
+            &b.join("appspec.yml"),
+            &format!(
+                "version: 0.0\nos: linux\nfiles:\n  - source: app\n    destination: {}\nfile_exists_behavior: DISALLOW\n",
+                other.display()
+            ),
+            0o644,
+        );
+        let (event, _, code, _) = failed(&deploy_dir(&root, "d-5", &b).await);
+        assert_eq!(
+            (event.as_str(), code),
+            ("Install", Some(ErrorCode::FileExists))
+        );
+    }
 
     #[test]
     fn default_events_skip_traffic() {

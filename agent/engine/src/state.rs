@@ -23,7 +23,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use pier_protocol::is_valid_id;
+use pier_protocol::{is_valid_id, Diagnostics, ErrorCode};
 
 /// Errors of the state store; each names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,10 @@ pub struct EventRecord {
     pub message: Option<String>,
     /// The last few KiB of the event's script output.
     pub tail: Option<String>,
+    /// Why the event failed, for a program to act on: set with the failure, on failed and
+    /// timed-out events only. Journals written before it existed read as `None`.
+    #[serde(default)]
+    pub code: Option<ErrorCode>,
 }
 
 impl EventRecord {
@@ -110,7 +114,26 @@ impl EventRecord {
             exit_code: None,
             message: None,
             tail: None,
+            code: None,
         }
+    }
+
+    /// Why the event failed, for the status record: set for a failed or timed-out event
+    /// only. An event failed by a version that did not record codes reads as
+    /// [`ErrorCode::UnknownError`].
+    pub fn diagnostics(&self) -> Option<Diagnostics> {
+        if !matches!(self.status, EventState::Failed | EventState::TimedOut) {
+            return None;
+        }
+        Some(Diagnostics {
+            error_code: self.code.unwrap_or(ErrorCode::UnknownError),
+            script_name: self.script.clone(),
+            message: self
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("{} failed", self.event)),
+            log_tail: self.tail.clone(),
+        })
     }
 }
 
@@ -348,20 +371,25 @@ impl Group {
                 self.write_journal(&j)?;
                 continue;
             }
+            // Where it stopped: the event in progress, or (when the process died between two
+            // events) the next one due. That event fails with the cause; the rest are skipped.
             let at = j
-                .current_event()
-                .map(|e| e.event.clone())
-                .unwrap_or_else(|| "the end of the deployment".to_string());
-            let message = format!("the agent stopped during {at}; the deployment did not finish");
-            for e in j.events.iter_mut() {
-                match e.status {
-                    EventState::InProgress => {
-                        e.status = EventState::Failed;
-                        e.ended_at = Some(now);
-                        e.message = Some(message.clone());
-                    }
-                    EventState::Pending => e.status = EventState::Skipped,
-                    _ => {}
+                .events
+                .iter()
+                .position(|e| matches!(e.status, EventState::InProgress | EventState::Pending));
+            let message = format!(
+                "the agent stopped during {}; the deployment did not finish",
+                at.map(|i| j.events[i].event.as_str())
+                    .unwrap_or("the end of the deployment")
+            );
+            for (i, e) in j.events.iter_mut().enumerate() {
+                if Some(i) == at {
+                    e.status = EventState::Failed;
+                    e.ended_at = Some(now);
+                    e.message = Some(message.clone());
+                    e.code = Some(ErrorCode::AgentInterrupted);
+                } else if e.status == EventState::Pending {
+                    e.status = EventState::Skipped;
                 }
             }
             j.status = DeploymentStatus::Failed;
@@ -492,8 +520,64 @@ mod tests {
         assert!(j.recovered);
         assert!(j.error.unwrap().contains("during Install"));
         assert_eq!(j.events[1].status, EventState::Failed);
+        assert_eq!(j.events[1].code, Some(ErrorCode::AgentInterrupted));
+        assert_eq!(j.events[0].code, None);
         assert_eq!(j.events[2].status, EventState::Skipped);
+        assert_eq!(j.events[2].code, None);
         assert!(g.recover_interrupted(Utc::now()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn recovery_between_two_events_fails_the_next_one() {
+        let d = tempfile::tempdir().unwrap();
+        let g = Root::open(d.path()).unwrap().group("g").unwrap();
+        let mut j = journal("d-1", 0, DeploymentStatus::InProgress);
+        let mut done = EventRecord::pending("Install");
+        done.status = EventState::Succeeded;
+        j.events = vec![
+            done,
+            EventRecord::pending("AfterInstall"),
+            EventRecord::pending("ApplicationStart"),
+        ];
+        g.write_journal(&j).unwrap();
+        g.recover_interrupted(Utc::now()).unwrap();
+        let j = g.journal("d-1").unwrap().unwrap();
+        assert_eq!(j.events[1].status, EventState::Failed);
+        assert_eq!(j.events[1].code, Some(ErrorCode::AgentInterrupted));
+        assert!(j.error.unwrap().contains("during AfterInstall"));
+        assert_eq!(j.events[2].status, EventState::Skipped);
+    }
+
+    #[test]
+    fn only_failed_and_timed_out_events_have_diagnostics() {
+        let mut e = EventRecord::pending("ValidateService");
+        e.status = EventState::Succeeded;
+        e.tail = Some("ok".into());
+        assert_eq!(e.diagnostics(), None);
+        e.status = EventState::TimedOut;
+        e.code = Some(ErrorCode::ScriptTimedOut);
+        e.script = Some("s/slow.sh".into());
+        e.message = Some("script s/slow.sh timed out after 1s".into());
+        assert_eq!(
+            e.diagnostics(),
+            Some(Diagnostics {
+                error_code: ErrorCode::ScriptTimedOut,
+                script_name: Some("s/slow.sh".into()),
+                message: "script s/slow.sh timed out after 1s".into(),
+                log_tail: Some("ok".into()),
+            })
+        );
+        e.code = None;
+        assert_eq!(e.diagnostics().unwrap().error_code, ErrorCode::UnknownError);
+    }
+
+    #[test]
+    fn a_journal_written_before_codes_existed_still_reads() {
+        let old = r#"{"event":"Install","status":"Failed","started_at":null,"ended_at":null,
+            "script":null,"exit_code":null,"message":"boom","tail":null}"#;
+        let e: EventRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(e.code, None);
+        assert_eq!(e.message.as_deref(), Some("boom"));
     }
 
     #[test]

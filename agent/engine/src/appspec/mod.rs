@@ -12,10 +12,12 @@ mod tree;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
 
 use std::time::Duration;
 
+use pier_protocol::ErrorCode;
 use serde::Serialize;
 
 pub use check::{check_environment, check_file_objects};
@@ -201,6 +203,49 @@ impl fmt::Display for Diagnostic {
         }
         Ok(())
     }
+}
+
+/// Why a revision's AppSpec cannot be used for a deployment: it cannot be read (usually: it
+/// is not in the bundle), or it has errors, its own or against the bundle and the host.
+#[derive(Debug, thiserror::Error)]
+pub enum AppSpecError {
+    /// The file is missing or unreadable.
+    #[error(
+        "cannot read the AppSpec {name} at the bundle root: {source} (use -A to name another file)"
+    )]
+    Unreadable {
+        /// The AppSpec's file name in the bundle.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Every finding that makes it invalid (a parse failure also lists its warnings).
+    #[error("{}", join_diagnostics(.diagnostics))]
+    Invalid {
+        /// The findings, in the order of the text.
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+impl AppSpecError {
+    /// The code a failed event carries: always [`ErrorCode::AppSpecInvalid`], also for a
+    /// hook script or `runas` user the check finds missing before any hook runs.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            AppSpecError::Unreadable { .. } | AppSpecError::Invalid { .. } => {
+                ErrorCode::AppSpecInvalid
+            }
+        }
+    }
+}
+
+fn join_diagnostics(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A valid AppSpec and the warnings found on the way.

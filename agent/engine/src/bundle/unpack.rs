@@ -19,6 +19,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use pier_protocol::ErrorCode;
+
 /// File-type bits as found in `st_mode` and in zip "external attributes".
 const S_IFMT: u32 = 0o170_000;
 const S_IFSOCK: u32 = 0o140_000;
@@ -304,6 +306,33 @@ pub enum UnpackError {
         /// The OS error.
         source: io::Error,
     },
+}
+
+impl UnpackError {
+    /// The code a failed DownloadBundle carries: [`ErrorCode::BundleRefused`] for anything
+    /// about the bundle itself (its type, an entry, its size, a damaged or unreadable
+    /// archive); [`ErrorCode::UnknownError`] for the agent's side (a destination that exists
+    /// or lies in the bundle, a write on this host that failed, such as a full disk), which
+    /// rebuilding the bundle would not fix.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            UnpackError::Undetectable { .. }
+            | UnpackError::AbsolutePath { .. }
+            | UnpackError::ParentDir { .. }
+            | UnpackError::BadName { .. }
+            | UnpackError::ThroughSymlink { .. }
+            | UnpackError::HardLink { .. }
+            | UnpackError::SpecialFile { .. }
+            | UnpackError::TooLarge { .. }
+            | UnpackError::TooManyEntries { .. }
+            | UnpackError::Conflict { .. }
+            | UnpackError::Read { .. }
+            | UnpackError::Corrupt { .. } => ErrorCode::BundleRefused,
+            UnpackError::DestExists { .. }
+            | UnpackError::DestInsideSource { .. }
+            | UnpackError::Write { .. } => ErrorCode::UnknownError,
+        }
+    }
 }
 
 /// Unpack `src` into `dest` (must not exist; created). On any refusal `dest` is removed and
@@ -951,6 +980,21 @@ impl<'a> Extractor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_bundle_refused_and_host_failures_are_not() {
+        for bad in [&b"a/../../x"[..], b"/etc/passwd", b"a\0b"] {
+            let err = entry_rel(bad).unwrap_err();
+            assert_eq!(err.error_code(), ErrorCode::BundleRefused, "{err}");
+        }
+        let full = UnpackError::Write {
+            path: "/x".into(),
+            source: io::Error::other("No space left on device"),
+        };
+        assert_eq!(full.error_code(), ErrorCode::UnknownError);
+        let exists = UnpackError::DestExists { dest: "/x".into() };
+        assert_eq!(exists.error_code(), ErrorCode::UnknownError);
+    }
 
     #[test]
     fn entry_paths_are_normalized_and_checked() {

@@ -40,6 +40,7 @@ use chrono::{DateTime, Utc};
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use pier_protocol::ErrorCode;
 use tokio::process::Child;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -104,6 +105,17 @@ impl HookResult {
     /// True only for [`HookResult::Succeeded`].
     pub fn is_success(&self) -> bool {
         matches!(self, HookResult::Succeeded)
+    }
+
+    /// The code a failed event carries for this ending; `None` for success.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        match self {
+            HookResult::Succeeded => None,
+            HookResult::Failed { .. } => Some(ErrorCode::ScriptFailed),
+            HookResult::TimedOut => Some(ErrorCode::ScriptTimedOut),
+            // Only the agent stopping cancels a hook.
+            HookResult::Cancelled => Some(ErrorCode::AgentInterrupted),
+        }
     }
 }
 
@@ -183,6 +195,25 @@ pub enum HookError {
         #[source]
         source: io::Error,
     },
+}
+
+impl HookError {
+    /// The code a failed event carries when its script could not be started: missing from
+    /// the revision, or there but not runnable (not a file, unreadable, no `#!` line and no
+    /// executable bit, a `runas` user that does not exist or cannot be switched to, exec
+    /// refused).
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            HookError::ScriptMissing { .. } => ErrorCode::ScriptMissing,
+            HookError::NotAFile { .. }
+            | HookError::Unreadable { .. }
+            | HookError::NotExecutable { .. }
+            | HookError::UnknownUser { .. }
+            | HookError::UserLookup { .. }
+            | HookError::NotRoot { .. }
+            | HookError::Spawn { .. } => ErrorCode::ScriptNotExecutable,
+        }
+    }
 }
 
 /// Runs one hook script to its end (exit, timeout or cancellation) and reports how it ended.
@@ -402,5 +433,92 @@ impl Drop for GroupGuard {
         if self.armed {
             signal_group(self.pgid, Signal::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    fn hook(dir: &Path, location: &str, timeout: Duration) -> HookRun {
+        HookRun {
+            script: dir.join(location),
+            location: location.to_string(),
+            working_dir: dir.to_path_buf(),
+            timeout,
+            runas: None,
+            env: Vec::new(),
+            kill_grace: Duration::from_millis(100),
+            event: "AfterInstall".to_string(),
+        }
+    }
+
+    fn script(dir: &Path, name: &str, body: &str, mode: u32) {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    async fn code_of(run_spec: &HookRun, cancel: &CancellationToken) -> Option<ErrorCode> {
+        let log = ScriptLog::open(&run_spec.working_dir.join("scripts.log"), 1 << 20, 1).unwrap();
+        match run(run_spec, &log, cancel).await {
+            Ok(o) => o.result.error_code(),
+            Err(e) => Some(e.error_code()),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_way_a_script_ends_has_its_code() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let none = CancellationToken::new();
+        let long = Duration::from_secs(30);
+        script(dir, "ok.sh", "#!/bin/sh\nexit 0\n", 0o755);
+        script(dir, "fail.sh", "#!/bin/sh\nexit 3\n", 0o755);
+        script(dir, "killed.sh", "#!/bin/sh\nkill -KILL $$\n", 0o755);
+        script(dir, "hang.sh", "#!/bin/sh\nsleep 30\n", 0o755);
+        script(dir, "plain.txt", "echo no interpreter line\n", 0o644);
+        std::fs::create_dir(dir.join("adir")).unwrap();
+
+        assert_eq!(code_of(&hook(dir, "ok.sh", long), &none).await, None);
+        assert_eq!(
+            code_of(&hook(dir, "fail.sh", long), &none).await,
+            Some(ErrorCode::ScriptFailed)
+        );
+        assert_eq!(
+            code_of(&hook(dir, "killed.sh", long), &none).await,
+            Some(ErrorCode::ScriptFailed)
+        );
+        assert_eq!(
+            code_of(&hook(dir, "hang.sh", Duration::from_millis(200)), &none).await,
+            Some(ErrorCode::ScriptTimedOut)
+        );
+        assert_eq!(
+            code_of(&hook(dir, "missing.sh", long), &none).await,
+            Some(ErrorCode::ScriptMissing)
+        );
+        assert_eq!(
+            code_of(&hook(dir, "plain.txt", long), &none).await,
+            Some(ErrorCode::ScriptNotExecutable)
+        );
+        assert_eq!(
+            code_of(&hook(dir, "adir", long), &none).await,
+            Some(ErrorCode::ScriptNotExecutable)
+        );
+        let mut as_nobody = hook(dir, "ok.sh", long);
+        as_nobody.runas = Some("pier-no-such-user".to_string());
+        assert_eq!(
+            code_of(&as_nobody, &none).await,
+            Some(ErrorCode::ScriptNotExecutable)
+        );
+
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert_eq!(
+            code_of(&hook(dir, "hang.sh", long), &cancel).await,
+            Some(ErrorCode::AgentInterrupted)
+        );
     }
 }

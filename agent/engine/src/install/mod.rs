@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use pier_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -260,6 +261,34 @@ pub enum InstallError {
         /// The OS error.
         source: io::Error,
     },
+}
+
+impl InstallError {
+    /// The code a failed event carries: [`ErrorCode::FileExists`] when Install met something
+    /// at a destination it may not replace (`file_exists_behavior` DISALLOW, or RETAIN where a
+    /// directory is needed, or a file that appeared after the plan);
+    /// [`ErrorCode::BundleRefused`] for a set-id bit the AppSpec does not grant (checked when
+    /// the bundle is unpacked); [`ErrorCode::InstallFailed`] for everything else.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            InstallError::Disallowed { .. }
+            | InstallError::FileInTheWay { .. }
+            | InstallError::AppearedSincePlan { .. } => ErrorCode::FileExists,
+            InstallError::SetidNotGranted { .. } => ErrorCode::BundleRefused,
+            InstallError::SourceMissing { .. }
+            | InstallError::Unplaceable { .. }
+            | InstallError::TwoSources { .. }
+            | InstallError::DirectoryInTheWay { .. }
+            | InstallError::UnknownUser { .. }
+            | InstallError::UnknownGroup { .. }
+            | InstallError::BadPattern { .. }
+            | InstallError::PermissionTwice { .. }
+            | InstallError::MissingTool { .. }
+            | InstallError::ToolFailed { .. }
+            | InstallError::Read { .. }
+            | InstallError::Write { .. } => ErrorCode::InstallFailed,
+        }
+    }
 }
 
 fn more(n: usize) -> String {

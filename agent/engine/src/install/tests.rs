@@ -109,6 +109,7 @@ fn disallow_names_every_file_in_the_way_and_plans_nothing() {
         "{msg}"
     );
     assert!(msg.contains("DISALLOW"), "{msg}");
+    assert_eq!(err.error_code(), ErrorCode::FileExists);
     assert_eq!(
         fs::read_to_string(out.path().join("index.html")).unwrap(),
         "mine"
@@ -207,6 +208,7 @@ fn two_sources_for_one_destination_are_refused() {
     ))
     .unwrap_err();
     assert!(matches!(err, InstallError::TwoSources { .. }), "{err}");
+    assert_eq!(err.error_code(), ErrorCode::InstallFailed);
 }
 
 #[test]
@@ -235,6 +237,7 @@ fn setid_is_refused_unless_a_permission_grants_it() {
     let setid = [("bin/helper".to_string(), 0o100_000 | 0o4755)];
     let err = check_setid(&files, &[], &setid).unwrap_err();
     assert!(err.to_string().contains("bin/helper"), "{err}");
+    assert_eq!(err.error_code(), ErrorCode::BundleRefused);
 
     let mut p = perm(dest);
     p.pattern = Some("helper".into());
@@ -307,6 +310,7 @@ fn a_failing_file_step_fails_the_apply_naming_the_file() {
     fs::remove_file(rev.path().join("d3/f150")).unwrap();
     let err = apply(&p).unwrap_err();
     assert!(err.to_string().contains("d3/f150"), "{err}");
+    assert_eq!(err.error_code(), ErrorCode::InstallFailed);
 }
 
 #[test]
@@ -328,6 +332,7 @@ fn a_file_that_appears_between_plan_and_apply_is_not_clobbered() {
         matches!(err, InstallError::AppearedSincePlan { .. }),
         "{err}"
     );
+    assert_eq!(err.error_code(), ErrorCode::FileExists);
     assert_eq!(
         fs::read_to_string(out.path().join("index.html")).unwrap(),
         "someone else's"
