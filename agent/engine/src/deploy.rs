@@ -78,13 +78,39 @@ pub enum DeployError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error("events: {0}")]
-    Events(String),
+    Events(#[from] pier_protocol::EventOrderError),
     #[error("deployment {0} already exists on this host; deployment ids must be unique")]
     Duplicate(String),
     #[error("the deployment task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
+    /// A reload asked for another deployment root, which cannot move while the agent runs.
+    #[error("root_dir changed from {} to {}: restart the agent to move the deployment root", .from.display(), .to.display())]
+    RootChanged { from: PathBuf, to: PathBuf },
     #[error("the agent is shutting down: deployment {0} was not started")]
     ShuttingDown(String),
+}
+
+/// Why a dry run could not plan Install.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("a dry run needs a bundle on this host")]
+    NotLocal,
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot make a scratch directory in {}: {source}", .dir.display())]
+    Scratch {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bundle refused: {0}")]
+    Bundle(#[from] unpack::UnpackError),
+    #[error(transparent)]
+    AppSpec(#[from] AppSpecError),
+    #[error(transparent)]
+    Install(#[from] install::InstallError),
+    #[error("the dry-run task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Sees each journal update of a running deployment.
@@ -114,7 +140,7 @@ pub fn plan_events(asked: Option<&[LifecycleEvent]>) -> Result<Vec<LifecycleEven
     let Some(asked) = asked else {
         return Ok(DEFAULT_EVENTS.to_vec());
     };
-    pier_protocol::check_order(asked).map_err(|e| DeployError::Events(e.to_string()))?;
+    pier_protocol::check_order(asked)?;
     let mut events: Vec<LifecycleEvent> = asked.to_vec();
     for must in [LifecycleEvent::DownloadBundle, LifecycleEvent::Install] {
         if !events.contains(&must) {
@@ -264,13 +290,12 @@ impl Engine {
 
     /// Takes a reloaded configuration for the deployments that start from now on. The
     /// deployment root cannot change while the agent runs; a new `root_dir` is refused.
-    pub fn set_config(&self, config: Arc<Config>) -> Result<(), String> {
+    pub fn set_config(&self, config: Arc<Config>) -> Result<(), DeployError> {
         if config.root_dir != self.root.dir() {
-            return Err(format!(
-                "root_dir changed from {} to {}: restart the agent to move the deployment root",
-                self.root.dir().display(),
-                config.root_dir.display()
-            ));
+            return Err(DeployError::RootChanged {
+                from: self.root.dir().to_path_buf(),
+                to: config.root_dir.clone(),
+            });
         }
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(())
@@ -292,8 +317,7 @@ impl Engine {
             }
             Ok(closed)
         })
-        .await
-        .map_err(|e| DeployError::Task(e.to_string()))?
+        .await?
     }
 
     /// Runs one deployment to its end. `Ok` carries the final journal, succeeded or failed;
@@ -317,9 +341,7 @@ impl Engine {
                     "waiting for deployment group {} (another deployment is running)",
                     group.id()
                 );
-                tokio::task::spawn_blocking(move || lock_group.lock())
-                    .await
-                    .map_err(|e| DeployError::Task(e.to_string()))??
+                tokio::task::spawn_blocking(move || lock_group.lock()).await??
             }
             Err(e) => return Err(e.into()),
         };
@@ -465,19 +487,19 @@ impl Engine {
     /// What Install would do for `req`, changing nothing outside a scratch directory: the
     /// bundle is unpacked under the root, its AppSpec read and checked, and Install planned
     /// against the group's manifest. The plan is returned as text, one action a line.
-    pub async fn plan_install(&self, req: &Request) -> Result<String, String> {
+    pub async fn plan_install(&self, req: &Request) -> Result<String, PlanError> {
         let config = self.config();
         let Source::Local { path, kind } = &req.source else {
-            return Err("a dry run needs a bundle on this host".into());
+            return Err(PlanError::NotLocal);
         };
-        let group = self
-            .root
-            .group(&req.deployment_group_id)
-            .map_err(|e| e.to_string())?;
+        let group = self.root.group(&req.deployment_group_id)?;
         let scratch = tempfile::Builder::new()
             .prefix(".dry-run-")
             .tempdir_in(self.root.dir())
-            .map_err(|e| format!("{}: {e}", self.root.dir().display()))?;
+            .map_err(|source| PlanError::Scratch {
+                dir: self.root.dir().to_path_buf(),
+                source,
+            })?;
         let revision = scratch.path().join("revision");
         let (src, kind, dest) = (path.clone(), *kind, revision.clone());
         let policy = UnpackPolicy {
@@ -486,15 +508,10 @@ impl Engine {
         };
         let unpacked =
             tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("bundle refused: {e}"))?;
-        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)
-            .map_err(|e| e.to_string())?;
-        install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
-            .map_err(|e| e.to_string())?;
-        let previous: Option<install::Manifest> =
-            state::read_json(&group.manifest_path()).map_err(|e| e.to_string())?;
+                .await??;
+        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)?;
+        install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)?;
+        let previous: Option<install::Manifest> = state::read_json(&group.manifest_path())?;
         let behavior = spec
             .file_exists_behavior
             .or(req.file_exists_behavior)
@@ -505,8 +522,7 @@ impl Engine {
             permissions: &spec.permissions,
             previous: previous.as_ref(),
             file_exists_behavior: behavior,
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         Ok(plan.to_string())
     }
 
