@@ -3,11 +3,7 @@
 
 mod support;
 
-mod bundle;
 mod controller;
 mod daemon;
 mod deploy_local;
-mod hooks;
-mod install;
-mod transport;
 mod validate;
