@@ -516,11 +516,21 @@ async fn two_agents_over_sqs_and_s3_with_failure_duplicate_and_malformed_message
 /// so, where that cannot start.
 #[test]
 fn journald_gets_structured_deployment_fields() {
-    let tool = crate::support::repo_root().join("../shared/tools/with-journald.sh");
-    if !tool.exists() {
-        skip(&format!("{} not found", tool.display()));
+    // `shared/` sits beside the checkout; a git worktree is one level further down.
+    let root = crate::support::repo_root();
+    let Some(tool) = root
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("shared/tools/with-journald.sh"))
+        .find(|tool| tool.exists())
+    else {
+        skip(&format!(
+            "no shared/tools/with-journald.sh beside {}",
+            root.display()
+        ));
         return;
-    }
+    };
     let scratch = Scratch::new();
     // Configured only: the agent runs inside the private journald's namespace, below.
     let host = spool_host(&scratch, "jhost", "");
