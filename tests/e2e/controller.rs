@@ -18,26 +18,9 @@ use pier_transport::sqs::SqsQueue;
 use pier_transport::{Queue, StatusSink};
 
 use crate::support::{
-    moto_clients, moto_endpoint, new_bucket, new_versioned_bucket, pier_bin, run_cmd, sha256,
-    unique, Run, Scratch,
+    moto_clients, new_bucket, new_versioned_bucket, pier, sha256, skip, unique, Agent,
+    AgentBuilder, Run, Scratch,
 };
-
-/// Runs the real `pier` with moto's endpoint and test credentials in its environment.
-fn pier(args: &[&str]) -> Run {
-    run_cmd(
-        Command::new(pier_bin())
-            .args(args)
-            .env("AWS_ENDPOINT_URL", moto_endpoint())
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            .env_remove("PIER_STATUS_BUCKET")
-            .env_remove("PIER_STATUS_DIR")
-            .env_remove("PIER_TRANSPORT")
-            .env_remove("PIER_SPOOL_DIR")
-            .env_remove("PIER_QUEUE_URL_TEMPLATE"),
-    )
-}
 
 /// A small bundle: an AppSpec, a file in a subdirectory, a symlink, and a hook.
 fn bundle(s: &Scratch, rel: &str) -> std::path::PathBuf {
@@ -722,84 +705,12 @@ async fn a_large_push_goes_up_in_parts_and_deploy_can_pin_its_version() {
 }
 
 /// A real `pier-agent run` standing in for one host: its own host id, deployment root and
-/// spool, and (through a private mount namespace with a tmpfs over `dest`) its own view of
-/// the directory the bundle installs into, as two machines would have. Stopped with SIGTERM
-/// when dropped.
-struct Agent {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Agent {
-    /// An agent taking commands from its spool, `ROOT/spool`.
-    fn start(s: &Scratch, host: &str, dest: &Path) -> Agent {
-        let spool = s.path().join(host).join("root/spool");
-        let transport = format!(
-            "transport:\n  type: spool\n  spool_dir: {}\n",
-            spool.display()
-        );
-        Agent::start_with(s, host, dest, &transport)
-    }
-
-    /// An agent taking commands from its SQS queue `pier-HOST` on moto, created on start.
-    fn start_sqs(s: &Scratch, host: &str, dest: &Path) -> Agent {
-        let transport = format!(
-            "transport:\n  type: sqs\n  create_queue: true\naws:\n  region: us-east-1\n  endpoint_url: {}\n",
-            moto_endpoint()
-        );
-        Agent::start_with(s, host, dest, &transport)
-    }
-
-    fn start_with(s: &Scratch, host: &str, dest: &Path, transport: &str) -> Agent {
-        let root = s.path().join(host).join("root");
-        let cfg = s.write(
-            &format!("{host}/agent.yml"),
-            &format!("host_id: {host}\nroot_dir: {}\n{transport}", root.display()),
-        );
-        let log = s.path().join(format!("{host}/agent.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount -t tmpfs pier-e2e "$1" && exec "$2" run -c "$3""#)
-            .arg("sh")
-            .arg(dest)
-            .arg(crate::support::agent_bin())
-            .arg(&cfg)
-            .env("PIER_LOG_STDERR", "1")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start pier-agent run");
-        Agent { child, log }
-    }
-
-    /// `path` as this agent's host sees it.
-    fn host_path(&self, path: &Path) -> std::path::PathBuf {
-        Path::new(&format!("/proc/{}/root", self.child.id())).join(path.strip_prefix("/").unwrap())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// spool (`DIR/HOST/root/spool`), and (through a private mount namespace with a tmpfs over
+/// `dest`) its own view of the directory the bundle installs into, as two machines would have.
+fn host_agent(s: &Scratch, host: &str, dest: &Path) -> AgentBuilder {
+    Agent::builder(s.path().join(host))
+        .host(host)
+        .own_mount(dest)
 }
 
 /// Whether this machine lets a test give a process its own mount namespace.
@@ -852,15 +763,15 @@ fn deployable_bundle(
 #[test]
 fn deploy_wait_against_two_real_agents_succeeds_then_reports_a_failing_hook() {
     if !mount_namespaces_work() {
-        eprintln!("skipping: this machine does not allow mount namespaces (unshare --mount), which give each agent its own install directory");
+        skip("this machine does not allow mount namespaces (unshare --mount), which give each agent its own install directory");
         return;
     }
     let s = Scratch::new();
     let dest = s.path().join("dest");
     std::fs::create_dir_all(&dest).unwrap();
     let agents = [
-        Agent::start(&s, "web-1", &dest),
-        Agent::start(&s, "web-2", &dest),
+        host_agent(&s, "web-1", &dest).spool().spawn(),
+        host_agent(&s, "web-2", &dest).spool().spawn(),
     ];
     let spool = format!("{}/{{host}}/root/spool", s.path().display());
     let status = s.path().join("status");
@@ -990,7 +901,7 @@ fn deploy_wait_against_two_real_agents_succeeds_then_reports_a_failing_hook() {
 #[tokio::test]
 async fn push_to_s3_and_deploy_wait_over_sqs_to_two_real_agents() {
     if !mount_namespaces_work() {
-        eprintln!("skipping: this machine does not allow mount namespaces (unshare --mount), which give each agent its own install directory");
+        skip("this machine does not allow mount namespaces (unshare --mount), which give each agent its own install directory");
         return;
     }
     let aws = moto_clients().await;
@@ -1000,8 +911,8 @@ async fn push_to_s3_and_deploy_wait_over_sqs_to_two_real_agents() {
     std::fs::create_dir_all(&dest).unwrap();
     let hosts = [unique("web"), unique("web")];
     let agents = [
-        Agent::start_sqs(&s, &hosts[0], &dest),
-        Agent::start_sqs(&s, &hosts[1], &dest),
+        host_agent(&s, &hosts[0], &dest).sqs_own_queue().spawn(),
+        host_agent(&s, &hosts[1], &dest).sqs_own_queue().spawn(),
     ];
     // The agents create their queues on start; pier only looks them up.
     for h in &hosts {

@@ -2,7 +2,7 @@
 //! on the moto server, deploying real bundles, writing status records to local files or S3.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Proc, Stdio};
+use std::process::{Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use pier_protocol::{
@@ -11,69 +11,7 @@ use pier_protocol::{
 };
 use pier_transport::sqs::{create_with_dlq, SqsQueue};
 
-use crate::support::{agent_bin, unique, Scratch};
-use crate::support::{moto_clients, moto_endpoint};
-
-/// A running `pier-agent run`, stopped (SIGKILL) when dropped.
-pub(crate) struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    pub(crate) fn start(config: &Path, log: PathBuf) -> Agent {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Proc::new(agent_bin())
-            .args(["run", "-c"])
-            .arg(config)
-            .env("AWS_ENDPOINT_URL", moto_endpoint_if_needed())
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("PIER_LOG_STDERR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start pier-agent run");
-        Agent { child, log }
-    }
-
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then wait (bounded) for a clean exit; returns the exit code.
-    pub(crate) fn terminate(&mut self, bound: Duration) -> i32 {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(
-                t.elapsed() < bound,
-                "agent did not stop within {bound:?} of SIGTERM\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The moto endpoint, started only by the tests that use SQS or S3.
-fn moto_endpoint_if_needed() -> String {
-    std::env::var("AWS_ENDPOINT_URL").unwrap_or_default()
-}
+use crate::support::{agent_bin, moto_clients, skip, unique, Agent, Scratch};
 
 pub(crate) fn sha256_file(p: &Path) -> String {
     crate::support::sha256(&std::fs::read(p).unwrap())
@@ -170,24 +108,20 @@ pub(crate) fn wait_for<T>(
     }
 }
 
-pub(crate) fn spool_config(scratch: &Scratch, host: &str, extra: &str) -> (PathBuf, PathBuf) {
-    let root = scratch.path().join(format!("root-{host}"));
-    let spool = scratch.path().join(format!("spool-{host}"));
-    let cfg = scratch.write(
-        &format!("agent-{host}.yml"),
-        &format!(
-            "root_dir: {}\nhost_id: {host}\nhooks:\n  kill_grace_seconds: 1\ntransport:\n  type: spool\n  spool_dir: {}\n{extra}",
-            root.display(),
-            spool.display()
-        ),
-    );
-    (cfg, spool)
+/// An agent for host `id` taking commands from its spool, with `extra` configuration.
+fn spool_host(scratch: &Scratch, id: &str, extra: &str) -> Agent {
+    Agent::builder(scratch.path().join(id))
+        .host(id)
+        .spool()
+        .config(extra)
+        .build()
 }
 
 #[test]
 fn spool_transport_end_to_end() {
     let scratch = Scratch::new();
-    let (cfg, spool) = spool_config(&scratch, "solo", "");
+    let host = spool_host(&scratch, "solo", "");
+    let spool = host.spool();
     let status = scratch.path().join("status");
     let dest = scratch.path().join("www");
     let hook_out = scratch.path().join("hook.txt");
@@ -203,7 +137,7 @@ fn spool_transport_end_to_end() {
             ),
         )],
     );
-    let mut agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    let mut agent = host.start();
     let cmd = local_command("d-SPOOL0001", &bundle, &status);
     // The spool directory appears once the agent has started.
     wait_for(
@@ -212,7 +146,7 @@ fn spool_transport_end_to_end() {
         &|| agent.log(),
         || spool.is_dir().then_some(()),
     );
-    pier_transport::spool::Spool::submit(&spool, "d-SPOOL0001.json", &cmd.to_json()).unwrap();
+    host.submit(&cmd);
     let rec = wait_for(
         Duration::from_secs(60),
         "final status",
@@ -242,11 +176,12 @@ fn spool_transport_end_to_end() {
 #[test]
 fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
     let scratch = Scratch::new();
-    let (cfg, spool) = spool_config(
+    let host = spool_host(
         &scratch,
         "stopper",
         "daemon:\n  shutdown_grace_seconds: 1\n",
     );
+    let spool = host.spool();
     let status = scratch.path().join("status");
     let dest = scratch.path().join("www");
     let started = scratch.path().join("started");
@@ -260,9 +195,9 @@ fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
         )],
     );
     let cmd = local_command("d-STOP00001", &bundle, &status);
-    std::fs::create_dir_all(&spool).unwrap();
-    pier_transport::spool::Spool::submit(&spool, "d-STOP00001.json", &cmd.to_json()).unwrap();
-    let mut agent = Agent::start(&cfg, scratch.path().join("agent1.log"));
+    std::fs::create_dir_all(spool).unwrap();
+    host.submit(&cmd);
+    let mut agent = host.start();
     wait_for(
         Duration::from_secs(60),
         "hook start",
@@ -314,7 +249,7 @@ fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
     // Not acknowledged: the command is still in processing/ for the next start.
     assert!(!spool.join("done/d-STOP00001.json").exists());
 
-    let agent2 = Agent::start(&cfg, scratch.path().join("agent2.log"));
+    let agent2 = host.start();
     wait_for(
         Duration::from_secs(30),
         "next start acknowledges",
@@ -332,7 +267,6 @@ fn sigterm_during_a_long_hook_stops_cleanly_and_next_start_reports_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_over_sqs_and_s3_with_failure_duplicate_and_malformed_messages() {
     let aws = moto_clients().await;
-    let endpoint = moto_endpoint().to_string();
     let scratch = Scratch::new();
     let bucket = unique("pier-e2e");
     aws.s3.create_bucket().bucket(&bucket).send().await.unwrap();
@@ -399,17 +333,12 @@ async fn two_agents_over_sqs_and_s3_with_failure_duplicate_and_malformed_message
     for host in ["host-a", "host-b"] {
         let qname = unique(&format!("pier-{host}"));
         let url = create_with_dlq(&aws.sqs, &qname, 1).await.unwrap();
-        let cfg = scratch.write(
-            &format!("{host}.yml"),
-            &format!(
-                "root_dir: {}\nhost_id: {host}\nhooks:\n  kill_grace_seconds: 1\ntransport:\n  type: sqs\n  queue_url: {url}\naws:\n  region: us-east-1\n  endpoint_url: {endpoint}\n",
-                scratch.path().join(format!("root-{host}")).display()
-            ),
+        agents.push(
+            Agent::builder(scratch.path().join(host))
+                .host(host)
+                .sqs(&url)
+                .spawn(),
         );
-        agents.push(Agent::start(
-            &cfg,
-            scratch.path().join(format!("{host}.log")),
-        ));
         queues.push((host, SqsQueue::new(aws.sqs.clone(), &url), qname));
     }
     let logs = || {
@@ -599,23 +528,26 @@ async fn two_agents_over_sqs_and_s3_with_failure_duplicate_and_malformed_message
 /// so, where that cannot start.
 #[test]
 fn journald_gets_structured_deployment_fields() {
-    let tool = crate::support::repo_root().join("../shared/tools/with-journald.sh");
-    if !tool.exists() {
-        eprintln!("SKIPPED journald test: {} not found", tool.display());
+    // `shared/` sits beside the checkout; a git worktree is one level further down.
+    let root = crate::support::repo_root();
+    let Some(tool) = root
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("shared/tools/with-journald.sh"))
+        .find(|tool| tool.exists())
+    else {
+        skip(&format!(
+            "no shared/tools/with-journald.sh beside {}",
+            root.display()
+        ));
         return;
-    }
+    };
     let scratch = Scratch::new();
-    let root = scratch.path().join("root");
-    let spool = scratch.path().join("spool");
+    // Configured only: the agent runs inside the private journald's namespace, below.
+    let host = spool_host(&scratch, "jhost", "");
+    let spool = host.spool();
     let status = scratch.path().join("status");
-    let cfg = scratch.write(
-        "agent.yml",
-        &format!(
-            "root_dir: {}\nhost_id: jhost\ntransport:\n  type: spool\n  spool_dir: {}\n",
-            root.display(),
-            spool.display()
-        ),
-    );
     let bundle = tgz_bundle(
         &scratch,
         "j",
@@ -623,15 +555,15 @@ fn journald_gets_structured_deployment_fields() {
         &[("ValidateService", "#!/bin/sh\nexit 4\n")],
     );
     let cmd = local_command("d-JOURNAL01", &bundle, &status);
-    std::fs::create_dir_all(&spool).unwrap();
-    pier_transport::spool::Spool::submit(&spool, "d-JOURNAL01.json", &cmd.to_json()).unwrap();
+    std::fs::create_dir_all(spool).unwrap();
+    host.submit(&cmd);
     let record = status.join("deployments/d-JOURNAL01/hosts/jhost.json");
     let script = scratch.write(
         "in-journal.sh",
         &format!(
             "set -u\n{agent} run -c {cfg} &\npid=$!\nfor _ in $(seq 1 600); do grep -q '\"Failed\"' {rec} 2>/dev/null && break; sleep 0.1; done\nkill -TERM $pid; wait $pid\njournalctl -o json --no-pager\n",
             agent = agent_bin().display(),
-            cfg = cfg.display(),
+            cfg = host.config().display(),
             rec = record.display()
         ),
     );
@@ -646,7 +578,7 @@ fn journald_gets_structured_deployment_fields() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stdout.trim().is_empty() {
-        eprintln!("SKIPPED journald test: a private journald could not start: {stderr}");
+        skip(&format!("a private journald could not start: {stderr}"));
         return;
     }
     let entries: Vec<serde_json::Value> = stdout
@@ -679,7 +611,7 @@ fn packaged_systemd_unit_verifies() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED unit verification: systemd-analyze not installed");
+        skip("systemd-analyze not installed");
         return;
     }
     let scratch = Scratch::new();
@@ -704,14 +636,15 @@ fn packaged_systemd_unit_verifies() {
 #[test]
 fn a_command_that_cannot_start_is_reported_and_acknowledged() {
     let scratch = Scratch::new();
-    let (cfg, spool) = spool_config(&scratch, "strict", "");
+    let host = spool_host(&scratch, "strict", "");
+    let spool = host.spool();
     let status = scratch.path().join("status");
     let bundle = tgz_bundle(&scratch, "b", &scratch.path().join("www"), &[]);
     let mut cmd = local_command("d-ORDER0001", &bundle, &status);
     cmd.events = Some(vec!["ApplicationStart".into(), "BeforeInstall".into()]);
-    std::fs::create_dir_all(&spool).unwrap();
-    pier_transport::spool::Spool::submit(&spool, "d-ORDER0001.json", &cmd.to_json()).unwrap();
-    let mut agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    std::fs::create_dir_all(spool).unwrap();
+    host.submit(&cmd);
+    let mut agent = host.start();
     let rec = wait_for(
         Duration::from_secs(60),
         "final status",
@@ -743,7 +676,8 @@ fn a_command_that_cannot_start_is_reported_and_acknowledged() {
 #[test]
 fn different_groups_deploy_at_once_and_one_group_one_at_a_time() {
     let scratch = Scratch::new();
-    let (cfg, spool) = spool_config(&scratch, "conc", "daemon:\n  concurrency: 4\n");
+    let host = spool_host(&scratch, "conc", "daemon:\n  concurrency: 4\n");
+    let spool = host.spool();
     let status = scratch.path().join("status");
     let marks = scratch.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
@@ -770,7 +704,7 @@ fn different_groups_deploy_at_once_and_one_group_one_at_a_time() {
         ("d-CONC00003", "g3", alone("a", "b")),
         ("d-CONC00004", "g3", alone("b", "a")),
     ];
-    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::create_dir_all(spool).unwrap();
     for (id, group, hook) in &jobs {
         let bundle = tgz_bundle(
             &scratch,
@@ -781,10 +715,9 @@ fn different_groups_deploy_at_once_and_one_group_one_at_a_time() {
         let mut cmd = local_command(id, &bundle, &status);
         cmd.deployment_group_id = group.to_string();
         cmd.deployment_group_name = group.to_string();
-        pier_transport::spool::Spool::submit(&spool, &format!("{id}.json"), &cmd.to_json())
-            .unwrap();
+        host.submit(&cmd);
     }
-    let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    let agent = host.start();
     for (id, _, _) in &jobs {
         let rec = wait_for(Duration::from_secs(90), id, &|| agent.log(), || {
             local_record(&status, id, "conc").filter(|r| r.status.is_final())
@@ -806,27 +739,23 @@ fn different_groups_deploy_at_once_and_one_group_one_at_a_time() {
 #[test]
 fn sighup_reloads_the_configuration() {
     let scratch = Scratch::new();
-    let (cfg, spool) = spool_config(&scratch, "reload", "");
+    let host = spool_host(&scratch, "reload", "");
     let status = scratch.path().join("status");
     let out = scratch.path().join("env.txt");
-    let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    let agent = host.start();
     wait_for(Duration::from_secs(30), "ready", &|| agent.log(), || {
         agent.log().contains("ready").then_some(())
     });
-    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = std::fs::read_to_string(host.config()).unwrap();
     std::fs::write(
-        &cfg,
+        host.config(),
         text.replace(
             "hooks:\n",
             "hooks:\n  env:\n    set:\n      RELOADED: \"yes\"\n",
         ),
     )
     .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.child.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
     wait_for(Duration::from_secs(30), "reload", &|| agent.log(), || {
         agent.log().contains("applied").then_some(())
     });
@@ -843,7 +772,7 @@ fn sighup_reloads_the_configuration() {
         )],
     );
     let cmd = local_command("d-RELOAD001", &bundle, &status);
-    pier_transport::spool::Spool::submit(&spool, "d-RELOAD001.json", &cmd.to_json()).unwrap();
+    host.submit(&cmd);
     let rec = wait_for(
         Duration::from_secs(60),
         "final status",
@@ -860,7 +789,8 @@ fn sighup_reloads_the_configuration() {
 #[test]
 fn a_status_that_cannot_be_written_is_retried_not_lost() {
     let scratch = Scratch::new();
-    let (cfg, spool) = spool_config(&scratch, "retry", "");
+    let host = spool_host(&scratch, "retry", "");
+    let spool = host.spool();
     let status = scratch.path().join("status");
     // A file where the sink needs a directory: every write fails until it is removed.
     std::fs::create_dir_all(&status).unwrap();
@@ -877,9 +807,9 @@ fn a_status_that_cannot_be_written_is_retried_not_lost() {
         )],
     );
     let cmd = local_command("d-RETRY0001", &bundle, &status);
-    std::fs::create_dir_all(&spool).unwrap();
-    pier_transport::spool::Spool::submit(&spool, "d-RETRY0001.json", &cmd.to_json()).unwrap();
-    let agent = Agent::start(&cfg, scratch.path().join("agent.log"));
+    std::fs::create_dir_all(spool).unwrap();
+    host.submit(&cmd);
+    let agent = host.start();
     wait_for(
         Duration::from_secs(60),
         "a retry to be planned",

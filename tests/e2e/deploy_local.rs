@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{self, agent_bin, ensure_user, run_cmd, Run, Scratch};
+use crate::support::{self, ensure_user, run_cmd, Agent, Run, Scratch};
 
-/// A host for one test: a config pointing at a private deployment root, and a place for
+/// A host for one test: an agent configured with a private deployment root, and a place for
 /// bundles and destinations.
 struct Host {
     scratch: Scratch,
-    config: PathBuf,
+    agent: Agent,
 }
 
 impl Host {
@@ -22,15 +22,8 @@ impl Host {
 
     fn with_config(extra: &str) -> Host {
         let scratch = Scratch::new();
-        let root = scratch.path().join("root");
-        let config = scratch.write(
-            "agent.yml",
-            &format!(
-                "root_dir: {}\nhooks:\n  kill_grace_seconds: 1\n{extra}",
-                root.display()
-            ),
-        );
-        Host { scratch, config }
+        let agent = Agent::builder(scratch.path()).config(extra).build();
+        Host { scratch, agent }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -38,7 +31,7 @@ impl Host {
     }
 
     fn root(&self) -> PathBuf {
-        self.path("root")
+        self.agent.root().to_path_buf()
     }
 
     /// Writes a bundle directory `name` with `appspec` and the given files; a file whose
@@ -57,14 +50,7 @@ impl Host {
     }
 
     fn deploy(&self, bundle: &Path, extra: &[&str]) -> Run {
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg("deploy-local")
-            .arg("-c")
-            .arg(&self.config)
-            .arg("-l")
-            .arg(bundle)
-            .args(extra);
-        run_cmd(&mut cmd)
+        self.agent.deploy_local(bundle, extra)
     }
 
     /// The scripts.log files of every deployment, concatenated.
@@ -230,13 +216,15 @@ fn hooks_run_in_order_with_codedeploy_environment_and_no_agent_credentials() {
             ("scripts/log.sh", &env_script(&host.path("order.txt"))),
         ],
     );
-    let mut cmd = Command::new(agent_bin());
-    cmd.env("AWS_SECRET_ACCESS_KEY", "agent-secret")
-        .args(["deploy-local", "-c"])
-        .arg(&host.config)
-        .arg("-l")
-        .arg(&b)
-        .args(["-a", "shop", "-d", "web-fleet", "-g", "grp-1"]);
+    let mut cmd = host.agent.deploy_local_cmd(&b);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "agent-secret").args([
+        "-a",
+        "shop",
+        "-d",
+        "web-fleet",
+        "-g",
+        "grp-1",
+    ]);
     let r = run_cmd(&mut cmd).success();
     let order = read(host.path("order.txt"));
     let lines: Vec<&str> = order.lines().collect();
@@ -500,11 +488,9 @@ fn killed_mid_deployment_then_next_run_reports_and_continues() {
             ),
         ],
     );
-    let mut child = Command::new(agent_bin())
-        .args(["deploy-local", "-c"])
-        .arg(&host.config)
-        .arg("-l")
-        .arg(&b)
+    let mut child = host
+        .agent
+        .deploy_local_cmd(&b)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -12,10 +12,8 @@ use pier_protocol::{
     StatusRecord, StatusSinkSpec,
 };
 
-use crate::daemon::{
-    command, local_command, local_record, sha256_file, spool_config, wait_for, Agent,
-};
-use crate::support::Scratch;
+use crate::daemon::{command, local_command, local_record, sha256_file, wait_for};
+use crate::support::{Agent, Scratch};
 
 /// A tgz bundle of `(path, contents, mode)` entries, written with raw tar headers so that a
 /// hostile name (`../x`) goes in as it is.
@@ -54,11 +52,12 @@ fn appspec(dest: &Path, hooks: &str) -> String {
 /// Starts an agent on a spool of its own, hands it `cmd`, and returns the final status record
 /// once written; the agent is then stopped.
 fn final_record(scratch: &Scratch, host: &str, cmd: &Command, status: &Path) -> StatusRecord {
-    let (cfg, spool) = spool_config(scratch, host, "");
-    std::fs::create_dir_all(&spool).unwrap();
-    let file = format!("{}.json", cmd.deployment_id);
-    pier_transport::spool::Spool::submit(&spool, &file, &cmd.to_json()).unwrap();
-    let mut agent = Agent::start(&cfg, scratch.path().join(format!("{host}.log")));
+    let host_agent = Agent::builder(scratch.path().join(host))
+        .host(host)
+        .spool()
+        .build();
+    host_agent.submit(cmd);
+    let mut agent = host_agent.start();
     let rec = wait_for(
         Duration::from_secs(60),
         "final status",
@@ -358,11 +357,13 @@ fn an_agent_killed_mid_hook_reports_agent_interrupted_when_restarted() {
     );
     let status = s.path().join("status");
     let cmd = local_command("d-DIAGKILL1", &bundle, &status);
-    let (cfg, spool) = spool_config(&s, "h-kill", "");
-    std::fs::create_dir_all(&spool).unwrap();
-    pier_transport::spool::Spool::submit(&spool, "d-DIAGKILL1.json", &cmd.to_json()).unwrap();
+    let host_agent = Agent::builder(s.path().join("h-kill"))
+        .host("h-kill")
+        .spool()
+        .build();
+    host_agent.submit(&cmd);
 
-    let agent = Agent::start(&cfg, s.path().join("agent1.log"));
+    let agent = host_agent.start();
     let hook_pid = wait_for(
         Duration::from_secs(60),
         "the hook to start",
@@ -373,8 +374,10 @@ fn an_agent_killed_mid_hook_reports_agent_interrupted_when_restarted() {
                 .and_then(|p| p.trim().parse::<i32>().ok())
         },
     );
-    drop(agent); // SIGKILL: no chance to write a final status
-                 // The orphaned hook (its own process group) is still sleeping; end it for tidiness.
+    // SIGKILL: no chance to write a final status.
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(agent);
+    // The orphaned hook (its own process group) is still sleeping; end it for tidiness.
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(hook_pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -382,7 +385,7 @@ fn an_agent_killed_mid_hook_reports_agent_interrupted_when_restarted() {
     let before = local_record(&status, "d-DIAGKILL1", "h-kill").expect("progress was written");
     assert_eq!(before.status, DeploymentStatus::InProgress, "{before:#?}");
 
-    let mut agent = Agent::start(&cfg, s.path().join("agent2.log"));
+    let mut agent = host_agent.start();
     let rec = wait_for(
         Duration::from_secs(60),
         "the restarted agent's final status",

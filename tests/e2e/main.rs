@@ -3,12 +3,8 @@
 
 mod support;
 
-mod bundle;
 mod controller;
 mod daemon;
 mod deploy_local;
 mod diagnostics;
-mod hooks;
-mod install;
-mod transport;
 mod validate;

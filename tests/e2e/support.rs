@@ -1,11 +1,14 @@
-//! The shared fixture: a scratch directory, the paths of the real binaries, and a way to run
-//! them and look at what they printed.
+//! The shared fixture: a scratch directory, the paths of the real binaries, one harness that
+//! runs them ([`Agent`] for `pier-agent run` and `deploy-local`, [`pier`] for the
+//! controller), a way to look at what they printed, and a way to say a test was skipped.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use pier_transport::aws::{aws_clients, AwsClients, AwsSettings, Credentials};
 
 /// Path of the `pier-agent` binary (`cargo build --workspace --bins` builds it; the test
@@ -259,4 +262,330 @@ pub async fn new_versioned_bucket(aws: &AwsClients) -> String {
         .await
         .expect("enable versioning");
     bucket
+}
+
+/// Runs the real `pier` with moto's endpoint and test credentials in its environment, and
+/// none of the variables that would give it a default transport or status sink.
+pub fn pier(args: &[&str]) -> Run {
+    run_cmd(
+        Command::new(pier_bin())
+            .args(args)
+            .env("AWS_ENDPOINT_URL", moto_endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("PIER_STATUS_BUCKET")
+            .env_remove("PIER_STATUS_DIR")
+            .env_remove("PIER_TRANSPORT")
+            .env_remove("PIER_SPOOL_DIR")
+            .env_remove("PIER_QUEUE_URL_TEMPLATE"),
+    )
+}
+
+/// How an [`Agent`] takes commands when it runs as a daemon.
+#[derive(Clone, Debug)]
+enum Transport {
+    /// None configured: enough for `deploy-local`.
+    None,
+    /// The spool directory `ROOT/spool`.
+    Spool,
+    /// An SQS queue on moto: this URL, or (`None`) the queue `pier-HOST`, created on start.
+    Sqs(Option<String>),
+}
+
+/// Builds an [`Agent`]: see [`Agent::builder`].
+pub struct AgentBuilder {
+    dir: PathBuf,
+    host: Option<String>,
+    transport: Transport,
+    config: String,
+    own_mount: Option<PathBuf>,
+}
+
+impl AgentBuilder {
+    /// The agent's host id (`host_id`); without one the agent works out its own.
+    pub fn host(mut self, id: &str) -> AgentBuilder {
+        self.host = Some(id.to_string());
+        self
+    }
+
+    /// Takes commands from the spool directory `ROOT/spool` ([`Agent::spool`]).
+    pub fn spool(mut self) -> AgentBuilder {
+        self.transport = Transport::Spool;
+        self
+    }
+
+    /// Takes commands from the SQS queue at `url` on moto.
+    pub fn sqs(mut self, url: &str) -> AgentBuilder {
+        self.transport = Transport::Sqs(Some(url.to_string()));
+        self
+    }
+
+    /// Takes commands from its own SQS queue on moto, `pier-HOST`, which it creates on start.
+    pub fn sqs_own_queue(mut self) -> AgentBuilder {
+        self.transport = Transport::Sqs(None);
+        self
+    }
+
+    /// More configuration: YAML appended to the file as it is (top-level keys other than
+    /// `root_dir`, `host_id`, `hooks` and `transport`).
+    pub fn config(mut self, yaml: &str) -> AgentBuilder {
+        self.config.push_str(yaml);
+        self
+    }
+
+    /// Runs the daemon in a private mount namespace with a tmpfs over `dir`, so that this
+    /// agent sees its own copy of `dir` as a separate machine would (its installs there are
+    /// seen through [`RunningAgent::host_path`]).
+    pub fn own_mount(mut self, dir: &Path) -> AgentBuilder {
+        self.own_mount = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Writes the configuration file and returns the agent, not yet running.
+    pub fn build(self) -> Agent {
+        let root = self.dir.join("root");
+        let mut yaml = format!("root_dir: {}\n", root.display());
+        if let Some(host) = &self.host {
+            yaml.push_str(&format!("host_id: {host}\n"));
+        }
+        // A hook gets 1 s between SIGTERM and SIGKILL, so no stop waits long on one.
+        yaml.push_str("hooks:\n  kill_grace_seconds: 1\n");
+        let spool = root.join("spool");
+        match &self.transport {
+            Transport::None => {}
+            Transport::Spool => yaml.push_str(&format!(
+                "transport:\n  type: spool\n  spool_dir: {}\n",
+                spool.display()
+            )),
+            Transport::Sqs(url) => {
+                yaml.push_str("transport:\n  type: sqs\n");
+                match url {
+                    Some(url) => yaml.push_str(&format!("  queue_url: {url}\n")),
+                    None => yaml.push_str("  create_queue: true\n"),
+                }
+                yaml.push_str(&format!(
+                    "aws:\n  region: us-east-1\n  endpoint_url: {}\n",
+                    moto_endpoint()
+                ));
+            }
+        }
+        yaml.push_str(&self.config);
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let config = self.dir.join("agent.yml");
+        std::fs::write(&config, yaml).unwrap();
+        Agent {
+            dir: self.dir,
+            config,
+            root,
+            spool: matches!(self.transport, Transport::Spool).then_some(spool),
+            own_mount: self.own_mount,
+        }
+    }
+
+    /// Writes the configuration and starts `pier-agent run` with it.
+    pub fn spawn(self) -> RunningAgent {
+        self.build().start()
+    }
+}
+
+/// One host's `pier-agent`, as the tests run it: a configuration file `DIR/agent.yml` naming
+/// its deployment root `DIR/root` and how it takes commands. From it a test starts the daemon
+/// ([`Agent::start`], as often as it likes) or runs `deploy-local` ([`Agent::deploy_local`]).
+///
+/// ```ignore
+/// let agent = Agent::builder(scratch.path().join("web-1")).host("web-1").spool().build();
+/// agent.submit(&command);
+/// let running = agent.start();
+/// assert_eq!(running.terminate(Duration::from_secs(30)), 0);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Agent {
+    dir: PathBuf,
+    config: PathBuf,
+    root: PathBuf,
+    spool: Option<PathBuf>,
+    own_mount: Option<PathBuf>,
+}
+
+impl Agent {
+    /// An agent whose configuration, deployment root and logs live in `dir`.
+    pub fn builder(dir: impl Into<PathBuf>) -> AgentBuilder {
+        AgentBuilder {
+            dir: dir.into(),
+            host: None,
+            transport: Transport::None,
+            config: String::new(),
+            own_mount: None,
+        }
+    }
+
+    /// The configuration file (a test may rewrite it and send SIGHUP).
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// The deployment root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The spool directory the daemon takes commands from.
+    pub fn spool(&self) -> &Path {
+        self.spool
+            .as_deref()
+            .expect("the agent was built with .spool()")
+    }
+
+    /// Drops `command` into the spool as `DEPLOYMENT_ID.json`, as a controller would.
+    pub fn submit(&self, command: &pier_protocol::Command) {
+        pier_transport::spool::Spool::submit(
+            self.spool(),
+            &format!("{}.json", command.deployment_id),
+            &command.to_json(),
+        )
+        .unwrap();
+    }
+
+    /// Starts `pier-agent run` with test credentials for moto and its log on stderr, into a
+    /// file of its own ([`RunningAgent::log`]).
+    pub fn start(&self) -> RunningAgent {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static RUNS: AtomicU32 = AtomicU32::new(0);
+        let log = self.dir.join(format!(
+            "agent-{}.log",
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = match &self.own_mount {
+            None => {
+                let mut cmd = Command::new(agent_bin());
+                cmd.args(["run", "-c"]).arg(&self.config);
+                cmd
+            }
+            Some(dir) => {
+                let mut cmd = Command::new("unshare");
+                cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mount -t tmpfs pier-e2e "$1" && exec "$2" run -c "$3""#)
+                    .arg("sh")
+                    .arg(dir)
+                    .arg(agent_bin())
+                    .arg(&self.config);
+                cmd
+            }
+        };
+        let child = cmd
+            .env("PIER_LOG_STDERR", "1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start pier-agent run");
+        RunningAgent { child, log }
+    }
+
+    /// `pier-agent deploy-local -c CONFIG -l BUNDLE`, for a test to add to and run.
+    pub fn deploy_local_cmd(&self, bundle: &Path) -> Command {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("deploy-local")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("-l")
+            .arg(bundle);
+        cmd
+    }
+
+    /// Runs `pier-agent deploy-local` on `bundle` with `extra` arguments.
+    pub fn deploy_local(&self, bundle: &Path, extra: &[&str]) -> Run {
+        run_cmd(self.deploy_local_cmd(bundle).args(extra))
+    }
+}
+
+/// A running `pier-agent run`. Dropping it stops the agent: SIGTERM, then SIGKILL if it has
+/// not exited within 10 s.
+pub struct RunningAgent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RunningAgent {
+    /// The agent's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything the agent has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; returns the exit code.
+    pub fn terminate(&mut self, bound: Duration) -> i32 {
+        self.signal(Signal::SIGTERM);
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                t.elapsed() < bound,
+                "agent did not stop within {bound:?} of SIGTERM\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `path` as this agent's host sees it (through its own mount namespace, if it has one).
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.pid())).join(path.strip_prefix("/").unwrap())
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Marks the calling test as skipped, saying why: prints `SKIPPED TEST: reason` and, when
+/// `PIER_TEST_SKIP_LOG` names a file, appends the line `TEST: reason` to it, so the test
+/// command counts the test as skipped rather than passed. The caller returns right after.
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    // The test harness names each test's thread after the test.
+    let test = thread.name().unwrap_or("unnamed test");
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("PIER_TEST_SKIP_LOG") {
+        // One line per skip, whatever the reason holds; one write, so parallel tests'
+        // lines do not interleave.
+        let line = format!("{test}: {}\n", reason.replace(['\n', '\r'], " "));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| panic!("record the skip in {}: {e}", log.to_string_lossy()));
+    }
 }

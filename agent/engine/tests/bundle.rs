@@ -1,4 +1,4 @@
-//! bundle end-to-end tests: real archives built here with the tar/zip crates (hostile ones
+//! bundle unpacking: real archives built here with the tar/zip crates (hostile ones
 //! included) unpacked by `pier_engine::bundle::unpack` into real directories, checking both what was
 //! refused and that nothing landed outside the destination.
 

@@ -1,4 +1,4 @@
-//! The hook runner end to end: `pier_engine::hooks::run` on real scripts in scratch directories, as
+//! The hook runner: `pier_engine::hooks::run` on real scripts in scratch directories, as
 //! real users, with real signals, checking the processes themselves (by pid, in /proc) and the
 //! real script log on disk.
 

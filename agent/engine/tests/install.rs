@@ -1,4 +1,4 @@
-//! install end-to-end tests: `pier_engine::install::plan` + `apply` on real revisions placed into real
+//! install: `pier_engine::install::plan` + `apply` on real revisions placed into real
 //! destination trees, with a real user and group, real setfacl, and the manifest of one install
 //! driving the cleanup of the next.
 
