@@ -25,7 +25,9 @@
 //! ```
 
 pub mod aws;
-pub mod backoff;
+/// The one retry schedule, defined in `pier-sys` so the engine (which knows no transport) uses
+/// it too.
+pub use pier_sys::backoff;
 pub mod local;
 pub mod notify;
 pub mod s3;
