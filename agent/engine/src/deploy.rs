@@ -11,8 +11,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
+use pier_sys::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::appspec::{self, AppSpec, FileExistsBehavior, LifecycleEvent};
@@ -98,6 +100,23 @@ impl Observer for NoObserver {
     fn update(&self, _journal: &Journal) {}
 }
 
+/// First and longest pause between two tries of a busy group lock.
+const LOCK_POLL_BASE: Duration = Duration::from_millis(50);
+const LOCK_POLL_MAX: Duration = Duration::from_secs(1);
+
+/// Runs blocking file work (fsyncs, removals) on the blocking pool, not an async worker.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DeployError> + Send + 'static,
+) -> Result<T, DeployError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(DeployError::Task(e.to_string())),
+        },
+    }
+}
+
 /// Runs deployments on this host.
 pub struct Engine {
     /// Swapped whole on a reload; each deployment works with the snapshot it started with.
@@ -106,6 +125,8 @@ pub struct Engine {
     cancel: CancellationToken,
     /// Set when the agent stops: deployments not yet started are refused, not begun.
     stopping: std::sync::atomic::AtomicBool,
+    /// Fired with `stopping`, so that a deployment waiting for its group's lock gives up.
+    stop: CancellationToken,
 }
 
 /// Orders and completes the events asked for, refusing unknown order.
@@ -184,6 +205,7 @@ impl Engine {
             root,
             cancel,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -192,6 +214,7 @@ impl Engine {
     pub fn stop_new_deployments(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.cancel();
     }
 
     /// Whether [`Engine::stop_new_deployments`] was called.
@@ -261,20 +284,7 @@ impl Engine {
         let group = self.root.group(&req.deployment_group_id)?;
         let dir = group.deployment_dir(&req.deployment_id)?;
 
-        let lock_group = group.clone();
-        let lock = match group.try_lock() {
-            Ok(l) => l,
-            Err(StateError::Busy { .. }) => {
-                log::info!(
-                    "waiting for deployment group {} (another deployment is running)",
-                    group.id()
-                );
-                tokio::task::spawn_blocking(move || lock_group.lock())
-                    .await
-                    .map_err(|e| DeployError::Task(e.to_string()))??
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let lock = self.lock_group(&group, req).await?;
         // The wait for the lock may have outlasted the agent's decision to stop.
         self.check_not_stopping(req)?;
         for closed in group.recover_interrupted(Utc::now())? {
@@ -330,13 +340,13 @@ impl Engine {
             new: None,
             setid_entries: Vec::new(),
         };
-        run.save()?;
+        run.save().await?;
         run.load_previous();
 
         for (i, event) in events.iter().copied().enumerate() {
             run.journal.events[i].status = EventState::InProgress;
             run.journal.events[i].started_at = Some(Utc::now());
-            run.save()?;
+            run.save().await?;
             log::info!(
                 DEPLOYMENT_ID = req.deployment_id.as_str(),
                 DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
@@ -355,7 +365,7 @@ impl Engine {
                     rec.status = status;
                     rec.tail = tail;
                     rec.message = note;
-                    run.save()?;
+                    run.save().await?;
                 }
                 Err((failure, tail)) => {
                     rec.status = failure.status;
@@ -380,8 +390,8 @@ impl Engine {
                         event,
                         failure.message
                     );
-                    run.save()?;
-                    self.prune(&config, &group, &req.deployment_id);
+                    run.save().await?;
+                    self.prune(&config, &group, &req.deployment_id).await;
                     drop(lock);
                     return Ok(run.journal);
                 }
@@ -398,7 +408,7 @@ impl Engine {
         })?;
         run.journal.status = DeploymentStatus::Succeeded;
         run.journal.ended_at = Some(Utc::now());
-        run.save()?;
+        run.save().await?;
         log::info!(
             DEPLOYMENT_ID = req.deployment_id.as_str(),
             DEPLOYMENT_GROUP = req.deployment_group_id.as_str();
@@ -406,7 +416,7 @@ impl Engine {
             req.deployment_id,
             req.deployment_group_id
         );
-        self.prune(&config, &group, &req.deployment_id);
+        self.prune(&config, &group, &req.deployment_id).await;
         drop(lock);
         Ok(run.journal)
     }
@@ -458,7 +468,59 @@ impl Engine {
         Ok(plan.to_string())
     }
 
-    fn prune(&self, config: &Config, group: &Group, current: &str) {
+    /// Takes the group's lock, waiting while another deployment of the group holds it. The
+    /// wait polls without blocking (`LOCK_NB`, with backoff), so a stopping agent gives it up
+    /// at once ([`DeployError::ShuttingDown`]) and no thread is ever left blocked in `flock`
+    /// to take the lock after the waiter is gone.
+    async fn lock_group(
+        &self,
+        group: &Group,
+        req: &Request,
+    ) -> Result<crate::state::GroupLock, DeployError> {
+        let mut backoff = Backoff::unbounded(LOCK_POLL_BASE, LOCK_POLL_MAX);
+        loop {
+            let g = group.clone();
+            match blocking(move || Ok(g.try_lock())).await? {
+                Ok(lock) => return Ok(lock),
+                Err(StateError::Busy { .. }) => {
+                    if backoff.retries() == 0 {
+                        log::info!(
+                            "waiting for deployment group {} (another deployment is running)",
+                            group.id()
+                        );
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let delay = backoff.next_delay().unwrap_or(LOCK_POLL_MAX);
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    log::info!(
+                        "deployment {}: no longer waiting for group {}: the agent is stopping",
+                        req.deployment_id,
+                        group.id()
+                    );
+                    return Err(DeployError::ShuttingDown(req.deployment_id.clone()));
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Applies retention (directory removals) off the async worker threads.
+    async fn prune(&self, config: &Config, group: &Group, current: &str) {
+        let (config, group, current) = (config.max_revisions, group.clone(), current.to_string());
+        let _ = blocking(move || {
+            prune_group(config, &group, &current);
+            Ok::<(), DeployError>(())
+        })
+        .await;
+    }
+}
+
+/// Keeps `keep` revisions of `group`, never `current` nor the last successful one.
+fn prune_group(keep: usize, group: &Group, current: &str) {
+    {
         let last = group
             .last_successful()
             .ok()
@@ -468,11 +530,13 @@ impl Engine {
         if let Some(l) = last.as_deref() {
             protect.push(l);
         }
-        if let Err(e) = group.prune(config.max_revisions, &protect) {
+        if let Err(e) = group.prune(keep, &protect) {
             log::warn!("retention in group {}: {e}", group.id());
         }
     }
+}
 
+impl Engine {
     /// Runs one event. Ok: (status, output tail, note); Err: (failure, output tail).
     async fn run_event(
         &self,
@@ -675,8 +739,10 @@ impl Engine {
 }
 
 impl Run<'_> {
-    fn save(&mut self) -> Result<(), StateError> {
-        self.group.write_journal(&self.journal)?;
+    /// Writes the journal (fsyncs: off the async worker threads), then tells the observer.
+    async fn save(&mut self) -> Result<(), DeployError> {
+        let (group, journal) = (self.group.clone(), self.journal.clone());
+        blocking(move || group.write_journal(&journal).map_err(DeployError::from)).await?;
         self.observer.update(&self.journal);
         Ok(())
     }
