@@ -13,6 +13,12 @@
 //! to finish, then stop them; the interrupted deployment's status is written as failed, its
 //! message is left in the queue, and the next start reports it and acknowledges it. SIGHUP
 //! reloads the configuration. Under systemd the agent sends READY/STOPPING and watchdog pings.
+//!
+//! The daemon is built from [`Parts`] (queue, status-sink opener, fetcher, engine,
+//! [`Timings`]): [`Daemon::start`] builds them from `agent.yml`, a test builds its own and
+//! calls [`Daemon::from_parts`]. Every task it spawns is tracked, so the drain (grace, then
+//! hooks stopped, then [`Timings::drain_bound`], then whatever is left dropped) ends with
+//! nothing of the daemon running. Blocking file work runs on tokio's blocking pool.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -576,6 +582,11 @@ impl Daemon {
             Ok(new) => {
                 if new.transport != self.config().transport {
                     log::warn!("reload: transport changes take effect at the next restart");
+                }
+                if new.daemon.concurrency != self.config().daemon.concurrency {
+                    log::warn!(
+                        "reload: daemon.concurrency changes take effect at the next restart"
+                    );
                 }
                 match self.engine.set_config(Arc::new(new.engine_settings())) {
                     Ok(()) => {
