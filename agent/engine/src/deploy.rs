@@ -287,7 +287,9 @@ impl Engine {
         let lock = self.lock_group(&group, req).await?;
         // The wait for the lock may have outlasted the agent's decision to stop.
         self.check_not_stopping(req)?;
-        for closed in group.recover_interrupted(Utc::now())? {
+        let recovering = group.clone();
+        let recovered = blocking(move || Ok(recovering.recover_interrupted(Utc::now())?)).await?;
+        for closed in recovered {
             log::warn!(
                 "deployment {} of group {} was interrupted: {}",
                 closed.deployment_id,
@@ -341,7 +343,7 @@ impl Engine {
             setid_entries: Vec::new(),
         };
         run.save().await?;
-        run.load_previous();
+        run.load_previous().await;
 
         for (i, event) in events.iter().copied().enumerate() {
             run.journal.events[i].status = EventState::InProgress;
@@ -448,7 +450,8 @@ impl Engine {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("bundle refused: {e}"))?;
-        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)?;
+        let name = appspec_file_name(req, &revision);
+        let spec = read_appspec_off_thread(&revision, &name, true).await?;
         install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
             .map_err(|e| e.to_string())?;
         let previous: Option<install::Manifest> =
@@ -677,7 +680,9 @@ impl Engine {
         run.setid_entries = unpacked.setid_entries;
 
         let name = appspec_file_name(run.req, &revision_dir);
-        let spec = read_appspec(&revision_dir, &name, true).map_err(EventFailure::msg)?;
+        let spec = read_appspec_off_thread(&revision_dir, &name, true)
+            .await
+            .map_err(EventFailure::msg)?;
         install::check_setid(&spec.files, &spec.permissions, &run.setid_entries)
             .map_err(|e| EventFailure::msg(e.to_string()))?;
         run.new = Some(Revision {
@@ -750,7 +755,7 @@ impl Run<'_> {
     /// Reads the last successful revision's AppSpec, for ApplicationStop and the
     /// BlockTraffic events. A revision that can no longer be read is noted and skipped: a
     /// broken old revision must not block every future deployment.
-    fn load_previous(&mut self) {
+    async fn load_previous(&mut self) {
         let last = match self.group.last_successful() {
             Ok(Some(l)) => l,
             Ok(None) => return,
@@ -759,7 +764,7 @@ impl Run<'_> {
                 return;
             }
         };
-        match read_appspec(&last.revision_dir, &last.appspec_file, false) {
+        match read_appspec_off_thread(&last.revision_dir, &last.appspec_file, false).await {
             Ok(spec) => {
                 self.previous = Some(Revision {
                     dir: last.revision_dir,
@@ -810,6 +815,19 @@ fn appspec_file_name(req: &Request, revision_dir: &Path) -> String {
 }
 
 /// Reads and validates a revision's AppSpec; every problem in one message.
+/// [`read_appspec`] on the blocking pool: it reads files and looks up `runas` users (NSS may
+/// ask the network).
+async fn read_appspec_off_thread(
+    dir: &Path,
+    name: &str,
+    check_env: bool,
+) -> Result<AppSpec, String> {
+    let (dir, name) = (dir.to_path_buf(), name.to_string());
+    tokio::task::spawn_blocking(move || read_appspec(&dir, &name, check_env))
+        .await
+        .unwrap_or_else(|e| Err(format!("reading the AppSpec: {e}")))
+}
+
 fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, String> {
     let path = dir.join(name);
     let text = std::fs::read_to_string(&path).map_err(|e| {
