@@ -789,7 +789,15 @@ fn sighup_reloads_the_configuration() {
 #[test]
 fn a_status_that_cannot_be_written_is_retried_not_lost() {
     let scratch = Scratch::new();
-    let host = spool_host(&scratch, "retry", "");
+    // Retries after 1 s, then 2 s: the test waits seconds, not the production minutes.
+    let host = spool_host(
+        &scratch,
+        "retry",
+        "daemon:
+  retry_base_seconds: 1
+  retry_max_seconds: 2
+",
+    );
     let spool = host.spool();
     let status = scratch.path().join("status");
     // A file where the sink needs a directory: every write fails until it is removed.
@@ -827,7 +835,7 @@ fn a_status_that_cannot_be_written_is_retried_not_lost() {
     );
     std::fs::remove_file(&blocker).unwrap();
     let rec = wait_for(
-        Duration::from_secs(90),
+        Duration::from_secs(30),
         "final status",
         &|| agent.log(),
         || local_record(&status, "d-RETRY0001", "retry").filter(|r| r.status.is_final()),
@@ -837,4 +845,67 @@ fn a_status_that_cannot_be_written_is_retried_not_lost() {
         spool.join("done/d-RETRY0001.json").exists().then_some(())
     });
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "ran once");
+}
+
+/// A deployment waiting for its group's lock (held here by another process, as a running
+/// deployment would hold it) does not keep a stopping agent: SIGTERM ends the wait and the
+/// agent exits well within its drain bound, leaving the command for the next start.
+#[test]
+fn sigterm_cancels_a_wait_for_the_group_lock() {
+    let scratch = Scratch::new();
+    let host = spool_host(
+        &scratch,
+        "locked",
+        "daemon:\n  shutdown_grace_seconds: 1\n  poll_wait_seconds: 1\n",
+    );
+    let status = scratch.path().join("status");
+    let bundle = tgz_bundle(&scratch, "r", &scratch.path().join("www"), &[]);
+    let mut agent = host.start();
+    wait_for(Duration::from_secs(30), "ready", &|| agent.log(), || {
+        agent.log().contains("ready").then_some(())
+    });
+    // The group's lock, as a deployment of it running in another process holds it.
+    let group_dir = host.root().join("groups/g-prod");
+    std::fs::create_dir_all(&group_dir).unwrap();
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(group_dir.join("lock"))
+        .unwrap();
+    let _held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let cmd = local_command("d-LOCKED001", &bundle, &status);
+    host.submit(&cmd);
+    wait_for(
+        Duration::from_secs(30),
+        "the wait for the group lock",
+        &|| agent.log(),
+        || {
+            agent
+                .log()
+                .contains("waiting for deployment group g-prod")
+                .then_some(())
+        },
+    );
+    // The drain bound is grace 1 s + kill grace 1 s + 30 s; a cancelled wait needs none of it.
+    let t = Instant::now();
+    assert_eq!(
+        agent.terminate(Duration::from_secs(10)),
+        0,
+        "{}",
+        agent.log()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let log = agent.log();
+    assert!(log.contains("no longer waiting for group g-prod"), "{log}");
+    assert!(
+        !host.spool().join("done/d-LOCKED001.json").exists(),
+        "acknowledged unrun"
+    );
+    assert!(
+        !group_dir.join("deployments/d-LOCKED001").exists(),
+        "started without the lock"
+    );
 }

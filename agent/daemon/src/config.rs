@@ -118,6 +118,10 @@ pub struct RawDaemon {
     pub deployment_groups: Option<Vec<String>>,
     pub concurrency: Option<i64>,
     pub shutdown_grace_seconds: Option<i64>,
+    pub poll_wait_seconds: Option<i64>,
+    pub visibility_timeout_seconds: Option<i64>,
+    pub retry_base_seconds: Option<i64>,
+    pub retry_max_seconds: Option<i64>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_yaml::Value>,
 }
@@ -172,6 +176,15 @@ pub struct DaemonSettings {
     pub concurrency: usize,
     /// How long a running hook may go on after SIGTERM before it is stopped.
     pub shutdown_grace: Duration,
+    /// Long-poll wait of one receive (SQS allows at most 20 s).
+    pub poll_wait: Duration,
+    /// How long a received message is kept invisible at a time while its deployment runs
+    /// (renewed every third of it).
+    pub visibility_timeout: Duration,
+    /// First delay before a left message is handled again in this process; it doubles (with
+    /// jitter) up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
 }
 
 /// AWS access overrides; everything else comes from the standard credential chain.
@@ -354,7 +367,47 @@ impl Config {
                 daemon_raw.shutdown_grace_seconds,
                 60,
             ) as u64),
+            poll_wait: Duration::from_secs(p.positive(
+                "daemon.poll_wait_seconds",
+                daemon_raw.poll_wait_seconds,
+                20,
+            ) as u64),
+            visibility_timeout: Duration::from_secs(p.positive(
+                "daemon.visibility_timeout_seconds",
+                daemon_raw.visibility_timeout_seconds,
+                300,
+            ) as u64),
+            retry_base: Duration::from_secs(p.positive(
+                "daemon.retry_base_seconds",
+                daemon_raw.retry_base_seconds,
+                5,
+            ) as u64),
+            retry_max: Duration::from_secs(p.positive(
+                "daemon.retry_max_seconds",
+                daemon_raw.retry_max_seconds,
+                300,
+            ) as u64),
         };
+        if daemon.poll_wait > Duration::from_secs(20) {
+            p.push(
+                "daemon.poll_wait_seconds",
+                "must be at most 20 (the longest SQS long poll)",
+            );
+        }
+        if daemon.visibility_timeout < Duration::from_secs(3)
+            || daemon.visibility_timeout > Duration::from_secs(12 * 3600)
+        {
+            p.push(
+                "daemon.visibility_timeout_seconds",
+                "must be from 3 to 43200 (SQS allows at most 12 hours)",
+            );
+        }
+        if daemon.retry_max < daemon.retry_base {
+            p.push(
+                "daemon.retry_max_seconds",
+                "must not be less than daemon.retry_base_seconds",
+            );
+        }
 
         let t = raw.transport.unwrap_or_default();
         p.unknown("transport", &t.unknown);
@@ -526,6 +579,28 @@ mod tests {
                 "max_revisions",
                 "hooks.env.pass",
                 "hooks.kill_grace_seconds"
+            ]
+        );
+    }
+
+    #[test]
+    fn daemon_timings_are_read_and_checked_together() {
+        let c = parse("daemon:\n  poll_wait_seconds: 1\n  retry_base_seconds: 1\n  retry_max_seconds: 2\n  visibility_timeout_seconds: 30\n").unwrap();
+        assert_eq!(c.daemon.poll_wait, Duration::from_secs(1));
+        assert_eq!(c.daemon.retry_base, Duration::from_secs(1));
+        assert_eq!(c.daemon.retry_max, Duration::from_secs(2));
+        assert_eq!(c.daemon.visibility_timeout, Duration::from_secs(30));
+        let err = parse("daemon:\n  poll_wait_seconds: 21\n  retry_base_seconds: 10\n  retry_max_seconds: 2\n  visibility_timeout_seconds: 1\n").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "daemon.poll_wait_seconds",
+                "daemon.visibility_timeout_seconds",
+                "daemon.retry_max_seconds"
             ]
         );
     }

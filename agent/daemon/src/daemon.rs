@@ -13,8 +13,14 @@
 //! to finish, then stop them; the interrupted deployment's status is written as failed, its
 //! message is left in the queue, and the next start reports it and acknowledges it. SIGHUP
 //! reloads the configuration. Under systemd the agent sends READY/STOPPING and watchdog pings.
+//!
+//! The daemon is built from [`Parts`] (queue, status-sink opener, fetcher, engine,
+//! [`Timings`]): [`Daemon::start`] builds them from `agent.yml`, a test builds its own and
+//! calls [`Daemon::from_parts`]. Every task it spawns is tracked, so the drain (grace, then
+//! hooks stopped, then [`Timings::drain_bound`], then whatever is left dropped) ends with
+//! nothing of the daemon running. Blocking file work runs on tokio's blocking pool.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +29,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TransportConfig, DEFAULT_CONFIG_PATH};
 use crate::dedupe::{Dedupe, Seen};
@@ -30,34 +37,118 @@ use crate::fetch::{FetchOptions, Fetcher};
 use pier_engine::appspec::{FileExistsBehavior, LifecycleEvent};
 use pier_engine::deploy::{Engine, Observer, Request, Source};
 use pier_engine::state::{self, Journal};
+use pier_protocol::StatusTarget;
 use pier_protocol::{self, Command, Revision, StatusRecord};
 use pier_transport::aws::{aws_clients, AwsClients, AwsSettings};
 use pier_transport::backoff::Backoff;
 use pier_transport::spool::Spool;
 use pier_transport::sqs::{QueueSpec, SqsQueue};
-use pier_transport::{self, keep_invisible, open_status_sink, Queue, Received, StatusSink};
+use pier_transport::{
+    self, keep_invisible_renewing, open_status_sink, Queue, Received, StatusSink, TransportError,
+};
 
 /// Exit code for a configuration error.
 pub const EXIT_CONFIG: i32 = 64;
-
-/// How long a received message is kept invisible at a time while its deployment runs (it is
-/// renewed every third of this).
-const VISIBILITY: Duration = Duration::from_secs(300);
 
 /// Deployments remembered as done (against redelivery) and their saved commands are
 /// forgotten after this: SQS keeps a message at most 14 days.
 const FORGET_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// First delay before a left message is handled again in this process; it doubles each time
-/// up to [`RETRY_MAX`].
-const RETRY_BASE: Duration = Duration::from_secs(5);
-const RETRY_MAX: Duration = Duration::from_secs(300);
-
-/// Long-poll wait for the queue.
-const POLL_WAIT: Duration = Duration::from_secs(20);
-
 /// How much longer than the long poll a receive may take before it is given up as hung.
 const RECEIVE_SLACK: Duration = Duration::from_secs(30);
+
+/// At most this many deployments wait for an in-process retry at once.
+const RETRY_CAP: usize = 1024;
+
+/// Every delay and bound the daemon waits on, in one place, so a test can make them small
+/// (or drive them with a paused `tokio::time` clock). [`Timings::from_config`] gives the
+/// production values.
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// Long-poll wait of one receive.
+    pub poll_wait: Duration,
+    /// How much longer than `poll_wait` a receive may take before it is given up as hung.
+    pub receive_slack: Duration,
+    /// Pauses between receives that failed.
+    pub receive_retry: Backoff,
+    /// How long a received message is kept invisible at a time while its deployment runs.
+    pub visibility: Duration,
+    /// How often that invisibility is renewed (well under `visibility`).
+    pub visibility_renewal: Duration,
+    /// First and longest delay before a left message is handled again in this process.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// How many deployments may wait for such a retry at once (the bookkeeping's bound).
+    pub retry_cap: usize,
+    /// Retries of a final status write that failed transiently.
+    pub status_write_retry: Backoff,
+    /// How a duplicate delivery checks whether the running one has ended.
+    pub duplicate_hold: Backoff,
+    /// On shutdown, how long running hooks may finish before they are stopped.
+    pub shutdown_grace: Duration,
+    /// After hooks are stopped, how long their deployments may take to record it before
+    /// their tasks are dropped.
+    pub drain_bound: Duration,
+}
+
+impl Timings {
+    /// The timings `config` asks for.
+    pub fn from_config(config: &Config) -> Timings {
+        let d = &config.daemon;
+        Timings {
+            poll_wait: d.poll_wait,
+            receive_slack: RECEIVE_SLACK,
+            receive_retry: Backoff::unbounded(Duration::from_millis(500), Duration::from_secs(30)),
+            visibility: d.visibility_timeout,
+            visibility_renewal: d.visibility_timeout / 3,
+            retry_base: d.retry_base,
+            retry_max: d.retry_max,
+            retry_cap: RETRY_CAP,
+            status_write_retry: Backoff::new(
+                Duration::from_millis(200),
+                Duration::from_secs(10),
+                8,
+            ),
+            duplicate_hold: Backoff::unbounded(Duration::from_millis(100), Duration::from_secs(2)),
+            shutdown_grace: d.shutdown_grace,
+            // Hooks get TERM, their kill grace, then KILL; the tasks then record the state.
+            drain_bound: config.hooks.kill_grace + Duration::from_secs(30),
+        }
+    }
+}
+
+/// Opens the status sink a command names. The daemon's parts include one so that a test can
+/// put a faulty store behind it.
+pub trait SinkOpener: Send + Sync {
+    fn open(&self, target: &StatusTarget) -> Result<Arc<dyn StatusSink>, TransportError>;
+}
+
+/// The production opener: S3 or local sinks, with AWS clients when the host has them.
+pub struct CommandSinks {
+    pub aws: Option<AwsClients>,
+}
+
+impl SinkOpener for CommandSinks {
+    fn open(&self, target: &StatusTarget) -> Result<Arc<dyn StatusSink>, TransportError> {
+        open_status_sink(target, self.aws.as_ref()).map(Arc::from)
+    }
+}
+
+/// Everything the daemon runs with, built from the configuration by [`Daemon::start`] or
+/// by a test that wants its own queue, sinks or timings ([`Daemon::from_parts`]).
+pub struct Parts {
+    pub host_id: String,
+    pub queue: Arc<dyn Queue>,
+    pub sinks: Arc<dyn SinkOpener>,
+    pub fetcher: Arc<Fetcher>,
+    pub engine: Arc<Engine>,
+    /// The token the engine's hooks were built with: fired when running hooks must stop.
+    pub hook_cancel: CancellationToken,
+    pub dedupe: Arc<Dedupe>,
+    /// The running configuration (concurrency, and what a reload compares against).
+    pub config: Config,
+    pub timings: Timings,
+}
 
 /// Flags of `pier-agent run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -108,7 +199,7 @@ pub fn run(args: &Args) -> i32 {
         }
         match Daemon::start(path, required, config).await {
             Ok(daemon) => {
-                daemon.serve(shutdown, force, reload).await;
+                Arc::new(daemon).serve(shutdown, force, reload).await;
                 0
             }
             Err(e) => {
@@ -155,27 +246,38 @@ fn spawn_signal_handlers(
     Ok(())
 }
 
-/// The running agent's parts.
+/// The running agent.
 pub struct Daemon {
-    config_path: PathBuf,
-    config_required: bool,
+    /// Where a reload reads the configuration from (none: reload is refused).
+    config_source: Option<(PathBuf, bool)>,
     host_id: String,
     queue: Arc<dyn Queue>,
-    aws: Option<AwsClients>,
+    sinks: Arc<dyn SinkOpener>,
     fetcher: Arc<Fetcher>,
     /// The running configuration, swapped whole on SIGHUP; the engine gets its part.
     config: std::sync::RwLock<Arc<Config>>,
+    /// Swapped with the configuration on SIGHUP.
+    timings: std::sync::RwLock<Arc<Timings>>,
     dedupe: Arc<Dedupe>,
     engine: Arc<Engine>,
     /// Fired when running hooks must stop (after the shutdown grace).
     hook_cancel: CancellationToken,
+    /// Fired when the agent starts stopping: pending retries give up.
+    stopping: CancellationToken,
+    /// Fired when the drain is over: every task still running is dropped.
+    abort: CancellationToken,
+    /// Every task this daemon spawns (deployments, retries, status writers); shutdown
+    /// waits for it, with a bound.
+    tasks: TaskTracker,
     /// Deployment ids running in this process.
     running: Arc<Mutex<HashSet<String>>>,
     /// Messages rejected as malformed or of an unknown version since start.
     rejected: Arc<AtomicU64>,
     slots: Arc<Semaphore>,
-    /// How many times each deployment's message was left and retried in this process.
-    retries: Arc<Mutex<std::collections::HashMap<String, u32>>>,
+    /// The retry schedule of each deployment whose message was left in this process; an
+    /// entry goes when its deployment finishes, is dropped, or the agent stops, and there are
+    /// at most `timings.retry_cap` of them.
+    retries: Mutex<HashMap<String, Backoff>>,
 }
 
 impl Daemon {
@@ -186,7 +288,6 @@ impl Daemon {
         config_required: bool,
         config: Config,
     ) -> Result<Daemon, DaemonError> {
-        let config = Arc::new(config);
         let host_id = resolve_host_id(&config).await;
         let aws_settings = AwsSettings {
             region: config.aws.region.clone(),
@@ -257,21 +358,76 @@ impl Daemon {
         let hook_cancel = CancellationToken::new();
         let engine = Engine::new(Arc::new(config.engine_settings()), hook_cancel.clone())
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
-        Ok(Daemon {
-            config_path,
-            config_required,
+        let timings = Timings::from_config(&config);
+        let mut daemon = Daemon::from_parts(Parts {
             host_id,
             queue,
-            aws,
+            sinks: Arc::new(CommandSinks { aws }),
             fetcher: Arc::new(fetcher),
-            config: std::sync::RwLock::new(config.clone()),
-            dedupe: Arc::new(dedupe),
             engine: Arc::new(engine),
             hook_cancel,
+            dedupe: Arc::new(dedupe),
+            config,
+            timings,
+        });
+        daemon.config_source = Some((config_path, config_required));
+        Ok(daemon)
+    }
+
+    /// A daemon over parts the caller built (a test's queue, a faulty sink, short timings).
+    /// It cannot reload: it knows no configuration file.
+    pub fn from_parts(parts: Parts) -> Daemon {
+        Daemon {
+            config_source: None,
+            host_id: parts.host_id,
+            queue: parts.queue,
+            sinks: parts.sinks,
+            fetcher: parts.fetcher,
+            slots: Arc::new(Semaphore::new(parts.config.daemon.concurrency)),
+            config: std::sync::RwLock::new(Arc::new(parts.config)),
+            timings: std::sync::RwLock::new(Arc::new(parts.timings)),
+            dedupe: parts.dedupe,
+            engine: parts.engine,
+            hook_cancel: parts.hook_cancel,
+            stopping: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             running: Arc::new(Mutex::new(HashSet::new())),
             rejected: Arc::new(AtomicU64::new(0)),
-            slots: Arc::new(Semaphore::new(config.daemon.concurrency)),
-            retries: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            retries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Tasks of this daemon still running (none once [`Daemon::serve`] has returned).
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Deployments waiting for an in-process retry.
+    pub fn pending_retries(&self) -> usize {
+        self.retries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The timings in force.
+    fn timings(&self) -> Arc<Timings> {
+        self.timings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Spawns `work` as a task of this daemon: shutdown waits for it, and drops it if the
+    /// drain bound passes.
+    fn spawn(
+        &self,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let abort = self.abort.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = work => {}
+            }
         })
     }
 
@@ -280,23 +436,27 @@ impl Daemon {
         &self.host_id
     }
 
-    /// Polls and deploys until `shutdown` fires, then drains within the configured grace.
+    /// Polls and deploys until `shutdown` fires, then drains: running deployments get the
+    /// shutdown grace, then their hooks are stopped and they get the drain bound, then what
+    /// is left is dropped. When this returns, no task of the daemon is running.
     pub async fn serve(
-        self,
+        self: Arc<Self>,
         shutdown: CancellationToken,
         force: CancellationToken,
         reload: Arc<tokio::sync::Notify>,
     ) {
-        let this = Arc::new(self);
-        let forcer = {
+        let this = self;
+        // Helpers that live as long as the loop; dropping the set aborts them.
+        let mut helpers: JoinSet<()> = JoinSet::new();
+        {
             let hooks = this.hook_cancel.clone();
-            tokio::spawn(async move {
+            helpers.spawn(async move {
                 force.cancelled().await;
                 hooks.cancel();
-            })
-        };
+            });
+        }
         this.report_interrupted().await;
-        this.housekeeping();
+        this.housekeeping().await;
         log::info!(
             HOST_ID = this.host_id.as_str();
             "pier-agent {} ready: host {} polling {}",
@@ -308,22 +468,29 @@ impl Daemon {
         // The watchdog is fed only while the poll loop goes round (or the agent is stopping),
         // so a loop stuck on a dead connection gets the agent restarted by systemd.
         let heartbeat = Arc::new(Mutex::new(std::time::Instant::now()));
-        let watchdog = spawn_watchdog(shutdown.clone(), heartbeat.clone());
+        {
+            let t = this.timings();
+            helpers.spawn(watchdog(
+                shutdown.clone(),
+                heartbeat.clone(),
+                (t.poll_wait + t.receive_slack) * 2,
+            ));
+        }
 
-        let mut tasks: JoinSet<()> = JoinSet::new();
-        let mut backoff = Backoff::unbounded(Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff = this.timings().receive_retry.clone();
         loop {
-            while tasks.try_join_next().is_some() {}
             *heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+            let t = this.timings();
+            let bound = t.poll_wait + t.receive_slack;
             let received = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = reload.notified() => {
                     this.reload();
                     continue;
                 }
-                r = tokio::time::timeout(POLL_WAIT + RECEIVE_SLACK, this.queue.receive(POLL_WAIT)) => {
-                    r.unwrap_or_else(|_| Err(pier_transport::TransportError::Config(format!(
-                        "no answer within {}s", (POLL_WAIT + RECEIVE_SLACK).as_secs()
+                r = tokio::time::timeout(bound, this.queue.receive(t.poll_wait)) => {
+                    r.unwrap_or_else(|_| Err(TransportError::Config(format!(
+                        "no answer within {}s", bound.as_secs()
                     ))))
                 }
             };
@@ -346,39 +513,56 @@ impl Daemon {
             };
             for msg in messages {
                 let me = this.clone();
-                tasks.spawn(async move { me.handle(msg).await });
+                this.spawn(async move { me.handle(msg).await });
             }
         }
 
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        // Received commands still waiting for a slot or their group's lock must not start now.
-        this.engine.stop_new_deployments();
-        let grace = this.config().daemon.shutdown_grace;
-        if !tasks.is_empty() {
+        this.drain().await;
+        helpers.shutdown().await;
+        log::info!("pier-agent stopped");
+    }
+
+    /// Stops everything this daemon runs, within the shutdown grace plus the drain bound.
+    async fn drain(&self) {
+        // Received commands still waiting for a slot or their group's lock must not start
+        // now, and pending retries give up.
+        self.engine.stop_new_deployments();
+        self.stopping.cancel();
+        self.tasks.close();
+        let t = self.timings();
+        if !self.tasks.is_empty() {
             log::info!(
-                "stopping: waiting up to {}s for {} running deployment task(s)",
-                grace.as_secs(),
-                tasks.len()
+                "stopping: waiting up to {}s for {} running task(s)",
+                t.shutdown_grace.as_secs(),
+                self.tasks.len()
             );
         }
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
+        if tokio::time::timeout(t.shutdown_grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             log::warn!("shutdown grace over: stopping running hooks");
-            this.hook_cancel.cancel();
-            // Hooks get TERM, their kill grace, then KILL; the tasks then record the state.
-            let bound = this.engine.config().hooks.kill_grace + Duration::from_secs(30);
-            if tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} })
+            self.hook_cancel.cancel();
+            if tokio::time::timeout(t.drain_bound, self.tasks.wait())
                 .await
                 .is_err()
             {
-                log::error!("deployment tasks did not finish after their hooks were stopped");
-                tasks.abort_all();
+                log::error!(
+                    "{} task(s) did not finish within {}s after their hooks were stopped; dropping them",
+                    self.tasks.len(),
+                    t.drain_bound.as_secs()
+                );
+                self.abort.cancel();
+                // Dropping a task's future is immediate unless it is stuck in a blocking
+                // call; do not wait for ever on such a one.
+                let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
             }
         }
-        watchdog.abort();
-        forcer.abort();
-        log::info!("pier-agent stopped");
+        self.retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The running configuration.
@@ -390,18 +574,26 @@ impl Daemon {
     }
 
     fn reload(&self) {
-        match Config::load(&self.config_path, self.config_required) {
+        let Some((path, required)) = &self.config_source else {
+            log::warn!("reload: this agent was not started from a configuration file");
+            return;
+        };
+        match Config::load(path, *required) {
             Ok(new) => {
                 if new.transport != self.config().transport {
                     log::warn!("reload: transport changes take effect at the next restart");
                 }
+                if new.daemon.concurrency != self.config().daemon.concurrency {
+                    log::warn!(
+                        "reload: daemon.concurrency changes take effect at the next restart"
+                    );
+                }
                 match self.engine.set_config(Arc::new(new.engine_settings())) {
                     Ok(()) => {
+                        *self.timings.write().unwrap_or_else(|e| e.into_inner()) =
+                            Arc::new(Timings::from_config(&new));
                         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-                        log::info!(
-                            "reload: configuration {} applied",
-                            self.config_path.display()
-                        )
+                        log::info!("reload: configuration {} applied", path.display())
                     }
                     Err(e) => log::warn!("reload refused: {e}"),
                 }
@@ -411,28 +603,32 @@ impl Daemon {
     }
 
     /// Keeps the dedupe store and the saved commands from growing for ever on a host that
-    /// deploys for years.
-    fn housekeeping(&self) {
-        match self.dedupe.prune_done(FORGET_AFTER) {
-            Ok(0) => {}
-            Ok(n) => log::info!("forgot {n} deployment(s) finished more than 30 days ago"),
-            Err(e) => log::warn!("pruning the dedupe store: {e}"),
-        }
+    /// deploys for years. File removals: on the blocking pool.
+    async fn housekeeping(&self) {
+        let dedupe = self.dedupe.clone();
         let dir = commands_dir(self.engine.root().dir());
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= FORGET_AFTER);
-            if old {
-                let _ = std::fs::remove_file(entry.path());
+        blocking(move || {
+            match dedupe.prune_done(FORGET_AFTER) {
+                Ok(0) => {}
+                Ok(n) => log::info!("forgot {n} deployment(s) finished more than 30 days ago"),
+                Err(e) => log::warn!("pruning the dedupe store: {e}"),
             }
-        }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= FORGET_AFTER);
+                if old {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        })
+        .await
     }
 
     /// Deployments a dead or stopped agent left unfinished: close them as failed and write
@@ -453,7 +649,7 @@ impl Daemon {
                 journal.deployment_id,
                 journal.error.as_deref().unwrap_or("")
             );
-            if let Some(cmd) = self.saved_command(&journal.deployment_id) {
+            if let Some(cmd) = self.saved_command(&journal.deployment_id).await {
                 if let Err(e) = self.write_final(&cmd, &journal).await {
                     log::error!(
                         "status of interrupted deployment {}: {e}",
@@ -488,13 +684,16 @@ impl Daemon {
             self.hold_duplicate(&id, &msg).await;
             return;
         };
-        match self.dedupe.begin(&id) {
+        let dedupe = self.dedupe.clone();
+        let claim_id = id.clone();
+        match blocking(move || dedupe.begin(&claim_id)).await {
             Err(e) => {
                 // Without the dedupe store the agent cannot promise "once": leave the message.
                 log::error!(DEPLOYMENT_ID = id.as_str(); "dedupe store: {e}; message left in the queue");
             }
             Ok(Some(Seen::Done)) => {
                 log::info!(DEPLOYMENT_ID = id.as_str(); "deployment {id} already done here: duplicate acknowledged, not run");
+                self.forget_retry(&id);
                 self.ack(&msg).await;
             }
             Ok(Some(Seen::InProgress)) => self.clone().take_over(cmd, msg).await,
@@ -508,17 +707,31 @@ impl Daemon {
     async fn hold_duplicate(&self, id: &str, msg: &Received) {
         log::info!(DEPLOYMENT_ID = id; "duplicate command for running deployment {id}: held, not run");
         let running = self.running.clone();
-        keep_invisible(&*self.queue, msg, VISIBILITY, async move {
-            while running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(id)
-            {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
+        let t = self.timings();
+        let mut backoff = t.duplicate_hold.clone();
+        keep_invisible_renewing(
+            &*self.queue,
+            msg,
+            t.visibility,
+            t.visibility_renewal,
+            async move {
+                while running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(id)
+                {
+                    let pause = backoff.next_delay().unwrap_or(Duration::from_secs(2));
+                    tokio::time::sleep(pause).await;
+                }
+            },
+        )
         .await;
-        if matches!(self.dedupe.get(id), Ok(Some(Seen::Done))) {
+        let dedupe = self.dedupe.clone();
+        let owned = id.to_string();
+        if matches!(
+            blocking(move || dedupe.get(&owned)).await,
+            Ok(Some(Seen::Done))
+        ) {
             log::info!(DEPLOYMENT_ID = id; "duplicate command for deployment {id} acknowledged");
             self.ack(msg).await;
         }
@@ -532,13 +745,13 @@ impl Daemon {
         // started, whatever a replay says.
         let group_id = self
             .saved_command(&id)
+            .await
             .map(|c| c.deployment_group_id)
             .unwrap_or_else(|| cmd.deployment_group_id.clone());
-        let journal = self
-            .engine
-            .root()
-            .group(&group_id)
-            .and_then(|g| g.journal(&id));
+        let root = self.engine.root().clone();
+        let journal_id = id.clone();
+        let journal =
+            blocking(move || root.group(&group_id).and_then(|g| g.journal(&journal_id))).await;
         match journal {
             Ok(Some(j)) if j.status != state::DeploymentStatus::InProgress => {
                 log::warn!(
@@ -546,8 +759,13 @@ impl Daemon {
                     "deployment {id} was interrupted by an earlier stop; reporting it as {:?}",
                     j.status
                 );
-                if self.write_final(&cmd, &j).await.is_ok() {
-                    self.finish_and_ack(&id, &msg).await;
+                match self.write_final(&cmd, &j).await {
+                    Ok(()) => self.finish_and_ack(&id, &msg).await,
+                    Err(e) => {
+                        // Not written yet: the message stays, and is tried again here.
+                        log::warn!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {e}; message left in the queue");
+                        self.retry_later(id, msg);
+                    }
                 }
             }
             Ok(None) => self.deploy(cmd, msg).await,
@@ -562,7 +780,10 @@ impl Daemon {
     /// Records the deployment as done, then deletes its message; if the record cannot be
     /// written the message stays, so that a redelivery cannot run it again.
     async fn finish_and_ack(&self, id: &str, msg: &Received) {
-        match self.dedupe.finish(id) {
+        self.forget_retry(id);
+        let dedupe = self.dedupe.clone();
+        let owned = id.to_string();
+        match blocking(move || dedupe.finish(&owned)).await {
             Ok(()) => self.ack(msg).await,
             Err(e) => {
                 log::error!(DEPLOYMENT_ID = id; "dedupe store: {e}; message {} left in the queue", msg.id)
@@ -572,10 +793,12 @@ impl Daemon {
 
     async fn deploy(self: Arc<Self>, cmd: Command, msg: Received) {
         let id = cmd.deployment_id.clone();
-        let result = keep_invisible(
+        let t = self.timings();
+        let result = keep_invisible_renewing(
             &*self.queue,
             &msg,
-            VISIBILITY,
+            t.visibility,
+            t.visibility_renewal,
             self.clone().run_command(&cmd),
         )
         .await;
@@ -585,6 +808,7 @@ impl Daemon {
                     // Stopped by shutdown: the status says so now, and the message stays so
                     // that the next start reports the interruption and acknowledges it.
                     log::warn!(DEPLOYMENT_ID = id.as_str(); "deployment {id} stopped by shutdown; message left for the next start");
+                    self.forget_retry(&id);
                     return;
                 }
                 self.finish_and_ack(&id, &msg).await;
@@ -599,6 +823,7 @@ impl Daemon {
             }
             Outcome::Refused(why) => {
                 log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id} cannot run on this host: {why}; message rejected");
+                self.forget_retry(&id);
                 if let Err(e) = self.queue.reject(&msg, &why).await {
                     log::error!("rejecting message {}: {e}", msg.id);
                 }
@@ -607,30 +832,54 @@ impl Daemon {
     }
 
     /// Handles a message that was left (its final status not written, say) again after a
-    /// growing delay, so that it is not stuck until the next restart (a spool keeps it in
-    /// `processing/`; SQS would also offer it again once its visibility lapses, and the
-    /// dedupe store makes the two meet safely). Not while the agent is stopping.
+    /// growing, jittered delay ([`Timings::retry_base`] doubling to [`Timings::retry_max`]),
+    /// so that it is not stuck until the next restart (a spool keeps it in `processing/`;
+    /// SQS would also offer it again once its visibility lapses, and the dedupe store makes
+    /// the two meet safely). Not while the agent is stopping, and not for more than
+    /// [`Timings::retry_cap`] deployments at once (the others wait for redelivery).
     fn retry_later(self: &Arc<Self>, id: String, msg: Received) {
-        if self.hook_cancel.is_cancelled() || self.engine.is_stopping() {
+        if self.stopping.is_cancelled() || self.engine.is_stopping() {
+            self.forget_retry(&id);
             return;
         }
-        let attempt = {
+        let t = self.timings();
+        let delay = {
             let mut r = self.retries.lock().unwrap_or_else(|e| e.into_inner());
-            let n = r.entry(id.clone()).or_insert(0);
-            *n += 1;
-            *n
+            if !r.contains_key(&id) && r.len() >= t.retry_cap {
+                log::warn!(
+                    DEPLOYMENT_ID = id.as_str();
+                    "deployment {id}: {} deployments already wait for a retry; its message waits for redelivery or the next start",
+                    r.len()
+                );
+                return;
+            }
+            r.entry(id.clone())
+                .or_insert_with(|| Backoff::unbounded(t.retry_base, t.retry_max))
+                .next_delay()
+                .unwrap_or(t.retry_max)
         };
-        let delay = RETRY_BASE
-            .saturating_mul(1 << attempt.min(5))
-            .min(RETRY_MAX);
-        log::info!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: trying its message again in {}s", delay.as_secs());
+        log::info!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: trying its message again in {:.1}s", delay.as_secs_f64());
         let me = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            if !me.engine.is_stopping() {
-                me.clone().handle(msg).await;
+        self.spawn(async move {
+            tokio::select! {
+                _ = me.stopping.cancelled() => me.forget_retry(&id),
+                _ = tokio::time::sleep(delay) => {
+                    if me.engine.is_stopping() {
+                        me.forget_retry(&id);
+                    } else {
+                        me.clone().handle(msg).await;
+                    }
+                }
             }
         });
+    }
+
+    /// Drops the retry schedule of `id` (its deployment finished or was given up here).
+    fn forget_retry(&self, id: &str) {
+        self.retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Runs one command to its end and writes its final status.
@@ -639,25 +888,25 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => return Outcome::Left(e.to_string()),
         };
-        if let Err(e) = self.save_command(cmd) {
+        if let Err(e) = self.save_command(cmd).await {
             return Outcome::Left(format!("saving the command: {e}"));
         }
         // A sink this host cannot reach (S3 status without AWS access) will not appear by
         // retrying: such a command goes to the dead-letter queue with the reason.
-        let sink: Arc<dyn StatusSink> = match open_status_sink(&cmd.status, self.aws.as_ref()) {
-            Ok(s) => Arc::from(s),
+        let sink: Arc<dyn StatusSink> = match self.sinks.open(&cmd.status) {
+            Ok(s) => s,
             Err(e) => return Outcome::Refused(e.to_string()),
         };
         let req = match self.request(cmd) {
             Ok(r) => r,
-            Err(e) => return Outcome::Refused(e),
+            Err(e) => return Outcome::Refused(e.to_string()),
         };
 
         // Each journal update becomes a status record; a writer task sends the latest one,
         // so a slow sink never holds up the deployment.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StatusRecord>();
         let writer_sink = sink.clone();
-        let writer = tokio::spawn(async move {
+        let writer = self.spawn(async move {
             while let Some(mut rec) = rx.recv().await {
                 while let Ok(newer) = rx.try_recv() {
                     rec = newer;
@@ -693,26 +942,29 @@ impl Daemon {
                 rec
             }
         };
-        match write_with_retry(&*sink, &rec).await {
+        match write_with_retry(&*sink, &rec, &self.timings().status_write_retry).await {
             Ok(()) => Outcome::Finished(rec.status),
-            Err(e) => Outcome::Left(e),
+            Err(e) => Outcome::Left(format!("final status for {}: {e}", rec.deployment_id)),
         }
     }
 
-    fn request(&self, cmd: &Command) -> Result<Request, String> {
+    fn request(&self, cmd: &Command) -> Result<Request, RequestError> {
         let events = match &cmd.events {
             None => None,
             Some(names) => Some(
                 names
                     .iter()
-                    .map(|n| n.parse::<LifecycleEvent>().map_err(|e| e.to_string()))
+                    .map(|n| n.parse::<LifecycleEvent>().map_err(RequestError::event))
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
         let file_exists_behavior = cmd
             .file_exists_behavior
             .as_deref()
-            .map(|b| b.parse::<FileExistsBehavior>().map_err(|e| e.to_string()))
+            .map(|b| {
+                b.parse::<FileExistsBehavior>()
+                    .map_err(RequestError::file_exists_behavior)
+            })
             .transpose()?;
         Ok(Request {
             deployment_id: cmd.deployment_id.clone(),
@@ -730,9 +982,14 @@ impl Daemon {
         })
     }
 
-    async fn write_final(&self, cmd: &Command, journal: &Journal) -> Result<(), String> {
-        let sink = open_status_sink(&cmd.status, self.aws.as_ref()).map_err(|e| e.to_string())?;
-        write_with_retry(&*sink, &status_record(&self.host_id, journal)).await
+    async fn write_final(&self, cmd: &Command, journal: &Journal) -> Result<(), TransportError> {
+        let sink = self.sinks.open(&cmd.status)?;
+        write_with_retry(
+            &*sink,
+            &status_record(&self.host_id, journal),
+            &self.timings().status_write_retry,
+        )
+        .await
     }
 
     async fn ack(&self, msg: &Received) {
@@ -741,18 +998,44 @@ impl Daemon {
         }
     }
 
-    fn save_command(&self, cmd: &Command) -> std::io::Result<()> {
-        let dir = commands_dir(self.engine.root().dir());
-        pier_sys::atomic_write(
-            &dir.join(format!("{}.json", cmd.deployment_id)),
-            &cmd.to_json(),
-        )
+    async fn save_command(&self, cmd: &Command) -> std::io::Result<()> {
+        let path =
+            commands_dir(self.engine.root().dir()).join(format!("{}.json", cmd.deployment_id));
+        let bytes = cmd.to_json();
+        blocking(move || pier_sys::atomic_write(&path, &bytes)).await
     }
 
-    fn saved_command(&self, deployment_id: &str) -> Option<Command> {
-        let dir = commands_dir(self.engine.root().dir());
-        let bytes = std::fs::read(dir.join(format!("{deployment_id}.json"))).ok()?;
+    async fn saved_command(&self, deployment_id: &str) -> Option<Command> {
+        let path = commands_dir(self.engine.root().dir()).join(format!("{deployment_id}.json"));
+        let bytes = blocking(move || std::fs::read(path)).await.ok()?;
         Command::from_json(&bytes).ok()
+    }
+}
+
+/// Runs blocking file work (fsyncs, removals) on the blocking pool, not an async worker.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Why a valid command cannot become a deployment request on this agent.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("events: {0}")]
+    Event(String),
+    #[error("file_exists_behavior: {0}")]
+    FileExistsBehavior(String),
+}
+
+impl RequestError {
+    fn event(e: impl std::fmt::Display) -> RequestError {
+        RequestError::Event(e.to_string())
+    }
+
+    fn file_exists_behavior(e: impl std::fmt::Display) -> RequestError {
+        RequestError::FileExistsBehavior(e.to_string())
     }
 }
 
@@ -801,21 +1084,29 @@ fn commands_dir(root: &Path) -> PathBuf {
     root.join("commands")
 }
 
-/// Writes a final status record, retrying transient failures with backoff.
-async fn write_with_retry(sink: &dyn StatusSink, rec: &StatusRecord) -> Result<(), String> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10), 8);
-    loop {
-        match sink.write(rec).await {
-            Ok(()) => return Ok(()),
-            Err(e) => match backoff.next_delay() {
-                Some(d) if e.is_transient() => {
-                    log::warn!("status write for {}: {e}; retrying", rec.deployment_id);
-                    tokio::time::sleep(d).await;
+/// Writes a final status record, retrying transient failures on `schedule`.
+async fn write_with_retry(
+    sink: &dyn StatusSink,
+    rec: &StatusRecord,
+    schedule: &Backoff,
+) -> Result<(), TransportError> {
+    schedule
+        .retry(
+            |attempt| async move {
+                let written = sink.write(rec).await;
+                if let Err(e) = &written {
+                    if e.is_transient() {
+                        log::warn!(
+                            "status write for {} (attempt {attempt}): {e}; retrying",
+                            rec.deployment_id
+                        );
+                    }
                 }
-                _ => return Err(format!("final status for {}: {e}", rec.deployment_id)),
+                written
             },
-        }
-    }
+            TransportError::is_transient,
+        )
+        .await
 }
 
 /// Turns journal updates into status records for the writer task.
@@ -881,30 +1172,29 @@ fn bundle_env(revision: &Revision) -> Vec<(String, String)> {
 }
 
 /// Pings the systemd watchdog at half its interval when the unit asks for one, as long as the
-/// poll loop went round recently (or the agent is stopping, when the loop has ended).
-fn spawn_watchdog(
+/// poll loop went round within `stale_after` (or the agent is stopping, when the loop has
+/// ended).
+async fn watchdog(
     shutdown: CancellationToken,
     heartbeat: Arc<Mutex<std::time::Instant>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Some(interval) = sd_notify::watchdog_enabled() else {
-            return;
-        };
-        let stale_after = (POLL_WAIT + RECEIVE_SLACK) * 2;
-        let mut tick = tokio::time::interval(interval / 2);
-        loop {
-            tick.tick().await;
-            let last = *heartbeat.lock().unwrap_or_else(|e| e.into_inner());
-            if shutdown.is_cancelled() || last.elapsed() < stale_after {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            } else {
-                log::error!(
-                    "poll loop silent for {:?}: not feeding the watchdog",
-                    last.elapsed()
-                );
-            }
+    stale_after: Duration,
+) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tick.tick().await;
+        let last = *heartbeat.lock().unwrap_or_else(|e| e.into_inner());
+        if shutdown.is_cancelled() || last.elapsed() < stale_after {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            log::error!(
+                "poll loop silent for {:?}: not feeding the watchdog",
+                last.elapsed()
+            );
         }
-    })
+    }
 }
 
 /// The host id: configured, else the EC2 instance id (asked of IMDS only on a machine whose

@@ -11,9 +11,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use pier_protocol::ErrorCode;
+use pier_sys::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::appspec::{self, AppSpec, AppSpecError, FileExistsBehavior, LifecycleEvent};
@@ -125,6 +127,23 @@ impl Observer for NoObserver {
     fn update(&self, _journal: &Journal) {}
 }
 
+/// First and longest pause between two tries of a busy group lock.
+const LOCK_POLL_BASE: Duration = Duration::from_millis(50);
+const LOCK_POLL_MAX: Duration = Duration::from_secs(1);
+
+/// Runs blocking file work (fsyncs, removals) on the blocking pool, not an async worker.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DeployError> + Send + 'static,
+) -> Result<T, DeployError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(DeployError::Task(e)),
+        },
+    }
+}
+
 /// Runs deployments on this host.
 pub struct Engine {
     /// Swapped whole on a reload; each deployment works with the snapshot it started with.
@@ -133,6 +152,8 @@ pub struct Engine {
     cancel: CancellationToken,
     /// Set when the agent stops: deployments not yet started are refused, not begun.
     stopping: std::sync::atomic::AtomicBool,
+    /// Fired with `stopping`, so that a deployment waiting for its group's lock gives up.
+    stop: CancellationToken,
 }
 
 /// Orders and completes the events asked for, refusing unknown order.
@@ -258,6 +279,7 @@ impl Engine {
             root,
             cancel,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -266,6 +288,7 @@ impl Engine {
     pub fn stop_new_deployments(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.cancel();
     }
 
     /// Whether [`Engine::stop_new_deployments`] was called.
@@ -333,21 +356,12 @@ impl Engine {
         let group = self.root.group(&req.deployment_group_id)?;
         let dir = group.deployment_dir(&req.deployment_id)?;
 
-        let lock_group = group.clone();
-        let lock = match group.try_lock() {
-            Ok(l) => l,
-            Err(StateError::Busy { .. }) => {
-                log::info!(
-                    "waiting for deployment group {} (another deployment is running)",
-                    group.id()
-                );
-                tokio::task::spawn_blocking(move || lock_group.lock()).await??
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let lock = self.lock_group(&group, req).await?;
         // The wait for the lock may have outlasted the agent's decision to stop.
         self.check_not_stopping(req)?;
-        for closed in group.recover_interrupted(Utc::now())? {
+        let recovering = group.clone();
+        let recovered = blocking(move || Ok(recovering.recover_interrupted(Utc::now())?)).await?;
+        for closed in recovered {
             log::warn!(
                 "deployment {} of group {} was interrupted: {}",
                 closed.deployment_id,
@@ -400,13 +414,13 @@ impl Engine {
             new: None,
             setid_entries: Vec::new(),
         };
-        run.save()?;
-        run.load_previous();
+        run.save().await?;
+        run.load_previous().await;
 
         for (i, event) in events.iter().copied().enumerate() {
             run.journal.events[i].status = EventState::InProgress;
             run.journal.events[i].started_at = Some(Utc::now());
-            run.save()?;
+            run.save().await?;
             log::info!(
                 DEPLOYMENT_ID = req.deployment_id.as_str(),
                 DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
@@ -425,7 +439,7 @@ impl Engine {
                     rec.status = status;
                     rec.tail = tail;
                     rec.message = note;
-                    run.save()?;
+                    run.save().await?;
                 }
                 Err((failure, tail)) => {
                     rec.status = failure.status;
@@ -453,8 +467,8 @@ impl Engine {
                         failure.code,
                         failure.message
                     );
-                    run.save()?;
-                    self.prune(&config, &group, &req.deployment_id);
+                    run.save().await?;
+                    self.prune(&config, &group, &req.deployment_id).await;
                     drop(lock);
                     return Ok(run.journal);
                 }
@@ -471,7 +485,7 @@ impl Engine {
         })?;
         run.journal.status = DeploymentStatus::Succeeded;
         run.journal.ended_at = Some(Utc::now());
-        run.save()?;
+        run.save().await?;
         log::info!(
             DEPLOYMENT_ID = req.deployment_id.as_str(),
             DEPLOYMENT_GROUP = req.deployment_group_id.as_str();
@@ -479,7 +493,7 @@ impl Engine {
             req.deployment_id,
             req.deployment_group_id
         );
-        self.prune(&config, &group, &req.deployment_id);
+        self.prune(&config, &group, &req.deployment_id).await;
         drop(lock);
         Ok(run.journal)
     }
@@ -509,7 +523,8 @@ impl Engine {
         let unpacked =
             tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
                 .await??;
-        let spec = read_appspec(&revision, &appspec_file_name(req, &revision), true)?;
+        let name = appspec_file_name(req, &revision);
+        let spec = read_appspec_off_thread(&revision, &name, true).await?;
         install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)?;
         let previous: Option<install::Manifest> = state::read_json(&group.manifest_path())?;
         let behavior = spec
@@ -526,7 +541,59 @@ impl Engine {
         Ok(plan.to_string())
     }
 
-    fn prune(&self, config: &Config, group: &Group, current: &str) {
+    /// Takes the group's lock, waiting while another deployment of the group holds it. The
+    /// wait polls without blocking (`LOCK_NB`, with backoff), so a stopping agent gives it up
+    /// at once ([`DeployError::ShuttingDown`]) and no thread is ever left blocked in `flock`
+    /// to take the lock after the waiter is gone.
+    async fn lock_group(
+        &self,
+        group: &Group,
+        req: &Request,
+    ) -> Result<crate::state::GroupLock, DeployError> {
+        let mut backoff = Backoff::unbounded(LOCK_POLL_BASE, LOCK_POLL_MAX);
+        loop {
+            let g = group.clone();
+            match blocking(move || Ok(g.try_lock())).await? {
+                Ok(lock) => return Ok(lock),
+                Err(StateError::Busy { .. }) => {
+                    if backoff.retries() == 0 {
+                        log::info!(
+                            "waiting for deployment group {} (another deployment is running)",
+                            group.id()
+                        );
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let delay = backoff.next_delay().unwrap_or(LOCK_POLL_MAX);
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    log::info!(
+                        "deployment {}: no longer waiting for group {}: the agent is stopping",
+                        req.deployment_id,
+                        group.id()
+                    );
+                    return Err(DeployError::ShuttingDown(req.deployment_id.clone()));
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Applies retention (directory removals) off the async worker threads.
+    async fn prune(&self, config: &Config, group: &Group, current: &str) {
+        let (config, group, current) = (config.max_revisions, group.clone(), current.to_string());
+        let _ = blocking(move || {
+            prune_group(config, &group, &current);
+            Ok::<(), DeployError>(())
+        })
+        .await;
+    }
+}
+
+/// Keeps `keep` revisions of `group`, never `current` nor the last successful one.
+fn prune_group(keep: usize, group: &Group, current: &str) {
+    {
         let last = group
             .last_successful()
             .ok()
@@ -536,11 +603,13 @@ impl Engine {
         if let Some(l) = last.as_deref() {
             protect.push(l);
         }
-        if let Err(e) = group.prune(config.max_revisions, &protect) {
+        if let Err(e) = group.prune(keep, &protect) {
             log::warn!("retention in group {}: {e}", group.id());
         }
     }
+}
 
+impl Engine {
     /// Runs one event. Ok: (status, output tail, note); Err: (failure, output tail).
     async fn run_event(
         &self,
@@ -647,7 +716,8 @@ impl Engine {
         run.setid_entries = unpacked.setid_entries;
 
         let name = appspec_file_name(run.req, &revision_dir);
-        let spec = read_appspec(&revision_dir, &name, true)
+        let spec = read_appspec_off_thread(&revision_dir, &name, true)
+            .await
             .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
         install::check_setid(&spec.files, &spec.permissions, &run.setid_entries)
             .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
@@ -712,8 +782,10 @@ impl Engine {
 }
 
 impl Run<'_> {
-    fn save(&mut self) -> Result<(), StateError> {
-        self.group.write_journal(&self.journal)?;
+    /// Writes the journal (fsyncs: off the async worker threads), then tells the observer.
+    async fn save(&mut self) -> Result<(), DeployError> {
+        let (group, journal) = (self.group.clone(), self.journal.clone());
+        blocking(move || group.write_journal(&journal).map_err(DeployError::from)).await?;
         self.observer.update(&self.journal);
         Ok(())
     }
@@ -721,7 +793,7 @@ impl Run<'_> {
     /// Reads the last successful revision's AppSpec, for ApplicationStop and the
     /// BlockTraffic events. A revision that can no longer be read is noted and skipped: a
     /// broken old revision must not block every future deployment.
-    fn load_previous(&mut self) {
+    async fn load_previous(&mut self) {
         let last = match self.group.last_successful() {
             Ok(Some(l)) => l,
             Ok(None) => return,
@@ -730,7 +802,7 @@ impl Run<'_> {
                 return;
             }
         };
-        match read_appspec(&last.revision_dir, &last.appspec_file, false) {
+        match read_appspec_off_thread(&last.revision_dir, &last.appspec_file, false).await {
             Ok(spec) => {
                 self.previous = Some(Revision {
                     dir: last.revision_dir,
@@ -778,6 +850,19 @@ fn appspec_file_name(req: &Request, revision_dir: &Path) -> String {
         return "appspec.yaml".into();
     }
     "appspec.yml".into()
+}
+
+/// [`read_appspec`] on the blocking pool: it reads files and looks up `runas` users (NSS may
+/// ask the network).
+async fn read_appspec_off_thread(
+    dir: &Path,
+    name: &str,
+    check_env: bool,
+) -> Result<AppSpec, AppSpecError> {
+    let (dir, name) = (dir.to_path_buf(), name.to_string());
+    tokio::task::spawn_blocking(move || read_appspec(&dir, &name, check_env))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Reads and validates a revision's AppSpec; every problem in one error.

@@ -4,7 +4,7 @@
 //! ([`bundle`]: fetched through the caller's [`bundle::RevisionFetcher`], verified, unpacked
 //! safely), reads its [`appspec`], runs the lifecycle: [`install`] places the files and
 //! [`hooks`] run the scripts, while [`state`] keeps the journal, the locks and retention on
-//! disk. It knows nothing of AWS, queues or the controller: the agent builds it from its
+//! disk, and [`tool`] runs the host tools they need within a time limit. It knows nothing of AWS, queues or the controller: the agent builds it from its
 //! configuration ([`settings::EngineSettings`]) and hands it commands.
 
 pub mod appspec;
@@ -14,3 +14,4 @@ pub mod hooks;
 pub mod install;
 pub mod settings;
 pub mod state;
+pub mod tool;

@@ -25,7 +25,9 @@
 //! ```
 
 pub mod aws;
-pub mod backoff;
+/// The one retry schedule, defined in `pier-sys` so the engine (which knows no transport) uses
+/// it too.
+pub use pier_sys::backoff;
 pub mod local;
 pub mod notify;
 pub mod s3;
@@ -150,7 +152,19 @@ pub async fn keep_invisible<T>(
     work: impl Future<Output = T>,
 ) -> T {
     let visibility = visibility.max(Duration::from_secs(3));
-    let every = visibility / 3;
+    keep_invisible_renewing(queue, msg, visibility, visibility / 3, work).await
+}
+
+/// [`keep_invisible`] with the renewal interval chosen by the caller (it should be well
+/// under `visibility`, or the message may become visible between two renewals).
+pub async fn keep_invisible_renewing<T>(
+    queue: &dyn Queue,
+    msg: &Received,
+    visibility: Duration,
+    every: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let every = every.max(Duration::from_millis(10));
     let renew = async {
         loop {
             if let Err(e) = queue.extend(msg, visibility).await {

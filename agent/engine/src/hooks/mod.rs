@@ -228,13 +228,15 @@ pub async fn run(
     log: &ScriptLog,
     cancel: &CancellationToken,
 ) -> Result<HookOutcome, HookError> {
-    let mut prepared = command::prepare(run, false)?;
+    // Preparing reads the script's head and looks its user up (NSS may go to the network):
+    // both on the blocking pool.
+    let mut prepared = prepare(run, false).await?;
     let started = Utc::now();
     let spawned = match spawn(&mut prepared) {
         // The executable bit is not for this user, or the revision sits on a noexec mount:
         // run it the way a script without the bit runs, through its `#!` line, if it has one.
         Err(e) if prepared.direct && e.kind() == io::ErrorKind::PermissionDenied => {
-            match command::prepare(run, true) {
+            match prepare(run, true).await {
                 Ok(retry) => {
                     prepared = retry;
                     spawn(&mut prepared)
@@ -271,8 +273,9 @@ pub async fn run(
         .unwrap_or_default();
     write_log(
         log,
-        &format!("[{event}] [pier] {location}: started{as_user}, pid {pgid}"),
-    );
+        format!("[{event}] [pier] {location}: started{as_user}, pid {pgid}"),
+    )
+    .await;
 
     let tail = Arc::new(Mutex::new(Tail::default()));
     let attached = Arc::new(AtomicBool::new(true));
@@ -314,8 +317,9 @@ pub async fn run(
     };
     write_log(
         log,
-        &format!("[{event}] [pier] {location}: {result} after {took:.1?}{note}"),
-    );
+        format!("[{event}] [pier] {location}: {result} after {took:.1?}{note}"),
+    )
+    .await;
     let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).render();
     Ok(HookOutcome {
         result,
@@ -415,8 +419,20 @@ fn exit_result(status: std::process::ExitStatus) -> HookResult {
     }
 }
 
-fn write_log(log: &ScriptLog, line: &str) {
-    if let Err(e) = log.line(line) {
+async fn prepare(run: &HookRun, via_shebang: bool) -> Result<command::Prepared, HookError> {
+    let run = run.clone();
+    match tokio::task::spawn_blocking(move || command::prepare(&run, via_shebang)).await {
+        Ok(prepared) => prepared,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+async fn write_log(log: &ScriptLog, line: String) {
+    let writer = log.clone();
+    let written = tokio::task::spawn_blocking(move || writer.line(&line))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+    if let Err(e) = written {
         log::warn!("cannot write to script log {}: {e}", log.path().display());
     }
 }

@@ -208,20 +208,26 @@ impl Pump {
                     break;
                 }
             };
-            splitter.push(&buf[..n], |raw| self.line(raw, &mut log_failed));
+            let mut entries = Vec::new();
+            splitter.push(&buf[..n], |raw| entries.push(self.line(raw)));
+            self.write(entries, &mut log_failed).await;
         }
-        splitter.finish(|raw| self.line(raw, &mut log_failed));
+        let mut entries = Vec::new();
+        splitter.finish(|raw| entries.push(self.line(raw)));
+        self.write(entries, &mut log_failed).await;
     }
 
-    fn line(&self, raw: &[u8], log_failed: &mut bool) {
-        let text = clean_line(raw);
-        let attached = self.attached.load(Ordering::Acquire);
-        let marker = if attached { "" } else { " after exit" };
-        let entry = format!(
-            "[{}] [{}{marker}] {}: {text}",
-            self.event, self.stream, self.location
-        );
-        if let Err(e) = self.log.line(&entry) {
+    /// Appends `entries` to the script log on the blocking pool (a write may rotate files).
+    async fn write(&self, entries: Vec<String>, log_failed: &mut bool) {
+        if entries.is_empty() {
+            return;
+        }
+        let log = self.log.clone();
+        let written =
+            tokio::task::spawn_blocking(move || entries.iter().try_for_each(|e| log.line(e)))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = written {
             // Losing the log must not fail the deployment; say so once per stream.
             if !*log_failed {
                 log::warn!(
@@ -232,10 +238,21 @@ impl Pump {
                 *log_failed = true;
             }
         }
+    }
+
+    /// Keeps `raw` in the tail (while the script runs) and returns its script-log entry.
+    fn line(&self, raw: &[u8]) -> String {
+        let text = clean_line(raw);
+        let attached = self.attached.load(Ordering::Acquire);
+        let marker = if attached { "" } else { " after exit" };
         if attached {
             let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
             tail.push(format!("[{}] {text}", self.stream));
         }
+        format!(
+            "[{}] [{}{marker}] {}: {text}",
+            self.event, self.stream, self.location
+        )
     }
 }
 

@@ -1166,7 +1166,12 @@ fn in_parallel<T: Send>(
 /// would not have them; `permissions` sets this install's ACLs afterwards. One setfacl run per
 /// batch of files keeps the skip of unchanged files cheap. Best effort: a filesystem without
 /// ACL support has none to drop.
+///
+/// Each file is opened without following a symlink (like every other permission change,
+/// [`permissions::open_no_follow`]) and setfacl gets `/proc/PID/fd/N`, so a file swapped for a
+/// symlink since the install is skipped, not followed; each run is time-limited.
 fn reset_acls(paths: &[PathBuf]) {
+    use std::os::fd::AsRawFd;
     if paths.is_empty() {
         return;
     }
@@ -1174,18 +1179,27 @@ fn reset_acls(paths: &[PathBuf]) {
         return;
     };
     for chunk in paths.chunks(256) {
-        let out = std::process::Command::new(&setfacl)
-            .arg("-b")
-            .arg("--")
-            .args(chunk)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => log::warn!(
-                "setfacl -b on unchanged files failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => log::warn!("cannot run {}: {e}", setfacl.display()),
+        let mut open = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            match permissions::open_no_follow(path) {
+                Ok(file) => open.push(file),
+                Err(e) => log::warn!("not dropping ACLs of {}: {e}", path.display()),
+            }
+        }
+        if open.is_empty() {
+            continue;
+        }
+        let pid = std::process::id();
+        let mut cmd = std::process::Command::new(&setfacl);
+        cmd.arg("-b").arg("--");
+        for file in &open {
+            cmd.arg(format!("/proc/{pid}/fd/{}", file.as_raw_fd()));
+        }
+        if let Err(e) = crate::tool::run(&mut cmd, crate::tool::TOOL_TIME_LIMIT) {
+            log::warn!(
+                "dropping ACLs of unchanged files ({} first): {e}",
+                chunk[0].display()
+            );
         }
     }
 }

@@ -257,23 +257,14 @@ pub(super) fn plan(
     Ok(out)
 }
 
+/// Runs setfacl/chcon on `path` (through its descriptor) within the tool time limit.
 fn run_tool(cmd: &mut Command, path: &Path) -> Result<(), InstallError> {
     let line = format!("{cmd:?}");
-    let failed = |detail: String| InstallError::ToolFailed {
-        command: line.clone(),
+    crate::tool::run(cmd, crate::tool::TOOL_TIME_LIMIT).map_err(|e| InstallError::ToolFailed {
+        command: line,
         path: path.to_path_buf(),
-        detail,
-    };
-    let out = cmd.output().map_err(|e| failed(e.to_string()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(failed(format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
+        detail: e.to_string(),
+    })
 }
 
 /// Sets the planned permissions: owner first (chown clears set-id bits), then mode, ACLs and
