@@ -498,6 +498,61 @@ fn deploy_refuses_a_revision_with_no_known_sha256() {
     assert!(run.stderr.contains("--spool-dir"), "{}", run.stderr);
 }
 
+/// `--events` the agent would refuse are refused by the controller itself, naming the event,
+/// before anything is sent: an unknown name, an order the lifecycle cannot run, a repeat.
+#[test]
+fn deploy_refuses_unknown_or_misordered_events_before_sending() {
+    let s = Scratch::new();
+    let archive = s.write("b.tgz", "bytes");
+    let sha = sha256(b"bytes");
+    let spool = s.path().join("spool");
+    let status = s.path().join("status");
+    let deploy = |events: &str| {
+        pier(&[
+            "deploy",
+            "--application",
+            "web",
+            "--deployment-group",
+            "prod",
+            "--revision",
+            archive.to_str().unwrap(),
+            "--sha256",
+            &sha,
+            "--hosts",
+            "h1",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "--status-dir",
+            status.to_str().unwrap(),
+            "--events",
+            events,
+        ])
+    };
+    for (events, says) in [
+        ("BeforeInstall,Validate", "`Validate`"),
+        ("ApplicationStart,applicationStop", "`applicationStop`"),
+        (
+            "ApplicationStart,BeforeInstall",
+            "BeforeInstall cannot come after ApplicationStart",
+        ),
+        (
+            "AfterInstall,AfterInstall",
+            "AfterInstall cannot come after AfterInstall",
+        ),
+    ] {
+        let run = deploy(events).code(64);
+        assert!(run.stderr.contains("--events"), "{events}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{events}: {}", run.stderr);
+        assert!(
+            !spool.exists(),
+            "{events}: nothing is sent for refused events"
+        );
+    }
+    // The same list in lifecycle order is sent.
+    deploy("BeforeInstall,ApplicationStart").success();
+    assert!(spool.exists());
+}
+
 fn event(name: &str, status: EventState, code: Option<i32>) -> EventStatus {
     let start = chrono::Utc::now();
     EventStatus {

@@ -847,6 +847,42 @@ fn a_status_that_cannot_be_written_is_retried_not_lost() {
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "ran once");
 }
 
+/// A group locked by another process at start (a deploy-local running there) does not hold
+/// up the agent's start: recovery skips it and the agent gets ready and stops as usual.
+#[test]
+fn a_group_locked_elsewhere_does_not_hold_up_the_start() {
+    let scratch = Scratch::new();
+    let host = spool_host(&scratch, "busy", "daemon:\n  poll_wait_seconds: 1\n");
+    let group_dir = host.root().join("groups/g-prod");
+    std::fs::create_dir_all(&group_dir).unwrap();
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(group_dir.join("lock"))
+        .unwrap();
+    let _held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let mut agent = host.start();
+    wait_for(Duration::from_secs(30), "ready", &|| agent.log(), || {
+        agent.log().contains("ready").then_some(())
+    });
+    assert!(
+        agent
+            .log()
+            .contains("group g-prod is busy in another process"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        agent.terminate(Duration::from_secs(10)),
+        0,
+        "{}",
+        agent.log()
+    );
+}
+
 /// A deployment waiting for its group's lock (held here by another process, as a running
 /// deployment would hold it) does not keep a stopping agent: SIGTERM ends the wait and the
 /// agent exits well within its drain bound, leaving the command for the next start.

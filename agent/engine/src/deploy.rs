@@ -329,13 +329,27 @@ impl Engine {
     }
 
     /// Closes deployments of every group left unfinished by a process that died; returns
-    /// them so the caller can report them. Takes each group's lock briefly.
+    /// them so the caller can report them. Takes each group's lock briefly, and skips a group
+    /// another process holds (it has a live deployment), so a start never waits on one.
     pub async fn recover_all(&self) -> Result<Vec<Journal>, DeployError> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let mut closed = Vec::new();
             for g in root.groups()? {
-                let _lock = g.lock()?;
+                // A group locked by another process has a live deployment; its holder (or
+                // the group's next deployment, which recovers first) closes what is
+                // interrupted there. Waiting for it would hold up the agent's start.
+                let _lock = match g.try_lock() {
+                    Ok(l) => l,
+                    Err(StateError::Busy { .. }) => {
+                        log::info!(
+                            "group {} is busy in another process: its recovery is left to it",
+                            g.id()
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 closed.extend(g.recover_interrupted(Utc::now())?);
             }
             Ok(closed)
