@@ -26,7 +26,7 @@ use pier_transport::sqs::{QueueSpec, SqsQueue};
 use pier_transport::StatusSink;
 
 /// The spool directory of a single host's agent by default (`ROOT/spool`).
-pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/pier/spool";
+pub(crate) const DEFAULT_SPOOL_DIR: &str = "/var/lib/pier/spool";
 
 /// How commands reach the hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +210,7 @@ fn check_events(events: Option<&[String]>) -> Result<(), ControllerError> {
 
 /// The command every host gets, checked with the agent's own parser so that a command the
 /// agents would reject is never sent.
-pub fn build_command(
+pub(crate) fn build_command(
     deployment_id: &str,
     opts: &DeployOptions,
     group_id: &str,
@@ -320,20 +320,20 @@ async fn destinations(
 
 /// How following a deployment ended.
 #[derive(Debug, Clone)]
-pub struct FollowOutcome {
+pub(crate) struct FollowOutcome {
     /// Each host's last record (`None`: never reported).
-    pub records: HashMap<String, StatusRecord>,
+    pub(crate) records: HashMap<String, StatusRecord>,
     /// Whether the timeout passed before every host was final.
-    pub timed_out: bool,
+    pub(crate) timed_out: bool,
     /// Whether the operator interrupted the wait (Ctrl-C).
-    pub interrupted: bool,
+    pub(crate) interrupted: bool,
 }
 
 /// Reads every host's record every `poll` until all are final (or `timeout` passes),
 /// printing each event's changes on stderr as `host: Event Status (duration)`. A read that
 /// fails is reported once per host and retried at the next poll: the records stay in the
 /// store, so a hiccup loses nothing.
-pub async fn follow(
+pub(crate) async fn follow(
     sink: &dyn StatusSink,
     deployment_id: &str,
     hosts: &[String],
@@ -428,7 +428,7 @@ fn print_changes(rec: &StatusRecord, shown: &mut HashMap<(String, String), Event
 /// Prints the end of a followed deployment on stderr and returns the exit code: 0 only when
 /// every host succeeded; otherwise each failed host's report, and the hosts that never
 /// finished.
-pub fn report(deployment_id: &str, hosts: &[String], outcome: &FollowOutcome) -> i32 {
+pub(crate) fn report(deployment_id: &str, hosts: &[String], outcome: &FollowOutcome) -> i32 {
     let mut ok = true;
     for h in hosts {
         match outcome.records.get(h) {

@@ -23,7 +23,7 @@ use pier_transport::TransportError;
 /// Exit code for a usage or configuration error (BSD `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 /// Exit code for a failure: a failed deployment, an unreachable service, a broken file.
-pub const EXIT_FAILURE: i32 = 1;
+pub(crate) const EXIT_FAILURE: i32 = 1;
 
 /// Why a controller command could not do its work.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,7 @@ pub enum ControllerError {
 impl ControllerError {
     /// The CLI exit code for this error: [`EXIT_USAGE`] for mistakes in the flags or the
     /// revision given, [`EXIT_FAILURE`] for everything else.
-    pub fn exit_code(&self) -> i32 {
+    pub(crate) fn exit_code(&self) -> i32 {
         match self {
             ControllerError::Usage { .. }
             | ControllerError::Revision { .. }
@@ -149,7 +149,7 @@ pub struct AwsOptions {
 impl AwsOptions {
     /// Builds the clients; only called by commands that need AWS, so a spool-only
     /// deployment works on a machine with no AWS configuration at all.
-    pub async fn clients(&self) -> Result<AwsClients, ControllerError> {
+    pub(crate) async fn clients(&self) -> Result<AwsClients, ControllerError> {
         let settings = AwsSettings {
             region: self.region.clone(),
             endpoint_url: self.endpoint_url.clone(),
@@ -167,7 +167,7 @@ impl AwsOptions {
 }
 
 /// Parses `s3://BUCKET/KEY[?versionId=V]` into its parts; `flag` names the flag in errors.
-pub fn parse_s3_url(
+pub(crate) fn parse_s3_url(
     flag: &str,
     url: &str,
 ) -> Result<(String, String, Option<String>), ControllerError> {

@@ -13,15 +13,15 @@ use super::{parse_s3_url, AwsOptions, ControllerError};
 use pier_protocol::{BundleType, Revision};
 
 /// S3 metadata key (`x-amz-meta-sha256`) holding the archive's lowercase hex SHA-256.
-pub const META_SHA256: &str = "sha256";
+pub(crate) const META_SHA256: &str = "sha256";
 /// S3 metadata key holding the git commit SHA of the pushed directory.
-pub const META_COMMIT: &str = "commit";
+pub(crate) const META_COMMIT: &str = "commit";
 /// S3 metadata key, `true` when the checkout had uncommitted changes at push time.
-pub const META_DIRTY: &str = "commit-dirty";
+pub(crate) const META_DIRTY: &str = "commit-dirty";
 /// S3 metadata key holding the application name given to `pier push`.
-pub const META_APPLICATION: &str = "application";
+pub(crate) const META_APPLICATION: &str = "application";
 /// S3 metadata key holding the archive format (`tgz`, `tar`, `zip`).
-pub const META_BUNDLE_TYPE: &str = "bundle-type";
+pub(crate) const META_BUNDLE_TYPE: &str = "bundle-type";
 
 /// A revision as `pier push` prints it and `pier deploy --revision @FILE` reads it: the
 /// protocol's [`Revision`] (flattened, so its `type`, location, `bundle_type` and `sha256`
@@ -30,17 +30,17 @@ pub const META_BUNDLE_TYPE: &str = "bundle-type";
 pub struct RevisionInfo {
     /// Where the bundle is, its format and its SHA-256.
     #[serde(flatten)]
-    pub revision: Revision,
+    pub(crate) revision: Revision,
     /// The git commit SHA of the pushed directory, when it was a git checkout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit: Option<String>,
+    pub(crate) commit: Option<String>,
     /// Whether that checkout had uncommitted changes (the bundle is then not exactly
     /// `commit`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub dirty: bool,
+    pub(crate) dirty: bool,
     /// The application the revision was pushed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub application: Option<String>,
+    pub(crate) application: Option<String>,
 }
 
 impl RevisionInfo {
@@ -70,7 +70,7 @@ pub fn describe(info: &RevisionInfo) -> String {
 }
 
 /// The sidecar of a local archive: `PATH.pier.json`.
-pub fn sidecar_path(archive: &Path) -> PathBuf {
+pub(crate) fn sidecar_path(archive: &Path) -> PathBuf {
     let mut s = archive.as_os_str().to_owned();
     s.push(".pier.json");
     PathBuf::from(s)
@@ -102,7 +102,7 @@ pub struct RevisionOverrides {
 /// recorded SHA-256 unless `--sha256` gives one, and a `--sha256` that contradicts the
 /// recorded one (every host would refuse the bundle). A local directory needs no SHA-256:
 /// there is no archive to verify.
-pub async fn resolve(
+pub(crate) async fn resolve(
     spec: &str,
     overrides: &RevisionOverrides,
     aws: &AwsOptions,

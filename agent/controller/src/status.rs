@@ -16,9 +16,9 @@ use pier_transport::{open_status_sink, StatusSink};
 
 /// Where a spool deployment asks hosts to write status unless `--status-dir` says otherwise
 /// (beside the agent's default spool, under the default deployment root).
-pub const DEFAULT_STATUS_DIR: &str = "/var/lib/pier/status";
+pub(crate) const DEFAULT_STATUS_DIR: &str = "/var/lib/pier/status";
 /// The S3 key prefix the agent's status records use by default.
-pub const DEFAULT_STATUS_PREFIX: &str = "pier";
+pub(crate) const DEFAULT_STATUS_PREFIX: &str = "pier";
 
 /// Where status records are, as the flags gave it (`--status-bucket`/`--status-prefix` or
 /// `--status-dir`, also from `PIER_STATUS_BUCKET`, `PIER_STATUS_PREFIX`, `PIER_STATUS_DIR`).
@@ -36,7 +36,7 @@ impl SinkOptions {
     /// The sink these flags name. With neither a bucket nor a directory, `default_local`
     /// chooses [`DEFAULT_STATUS_DIR`] (the spool transport's default); otherwise it is an
     /// error that names the flags.
-    pub fn spec(&self, default_local: bool) -> Result<StatusSinkSpec, ControllerError> {
+    pub(crate) fn spec(&self, default_local: bool) -> Result<StatusSinkSpec, ControllerError> {
         match (&self.status_bucket, &self.status_dir) {
             (Some(_), Some(_)) => Err(ControllerError::usage(
                 "--status-bucket/--status-dir",
@@ -75,7 +75,7 @@ impl SinkOptions {
 }
 
 /// A sink spec for humans: `s3://bucket/prefix` or the directory.
-pub fn describe_sink(spec: &StatusSinkSpec) -> String {
+pub(crate) fn describe_sink(spec: &StatusSinkSpec) -> String {
     match spec {
         StatusSinkSpec::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
         StatusSinkSpec::Local { dir } => dir.clone(),
@@ -83,7 +83,7 @@ pub fn describe_sink(spec: &StatusSinkSpec) -> String {
 }
 
 /// Opens the store `spec` names; AWS clients are built only for S3.
-pub async fn open_sink(
+pub(crate) async fn open_sink(
     spec: &StatusSinkSpec,
     aws: &AwsOptions,
 ) -> Result<Box<dyn StatusSink>, ControllerError> {
@@ -160,7 +160,7 @@ pub async fn status(opts: &StatusOptions) -> Result<i32, ControllerError> {
 
 /// The table of events (host, event, status, duration, exit code) followed by each host's
 /// overall status and error line. A host with no record yet shows as `no status yet`.
-pub fn render(rows: &[(String, Option<StatusRecord>)]) -> String {
+pub(crate) fn render(rows: &[(String, Option<StatusRecord>)]) -> String {
     let mut table = vec![[
         "HOST".to_string(),
         "EVENT".to_string(),
@@ -223,7 +223,7 @@ pub fn render(rows: &[(String, Option<StatusRecord>)]) -> String {
 }
 
 /// The word shown for an event state.
-pub fn state_word(s: EventState) -> &'static str {
+pub(crate) fn state_word(s: EventState) -> &'static str {
     match s {
         EventState::Pending => "Pending",
         EventState::InProgress => "InProgress",
@@ -235,7 +235,7 @@ pub fn state_word(s: EventState) -> &'static str {
 }
 
 /// The word shown for a host's overall state.
-pub fn overall_word(s: DeploymentStatus) -> &'static str {
+pub(crate) fn overall_word(s: DeploymentStatus) -> &'static str {
     match s {
         DeploymentStatus::InProgress => "InProgress",
         DeploymentStatus::Succeeded => "Succeeded",
@@ -244,7 +244,10 @@ pub fn overall_word(s: DeploymentStatus) -> &'static str {
 }
 
 /// `1.25s`, `42s`, `3m07s` between two times, when both are known.
-pub fn duration(started: Option<DateTime<Utc>>, ended: Option<DateTime<Utc>>) -> Option<String> {
+pub(crate) fn duration(
+    started: Option<DateTime<Utc>>,
+    ended: Option<DateTime<Utc>>,
+) -> Option<String> {
     let ms = (ended? - started?).num_milliseconds().max(0);
     Some(if ms < 10_000 {
         format!("{:.2}s", ms as f64 / 1000.0)
@@ -256,7 +259,7 @@ pub fn duration(started: Option<DateTime<Utc>>, ended: Option<DateTime<Utc>>) ->
 }
 
 /// The event that failed or timed out on a host, if any.
-pub fn failing_event(rec: &StatusRecord) -> Option<&EventStatus> {
+pub(crate) fn failing_event(rec: &StatusRecord) -> Option<&EventStatus> {
     rec.events
         .iter()
         .find(|e| matches!(e.status, EventState::Failed | EventState::TimedOut))
@@ -264,7 +267,7 @@ pub fn failing_event(rec: &StatusRecord) -> Option<&EventStatus> {
 
 /// A failed event's machine-readable cause in one line, when its record has one:
 /// `ValidateService failed [ScriptFailed] scripts/check.sh exit 3`.
-pub fn cause_line(e: &EventStatus) -> Option<String> {
+pub(crate) fn cause_line(e: &EventStatus) -> Option<String> {
     let d = e.diagnostics.as_ref()?;
     let word = match e.status {
         EventState::TimedOut => "timed out",
@@ -282,7 +285,7 @@ pub fn cause_line(e: &EventStatus) -> Option<String> {
 
 /// What went wrong on a failed host, for a human: the failing event, its script and exit
 /// code, the error line, then the log tail indented.
-pub fn failure_report(rec: &StatusRecord) -> String {
+pub(crate) fn failure_report(rec: &StatusRecord) -> String {
     let mut out = format!("{}: deployment failed", rec.host_id);
     if let Some(e) = failing_event(rec) {
         let _ = write!(out, " in {} ({})", e.name, state_word(e.status));

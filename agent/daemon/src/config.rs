@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use pier_engine::settings::{BundleLimits, EngineSettings, HookEnvPolicy, HookSettings};
+pub(crate) use pier_engine::settings::{BundleLimits, EngineSettings, HookEnvPolicy, HookSettings};
 
 /// Where the agent looks for its configuration when `-c` is not given.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/pier/agent.yml";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/pier/agent.yml";
 
 /// Environment variables that never reach a hook, whatever `hooks.env.pass` says: the agent's
 /// own credentials and the knobs that would point a script's AWS tools at them.
@@ -26,8 +26,8 @@ const NEVER_PASSED_PREFIXES: &[&str] = &["AWS_", "PIER_AGENT_"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
     /// The dotted key the problem concerns (`hooks.kill_grace_seconds`), or empty for the file.
-    pub key: String,
-    pub message: String,
+    pub(crate) key: String,
+    pub(crate) message: String,
 }
 
 /// Why a configuration could not be loaded.
@@ -73,90 +73,90 @@ impl fmt::Display for ProblemList<'_> {
 
 /// The file as written: every field optional, unknown keys kept so they can be reported.
 #[derive(Debug, Default, Deserialize)]
-pub struct RawConfig {
-    pub root_dir: Option<PathBuf>,
-    pub max_revisions: Option<i64>,
-    pub host_id: Option<String>,
-    pub hooks: Option<RawHooks>,
-    pub bundle: Option<RawBundle>,
-    pub daemon: Option<RawDaemon>,
-    pub transport: Option<RawTransport>,
-    pub aws: Option<RawAws>,
-    pub github: Option<RawGithub>,
+pub(crate) struct RawConfig {
+    pub(crate) root_dir: Option<PathBuf>,
+    pub(crate) max_revisions: Option<i64>,
+    pub(crate) host_id: Option<String>,
+    pub(crate) hooks: Option<RawHooks>,
+    pub(crate) bundle: Option<RawBundle>,
+    pub(crate) daemon: Option<RawDaemon>,
+    pub(crate) transport: Option<RawTransport>,
+    pub(crate) aws: Option<RawAws>,
+    pub(crate) github: Option<RawGithub>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct RawHooks {
-    pub kill_grace_seconds: Option<i64>,
-    pub log_max_bytes: Option<i64>,
-    pub log_keep: Option<i64>,
-    pub env: Option<RawHookEnv>,
+pub(crate) struct RawHooks {
+    pub(crate) kill_grace_seconds: Option<i64>,
+    pub(crate) log_max_bytes: Option<i64>,
+    pub(crate) log_keep: Option<i64>,
+    pub(crate) env: Option<RawHookEnv>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct RawHookEnv {
-    pub pass: Option<Vec<String>>,
-    pub set: Option<BTreeMap<String, String>>,
+pub(crate) struct RawHookEnv {
+    pub(crate) pass: Option<Vec<String>>,
+    pub(crate) set: Option<BTreeMap<String, String>>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct RawBundle {
-    pub max_bytes: Option<i64>,
-    pub max_entries: Option<i64>,
+pub(crate) struct RawBundle {
+    pub(crate) max_bytes: Option<i64>,
+    pub(crate) max_entries: Option<i64>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct RawDaemon {
-    pub deployment_groups: Option<Vec<String>>,
-    pub concurrency: Option<i64>,
-    pub shutdown_grace_seconds: Option<i64>,
-    pub poll_wait_seconds: Option<i64>,
-    pub visibility_timeout_seconds: Option<i64>,
-    pub retry_base_seconds: Option<i64>,
-    pub retry_max_seconds: Option<i64>,
+pub(crate) struct RawDaemon {
+    pub(crate) deployment_groups: Option<Vec<String>>,
+    pub(crate) concurrency: Option<i64>,
+    pub(crate) shutdown_grace_seconds: Option<i64>,
+    pub(crate) poll_wait_seconds: Option<i64>,
+    pub(crate) visibility_timeout_seconds: Option<i64>,
+    pub(crate) retry_base_seconds: Option<i64>,
+    pub(crate) retry_max_seconds: Option<i64>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct RawTransport {
+pub(crate) struct RawTransport {
     #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub spool_dir: Option<PathBuf>,
-    pub queue_url: Option<String>,
-    pub queue_name: Option<String>,
-    pub create_queue: Option<bool>,
+    pub(crate) kind: Option<String>,
+    pub(crate) spool_dir: Option<PathBuf>,
+    pub(crate) queue_url: Option<String>,
+    pub(crate) queue_name: Option<String>,
+    pub(crate) create_queue: Option<bool>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct RawAws {
-    pub region: Option<String>,
-    pub endpoint_url: Option<String>,
+pub(crate) struct RawAws {
+    pub(crate) region: Option<String>,
+    pub(crate) endpoint_url: Option<String>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct RawGithub {
-    pub token: Option<String>,
-    pub api_url: Option<String>,
+pub(crate) struct RawGithub {
+    pub(crate) token: Option<String>,
+    pub(crate) api_url: Option<String>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 /// Where commands come from and where status goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TransportConfig {
+pub(crate) enum TransportConfig {
     /// Commands are JSON files renamed into `spool_dir`.
     Spool { spool_dir: PathBuf },
     /// Commands arrive on this host's SQS queue.
@@ -169,36 +169,36 @@ pub enum TransportConfig {
 
 /// Daemon settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DaemonSettings {
+pub(crate) struct DaemonSettings {
     /// Deployment group names this host belongs to (informational, announced in the registry).
-    pub deployment_groups: Vec<String>,
+    pub(crate) deployment_groups: Vec<String>,
     /// How many deployments (of different groups) may run at once.
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// How long a running hook may go on after SIGTERM before it is stopped.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// Long-poll wait of one receive (SQS allows at most 20 s).
-    pub poll_wait: Duration,
+    pub(crate) poll_wait: Duration,
     /// How long a received message is kept invisible at a time while its deployment runs
     /// (renewed every third of it).
-    pub visibility_timeout: Duration,
+    pub(crate) visibility_timeout: Duration,
     /// First delay before a left message is handled again in this process; it doubles (with
     /// jitter) up to `retry_max`.
-    pub retry_base: Duration,
-    pub retry_max: Duration,
+    pub(crate) retry_base: Duration,
+    pub(crate) retry_max: Duration,
 }
 
 /// AWS access overrides; everything else comes from the standard credential chain.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AwsSettings {
+pub(crate) struct AwsSettings {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
 }
 
 /// GitHub revision access.
 #[derive(Clone, PartialEq, Eq)]
-pub struct GithubSettings {
-    pub token: Option<String>,
-    pub api_url: String,
+pub(crate) struct GithubSettings {
+    pub(crate) token: Option<String>,
+    pub(crate) api_url: String,
 }
 
 impl fmt::Debug for GithubSettings {
@@ -215,18 +215,18 @@ impl fmt::Debug for GithubSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The deployment root: revisions, logs, journals, per-group state.
-    pub root_dir: PathBuf,
+    pub(crate) root_dir: PathBuf,
     /// Deployments kept per deployment group (the last successful and the running one are
     /// always kept on top of this).
-    pub max_revisions: usize,
+    pub(crate) max_revisions: usize,
     /// Configured host id; when absent the daemon asks IMDS, then uses the machine id.
-    pub host_id: Option<String>,
-    pub hooks: HookSettings,
-    pub bundle: BundleLimits,
-    pub daemon: DaemonSettings,
-    pub transport: TransportConfig,
-    pub aws: AwsSettings,
-    pub github: GithubSettings,
+    pub(crate) host_id: Option<String>,
+    pub(crate) hooks: HookSettings,
+    pub(crate) bundle: BundleLimits,
+    pub(crate) daemon: DaemonSettings,
+    pub(crate) transport: TransportConfig,
+    pub(crate) aws: AwsSettings,
+    pub(crate) github: GithubSettings,
 }
 
 impl Default for Config {
@@ -248,7 +248,7 @@ impl Config {
 
     /// Loads `path`. When `required` is false and the file does not exist, the defaults are used
     /// (so `deploy-local` works on a host that was never configured).
-    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
@@ -289,7 +289,7 @@ impl Config {
     }
 
     /// Builds the validated configuration, collecting every problem.
-    pub fn from_raw(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
+    pub(crate) fn from_raw(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
         let mut p = Problems::default();
         p.unknown("", &raw.unknown);
 

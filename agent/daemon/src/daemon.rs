@@ -48,7 +48,7 @@ use pier_transport::{
 };
 
 /// Exit code for a configuration error.
-pub const EXIT_CONFIG: i32 = 64;
+pub(crate) const EXIT_CONFIG: i32 = 64;
 
 /// Deployments remembered as done (against redelivery) and their saved commands are
 /// forgotten after this: SQS keeps a message at most 14 days.
@@ -93,7 +93,7 @@ pub struct Timings {
 
 impl Timings {
     /// The timings `config` asks for.
-    pub fn from_config(config: &Config) -> Timings {
+    pub(crate) fn from_config(config: &Config) -> Timings {
         let d = &config.daemon;
         Timings {
             poll_wait: d.poll_wait,
@@ -124,8 +124,8 @@ pub trait SinkOpener: Send + Sync {
 }
 
 /// The production opener: S3 or local sinks, with AWS clients when the host has them.
-pub struct CommandSinks {
-    pub aws: Option<AwsClients>,
+pub(crate) struct CommandSinks {
+    pub(crate) aws: Option<AwsClients>,
 }
 
 impl SinkOpener for CommandSinks {
@@ -155,12 +155,12 @@ pub struct Parts {
 pub struct Args {
     /// The agent configuration file (a missing default file means all defaults).
     #[arg(short = 'c', long = "config")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
+pub(crate) enum DaemonError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
@@ -283,7 +283,7 @@ pub struct Daemon {
 impl Daemon {
     /// Builds every part; fails on a configuration that cannot work (no region for SQS, a
     /// queue that does not exist and may not be created, an unwritable root).
-    pub async fn start(
+    pub(crate) async fn start(
         config_path: PathBuf,
         config_required: bool,
         config: Config,
@@ -429,11 +429,6 @@ impl Daemon {
                 _ = work => {}
             }
         })
-    }
-
-    /// This host's id as the agent uses it.
-    pub fn host_id(&self) -> &str {
-        &self.host_id
     }
 
     /// Polls and deploys until `shutdown` fires, then drains: running deployments get the
@@ -1122,7 +1117,7 @@ impl Observer for StatusObserver {
 }
 
 /// The status record of a deployment on this host, from its journal.
-pub fn status_record(host_id: &str, journal: &Journal) -> StatusRecord {
+pub(crate) fn status_record(host_id: &str, journal: &Journal) -> StatusRecord {
     let mut rec = StatusRecord::new(host_id, &journal.deployment_id);
     rec.status = journal.status;
     rec.error = journal.error.clone();
@@ -1200,7 +1195,7 @@ async fn watchdog(
 /// The host id: configured, else the EC2 instance id (asked of IMDS only on a machine whose
 /// firmware says it is EC2, so no other host ever sends that request), else the machine id,
 /// else the hostname.
-pub async fn resolve_host_id(config: &Config) -> String {
+pub(crate) async fn resolve_host_id(config: &Config) -> String {
     if let Some(id) = &config.host_id {
         return id.clone();
     }

@@ -78,7 +78,7 @@ impl Dedupe {
     }
 
     /// What is recorded for `deployment_id`, if anything.
-    pub fn get(&self, deployment_id: &str) -> Result<Option<Seen>, DedupeError> {
+    pub(crate) fn get(&self, deployment_id: &str) -> Result<Option<Seen>, DedupeError> {
         read_state(&self.path(deployment_id)?)
     }
 
@@ -106,7 +106,7 @@ impl Dedupe {
     /// small on a host that deploys for years; in-progress entries are always kept. A
     /// redelivery older than SQS's retention (at most 14 days) cannot happen, so a month is
     /// a safe age. Returns how many were removed.
-    pub fn prune_done(&self, older_than: Duration) -> Result<usize, DedupeError> {
+    pub(crate) fn prune_done(&self, older_than: Duration) -> Result<usize, DedupeError> {
         let _guard = self.lock.lock().expect("dedupe lock poisoned");
         let now = SystemTime::now();
         let entries =

@@ -14,52 +14,52 @@ use pier_engine::deploy::{Engine, Observer, Request, Source};
 use pier_engine::state::{DeploymentStatus, EventState, Journal};
 
 /// Exit code for a configuration or usage problem found after argument parsing.
-pub const EXIT_CONFIG: i32 = 64;
+pub(crate) const EXIT_CONFIG: i32 = 64;
 
 /// The flags of `codedeploy-local`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// The bundle: a directory, or a .tar, .tgz or .zip archive.
     #[arg(short = 'l', long = "bundle-location", default_value = ".")]
-    pub bundle_location: PathBuf,
+    pub(crate) bundle_location: PathBuf,
     /// The bundle's type; guessed from the location when not given.
     #[arg(short = 't', long = "type", value_parser = parse_bundle_type)]
-    pub bundle_type: Option<BundleType>,
+    pub(crate) bundle_type: Option<BundleType>,
     /// DISALLOW, OVERWRITE or RETAIN for files already at a destination (the AppSpec's own
     /// file_exists_behavior wins).
     #[arg(short = 'b', long = "file-exists-behavior", value_parser = parse_behavior)]
-    pub file_exists_behavior: Option<FileExistsBehavior>,
+    pub(crate) file_exists_behavior: Option<FileExistsBehavior>,
     /// The deployment group id: the unit of state (last revision, cleanup, lock).
     #[arg(
         short = 'g',
         long = "deployment-group",
         default_value = "default-local-deployment-group"
     )]
-    pub deployment_group: String,
+    pub(crate) deployment_group: String,
     /// The deployment group name given to hooks as DEPLOYMENT_GROUP_NAME.
     #[arg(
         short = 'd',
         long = "deployment-group-name",
         default_value = "LocalFleet"
     )]
-    pub deployment_group_name: String,
+    pub(crate) deployment_group_name: String,
     /// The application name given to hooks as APPLICATION_NAME (default: the bundle location).
     #[arg(short = 'a', long = "application-name")]
-    pub application_name: Option<String>,
+    pub(crate) application_name: Option<String>,
     /// Comma-separated lifecycle events to run, in lifecycle order; DownloadBundle and
     /// Install always run. Default: ApplicationStop through ValidateService.
     #[arg(short = 'e', long = "events", value_delimiter = ',', value_parser = parse_event)]
-    pub events: Vec<LifecycleEvent>,
+    pub(crate) events: Vec<LifecycleEvent>,
     /// The agent configuration file.
     #[arg(short = 'c', long = "agent-configuration-file")]
-    pub agent_configuration_file: Option<PathBuf>,
+    pub(crate) agent_configuration_file: Option<PathBuf>,
     /// The AppSpec file name in the bundle (default appspec.yml, then appspec.yaml).
     #[arg(short = 'A', long = "appspec-filename")]
-    pub appspec_filename: Option<String>,
+    pub(crate) appspec_filename: Option<String>,
     /// Print what Install would create, replace, keep, remove and re-permission, and change
     /// nothing (no hook runs).
     #[arg(long = "dry-run")]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 fn parse_bundle_type(s: &str) -> Result<BundleType, String> {

@@ -23,7 +23,7 @@ use pier_protocol::{BundleType, Revision};
 use pier_transport::backoff::Backoff;
 
 /// Where GitHub's REST API is, unless configured otherwise (GitHub Enterprise, tests).
-pub const GITHUB_API_URL: &str = "https://api.github.com";
+pub(crate) const GITHUB_API_URL: &str = "https://api.github.com";
 
 /// Settings of a [`Fetcher`].
 #[derive(Clone)]

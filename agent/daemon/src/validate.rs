@@ -41,7 +41,7 @@ pub struct Options {
 
 /// Why validation could not even start: these exit 2, not 1.
 #[derive(Debug, thiserror::Error)]
-pub enum ValidateError {
+pub(crate) enum ValidateError {
     /// PATH does not exist.
     #[error("{path}: no such file or directory; give an appspec.yml, a bundle directory or a .tar/.tgz/.zip bundle")]
     Missing { path: PathBuf },
@@ -71,21 +71,21 @@ pub enum ValidateError {
 
 /// The JSON form of a validation run.
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The PATH given on the command line.
-    pub path: String,
+    pub(crate) path: String,
     /// The AppSpec label used in the findings.
-    pub appspec: Option<String>,
+    pub(crate) appspec: Option<String>,
     /// True when there is no error (exit 0).
-    pub valid: bool,
+    pub(crate) valid: bool,
     /// How many findings are errors.
-    pub errors: usize,
+    pub(crate) errors: usize,
     /// How many findings are warnings.
-    pub warnings: usize,
+    pub(crate) warnings: usize,
     /// Every finding, in the order of the text.
-    pub diagnostics: Vec<Diagnostic>,
+    pub(crate) diagnostics: Vec<Diagnostic>,
     /// Set when validation could not start (exit 2); the findings are then empty.
-    pub usage_error: Option<String>,
+    pub(crate) usage_error: Option<String>,
 }
 
 /// The bundle around an AppSpec, as far as validation needs it.

@@ -32,7 +32,7 @@ use crate::state::{
 const TAIL_BYTES: usize = 4096;
 
 /// The events run when none are asked for: everything but the traffic events.
-pub const DEFAULT_EVENTS: [LifecycleEvent; 7] = [
+pub(crate) const DEFAULT_EVENTS: [LifecycleEvent; 7] = [
     LifecycleEvent::ApplicationStop,
     LifecycleEvent::DownloadBundle,
     LifecycleEvent::BeforeInstall,
@@ -121,8 +121,10 @@ pub trait Observer: Send + Sync {
 }
 
 /// An observer that ignores updates.
-pub struct NoObserver;
+#[cfg(test)]
+pub(crate) struct NoObserver;
 
+#[cfg(test)]
 impl Observer for NoObserver {
     fn update(&self, _journal: &Journal) {}
 }
@@ -157,7 +159,9 @@ pub struct Engine {
 }
 
 /// Orders and completes the events asked for, refusing unknown order.
-pub fn plan_events(asked: Option<&[LifecycleEvent]>) -> Result<Vec<LifecycleEvent>, DeployError> {
+pub(crate) fn plan_events(
+    asked: Option<&[LifecycleEvent]>,
+) -> Result<Vec<LifecycleEvent>, DeployError> {
     let Some(asked) = asked else {
         return Ok(DEFAULT_EVENTS.to_vec());
     };
@@ -304,7 +308,7 @@ impl Engine {
     }
 
     /// The configuration deployments start with now.
-    pub fn config(&self) -> Arc<Config> {
+    pub(crate) fn config(&self) -> Arc<Config> {
         self.config
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -14,4 +14,4 @@ pub mod hooks;
 pub mod install;
 pub mod settings;
 pub mod state;
-pub mod tool;
+pub(crate) mod tool;

@@ -56,7 +56,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
 }
 
 /// Reads a JSON state file; `None` when it does not exist.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
     match fs::read(path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes)
@@ -75,7 +75,7 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateErr
 }
 
 /// Writes a JSON state file atomically.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     let bytes = serde_json::to_vec_pretty(value).expect("state types always serialize");
     pier_sys::atomic_write(path, &bytes).map_err(io_err(path))
 }
@@ -155,24 +155,15 @@ pub struct Journal {
     pub recovered: bool,
 }
 
-impl Journal {
-    /// The first event not finished, i.e. where a crashed deployment stopped.
-    pub fn current_event(&self) -> Option<&EventRecord> {
-        self.events
-            .iter()
-            .find(|e| matches!(e.status, EventState::InProgress | EventState::Pending))
-    }
-}
-
 /// The group's last successful deployment: whose revision ApplicationStop runs next time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastSuccessful {
-    pub deployment_id: String,
+pub(crate) struct LastSuccessful {
+    pub(crate) deployment_id: String,
     /// The unpacked revision of that deployment.
-    pub revision_dir: PathBuf,
+    pub(crate) revision_dir: PathBuf,
     /// The AppSpec file name used in that revision.
-    pub appspec_file: String,
-    pub ended_at: DateTime<Utc>,
+    pub(crate) appspec_file: String,
+    pub(crate) ended_at: DateTime<Utc>,
 }
 
 /// The deployment root.
@@ -183,7 +174,7 @@ pub struct Root {
 
 impl Root {
     /// Opens (creating if needed) the deployment root.
-    pub fn open(dir: &Path) -> Result<Root, StateError> {
+    pub(crate) fn open(dir: &Path) -> Result<Root, StateError> {
         fs::create_dir_all(dir.join("groups")).map_err(io_err(dir))?;
         Ok(Root {
             dir: dir.to_path_buf(),
@@ -211,7 +202,7 @@ impl Root {
     }
 
     /// Every group that has state under this root.
-    pub fn groups(&self) -> Result<Vec<Group>, StateError> {
+    pub(crate) fn groups(&self) -> Result<Vec<Group>, StateError> {
         let base = self.dir.join("groups");
         let mut out = Vec::new();
         for entry in fs::read_dir(&base).map_err(io_err(&base))? {
@@ -235,17 +226,13 @@ pub struct Group {
 
 /// Held while a deployment of the group runs; the kernel releases it if the process dies.
 #[derive(Debug)]
-pub struct GroupLock {
+pub(crate) struct GroupLock {
     _lock: Flock<File>,
 }
 
 impl Group {
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn lock_path(&self) -> PathBuf {
@@ -262,20 +249,8 @@ impl Group {
             .map_err(io_err(&path))
     }
 
-    /// Takes the group lock, waiting for a running deployment of the group to finish.
-    /// Blocking: call from a blocking context.
-    pub fn lock(&self) -> Result<GroupLock, StateError> {
-        let file = self.open_lock_file()?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map(|l| GroupLock { _lock: l })
-            .map_err(|(_, errno)| StateError::Io {
-                path: self.lock_path(),
-                source: io::Error::from(errno),
-            })
-    }
-
     /// Takes the group lock if it is free.
-    pub fn try_lock(&self) -> Result<GroupLock, StateError> {
+    pub(crate) fn try_lock(&self) -> Result<GroupLock, StateError> {
         let file = self.open_lock_file()?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => Ok(GroupLock { _lock: l }),
@@ -290,16 +265,16 @@ impl Group {
         }
     }
 
-    pub fn last_successful(&self) -> Result<Option<LastSuccessful>, StateError> {
+    pub(crate) fn last_successful(&self) -> Result<Option<LastSuccessful>, StateError> {
         read_json(&self.dir.join("last-successful.json"))
     }
 
-    pub fn set_last_successful(&self, last: &LastSuccessful) -> Result<(), StateError> {
+    pub(crate) fn set_last_successful(&self, last: &LastSuccessful) -> Result<(), StateError> {
         write_json(&self.dir.join("last-successful.json"), last)
     }
 
     /// Path of the manifest of what the group's last Install placed.
-    pub fn manifest_path(&self) -> PathBuf {
+    pub(crate) fn manifest_path(&self) -> PathBuf {
         self.dir.join("install-manifest.json")
     }
 
@@ -320,14 +295,14 @@ impl Group {
     }
 
     /// Writes one deployment's journal atomically.
-    pub fn write_journal(&self, journal: &Journal) -> Result<(), StateError> {
+    pub(crate) fn write_journal(&self, journal: &Journal) -> Result<(), StateError> {
         let dir = self.deployment_dir(&journal.deployment_id)?;
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         write_json(&dir.join("journal.json"), journal)
     }
 
     /// Every deployment of the group that has a journal, oldest first.
-    pub fn deployments(&self) -> Result<Vec<Journal>, StateError> {
+    pub(crate) fn deployments(&self) -> Result<Vec<Journal>, StateError> {
         let base = self.dir.join("deployments");
         let mut out = Vec::new();
         for entry in fs::read_dir(&base).map_err(io_err(&base))? {
@@ -356,7 +331,10 @@ impl Group {
     /// Closes every deployment left `InProgress` by a process that died: marks it failed at
     /// the event where it stopped. Call with the group lock held (so none is really running).
     /// Returns the journals it closed.
-    pub fn recover_interrupted(&self, now: DateTime<Utc>) -> Result<Vec<Journal>, StateError> {
+    pub(crate) fn recover_interrupted(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Journal>, StateError> {
         let mut closed = Vec::new();
         let last_ok = self.last_successful()?.map(|l| l.deployment_id);
         for mut j in self.deployments()? {
@@ -404,7 +382,7 @@ impl Group {
 
     /// Keeps the newest `keep` deployments and removes the rest, never removing the ones in
     /// `protect` (the last successful and the running one). Returns the ids removed.
-    pub fn prune(&self, keep: usize, protect: &[&str]) -> Result<Vec<String>, StateError> {
+    pub(crate) fn prune(&self, keep: usize, protect: &[&str]) -> Result<Vec<String>, StateError> {
         let base = self.dir.join("deployments");
         let mut all: Vec<(DateTime<Utc>, String)> = Vec::new();
         for entry in fs::read_dir(&base).map_err(io_err(&base))? {

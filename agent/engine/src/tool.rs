@@ -12,14 +12,14 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 /// How long one run of a host tool may take before it is killed.
-pub const TOOL_TIME_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const TOOL_TIME_LIMIT: Duration = Duration::from_secs(60);
 
 /// At most this much of a tool's stderr is kept for the error message.
 const STDERR_KEEP: u64 = 16 * 1024;
 
 /// Why a tool run did not succeed.
 #[derive(Debug, thiserror::Error)]
-pub enum ToolError {
+pub(crate) enum ToolError {
     /// The tool could not be started.
     #[error("cannot run {tool}: {source}")]
     Spawn {
@@ -43,7 +43,7 @@ pub enum ToolError {
 /// error). The tool runs in its own process group, and at the limit the whole group is
 /// killed, so a grandchild holding stderr cannot keep the caller waiting either.
 /// Blocking: call it from a blocking context.
-pub fn run(cmd: &mut Command, limit: Duration) -> Result<(), ToolError> {
+pub(crate) fn run(cmd: &mut Command, limit: Duration) -> Result<(), ToolError> {
     let tool = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .stdin(Stdio::null())

@@ -28,7 +28,7 @@ pub struct UnknownFileExistsBehavior(pub String);
 
 impl FileExistsBehavior {
     /// The AppSpec / codedeploy-local spelling.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FileExistsBehavior::Disallow => "DISALLOW",
             FileExistsBehavior::Overwrite => "OVERWRITE",
@@ -144,9 +144,9 @@ impl fmt::Display for LifecycleEvent {
 #[error("{later} cannot come after {earlier}: events run in lifecycle order ({})", LifecycleEvent::ALL.map(|e| e.as_str()).join(", "))]
 pub struct EventOrderError {
     /// The event listed first.
-    pub earlier: LifecycleEvent,
+    pub(crate) earlier: LifecycleEvent,
     /// The event listed after it, which the lifecycle runs before (or is the same event).
-    pub later: LifecycleEvent,
+    pub(crate) later: LifecycleEvent,
 }
 
 impl LifecycleEvent {

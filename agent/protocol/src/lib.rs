@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 /// The only command version this agent understands.
 pub const COMMAND_VERSION: u32 = 1;
 /// The status record version this agent writes and reads.
-pub const STATUS_VERSION: u32 = 1;
+pub(crate) const STATUS_VERSION: u32 = 1;
 
 /// Why a message is not a command (or status record) this agent can act on.
 #[derive(Debug, thiserror::Error)]

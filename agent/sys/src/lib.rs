@@ -23,7 +23,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// A temp file in `path`'s directory (created when missing), named after it, for a caller
 /// that writes a large file in pieces and then [`persist`]s it. Dropped unpersisted, it is
 /// removed.
-pub fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+pub(crate) fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(dir)?;
     let name = path

@@ -35,10 +35,6 @@ pub struct AwsClients {
     pub s3: aws_sdk_s3::Client,
     /// SQS.
     pub sqs: aws_sdk_sqs::Client,
-    /// The region in use.
-    pub region: String,
-    /// The overridden endpoint, if any.
-    pub endpoint_url: Option<String>,
 }
 
 /// Builds S3 and SQS clients from `settings` and the standard chain. Fails only when no
@@ -71,7 +67,7 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
             .build(),
     );
     let config = loader.load().await;
-    let region = config.region().map(|r| r.to_string()).ok_or_else(|| {
+    config.region().ok_or_else(|| {
         TransportError::Config(
             "no AWS region found: set `region` in the agent config or AWS_REGION, or run \
                  on EC2 where IMDS gives it"
@@ -84,8 +80,6 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
     Ok(AwsClients {
         s3: aws_sdk_s3::Client::from_conf(s3_config),
         sqs: aws_sdk_sqs::Client::new(&config),
-        region,
-        endpoint_url,
     })
 }
 

@@ -29,7 +29,7 @@ pub mod aws;
 /// it too.
 pub use pier_sys::backoff;
 pub mod local;
-pub mod notify;
+pub(crate) mod notify;
 pub mod s3;
 pub mod spool;
 pub mod sqs;
@@ -233,13 +233,13 @@ pub fn open_status_sink(
 }
 
 /// The relative key/path of a status record: `deployments/{id}/hosts/{host}.json`.
-pub fn status_record_path(deployment_id: &str, host_id: &str) -> String {
+pub(crate) fn status_record_path(deployment_id: &str, host_id: &str) -> String {
     format!("deployments/{deployment_id}/hosts/{host_id}.json")
 }
 
 /// Writes `bytes` to `path` so that readers see the old content or the new, never a part:
 /// a temp file in the same directory, fsync, rename over, fsync of the directory.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), TransportError> {
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), TransportError> {
     pier_sys::atomic_write(path, bytes).map_err(|e| TransportError::io("write", path, e))
 }
 

@@ -22,7 +22,7 @@ impl LocalStatusSink {
     }
 
     /// Where the record of `deployment_id` on `host_id` lives.
-    pub fn path(&self, deployment_id: &str, host_id: &str) -> PathBuf {
+    pub(crate) fn path(&self, deployment_id: &str, host_id: &str) -> PathBuf {
         self.dir.join(status_record_path(deployment_id, host_id))
     }
 }

@@ -8,7 +8,7 @@ use super::{BoxFuture, StatusSink};
 use pier_protocol::StatusRecord;
 
 /// A sink that also notifies a queue.
-pub struct NotifyingSink {
+pub(crate) struct NotifyingSink {
     inner: Box<dyn StatusSink>,
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
@@ -16,7 +16,7 @@ pub struct NotifyingSink {
 
 impl NotifyingSink {
     /// Wraps `inner`, notifying `queue_url` after each write.
-    pub fn new(
+    pub(crate) fn new(
         inner: Box<dyn StatusSink>,
         sqs: aws_sdk_sqs::Client,
         queue_url: &str,
@@ -30,7 +30,7 @@ impl NotifyingSink {
 }
 
 /// The body of a notification: enough to decide whether to fetch the record.
-pub fn notification(record: &StatusRecord) -> serde_json::Value {
+pub(crate) fn notification(record: &StatusRecord) -> serde_json::Value {
     serde_json::json!({
         "version": record.version,
         "deployment_id": record.deployment_id,

@@ -26,9 +26,9 @@ pub use check::{check_environment, check_file_objects};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
 pub struct Span {
     /// Line, from 1.
-    pub line: usize,
+    pub(crate) line: usize,
     /// Column in characters, from 1.
-    pub col: usize,
+    pub(crate) col: usize,
 }
 
 impl fmt::Display for Span {
@@ -37,14 +37,12 @@ impl fmt::Display for Span {
     }
 }
 
-/// The `os` key. Only Linux deploys here; Windows is recognised so the refusal is clear.
+/// The `os` key. Only Linux deploys here (`os: windows` is refused with its own message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Os {
+pub(crate) enum Os {
     /// `os: linux`, the only one pier deploys.
     Linux,
-    /// `os: windows`: understood so that it can be refused clearly.
-    Windows,
 }
 
 pub use pier_protocol::{
@@ -111,37 +109,37 @@ pub struct Permission {
 
 /// One script under a lifecycle event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Hook {
+pub(crate) struct Hook {
     /// Relative to the bundle root, normalized.
-    pub location: String,
+    pub(crate) location: String,
     /// How long the script may run before its process group is stopped (default 3600 s).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// The user to run as; None runs as the agent's user.
-    pub runas: Option<String>,
+    pub(crate) runas: Option<String>,
     /// Where the entry starts in the AppSpec.
-    pub span: Span,
+    pub(crate) span: Span,
 }
 
 /// A validated AppSpec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AppSpec {
     /// Always "0.0" once validated.
-    pub version: String,
+    pub(crate) version: String,
     /// Always [`Os::Linux`] once validated.
-    pub os: Os,
+    pub(crate) os: Os,
     /// What Install copies, in the order written.
-    pub files: Vec<FileMapping>,
+    pub(crate) files: Vec<FileMapping>,
     /// None when the AppSpec leaves it to the deployment (codedeploy-local `-b`).
-    pub file_exists_behavior: Option<FileExistsBehavior>,
+    pub(crate) file_exists_behavior: Option<FileExistsBehavior>,
     /// What Install applies to the placed objects, in the order written.
-    pub permissions: Vec<Permission>,
+    pub(crate) permissions: Vec<Permission>,
     /// Only hookable events appear; an event listed with no scripts is absent.
-    pub hooks: BTreeMap<LifecycleEvent, Vec<Hook>>,
+    pub(crate) hooks: BTreeMap<LifecycleEvent, Vec<Hook>>,
 }
 
 impl AppSpec {
     /// The scripts for `ev` in the order written; empty when there are none.
-    pub fn hooks_for(&self, ev: LifecycleEvent) -> &[Hook] {
+    pub(crate) fn hooks_for(&self, ev: LifecycleEvent) -> &[Hook] {
         self.hooks.get(&ev).map(Vec::as_slice).unwrap_or(&[])
     }
 }
@@ -172,16 +170,16 @@ pub struct Diagnostic {
     /// Error or warning.
     pub severity: Severity,
     /// The label the caller gave for the AppSpec (usually its path).
-    pub file: String,
+    pub(crate) file: String,
     /// Where the value concerned starts.
     pub span: Span,
     /// The key concerned, as a path: `files[1].destination`, `hooks.ApplicationStart[0]`;
     /// empty for problems with the document as a whole.
-    pub key: String,
+    pub(crate) key: String,
     /// What is wrong.
-    pub message: String,
+    pub(crate) message: String,
     /// What to do about it.
-    pub hint: Option<String>,
+    pub(crate) hint: Option<String>,
 }
 
 impl Diagnostic {
@@ -231,7 +229,7 @@ pub enum AppSpecError {
 impl AppSpecError {
     /// The code a failed event carries: always [`ErrorCode::AppSpecInvalid`], also for a
     /// hook script or `runas` user the check finds missing before any hook runs.
-    pub fn error_code(&self) -> ErrorCode {
+    pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
             AppSpecError::Unreadable { .. } | AppSpecError::Invalid { .. } => {
                 ErrorCode::AppSpecInvalid
@@ -260,7 +258,7 @@ pub struct Parsed {
 /// Parse and validate text read from `file` (the label used in messages).
 ///
 /// `Err` holds every finding, errors and warnings, in the order of the text.
-pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Diagnostic>> {
+pub(crate) fn parse(file: &str, text: &str) -> Result<Parsed, Vec<Diagnostic>> {
     check::parse(file, text)
 }
 

@@ -20,8 +20,8 @@ const ALIAS_BUDGET: usize = 100_000;
 /// One YAML node and where it starts.
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
-    pub value: Value,
-    pub span: Span,
+    pub(crate) value: Value,
+    pub(crate) span: Span,
 }
 
 /// The three YAML node kinds, scalars kept as written.
@@ -39,13 +39,13 @@ pub(crate) enum Value {
 
 impl Node {
     /// True for an empty value, `~` or `null` written plain.
-    pub fn is_null(&self) -> bool {
+    pub(crate) fn is_null(&self) -> bool {
         matches!(&self.value, Value::Scalar { text, plain: true }
             if matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL"))
     }
 
     /// The scalar's text, None for a sequence or a mapping.
-    pub fn text(&self) -> Option<&str> {
+    pub(crate) fn text(&self) -> Option<&str> {
         match &self.value {
             Value::Scalar { text, .. } => Some(text),
             _ => None,
@@ -53,7 +53,7 @@ impl Node {
     }
 
     /// What kind of node this is, for messages ("expected a list, found a mapping").
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match &self.value {
             _ if self.is_null() => "nothing",
             Value::Scalar { .. } => "a single value",
@@ -66,15 +66,15 @@ impl Node {
 /// A YAML syntax problem, located.
 #[derive(Debug, Clone)]
 pub(crate) struct SyntaxError {
-    pub span: Span,
-    pub message: String,
+    pub(crate) span: Span,
+    pub(crate) message: String,
 }
 
 /// The first document of a YAML text, and where a second one starts (it is ignored).
 pub(crate) struct Document {
     /// None when the text holds no document at all (empty, or only comments).
-    pub root: Option<Node>,
-    pub second_document: Option<Span>,
+    pub(crate) root: Option<Node>,
+    pub(crate) second_document: Option<Span>,
 }
 
 /// Parses `text`, keeping its first document.

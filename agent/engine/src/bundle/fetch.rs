@@ -143,7 +143,7 @@ pub struct Fetched {
 
 impl FetchError {
     /// The code a failed DownloadBundle carries in its diagnostics.
-    pub fn error_code(&self) -> ErrorCode {
+    pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
             FetchError::EtagMismatch { .. } | FetchError::Sha256Mismatch { .. } => {
                 ErrorCode::ChecksumMismatch

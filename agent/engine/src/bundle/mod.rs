@@ -1,7 +1,7 @@
 //! Revision bundles: fetch (through the caller's [`fetch::RevisionFetcher`]) → verify →
 //! unpack safely. Knows nothing of AppSpec semantics.
 
-pub mod fetch;
+pub(crate) mod fetch;
 pub mod unpack;
 
 pub use fetch::{FetchError, FetchProgress, Fetched, ProgressFn, RevisionFetcher};

@@ -314,7 +314,7 @@ impl UnpackError {
     /// archive); [`ErrorCode::UnknownError`] for the agent's side (a destination that exists
     /// or lies in the bundle, a write on this host that failed, such as a full disk), which
     /// rebuilding the bundle would not fix.
-    pub fn error_code(&self) -> ErrorCode {
+    pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
             UnpackError::Undetectable { .. }
             | UnpackError::AbsolutePath { .. }

@@ -51,10 +51,7 @@ pub use self::scriptlog::ScriptLog;
 
 /// How long the output readers may keep reading after the script has exited before the hook
 /// is declared over (the output the script wrote itself is already in the pipe by then).
-pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
-
-/// Grace between SIGTERM and SIGKILL suggested to callers that have no configured value.
-pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 /// How long to wait for the script to be reaped after SIGKILL; only a process stuck in the
 /// kernel (uninterruptible I/O) takes longer, and then the runtime reaps it later.
@@ -102,13 +99,8 @@ pub enum HookResult {
 }
 
 impl HookResult {
-    /// True only for [`HookResult::Succeeded`].
-    pub fn is_success(&self) -> bool {
-        matches!(self, HookResult::Succeeded)
-    }
-
     /// The code a failed event carries for this ending; `None` for success.
-    pub fn error_code(&self) -> Option<ErrorCode> {
+    pub(crate) fn error_code(&self) -> Option<ErrorCode> {
         match self {
             HookResult::Succeeded => None,
             HookResult::Failed { .. } => Some(ErrorCode::ScriptFailed),
@@ -202,7 +194,7 @@ impl HookError {
     /// the revision, or there but not runnable (not a file, unreadable, no `#!` line and no
     /// executable bit, a `runas` user that does not exist or cannot be switched to, exec
     /// refused).
-    pub fn error_code(&self) -> ErrorCode {
+    pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
             HookError::ScriptMissing { .. } => ErrorCode::ScriptMissing,
             HookError::NotAFile { .. }

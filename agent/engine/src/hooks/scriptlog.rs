@@ -56,14 +56,14 @@ impl ScriptLog {
     }
 
     /// The path of the current (newest) log file.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Appends `text` as one line, prefixed with the current UTC time in RFC 3339
     /// (`2026-11-26T07:00:00.123Z text`). Newlines inside `text` are replaced by spaces so
     /// that one call is always one line.
-    pub fn line(&self, text: &str) -> io::Result<()> {
+    pub(crate) fn line(&self, text: &str) -> io::Result<()> {
         let stamp = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut line = String::with_capacity(stamp.len() + text.len() + 2);
         line.push_str(&stamp);

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::appspec::{FileExistsBehavior, FileMapping, Permission};
 
 pub use permissions::check_setid;
-pub use permissions::PermissionStep;
+pub(crate) use permissions::PermissionStep;
 
 /// Mode of directories Install has to make that the bundle says nothing about (the missing
 /// ancestors of a destination, a destination directory itself).
@@ -65,13 +65,13 @@ pub struct ManifestEntry {
     /// What it is.
     pub kind: EntryKind,
     /// Size in bytes (files only; 0 otherwise).
-    pub size: u64,
+    pub(crate) size: u64,
     /// Permission bits on disk once the install finished (after `permissions`).
-    pub mode: u32,
+    pub(crate) mode: u32,
     /// Hex sha256 of the content (files only).
-    pub sha256: Option<String>,
+    pub(crate) sha256: Option<String>,
     /// The link's target (symlinks only).
-    pub link_target: Option<PathBuf>,
+    pub(crate) link_target: Option<PathBuf>,
     /// true when this install created the directory (so cleanup may remove it if empty)
     pub created: bool,
 }
@@ -269,7 +269,7 @@ impl InstallError {
     /// directory is needed, or a file that appeared after the plan);
     /// [`ErrorCode::BundleRefused`] for a set-id bit the AppSpec does not grant (checked when
     /// the bundle is unpacked); [`ErrorCode::InstallFailed`] for everything else.
-    pub fn error_code(&self) -> ErrorCode {
+    pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
             InstallError::Disallowed { .. }
             | InstallError::FileInTheWay { .. }
@@ -319,7 +319,7 @@ fn write_err<'a>(
 
 /// One thing the previous install placed that this one takes away.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Removal {
+pub(crate) enum Removal {
     /// A file or symlink (the link itself, never its target).
     File(PathBuf),
     /// A directory the previous install created; removed only when empty.
@@ -328,7 +328,7 @@ pub enum Removal {
 
 /// What to do at one destination path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Make a new directory.
     Mkdir {
         /// Its mode.
@@ -379,11 +379,11 @@ pub enum Action {
 
 /// One destination and what to do there.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Step {
+pub(crate) struct Step {
     /// Absolute destination.
-    pub dest: PathBuf,
+    pub(crate) dest: PathBuf,
     /// What to do.
-    pub action: Action,
+    pub(crate) action: Action,
 }
 
 /// What an install will do, decided before anything is changed. `Display` prints it as a dry
@@ -391,11 +391,11 @@ pub struct Step {
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     /// The previous install's files, then its directories deepest first.
-    pub removals: Vec<Removal>,
+    pub(crate) removals: Vec<Removal>,
     /// Destinations in path order (parents before children).
-    pub steps: Vec<Step>,
+    pub(crate) steps: Vec<Step>,
     /// Permissions to set once everything is placed.
-    pub permissions: Vec<PermissionStep>,
+    pub(crate) permissions: Vec<PermissionStep>,
 }
 
 impl Plan {

@@ -23,25 +23,25 @@ const SETID_BITS: u32 = 0o6000;
 
 /// Permissions to set on one placed object.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PermissionStep {
+pub(crate) struct PermissionStep {
     /// The placed object.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Symlinks only get an owner (lchown); mode, ACLs and context would reach the target.
-    pub is_link: bool,
+    pub(crate) is_link: bool,
     /// The `permissions` object that selected it (for messages).
-    pub object: PathBuf,
+    pub(crate) object: PathBuf,
     /// Owner uid, resolved from the name at plan time.
-    pub uid: Option<u32>,
+    pub(crate) uid: Option<u32>,
     /// Owner and group as the AppSpec names them (for the dry run).
-    pub names: (Option<String>, Option<String>),
+    pub(crate) names: (Option<String>, Option<String>),
     /// Group gid, resolved from the name at plan time.
-    pub gid: Option<u32>,
+    pub(crate) gid: Option<u32>,
     /// Mode bits (set after chown, which would clear set-id bits).
-    pub mode: Option<u32>,
+    pub(crate) mode: Option<u32>,
     /// Entries for `setfacl -m`.
-    pub acls: Vec<String>,
+    pub(crate) acls: Vec<String>,
     /// SELinux context for `chcon`.
-    pub context: Option<SeLinuxContext>,
+    pub(crate) context: Option<SeLinuxContext>,
     /// Where setfacl is, when ACLs are asked for.
     setfacl: Option<PathBuf>,
     /// Where chcon is, when a context is asked for.
