@@ -200,17 +200,35 @@ pub async fn push(opts: &PushOptions) -> Result<Pushed, ControllerError> {
     Ok(Pushed { info, size })
 }
 
+/// How long one `git` call may take before push gives up on the commit SHA (a hung
+/// filesystem or a lock must not hang a pipeline).
+const GIT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The commit SHA of `dir`'s checkout and whether `dir` has uncommitted changes; `(None,
-/// false)` when it is not a git checkout or git is not installed.
+/// false)` when it is not a git checkout or git is not installed, or does not answer within
+/// [`GIT_TIME_LIMIT`] (then it is killed and a warning says so).
 async fn git_commit(dir: &Path) -> (Option<String>, bool) {
-    let git = |args: &[&str]| {
-        tokio::process::Command::new("git")
+    let git = |args: &'static [&'static str]| async move {
+        let run = tokio::process::Command::new("git")
             .arg("-C")
             .arg(dir)
             .args(args)
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .output()
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(GIT_TIME_LIMIT, run).await {
+            Ok(out) => out,
+            Err(_) => {
+                eprintln!(
+                    "pier: warning: `git {}` in {} did not finish within {}s; it was stopped",
+                    args.join(" "),
+                    dir.display(),
+                    GIT_TIME_LIMIT.as_secs()
+                );
+                Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            }
+        }
     };
     let Ok(out) = git(&["rev-parse", "--verify", "--quiet", "HEAD"]).await else {
         return (None, false);

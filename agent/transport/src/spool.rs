@@ -53,18 +53,14 @@ impl Spool {
         })
     }
 
-    /// The spool directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Drops a command into the spool at `dir` as `NAME` (a temp file renamed in, so the agent
-    /// never sees it half-written). `name` must be a plain file name.
+    /// never sees it half-written). `name` is `ID.json`, where `ID` (the deployment id, by
+    /// the controller's convention) follows the one id rule ([`pier_protocol::check_id`]).
     pub fn submit(dir: &Path, name: &str, body: &[u8]) -> Result<PathBuf, TransportError> {
-        if name.is_empty() || name.starts_with('.') || name.ends_with(".tmp") || name.contains('/')
-        {
+        let id = name.strip_suffix(".json").unwrap_or("");
+        if let Err(e) = pier_protocol::check_id(id) {
             return Err(TransportError::Config(format!(
-                "spool file name `{name}` must be a plain name, not a dotfile or *.tmp"
+                "spool file name must be ID.json with a valid id: {e}"
             )));
         }
         let path = dir.join(name);

@@ -73,7 +73,10 @@ async fn spool_pick_up_ack_reject_and_restart() {
 
     // The half-written files are still there, untouched.
     assert!(dir.join(".incoming.json").exists() && dir.join("next.json.tmp").exists());
-    assert!(Spool::submit(&dir, "x.tmp", b"{}").is_err());
+    // Only ID.json names, with the one id rule, are submitted.
+    for bad in ["x.tmp", ".x.json", "a/b.json", "x", ".json", "../x.json"] {
+        assert!(Spool::submit(&dir, bad, b"{}").is_err(), "{bad}");
+    }
 }
 
 #[tokio::test]
