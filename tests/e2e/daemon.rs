@@ -847,23 +847,29 @@ fn a_status_that_cannot_be_written_is_retried_not_lost() {
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "ran once");
 }
 
+/// Takes group `group`'s lock under `root` as a deployment running in another process
+/// holds it; released when the returned lock is dropped.
+fn hold_group_lock(root: &Path, group: &str) -> nix::fcntl::Flock<std::fs::File> {
+    let dir = root.join("groups").join(group);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .unwrap();
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .unwrap()
+}
+
 /// A group locked by another process at start (a deploy-local running there) does not hold
 /// up the agent's start: recovery skips it and the agent gets ready and stops as usual.
 #[test]
 fn a_group_locked_elsewhere_does_not_hold_up_the_start() {
     let scratch = Scratch::new();
     let host = spool_host(&scratch, "busy", "daemon:\n  poll_wait_seconds: 1\n");
-    let group_dir = host.root().join("groups/g-prod");
-    std::fs::create_dir_all(&group_dir).unwrap();
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(group_dir.join("lock"))
-        .unwrap();
-    let _held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| e)
-        .unwrap();
+    let _held = hold_group_lock(host.root(), "g-prod");
     let mut agent = host.start();
     wait_for(Duration::from_secs(30), "ready", &|| agent.log(), || {
         agent.log().contains("ready").then_some(())
@@ -901,17 +907,7 @@ fn sigterm_cancels_a_wait_for_the_group_lock() {
         agent.log().contains("ready").then_some(())
     });
     // The group's lock, as a deployment of it running in another process holds it.
-    let group_dir = host.root().join("groups/g-prod");
-    std::fs::create_dir_all(&group_dir).unwrap();
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(group_dir.join("lock"))
-        .unwrap();
-    let _held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| e)
-        .unwrap();
+    let _held = hold_group_lock(host.root(), "g-prod");
     let cmd = local_command("d-LOCKED001", &bundle, &status);
     host.submit(&cmd);
     wait_for(
@@ -941,7 +937,11 @@ fn sigterm_cancels_a_wait_for_the_group_lock() {
         "acknowledged unrun"
     );
     assert!(
-        !group_dir.join("deployments/d-LOCKED001").exists(),
+        !host
+            .root()
+            .join("groups/g-prod")
+            .join("deployments/d-LOCKED001")
+            .exists(),
         "started without the lock"
     );
 }
