@@ -945,3 +945,93 @@ fn sigterm_cancels_a_wait_for_the_group_lock() {
         "started without the lock"
     );
 }
+
+/// A deployment interrupted by a crash, in a group another process holds when the agent
+/// starts again, is not left "in progress" for ever: the agent retries its message, closes
+/// it once the group is free, reports it failed (AgentInterrupted) and acknowledges it.
+#[test]
+fn an_interrupted_deployment_in_a_busy_group_is_reported_once_the_group_is_free() {
+    let scratch = Scratch::new();
+    let host = spool_host(
+        &scratch,
+        "crashed",
+        "daemon:\n  poll_wait_seconds: 1\n  retry_base_seconds: 1\n  retry_max_seconds: 2\n",
+    );
+    let status = scratch.path().join("status");
+    let started = scratch.path().join("started");
+    let bundle = tgz_bundle(
+        &scratch,
+        "slow",
+        &scratch.path().join("www"),
+        &[(
+            "ApplicationStart",
+            &format!(
+                "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+                started.display()
+            ),
+        )],
+    );
+    let cmd = local_command("d-BUSYCRASH", &bundle, &status);
+    host.submit(&cmd);
+    let agent = host.start();
+    let hook = wait_for(Duration::from_secs(60), "the hook", &|| agent.log(), || {
+        std::fs::read_to_string(&started)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+    });
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(agent);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(hook),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+
+    // Another process holds the group while the agent starts again.
+    let held = hold_group_lock(host.root(), "g-prod");
+    let mut agent = host.start();
+    wait_for(
+        Duration::from_secs(30),
+        "the message to wait for the busy group",
+        &|| agent.log(),
+        || {
+            agent
+                .log()
+                .contains("its group is busy in another process")
+                .then_some(())
+        },
+    );
+    let rec = local_record(&status, "d-BUSYCRASH", "crashed").expect("progress was written");
+    assert_eq!(rec.status, DeploymentStatus::InProgress, "{rec:#?}");
+
+    drop(held);
+    let rec = wait_for(
+        Duration::from_secs(30),
+        "the final record",
+        &|| agent.log(),
+        || local_record(&status, "d-BUSYCRASH", "crashed").filter(|r| r.status.is_final()),
+    );
+    assert_eq!(rec.status, DeploymentStatus::Failed, "{rec:#?}");
+    let interrupted = rec
+        .events
+        .iter()
+        .find(|e| e.name == "ApplicationStart")
+        .and_then(|e| e.diagnostics.as_ref())
+        .map(|d| d.error_code);
+    assert_eq!(
+        interrupted,
+        Some(pier_protocol::ErrorCode::AgentInterrupted),
+        "{rec:#?}"
+    );
+    wait_for(Duration::from_secs(30), "the ack", &|| agent.log(), || {
+        host.spool()
+            .join("done/d-BUSYCRASH.json")
+            .exists()
+            .then_some(())
+    });
+    assert_eq!(
+        agent.terminate(Duration::from_secs(10)),
+        0,
+        "{}",
+        agent.log()
+    );
+}

@@ -374,6 +374,20 @@ fn an_agent_killed_mid_hook_reports_agent_interrupted_when_restarted() {
                 .and_then(|p| p.trim().parse::<i32>().ok())
         },
     );
+    // The record of ApplicationStart running is written asynchronously: wait for it, so
+    // that the kill lands in the middle of the hook as the record says.
+    wait_for(
+        Duration::from_secs(30),
+        "ApplicationStart recorded as running",
+        &|| agent.log(),
+        || {
+            local_record(&status, "d-DIAGKILL1", "h-kill").filter(|r| {
+                r.events
+                    .iter()
+                    .any(|e| e.name == "ApplicationStart" && e.status == EventState::InProgress)
+            })
+        },
+    );
     // SIGKILL: no chance to write a final status.
     agent.signal(nix::sys::signal::Signal::SIGKILL);
     drop(agent);

@@ -301,11 +301,8 @@ impl Config {
         }
         let max_revisions = p.positive("max_revisions", raw.max_revisions, 5);
         if let Some(id) = &raw.host_id {
-            if !pier_protocol::is_valid_id(id) {
-                p.push(
-                    "host_id",
-                    "may hold only letters, digits, '.', '_' and '-' (1 to 128 of them)",
-                );
+            if let Err(e) = pier_protocol::check_id(id) {
+                p.push("host_id", &e.to_string());
             }
         }
 

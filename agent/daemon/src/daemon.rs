@@ -189,7 +189,7 @@ pub fn run(args: &Args) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let force = CancellationToken::new();
         let reload = Arc::new(tokio::sync::Notify::new());
@@ -211,8 +211,15 @@ pub fn run(args: &Args) -> i32 {
                 }
             }
         }
-    })
+    });
+    // Blocking work still running after the drain (an fsync on a hung filesystem) must not
+    // keep the process: the runtime gets a few seconds, then the process exits anyway.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    code
 }
+
+/// How long the runtime's own shutdown may wait for blocking work left after the drain.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// SIGTERM/SIGINT fire `shutdown`; a second one fires `force` (stop hooks now, no grace).
 /// SIGHUP wakes `reload`.
@@ -683,8 +690,10 @@ impl Daemon {
         let claim_id = id.clone();
         match blocking(move || dedupe.begin(&claim_id)).await {
             Err(e) => {
-                // Without the dedupe store the agent cannot promise "once": leave the message.
+                // Without the dedupe store the agent cannot promise "once": leave the message,
+                // and try it again here (the store may come back: a full disk freed).
                 log::error!(DEPLOYMENT_ID = id.as_str(); "dedupe store: {e}; message left in the queue");
+                self.retry_later(id, msg);
             }
             Ok(Some(Seen::Done)) => {
                 log::info!(DEPLOYMENT_ID = id.as_str(); "deployment {id} already done here: duplicate acknowledged, not run");
@@ -735,6 +744,10 @@ impl Daemon {
     /// A command this host had started before it stopped: if its journal is final, report it
     /// and acknowledge; if it never got as far as a journal, run it now.
     async fn take_over(self: Arc<Self>, cmd: Command, msg: Received) {
+        self.take_over_once(cmd, msg, true).await
+    }
+
+    async fn take_over_once(self: Arc<Self>, cmd: Command, msg: Received, may_recover: bool) {
         let id = cmd.deployment_id.clone();
         // The group the deployment really ran in is the one of the command saved when it
         // started, whatever a replay says.
@@ -745,6 +758,7 @@ impl Daemon {
             .unwrap_or_else(|| cmd.deployment_group_id.clone());
         let root = self.engine.root().clone();
         let journal_id = id.clone();
+        let group_for_recovery = group_id.clone();
         let journal =
             blocking(move || root.group(&group_id).and_then(|g| g.journal(&journal_id))).await;
         match journal {
@@ -764,11 +778,34 @@ impl Daemon {
                 }
             }
             Ok(None) => self.deploy(cmd, msg).await,
-            Ok(Some(_)) => log::warn!(
-                DEPLOYMENT_ID = id.as_str();
-                "deployment {id} is still in progress elsewhere on this host; message left"
-            ),
-            Err(e) => log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {e}"),
+            Ok(Some(_)) => {
+                // Not running in this process, yet not closed: interrupted in a group whose
+                // lock was busy at start. Close it now if the group is free; else try again
+                // later, so that it is reported once whoever holds the group lets go.
+                let recovered = if may_recover {
+                    self.engine.recover_group(&group_for_recovery).await
+                } else {
+                    Ok(false)
+                };
+                match recovered {
+                    Ok(true) => Box::pin(self.clone().take_over_once(cmd, msg, false)).await,
+                    Ok(false) => {
+                        log::warn!(
+                            DEPLOYMENT_ID = id.as_str();
+                            "deployment {id} was interrupted and its group is busy in another process; message left"
+                        );
+                        self.retry_later(id, msg);
+                    }
+                    Err(e) => {
+                        log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: recovering its group: {e}; message left");
+                        self.retry_later(id, msg);
+                    }
+                }
+            }
+            Err(e) => {
+                log::error!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {e}; message left");
+                self.retry_later(id, msg);
+            }
         }
     }
 
@@ -879,9 +916,15 @@ impl Daemon {
 
     /// Runs one command to its end and writes its final status.
     async fn run_command(self: Arc<Self>, cmd: &Command) -> Outcome {
-        let _slot = match self.slots.clone().acquire_owned().await {
-            Ok(s) => s,
-            Err(e) => return Outcome::Left(e.to_string()),
+        // A command waiting for a slot stops waiting once the agent stops: it has not started.
+        let _slot = tokio::select! {
+            slot = self.slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(e) => return Outcome::Left(e.to_string()),
+            },
+            _ = self.stopping.cancelled() => {
+                return Outcome::Left("the agent is stopping; not started".to_string())
+            }
         };
         if let Err(e) = self.save_command(cmd).await {
             return Outcome::Left(format!("saving the command: {e}"));

@@ -137,13 +137,9 @@ const LOCK_POLL_MAX: Duration = Duration::from_secs(1);
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, DeployError> + Send + 'static,
 ) -> Result<T, DeployError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => Err(DeployError::Task(e)),
-        },
-    }
+    // A panic in the work fails this step with an error the caller records, rather than
+    // unwinding through the deployment and leaving its journal open.
+    tokio::task::spawn_blocking(f).await?
 }
 
 /// Runs deployments on this host.
@@ -330,6 +326,22 @@ impl Engine {
 
     pub fn root(&self) -> &Root {
         &self.root
+    }
+
+    /// Closes the unfinished deployments of group `group_id` if no other process holds the
+    /// group (then true); false, changing nothing, when the group is busy.
+    pub async fn recover_group(&self, group_id: &str) -> Result<bool, DeployError> {
+        let group = self.root.group(group_id)?;
+        blocking(move || {
+            let _lock = match group.try_lock() {
+                Ok(l) => l,
+                Err(StateError::Busy { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            group.recover_interrupted(Utc::now())?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Closes deployments of every group left unfinished by a process that died; returns
@@ -542,7 +554,7 @@ impl Engine {
             tokio::task::spawn_blocking(move || unpack::unpack(&src, kind, &dest, &policy))
                 .await??;
         let name = appspec_file_name(req, &revision);
-        let spec = read_appspec_off_thread(&revision, &name, true).await?;
+        let spec = read_appspec_off_thread(&revision, &name, true).await??;
         install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)?;
         let previous: Option<install::Manifest> = state::read_json(&group.manifest_path())?;
         let behavior = spec
@@ -736,6 +748,7 @@ impl Engine {
         let name = appspec_file_name(run.req, &revision_dir);
         let spec = read_appspec_off_thread(&revision_dir, &name, true)
             .await
+            .map_err(|e| EventFailure::unknown(format!("reading the AppSpec: {e}")))?
             .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
         install::check_setid(&spec.files, &spec.permissions, &run.setid_entries)
             .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
@@ -820,7 +833,11 @@ impl Run<'_> {
                 return;
             }
         };
-        match read_appspec_off_thread(&last.revision_dir, &last.appspec_file, false).await {
+        let read = read_appspec_off_thread(&last.revision_dir, &last.appspec_file, false).await;
+        match read
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
             Ok(spec) => {
                 self.previous = Some(Revision {
                     dir: last.revision_dir,
@@ -876,11 +893,9 @@ async fn read_appspec_off_thread(
     dir: &Path,
     name: &str,
     check_env: bool,
-) -> Result<AppSpec, AppSpecError> {
+) -> Result<Result<AppSpec, AppSpecError>, tokio::task::JoinError> {
     let (dir, name) = (dir.to_path_buf(), name.to_string());
-    tokio::task::spawn_blocking(move || read_appspec(&dir, &name, check_env))
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    tokio::task::spawn_blocking(move || read_appspec(&dir, &name, check_env)).await
 }
 
 /// Reads and validates a revision's AppSpec; every problem in one error.
