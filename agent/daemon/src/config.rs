@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub(crate) use pier_engine::hooks::HookLimits;
 pub(crate) use pier_engine::settings::{BundleLimits, EngineSettings, HookEnvPolicy, HookSettings};
 
 /// Where the agent looks for its configuration when `-c` is not given.
@@ -92,6 +93,8 @@ pub(crate) struct RawHooks {
     pub(crate) kill_grace_seconds: Option<i64>,
     pub(crate) log_max_bytes: Option<i64>,
     pub(crate) log_keep: Option<i64>,
+    pub(crate) tasks_max: Option<i64>,
+    pub(crate) memory_max_bytes: Option<i64>,
     pub(crate) env: Option<RawHookEnv>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
@@ -345,6 +348,11 @@ impl Config {
                 as u64,
             log_keep: p.positive("hooks.log_keep", hooks_raw.log_keep, 5),
             env: HookEnvPolicy { pass, set },
+            limits: HookLimits {
+                pids_max: p.optional_positive("hooks.tasks_max", hooks_raw.tasks_max),
+                memory_max: p
+                    .optional_positive("hooks.memory_max_bytes", hooks_raw.memory_max_bytes),
+            },
         };
 
         let bundle_raw = raw.bundle.unwrap_or_default();
@@ -524,6 +532,18 @@ impl Problems {
         }
     }
 
+    /// A cap that is off unless set; when set it must be a positive integer.
+    fn optional_positive(&mut self, key: &str, value: Option<i64>) -> Option<u64> {
+        match value {
+            None => None,
+            Some(v) if v > 0 => Some(v as u64),
+            Some(v) => {
+                self.push(key, &format!("must be a positive integer, not {v}"));
+                None
+            }
+        }
+    }
+
     fn positive(&mut self, key: &str, value: Option<i64>, default: usize) -> usize {
         match value {
             None => default,
@@ -556,6 +576,21 @@ mod tests {
                 spool_dir: "/var/lib/pier/spool".into(),
             }
         );
+    }
+
+    #[test]
+    fn hook_caps_are_off_by_default_and_must_be_positive() {
+        let c = parse("").unwrap();
+        assert_eq!(c.hooks.limits, HookLimits::default());
+        let c = parse("hooks:\n  tasks_max: 64\n  memory_max_bytes: 268435456\n").unwrap();
+        assert_eq!(c.hooks.limits.pids_max, Some(64));
+        assert_eq!(c.hooks.limits.memory_max, Some(256 << 20));
+        let err = parse("hooks:\n  tasks_max: 0\n  memory_max_bytes: -5\n").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["hooks.tasks_max", "hooks.memory_max_bytes"]);
     }
 
     #[test]

@@ -1318,6 +1318,7 @@ mod tests {
             events: vec![state::EventRecord::pending("ValidateService")],
             error: Some("ValidateService: script x exited with code 3".into()),
             recovered: false,
+            running_hook: None,
         };
         j.events[0].status = state::EventState::Failed;
         j.events[0].exit_code = Some(3);

@@ -274,6 +274,8 @@ impl Engine {
     /// Opens the deployment root named by `config`.
     pub fn new(config: Arc<Config>, cancel: CancellationToken) -> Result<Engine, DeployError> {
         let root = Root::open(&config.root_dir)?;
+        // Detected (and logged) once, before any recovery or hook needs it.
+        let _ = hooks::Containment::host();
         Ok(Engine {
             config: std::sync::RwLock::new(config),
             root,
@@ -430,6 +432,7 @@ impl Engine {
                 .collect(),
             error: None,
             recovered: false,
+            running_hook: None,
         };
         let mut run = Run {
             req,
@@ -689,8 +692,19 @@ impl Engine {
                         env: hook_env(&run.config, run.req, event),
                         kill_grace: run.config.hooks.kill_grace,
                         event: event.to_string(),
+                        limits: run.config.hooks.limits,
+                        containment: hooks::Containment::host(),
                     };
-                    let outcome = hooks::run(&spec, &run.log, &self.cancel).await;
+                    // The journal as saved when the event began, with the running hook in it
+                    // (or not): nothing else changes it while a hook runs.
+                    let (group, snapshot) = (run.group.clone(), run.journal.clone());
+                    let sink: hooks::TraceSink = Arc::new(move |trace| {
+                        let mut j = snapshot.clone();
+                        j.running_hook = trace;
+                        group.write_journal(&j)
+                    });
+                    let outcome =
+                        hooks::run_traced(&spec, &run.log, &self.cancel, Some(sink)).await;
                     let outcome = match outcome {
                         Ok(o) => o,
                         Err(e) => {
@@ -974,6 +988,7 @@ mod tests {
                 log_max_bytes: 1 << 20,
                 log_keep: 1,
                 env: Default::default(),
+                limits: Default::default(),
             },
             bundle: crate::settings::BundleLimits {
                 max_bytes: 1 << 30,

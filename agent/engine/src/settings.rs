@@ -54,6 +54,9 @@ pub struct HookSettings {
     /// How many rotated `scripts.log.N` files are kept.
     pub log_keep: usize,
     pub env: HookEnvPolicy,
+    /// Caps on each hook's tasks and memory, enforced through its cgroup (not in the
+    /// process-group fallback, which logs that once).
+    pub limits: crate::hooks::HookLimits,
 }
 
 /// Limits on bundles, against archive bombs.

@@ -12,7 +12,8 @@
 //!
 //! Every write goes through [`pier_sys::atomic_write`]: a temp file beside the target, fsync, rename,
 //! fsync of the directory, so a crash leaves either the old or the new content. Knows nothing
-//! of AWS, AppSpec semantics or processes.
+//! of AWS or AppSpec semantics; of processes it knows only that recovery hands an interrupted
+//! hook's [`HookTrace`] to [`stop_leftovers`] before anything else happens in the group.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -24,6 +25,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use pier_protocol::{is_valid_id, Diagnostics, ErrorCode};
+
+use crate::hooks::{stop_leftovers, HookTrace};
 
 /// Errors of the state store; each names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +156,10 @@ pub struct Journal {
     /// Set when a later run found this deployment unfinished and closed it as failed.
     #[serde(default)]
     pub recovered: bool,
+    /// The hook running now, recorded before its script starts and cleared when it ends: what
+    /// recovery stops if the agent dies meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_hook: Option<HookTrace>,
 }
 
 /// The group's last successful deployment: whose revision ApplicationStop runs next time.
@@ -328,8 +335,8 @@ impl Group {
         Ok(out)
     }
 
-    /// Closes every deployment left `InProgress` by a process that died: marks it failed at
-    /// the event where it stopped. Call with the group lock held (so none is really running).
+    /// Closes every deployment left `InProgress` by a process that died: first stops what its
+    /// interrupted hook left running, then marks it failed at the event where it stopped. Call with the group lock held (so none is really running).
     /// Returns the journals it closed.
     pub(crate) fn recover_interrupted(
         &self,
@@ -340,6 +347,18 @@ impl Group {
         for mut j in self.deployments()? {
             if j.status != DeploymentStatus::InProgress {
                 continue;
+            }
+            // What the interrupted hook left running is stopped first, whatever else the
+            // journal says: it must never run beside the group's next deployment.
+            if let Some(trace) = j.running_hook.take() {
+                let n = stop_leftovers(&trace);
+                if n > 0 {
+                    log::warn!(
+                        "deployment {} of group {}: killed {n} process(es) the interrupted hook {} left running",
+                        j.deployment_id, self.id, trace.script
+                    );
+                }
+                self.write_journal(&j)?;
             }
             // The process died after recording this deployment as the group's last
             // successful one but before its journal said so: it did succeed.
@@ -432,6 +451,7 @@ mod tests {
             events: vec![],
             error: None,
             recovered: false,
+            running_hook: None,
         }
     }
 

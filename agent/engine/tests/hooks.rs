@@ -6,10 +6,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pier_engine::hooks::{self, HookError, HookResult, HookRun, ScriptLog};
+use pier_engine::hooks::{
+    self, Containment, HookError, HookLimits, HookResult, HookRun, HookTrace, ScriptLog, TraceSink,
+};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{ensure_user, Scratch};
+use crate::support::{ensure_user, skip, Scratch};
 
 /// A hook for `rel` in `scratch` with generous limits; tests tighten what they exercise.
 fn hook(scratch: &Scratch, rel: &str) -> HookRun {
@@ -22,6 +24,8 @@ fn hook(scratch: &Scratch, rel: &str) -> HookRun {
         env: vec![("LIFECYCLE_EVENT".into(), "ApplicationStart".into())],
         kill_grace: Duration::from_secs(5),
         event: "ApplicationStart".into(),
+        limits: HookLimits::default(),
+        containment: Containment::host(),
     }
 }
 
@@ -612,4 +616,235 @@ fn getent_field(user: &str, field: usize) -> String {
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Every containment this host offers, by name: its cgroups (stopped with `cgroup.kill`, and
+/// again by freezing and killing pid by pid) and the process-group fallback. A mode the host
+/// cannot offer is skipped, saying why.
+fn modes() -> Vec<(&'static str, Containment)> {
+    let host = Containment::host();
+    let mut out = Vec::new();
+    match host.cgroup_mode() {
+        Some(_) => {
+            out.push(("cgroup", host.clone()));
+            out.push(("cgroup, freeze and kill", host.without_cgroup_kill()));
+        }
+        None => skip(&format!(
+            "no hook cgroups on this host: {}",
+            host.describe()
+        )),
+    }
+    out.push(("process group", Containment::process_group("test")));
+    out
+}
+
+/// A process (alive or not) in the session `sid` other than a zombie.
+fn session_members(sid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() != Some(&"Z") && f.get(3).and_then(|s| s.parse().ok()) == Some(sid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Kills single processes when dropped (detached children a test made).
+struct KillPids(Vec<i32>);
+
+impl Drop for KillPids {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            if p > 1 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Regression: a child that left the hook's session (`setsid`) survived the timeout's kill of
+/// the process group. In a cgroup even a grandchild whose parent already exited (double fork)
+/// is found; the fallback finds the detached child while its parent lives.
+#[tokio::test]
+async fn timeout_kills_children_that_left_the_session() {
+    for (mode, containment) in modes() {
+        let s = Scratch::new();
+        let double_fork = containment.cgroup_mode().is_some();
+        let mut body = String::from("#!/bin/sh\nsetsid sleep 300 &\necho $! > detached.pid\n");
+        if double_fork {
+            body.push_str("( setsid sleep 300 & echo $! > orphan.pid )\n");
+        }
+        body.push_str("echo $$ > pid\nsleep 300\n");
+        s.script("escape.sh", &body);
+        let mut run = hook(&s, "escape.sh");
+        run.containment = containment;
+        run.timeout = Duration::from_secs(1);
+        run.kill_grace = Duration::from_millis(500);
+        let out = hooks::run(&run, &log_in(&s), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(out.result, HookResult::TimedOut, "{mode}");
+        let mut pids = vec![
+            pid_from(&s.path().join("pid")).await,
+            pid_from(&s.path().join("detached.pid")).await,
+        ];
+        if double_fork {
+            pids.push(pid_from(&s.path().join("orphan.pid")).await);
+        }
+        let _cleanup = KillPids(pids.clone());
+        for p in pids {
+            assert!(
+                !alive(p),
+                "{mode}: process {p} of the hook survived its timeout"
+            );
+        }
+    }
+}
+
+/// What a successful ApplicationStart starts in the background on purpose (`nohup ... &`,
+/// `setsid`) keeps running after the hook, as with CodeDeploy.
+#[tokio::test]
+async fn a_successful_hooks_background_service_keeps_running() {
+    for (mode, containment) in modes() {
+        let s = Scratch::new();
+        s.script(
+            "start.sh",
+            "#!/bin/sh\nnohup sleep 300 >/dev/null 2>&1 &\necho $! > nohup.pid\nsetsid sleep 300 >/dev/null 2>&1 &\necho $! > setsid.pid\nexit 0\n",
+        );
+        let mut run = hook(&s, "start.sh");
+        run.containment = containment;
+        let out = hooks::run(&run, &log_in(&s), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(out.result, HookResult::Succeeded, "{mode}");
+        let pids = vec![
+            pid_from(&s.path().join("nohup.pid")).await,
+            pid_from(&s.path().join("setsid.pid")).await,
+        ];
+        let _cleanup = KillPids(pids.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for p in pids {
+            assert!(
+                alive(p),
+                "{mode}: the service {p} a successful hook started was killed"
+            );
+        }
+    }
+}
+
+/// The tasks cap holds a hook that tries to start 200 processes to 20: the shell's 20th fork
+/// is refused (`sh` gives up with "Cannot fork"), and what it did start stays bounded.
+#[tokio::test]
+async fn the_tasks_cap_stops_a_fork_bomb() {
+    let host = Containment::host();
+    if !host.enforces_pids() {
+        skip(&format!(
+            "no pids controller for hook cgroups here: {}",
+            host.describe()
+        ));
+        return;
+    }
+    let s = Scratch::new();
+    s.script(
+        "bomb.sh",
+        "#!/bin/sh\necho $$ > pid\nfor i in $(seq 200); do sleep 300 & done\necho all started\n",
+    );
+    let mut run = hook(&s, "bomb.sh");
+    run.limits.pids_max = Some(20);
+    let out = hooks::run(&run, &log_in(&s), &CancellationToken::new())
+        .await
+        .unwrap();
+    let pid = pid_from(&s.path().join("pid")).await;
+    let _cleanup = KillGroup(pid);
+    assert!(
+        matches!(out.result, HookResult::Failed { .. }),
+        "{:?}: {}",
+        out.result,
+        out.tail
+    );
+    assert!(!out.tail.contains("all started"), "{}", out.tail);
+    // The script is gone; its sleeps are left (a failed hook's children are not killed).
+    let started = session_members(pid).len();
+    assert!(
+        (5..20).contains(&started),
+        "{started} processes left by a hook capped at 20 tasks"
+    );
+}
+
+/// After a crash, recovery kills what the interrupted hook left, by its journal record: the
+/// whole cgroup (a detached child too), or the hook's session and process group; never a
+/// process that started before the hook (a recycled pid).
+#[tokio::test]
+async fn leftovers_of_an_interrupted_hook_are_stopped_from_its_trace() {
+    for (mode, containment) in modes() {
+        let s = Scratch::new();
+        let detach = if containment.cgroup_mode().is_some() {
+            "setsid "
+        } else {
+            ""
+        };
+        // The script ends, as if the agent had died while it ran: what it left is what a
+        // crashed agent leaves behind.
+        s.script(
+            "leave.sh",
+            &format!("#!/bin/sh\n{detach}sleep 300 >/dev/null 2>&1 &\necho $! > left.pid\n"),
+        );
+        let mut run = hook(&s, "leave.sh");
+        run.containment = containment;
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<Option<HookTrace>>>> = Default::default();
+        let record = seen.clone();
+        let sink: TraceSink = std::sync::Arc::new(move |t| {
+            record.lock().unwrap().push(t);
+            Ok(())
+        });
+        let out = hooks::run_traced(&run, &log_in(&s), &CancellationToken::new(), Some(sink))
+            .await
+            .unwrap();
+        assert_eq!(out.result, HookResult::Succeeded, "{mode}");
+        let left = pid_from(&s.path().join("left.pid")).await;
+        let _cleanup = KillPids(vec![left]);
+        let traces = seen.lock().unwrap().clone();
+        // Recorded before it started, again with its pid, cleared when it ended.
+        assert_eq!(traces.len(), 3, "{mode}: {traces:?}");
+        assert!(traces[2].is_none(), "{mode}: {traces:?}");
+        let trace = traces[1].clone().unwrap();
+        assert!(
+            trace.pgid.is_some() && trace.start_ticks.is_some(),
+            "{trace:?}"
+        );
+
+        // A trace whose hook started after the process cannot be its: left alone.
+        if trace.cgroups.is_empty() {
+            let mut later = trace.clone();
+            later.start_ticks = Some(u64::MAX);
+            hooks::stop_leftovers(&later);
+            assert!(
+                alive(left),
+                "{mode}: a process older than the hook was killed"
+            );
+        }
+        assert!(alive(left));
+        assert!(hooks::stop_leftovers(&trace) > 0, "{mode}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(left) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !alive(left),
+            "{mode}: the interrupted hook's process {left} survived recovery"
+        );
+    }
 }

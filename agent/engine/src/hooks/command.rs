@@ -7,6 +7,7 @@
 use std::ffi::{CString, OsString};
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -45,7 +46,13 @@ pub(crate) struct Prepared {
 /// Checks the script and the user and builds the command; nothing is started yet.
 /// `via_shebang` forces running the `#!` interpreter even when the script has an executable
 /// bit (for a retry when exec'ing it was refused).
-pub(crate) fn prepare(run: &HookRun, via_shebang: bool) -> Result<Prepared, HookError> {
+/// `join` are `cgroup.procs` descriptors the child writes `0` to, joining the hook's cgroups
+/// before it execs anything.
+pub(crate) fn prepare(
+    run: &HookRun,
+    via_shebang: bool,
+    join: Vec<RawFd>,
+) -> Result<Prepared, HookError> {
     let (program, args) = program_for(run, via_shebang)?;
     let direct = args.is_empty();
     let (switch, user) = resolve_user(run)?;
@@ -75,7 +82,7 @@ pub(crate) fn prepare(run: &HookRun, via_shebang: bool) -> Result<Prepared, Hook
             .env("LOGNAME", &u.name)
             .env("SHELL", shell);
     }
-    isolate(&mut command, switch);
+    isolate(&mut command, switch, join);
     Ok(Prepared {
         command,
         user: name,
@@ -207,13 +214,22 @@ fn resolve_user(run: &HookRun) -> Result<(Option<Switch>, Option<User>), HookErr
     Ok((Some(switch), Some(user)))
 }
 
-/// Makes the child a session (and process group) leader with no controlling terminal, then
-/// drops to the `runas` user: supplementary groups, then group, then user, so that no root
-/// privilege survives into the script.
+/// Makes the child a session (and process group) leader with no controlling terminal, moves
+/// it into the hook's cgroups (while still root), then drops to the `runas` user:
+/// supplementary groups, then group, then user, so that no root privilege survives into the
+/// script.
 #[allow(unsafe_code)]
-fn isolate(command: &mut Command, switch: Option<Switch>) {
+fn isolate(command: &mut Command, switch: Option<Switch>, join: Vec<RawFd>) {
     let hook = move || -> io::Result<()> {
         nix::unistd::setsid()?;
+        for &fd in &join {
+            // SAFETY: write(2) on a descriptor the parent opened (close-on-exec) and a static
+            // buffer: async-signal-safe, no allocation.
+            let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         if let Some(s) = &switch {
             nix::unistd::setgroups(&s.groups)?;
             nix::unistd::setgid(s.gid)?;
@@ -222,7 +238,7 @@ fn isolate(command: &mut Command, switch: Option<Switch>) {
         Ok(())
     };
     // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // that are async-signal-safe (setsid, setgroups, setgid, setuid) on data allocated before
+    // that are async-signal-safe (setsid, write, setgroups, setgid, setuid) on data allocated before
     // the fork, allocates nothing, and takes no lock; errors become io::Error from a raw errno
     // (no allocation) and are reported by std to the parent as a spawn failure.
     unsafe {

@@ -13,8 +13,12 @@
 //! them, then setgid, then setuid); never through `su` or `sudo`.
 //!
 //! Both output streams are read concurrently, line by line, into the [`ScriptLog`] and a
-//! bounded tail (see `output`). On timeout or cancellation the group gets SIGTERM, then after
-//! [`HookRun::kill_grace`] SIGKILL.
+//! bounded tail (see `output`). Every process the script starts, one that leaves its session
+//! (`setsid`) included, is kept where it can be found: the hook's own cgroup, or the
+//! process-group fallback (see `contain`). On timeout or cancellation all of them get SIGTERM,
+//! then after [`HookRun::kill_grace`] SIGKILL. [`run_traced`] also records where the hook's
+//! processes are ([`HookTrace`]) before the script starts, so that after an agent crash
+//! [`stop_leftovers`] can stop what an interrupted hook left.
 //!
 //! **When is a hook over?** When the script process exits — not when its output pipes reach
 //! EOF. A script that starts a server in the background (`./server &`) leaves that child
@@ -26,6 +30,7 @@
 //! on its next write. Every other wait is bounded too, and the script is always reaped.
 
 mod command;
+mod contain;
 mod output;
 mod scriptlog;
 
@@ -46,6 +51,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use self::command::DEFAULT_PATH;
+pub use self::contain::{stop_leftovers, CgroupMode, Containment, HookLimits, HookTrace};
+use self::contain::{Active, Cell, Watch};
 use self::output::{Pump, Stream, Tail};
 pub use self::scriptlog::ScriptLog;
 
@@ -59,6 +66,16 @@ const REAP_AFTER_KILL: Duration = Duration::from_secs(5);
 
 /// How often the group is checked for survivors while waiting out the grace period.
 const GROUP_POLL: Duration = Duration::from_millis(50);
+
+/// How often the process-group fallback looks through /proc for the hook's descendants while
+/// it runs (a descendant that detaches and loses every parent between two looks escapes).
+const SCAN_EVERY: Duration = Duration::from_millis(100);
+
+/// Where [`run_traced`] records the running hook (`Some`) and that it is over (`None`):
+/// durably, before the script starts and once it has ended. The engine writes it to the
+/// deployment's journal.
+pub type TraceSink =
+    Arc<dyn Fn(Option<HookTrace>) -> Result<(), crate::state::StateError> + Send + Sync>;
 
 /// One script to run, with everything needed to run it.
 #[derive(Debug, Clone)]
@@ -80,6 +97,11 @@ pub struct HookRun {
     pub kill_grace: Duration,
     /// Lifecycle event name, for log lines.
     pub event: String,
+    /// Caps on the hook's tasks and memory, enforced through its cgroup where there is one.
+    pub limits: HookLimits,
+    /// How the hook's processes are kept together ([`Containment::host`] unless a test or
+    /// the operator wants otherwise).
+    pub containment: Containment,
 }
 
 /// How a script that did start ended.
@@ -179,6 +201,14 @@ pub enum HookError {
     /// Switching to another user needs root.
     #[error("hook script {location}: runas user {user:?} needs the agent to run as root (it runs as uid {}); run the agent as root or remove runas", nix::unistd::Uid::effective())]
     NotRoot { user: String, location: String },
+    /// Where the hook's processes are could not be recorded, so it is not started: after a
+    /// crash nothing could find them.
+    #[error("hook script {location}: cannot record the hook in the journal before starting it: {source}")]
+    Trace {
+        location: String,
+        #[source]
+        source: crate::state::StateError,
+    },
     /// fork/exec (or the user switch in the child) failed.
     #[error("hook script {location}: cannot start {}: {source}", script.display())]
     Spawn {
@@ -204,6 +234,7 @@ impl HookError {
             | HookError::UserLookup { .. }
             | HookError::NotRoot { .. }
             | HookError::Spawn { .. } => ErrorCode::ScriptNotExecutable,
+            HookError::Trace { .. } => ErrorCode::UnknownError,
         }
     }
 }
@@ -213,40 +244,112 @@ impl HookError {
 /// Output goes line by line to `log` as `TIME [EVENT] [stdout] LOCATION: text`; the runner
 /// also logs when the script starts and how it ended. Returns `Err` only when the script
 /// could not be started; everything that happens after it started is in the
-/// [`HookOutcome`]. If the returned future is dropped while the script runs, the script's
-/// process group is killed.
+/// [`HookOutcome`]. If the returned future is dropped while the script runs, every process of
+/// the hook is killed.
 pub async fn run(
     run: &HookRun,
     log: &ScriptLog,
     cancel: &CancellationToken,
 ) -> Result<HookOutcome, HookError> {
+    run_traced(run, log, cancel, None).await
+}
+
+/// [`run`], recording the hook through `trace` first (see [`TraceSink`]).
+pub async fn run_traced(
+    run: &HookRun,
+    log: &ScriptLog,
+    cancel: &CancellationToken,
+    trace: Option<TraceSink>,
+) -> Result<HookOutcome, HookError> {
+    // The hook's cgroups exist before the script does: the child joins them before exec.
+    let cell = match &run.containment {
+        Containment::Cgroup(cgroups) => match Cell::create(cgroups, run.limits) {
+            Ok(cell) => Some(cell),
+            Err(e) => {
+                log::warn!(
+                    "hook {}: cannot create its cgroup ({e}); it runs in its process group only",
+                    run.location
+                );
+                None
+            }
+        },
+        Containment::ProcessGroup { .. } => None,
+    };
+    let join = cell.as_ref().map(Cell::join_fds).unwrap_or_default();
+    let _active = cell.as_ref().map(Active::hold);
+    let boot_id = contain::boot_id();
+    let mut record = HookTrace {
+        script: run.location.clone(),
+        cgroups: cell.as_ref().map(|c| c.dirs().to_vec()).unwrap_or_default(),
+        pgid: None,
+        start_ticks: None,
+        boot_id,
+    };
+    let release = |cell: Option<Cell>| {
+        if let Some(c) = cell {
+            c.release();
+        }
+    };
+
     // Preparing reads the script's head and looks its user up (NSS may go to the network):
     // both on the blocking pool.
-    let mut prepared = prepare(run, false).await?;
+    let mut prepared = match prepare(run, false, join.clone()).await {
+        Ok(p) => p,
+        Err(e) => {
+            release(cell);
+            return Err(e);
+        }
+    };
+    if let Some(sink) = &trace {
+        if let Err(source) = write_trace(sink, Some(record.clone())).await {
+            release(cell);
+            return Err(HookError::Trace {
+                location: run.location.clone(),
+                source,
+            });
+        }
+    }
     let started = Utc::now();
     let spawned = match spawn(&mut prepared) {
         // The executable bit is not for this user, or the revision sits on a noexec mount:
         // run it the way a script without the bit runs, through its `#!` line, if it has one.
         Err(e) if prepared.direct && e.kind() == io::ErrorKind::PermissionDenied => {
-            match prepare(run, true).await {
+            match prepare(run, true, join).await {
                 Ok(retry) => {
                     prepared = retry;
                     spawn(&mut prepared)
                 }
                 Err(HookError::NotExecutable { .. }) => Err(e),
-                Err(other) => return Err(other),
+                Err(other) => {
+                    release(cell);
+                    clear_trace(&trace).await;
+                    return Err(other);
+                }
             }
         }
         spawned => spawned,
     };
-    let mut child = spawned.map_err(|source| HookError::Spawn {
-        location: run.location.clone(),
-        script: run.script.clone(),
-        source,
-    })?;
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(source) => {
+            release(cell);
+            clear_trace(&trace).await;
+            return Err(HookError::Spawn {
+                location: run.location.clone(),
+                script: run.script.clone(),
+                source,
+            });
+        }
+    };
+    let mut cell = cell;
+    if let Some(c) = &mut cell {
+        c.started();
+    }
     // The child is its own session leader, so its pid is its process group id. (A pid is
     // always there before the first wait; never fall back to 0, which would mean our group.)
     let Some(pid) = child.id() else {
+        release(cell);
+        clear_trace(&trace).await;
         return Err(HookError::Spawn {
             location: run.location.clone(),
             script: run.script.clone(),
@@ -254,7 +357,29 @@ pub async fn run(
         });
     };
     let pgid = Pid::from_raw(pid as i32);
-    let mut guard = GroupGuard { pgid, armed: true };
+    let mut guard = GroupGuard {
+        pgid,
+        cgroup: cell.as_ref().map(Cell::kill_handle),
+        armed: true,
+    };
+    let mut tracked = match cell {
+        Some(c) => Tracked::Cell(c),
+        None => match Watch::new(pid as i32) {
+            Some(w) => Tracked::Watch(w),
+            // Already gone: only its group can be left.
+            None => Tracked::Group,
+        },
+    };
+    if let Some(sink) = &trace {
+        record.pgid = Some(pgid.as_raw());
+        record.start_ticks = contain::proc_info(pgid.as_raw()).map(|p| p.start);
+        if let Err(e) = write_trace(sink, Some(record)).await {
+            log::warn!(
+                "hook {}: cannot record its process group: {e}",
+                run.location
+            );
+        }
+    }
 
     let event: Arc<str> = Arc::from(run.event.as_str());
     let location: Arc<str> = Arc::from(run.location.as_str());
@@ -287,8 +412,20 @@ pub async fn run(
         readers.push(tokio::spawn(pump(Stream::Stderr).run(err)));
     }
 
-    let result = supervise(&mut child, pgid, run.timeout, run.kill_grace, cancel).await;
+    let result = supervise(
+        &mut child,
+        pgid,
+        &mut tracked,
+        run.timeout,
+        run.kill_grace,
+        cancel,
+    )
+    .await;
     guard.armed = false;
+    // A script that ended on its own keeps what it left running (a service started in the
+    // background); a stopped one has nothing left by now.
+    tracked.release();
+    clear_trace(&trace).await;
 
     // Take what is already buffered, but never wait for EOF: a background child may hold the
     // pipes for as long as it lives. Readers still running are detached, not aborted.
@@ -321,6 +458,26 @@ pub async fn run(
     })
 }
 
+async fn write_trace(
+    sink: &TraceSink,
+    trace: Option<HookTrace>,
+) -> Result<(), crate::state::StateError> {
+    let sink = sink.clone();
+    match tokio::task::spawn_blocking(move || sink(trace)).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Records that the hook is over, so a later recovery leaves what it started alone.
+async fn clear_trace(trace: &Option<TraceSink>) {
+    if let Some(sink) = trace {
+        if let Err(e) = write_trace(sink, None).await {
+            log::warn!("cannot record in the journal that a hook ended: {e}");
+        }
+    }
+}
+
 fn spawn(prepared: &mut command::Prepared) -> io::Result<Child> {
     prepared
         .command
@@ -330,35 +487,88 @@ fn spawn(prepared: &mut command::Prepared) -> io::Result<Child> {
         .spawn()
 }
 
+/// Where the hook's processes are kept: its cgroup, the fallback's /proc watch, or (a script
+/// already gone when the watch began) its process group alone.
+enum Tracked {
+    Cell(Cell),
+    Watch(Watch),
+    Group,
+}
+
+impl Tracked {
+    fn signal_all(&mut self, pgid: Pid, signal: Signal) {
+        signal_group(pgid, signal);
+        match self {
+            Tracked::Cell(c) if signal == Signal::SIGKILL => c.kill_all(),
+            Tracked::Cell(c) => c.signal_all(signal),
+            Tracked::Watch(w) => w.signal_all(signal),
+            Tracked::Group => {}
+        }
+    }
+
+    fn is_empty(&mut self, pgid: Pid) -> bool {
+        match self {
+            Tracked::Cell(c) => c.is_empty(),
+            Tracked::Watch(w) => w.is_empty() && group_is_empty(pgid),
+            Tracked::Group => group_is_empty(pgid),
+        }
+    }
+
+    fn scan(&mut self) {
+        if let Tracked::Watch(w) = self {
+            w.scan();
+        }
+    }
+
+    fn release(self) {
+        match self {
+            Tracked::Cell(c) => {
+                c.thaw();
+                c.release();
+            }
+            Tracked::Watch(w) => w.release(),
+            Tracked::Group => {}
+        }
+    }
+}
+
 /// Waits for the script to exit, its timeout, or cancellation, whichever comes first; in the
-/// last two cases stops the whole group. Returns once the script has been reaped (or, if even
-/// SIGKILL did not end it in time, once it has been given up on).
+/// last two cases stops every process of the hook. Returns once the script has been reaped
+/// (or, if even SIGKILL did not end it in time, once it has been given up on).
 async fn supervise(
     child: &mut Child,
     pgid: Pid,
+    tracked: &mut Tracked,
     timeout: Duration,
     grace: Duration,
     cancel: &CancellationToken,
 ) -> HookResult {
-    let stopped = tokio::select! {
-        status = child.wait() => match status {
-            Ok(status) => return exit_result(status),
-            Err(e) => {
-                log::warn!("waiting for hook process {pgid} failed: {e}; stopping its group");
-                HookResult::Failed { exit_code: None, signal: None }
-            }
-        },
-        _ = tokio::time::sleep(timeout) => HookResult::TimedOut,
-        _ = cancel.cancelled() => HookResult::Cancelled,
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let watching = matches!(tracked, Tracked::Watch(_));
+    let stopped = loop {
+        tokio::select! {
+            status = child.wait() => match status {
+                Ok(status) => return exit_result(status),
+                Err(e) => {
+                    log::warn!("waiting for hook process {pgid} failed: {e}; stopping its group");
+                    break HookResult::Failed { exit_code: None, signal: None };
+                }
+            },
+            _ = &mut deadline => break HookResult::TimedOut,
+            _ = cancel.cancelled() => break HookResult::Cancelled,
+            _ = tokio::time::sleep(SCAN_EVERY), if watching => tracked.scan(),
+        }
     };
-    stop_group(child, pgid, grace).await;
+    stop_all(child, pgid, tracked, grace).await;
     stopped
 }
 
-/// SIGTERM to the group; wait until the script has exited and no process is left in its group,
-/// at most `grace`; then SIGKILL to the group and reap the script.
-async fn stop_group(child: &mut Child, pgid: Pid, grace: Duration) {
-    signal_group(pgid, Signal::SIGTERM);
+/// SIGTERM to every process of the hook; wait until the script has exited and nothing of the
+/// hook is left, at most `grace`; then SIGKILL to all of them (again until none is left,
+/// bounded) and reap the script.
+async fn stop_all(child: &mut Child, pgid: Pid, tracked: &mut Tracked, grace: Duration) {
+    tracked.signal_all(pgid, Signal::SIGTERM);
     // A grace too large to add is as good as "a year".
     let deadline = Instant::now()
         .checked_add(grace)
@@ -374,21 +584,32 @@ async fn stop_group(child: &mut Child, pgid: Pid, grace: Duration) {
                 _ = tokio::time::sleep_until(next) => {}
             }
         }
-        if reaped && group_is_empty(pgid) {
+        if reaped && tracked.is_empty(pgid) {
             return;
         }
         if Instant::now() >= deadline {
             break;
         }
     }
-    signal_group(pgid, Signal::SIGKILL);
-    if !reaped
-        && tokio::time::timeout(REAP_AFTER_KILL, child.wait())
-            .await
-            .is_err()
-    {
-        // Dropping the Child hands it to tokio's orphan reaper.
-        log::warn!("hook process {pgid} did not exit {REAP_AFTER_KILL:?} after SIGKILL");
+    let kill_deadline = Instant::now() + REAP_AFTER_KILL;
+    loop {
+        tracked.signal_all(pgid, Signal::SIGKILL);
+        if !reaped {
+            tokio::select! {
+                _ = child.wait() => reaped = true,
+                _ = tokio::time::sleep(GROUP_POLL) => {}
+            }
+        } else {
+            tokio::time::sleep(GROUP_POLL).await;
+        }
+        if reaped && tracked.is_empty(pgid) {
+            return;
+        }
+        if Instant::now() >= kill_deadline {
+            // Dropping the Child hands it to tokio's orphan reaper.
+            log::warn!("hook process {pgid} or its children did not exit {REAP_AFTER_KILL:?} after SIGKILL");
+            return;
+        }
     }
 }
 
@@ -411,9 +632,13 @@ fn exit_result(status: std::process::ExitStatus) -> HookResult {
     }
 }
 
-async fn prepare(run: &HookRun, via_shebang: bool) -> Result<command::Prepared, HookError> {
+async fn prepare(
+    run: &HookRun,
+    via_shebang: bool,
+    join: Vec<std::os::fd::RawFd>,
+) -> Result<command::Prepared, HookError> {
     let run = run.clone();
-    match tokio::task::spawn_blocking(move || command::prepare(&run, via_shebang)).await {
+    match tokio::task::spawn_blocking(move || command::prepare(&run, via_shebang, join)).await {
         Ok(prepared) => prepared,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
@@ -429,10 +654,12 @@ async fn write_log(log: &ScriptLog, line: String) {
     }
 }
 
-/// Kills the script's process group if [`run`] is abandoned (its future dropped) while the
-/// script is still running, so that no hook outlives an agent that stopped caring about it.
+/// Kills the script's process group and cgroup if [`run`] is abandoned (its future dropped)
+/// while the script is still running, so that no hook outlives an agent that stopped caring
+/// about it.
 struct GroupGuard {
     pgid: Pid,
+    cgroup: Option<(PathBuf, bool)>,
     armed: bool,
 }
 
@@ -440,6 +667,9 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
             signal_group(self.pgid, Signal::SIGKILL);
+            if let Some(h) = &self.cgroup {
+                contain::kill_handle_once(h);
+            }
         }
     }
 }
@@ -460,6 +690,8 @@ mod tests {
             env: Vec::new(),
             kill_grace: Duration::from_millis(100),
             event: "AfterInstall".to_string(),
+            limits: HookLimits::default(),
+            containment: Containment::host(),
         }
     }
 
