@@ -848,3 +848,52 @@ async fn leftovers_of_an_interrupted_hook_are_stopped_from_its_trace() {
         );
     }
 }
+
+/// A journal's trace whose process group id now belongs to another process (the pid was
+/// recycled after the hook's group emptied) never leads recovery to kill it.
+#[tokio::test]
+async fn a_recycled_pid_is_never_hit_by_recovery() {
+    let mut newcomer = Command::new("setsid")
+        .args(["sleep", "300"])
+        .spawn()
+        .unwrap();
+    let pid = newcomer.id() as i32;
+    let _cleanup = KillPids(vec![pid]);
+    // setsid forks only when it is a group leader; here it execs sleep itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while session_members(pid).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let start = stat_start(pid);
+    let trace = HookTrace {
+        script: "scripts/old.sh".into(),
+        cgroups: Vec::new(),
+        pgid: Some(pid),
+        // The recorded hook started earlier than the process now holding its number.
+        start_ticks: Some(start - 1),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap()
+            .trim()
+            .to_string(),
+    };
+    assert_eq!(hooks::stop_leftovers(&trace), 0);
+    assert!(
+        alive(pid),
+        "recovery killed a process that only reuses the hook's pid"
+    );
+    let same = HookTrace {
+        start_ticks: Some(start),
+        ..trace
+    };
+    assert!(
+        hooks::stop_leftovers(&same) > 0,
+        "the real group is stopped"
+    );
+    let _ = newcomer.wait();
+}
+
+fn stat_start(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}

@@ -793,8 +793,8 @@ fn become_subreaper() {
 
 /// Stops whatever an interrupted hook left running, from what the journal kept of it: its
 /// cgroups are killed whole; the processes of its session or process group that started no
-/// earlier than it are killed (a recycled pid started later than the hook only if it is
-/// really new, and then it is not in the hook's group). Nothing is done after a reboot.
+/// earlier than it are killed, unless the group's number now belongs to a process with
+/// another start time (a recycled pid). Nothing is done after a reboot.
 /// Returns how many processes were signalled.
 pub fn stop_leftovers(trace: &HookTrace) -> usize {
     if trace.boot_id != boot_id() {
@@ -825,6 +825,12 @@ pub fn stop_leftovers(trace: &HookTrace) -> usize {
         let _ = fs::remove_dir(dir);
     }
     if let (Some(pgid), Some(start)) = (trace.pgid, trace.start_ticks) {
+        // The script led its session and group. While either has a member the kernel does
+        // not hand its number out again, so a process now holding the number with another
+        // start time means the hook's group is empty and the pid was recycled: hands off.
+        if proc_info(pgid).is_some_and(|p| p.start != start) {
+            return count;
+        }
         let deadline = Instant::now() + KILL_WAIT;
         loop {
             let left: Vec<ProcInfo> = all_procs()
