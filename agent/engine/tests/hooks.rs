@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pier_engine::hooks::{
-    self, Containment, HookError, HookLimits, HookResult, HookRun, HookTrace, ScriptLog, TraceSink,
+    self, CgroupMode, Containment, HookError, HookLimits, HookResult, HookRun, HookTrace,
+    ScriptLog, TraceSink,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -625,7 +626,15 @@ fn modes() -> Vec<(&'static str, Containment)> {
     let host = Containment::host();
     let mut out = Vec::new();
     match host.cgroup_mode() {
-        Some(_) => {
+        Some(mode) => {
+            let other = match mode {
+                CgroupMode::Unified => "hybrid (v1 controllers beside a cgroup2 tree)",
+                CgroupMode::Hybrid => "unified (cgroup2 at /sys/fs/cgroup)",
+            };
+            skip(&format!(
+                "cgroup mode {other} is not what this host offers: {}",
+                host.describe()
+            ));
             out.push(("cgroup", host.clone()));
             out.push(("cgroup, freeze and kill", host.without_cgroup_kill()));
         }
@@ -896,4 +905,31 @@ fn stat_start(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let rest = stat.rsplit_once(')').unwrap().1;
     rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// The memory cap holds a hook to it: a script that tries to hold 200 MB under a 32 MiB cap
+/// is killed by the kernel, in its own cgroup only.
+#[tokio::test]
+async fn the_memory_cap_stops_a_hook_that_grows_past_it() {
+    let host = Containment::host();
+    if host.cgroup_mode().is_none() {
+        skip(&format!("no hook cgroups here: {}", host.describe()));
+        return;
+    }
+    let s = Scratch::new();
+    s.script(
+        "grow.sh",
+        "#!/bin/sh\nx=$(head -c 200000000 /dev/zero | tr '\\0' a)\necho held ${#x} bytes\n",
+    );
+    let mut run = hook(&s, "grow.sh");
+    run.limits.memory_max = Some(32 << 20);
+    let out = hooks::run(&run, &log_in(&s), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        matches!(out.result, HookResult::Failed { .. }) && !out.tail.contains("held"),
+        "{:?}: {}",
+        out.result,
+        out.tail
+    );
 }
