@@ -620,21 +620,13 @@ fn set_mode(path: &Path, mode: u32) {
 }
 
 /// Every containment this host offers, by name: its cgroups (stopped with `cgroup.kill`, and
-/// again by freezing and killing pid by pid) and the process-group fallback. A mode the host
-/// cannot offer is skipped, saying why.
+/// again by freezing and killing pid by pid) and the process-group fallback. The cgroup mode
+/// the host does not offer is counted as skipped by `cgroup_modes_this_host_cannot_offer`.
 fn modes() -> Vec<(&'static str, Containment)> {
     let host = Containment::host();
     let mut out = Vec::new();
     match host.cgroup_mode() {
-        Some(mode) => {
-            let other = match mode {
-                CgroupMode::Unified => "hybrid (v1 controllers beside a cgroup2 tree)",
-                CgroupMode::Hybrid => "unified (cgroup2 at /sys/fs/cgroup)",
-            };
-            skip(&format!(
-                "cgroup mode {other} is not what this host offers: {}",
-                host.describe()
-            ));
+        Some(_) => {
             out.push(("cgroup", host.clone()));
             out.push(("cgroup, freeze and kill", host.without_cgroup_kill()));
         }
@@ -932,4 +924,58 @@ async fn the_memory_cap_stops_a_hook_that_grows_past_it() {
         out.result,
         out.tail
     );
+}
+
+/// What `stat -fc %T` says /sys/fs/cgroup (or its `unified` mount) is.
+fn fs_type(path: &str) -> String {
+    let out = Command::new("stat")
+        .args(["-fc", "%T", path])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The containment the agent detects is the one the host has: unified when cgroup2 is at
+/// /sys/fs/cgroup, hybrid when it is beside v1 hierarchies (and writable here).
+#[test]
+fn the_hosts_containment_mode_is_detected() {
+    let host = Containment::host();
+    let expected = if fs_type("/sys/fs/cgroup") == "cgroup2fs" {
+        Some(CgroupMode::Unified)
+    } else if fs_type("/sys/fs/cgroup/unified") == "cgroup2fs" {
+        Some(CgroupMode::Hybrid)
+    } else {
+        None
+    };
+    match (expected, host.cgroup_mode()) {
+        (e, d) if e == d => {}
+        // A cgroup2 tree that this process may not write: the fallback, with the reason.
+        (Some(_), None) => assert!(host.describe().contains("cannot"), "{}", host.describe()),
+        (e, d) => panic!("host has {e:?}, detected {d:?}: {}", host.describe()),
+    }
+}
+
+/// The cgroup modes this host does not offer, counted as skipped with the reason; the tests
+/// above ran every mode it does offer.
+#[test]
+fn cgroup_modes_this_host_cannot_offer() {
+    let host = Containment::host();
+    let missing: Vec<&str> = [
+        (CgroupMode::Unified, "unified (cgroup2 at /sys/fs/cgroup)"),
+        (
+            CgroupMode::Hybrid,
+            "hybrid (v1 controllers beside a cgroup2 tree)",
+        ),
+    ]
+    .into_iter()
+    .filter(|(m, _)| host.cgroup_mode() != Some(*m))
+    .map(|(_, name)| name)
+    .collect();
+    if !missing.is_empty() {
+        skip(&format!(
+            "not offered here: {}; this host: {}",
+            missing.join(", "),
+            host.describe()
+        ));
+    }
 }
