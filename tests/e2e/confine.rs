@@ -179,7 +179,9 @@ fn a_hook_linked_out_or_in_a_directory_linked_out_never_runs() {
         );
         h.scratch.write("b/app/index.html", "v1");
         symlink(h.path("outside/evil.sh"), bundle.join("evil.sh")).unwrap();
-        symlink("../outside", bundle.join("outdir")).unwrap();
+        // Absolute: the bundle is copied into the agent's root, where `../outside` would
+        // point nowhere.
+        symlink(h.path("outside"), bundle.join("outdir")).unwrap();
 
         let run = h.agent.deploy_local(&bundle, &[]);
         assert_eq!(run.code, 1, "{location}: {}", run.all());
@@ -212,7 +214,7 @@ fn a_files_source_through_a_directory_linked_out_installs_nothing_and_validate_a
     h.scratch
         .write("b/appspec.yml", &appspec(&dest, "conf/secret", ""));
     std::fs::create_dir_all(&bundle).unwrap();
-    symlink("../outside", bundle.join("conf")).unwrap();
+    symlink(h.path("outside"), bundle.join("conf")).unwrap();
 
     let run = h.agent.deploy_local(&bundle, &[]);
     assert_eq!(run.code, 1, "{}", run.all());
