@@ -3,6 +3,7 @@
 
 mod support;
 
+mod confine;
 mod controller;
 mod daemon;
 mod deploy_local;

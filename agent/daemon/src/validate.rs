@@ -12,12 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use pier_engine::appspec::{self, Diagnostic};
+use pier_engine::appspec::{self, Diagnostic, MAX_APPSPEC_BYTES};
+use pier_engine::bundle::{Confined, ConfinedError};
 use pier_protocol::BundleType;
-
-/// An AppSpec larger than this is surely not one; refusing it keeps a stray archive member
-/// from being read into memory.
-const MAX_APPSPEC_BYTES: u64 = 4 * 1024 * 1024;
 
 /// How findings are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,6 +64,19 @@ pub(crate) enum ValidateError {
     /// The AppSpec is too large to be one.
     #[error("{path}: the AppSpec `{name}` is over {MAX_APPSPEC_BYTES} bytes; an AppSpec is a small YAML file")]
     TooLarge { path: PathBuf, name: String },
+    /// The AppSpec is not a regular file, or could not be read.
+    #[error("{path}: the AppSpec `{name}`: {source}")]
+    Unusable {
+        path: PathBuf,
+        name: String,
+        source: appspec::ReadError,
+    },
+    /// The AppSpec in a bundle directory leads out of it, or cannot be opened beneath it.
+    #[error("{path}: {source}")]
+    Refused {
+        path: PathBuf,
+        source: ConfinedError,
+    },
 }
 
 /// The JSON form of a validation run.
@@ -96,6 +106,9 @@ enum Bundle {
     Listed {
         files: BTreeSet<String>,
         dirs: BTreeSet<String>,
+        /// A bundle directory, held open: a path is in it when it resolves beneath the root
+        /// (through in-bundle links too), as the deployment will resolve it.
+        revision: Option<Confined>,
     },
 }
 
@@ -187,8 +200,15 @@ fn check(found: &Found) -> Vec<Diagnostic> {
                 Some(&user_exists),
             ));
         }
-        Bundle::Listed { files, dirs } => {
-            let has = |p: &str| files.contains(p) || dirs.contains(p);
+        Bundle::Listed {
+            files,
+            dirs,
+            revision,
+        } => {
+            let has = |p: &str| match revision {
+                Some(r) => r.check(p).is_ok(),
+                None => files.contains(p) || dirs.contains(p),
+            };
             let is_file = |p: &str| files.contains(p);
             diags.extend(appspec::check_environment(
                 &found.label,
@@ -292,33 +312,55 @@ fn find(path: &Path, name: Option<&str>) -> Result<Found, ValidateError> {
     }
 }
 
+/// Reads an AppSpec named on the command line (following a link: the user named it), but
+/// only a regular file and only up to the one limit.
 fn read_capped(path: &Path) -> Result<Vec<u8>, ValidateError> {
-    let read_err = |source| ValidateError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let f = File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    f.take(MAX_APPSPEC_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > MAX_APPSPEC_BYTES {
-        return Err(ValidateError::TooLarge {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|source| ValidateError::Read {
             path: path.to_path_buf(),
-            name: path.display().to_string(),
-        });
-    }
-    Ok(bytes)
+            source,
+        })?;
+    read_appspec(f, path, &path.display().to_string())
 }
 
+/// [`appspec::read_bounded`], its refusals as validation errors.
+fn read_appspec(f: File, path: &Path, name: &str) -> Result<Vec<u8>, ValidateError> {
+    appspec::read_bounded(f).map_err(|source| match source {
+        appspec::ReadError::TooLarge => ValidateError::TooLarge {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        },
+        source => ValidateError::Unusable {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            source,
+        },
+    })
+}
+
+/// A bundle directory: the AppSpec is opened beneath it, as a deployment opens it.
 fn find_in_dir(dir: &Path, name: Option<&str>) -> Result<Found, ValidateError> {
     let names = candidates(name, dir)?;
     let chosen = names
         .iter()
-        .find(|n| dir.join(n).is_file())
+        .find(|n| dir.join(n).symlink_metadata().is_ok())
         .ok_or_else(|| no_appspec(dir, &names))?;
     let file = dir.join(chosen);
-    let bytes = read_capped(&file)?;
+    let revision = Confined::open(dir).map_err(|source| ValidateError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let opened = revision
+        .open_file(chosen)
+        .map_err(|source| ValidateError::Refused {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    let bytes = read_appspec(opened, dir, chosen)?;
     let mut files = BTreeSet::new();
     let mut dirs = BTreeSet::new();
     list_dir(dir, "", &mut files, &mut dirs).map_err(|source| ValidateError::Read {
@@ -328,7 +370,11 @@ fn find_in_dir(dir: &Path, name: Option<&str>) -> Result<Found, ValidateError> {
     Ok(Found {
         label: file.display().to_string(),
         bytes,
-        bundle: Bundle::Listed { files, dirs },
+        bundle: Bundle::Listed {
+            files,
+            dirs,
+            revision: Some(revision),
+        },
     })
 }
 
@@ -480,6 +526,10 @@ fn find_in_archive(
     Ok(Found {
         label: format!("{}/{}", path.display(), chosen),
         bytes,
-        bundle: Bundle::Listed { files, dirs },
+        bundle: Bundle::Listed {
+            files,
+            dirs,
+            revision: None,
+        },
     })
 }

@@ -19,6 +19,7 @@ use pier_sys::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::appspec::{self, AppSpec, AppSpecError, FileExistsBehavior, LifecycleEvent};
+use crate::bundle::confined::{self, Confined};
 use crate::bundle::unpack::{self, BundleType, UnpackPolicy};
 use crate::hooks::{self, HookResult, HookRun, ScriptLog};
 use crate::install;
@@ -895,7 +896,9 @@ fn appspec_file_name(req: &Request, revision_dir: &Path) -> String {
     if let Some(n) = &req.appspec_filename {
         return n.clone();
     }
-    if !revision_dir.join("appspec.yml").exists() && revision_dir.join("appspec.yaml").exists() {
+    // Whether the names exist, not where they lead: a link out is refused when it is read.
+    let present = |n: &str| revision_dir.join(n).symlink_metadata().is_ok();
+    if !present("appspec.yml") && present("appspec.yaml") {
         return "appspec.yaml".into();
     }
     "appspec.yml".into()
@@ -912,24 +915,50 @@ async fn read_appspec_off_thread(
     tokio::task::spawn_blocking(move || read_appspec(&dir, &name, check_env)).await
 }
 
-/// Reads and validates a revision's AppSpec; every problem in one error.
+/// Reads and validates a revision's AppSpec; every problem in one error. Every path is
+/// opened beneath the revision root ([`Confined`]): an AppSpec, hook location or `files`
+/// source that leads out through a symlink is refused, and a refused AppSpec is never parsed,
+/// so nothing of it reaches a message.
 fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, AppSpecError> {
-    let path = dir.join(name);
-    let text = std::fs::read_to_string(&path).map_err(|source| AppSpecError::Unreadable {
+    let open_err = |source| AppSpecError::Open {
+        name: name.to_string(),
+        source,
+    };
+    let revision = Confined::open(dir).map_err(|source| {
+        open_err(crate::bundle::ConfinedError::Io {
+            entry: confined::show(name),
+            source,
+        })
+    })?;
+    let file = revision.open_file(name).map_err(open_err)?;
+    let bytes = appspec::read_bounded(file).map_err(|source| AppSpecError::Read {
         name: name.to_string(),
         source,
     })?;
-    let parsed =
-        appspec::parse(name, &text).map_err(|diagnostics| AppSpecError::Invalid { diagnostics })?;
+    let parsed = appspec::parse_bytes(name, &bytes)
+        .map_err(|diagnostics| AppSpecError::Invalid { diagnostics })?;
     let spec = parsed.spec;
     if check_env {
-        let has = |rel: &str| dir.join(rel).symlink_metadata().is_ok();
+        let refused = std::cell::RefCell::new(Vec::new());
+        let has = |rel: &str| match revision.check(rel) {
+            Ok(()) => true,
+            Err(e) if e.is_escape() => {
+                refused.borrow_mut().push(e.to_string());
+                true
+            }
+            Err(_) => false,
+        };
         let user = |u: &str| matches!(nix::unistd::User::from_name(u), Ok(Some(_)));
         let problems: Vec<appspec::Diagnostic> =
             appspec::check_environment(name, &spec, &has, Some(&user))
                 .into_iter()
                 .filter(|d| d.severity == appspec::Severity::Error)
                 .collect();
+        let mut refused = refused.into_inner();
+        if !refused.is_empty() {
+            refused.dedup();
+            return Err(AppSpecError::Refused { entries: refused });
+        }
         if !problems.is_empty() {
             return Err(AppSpecError::Invalid {
                 diagnostics: problems,

@@ -5,5 +5,6 @@
 mod support;
 
 mod bundle;
+mod confined;
 mod hooks;
 mod install;

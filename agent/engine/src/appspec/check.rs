@@ -1254,7 +1254,7 @@ pub fn check_environment(
                 m.span,
                 &format!("files[{i}].source"),
                 format!("`{}` does not exist in the bundle", m.source),
-                "add it to the bundle, or fix the path (relative to the bundle root)",
+                "add it to the bundle, or fix the path (relative to the bundle root); a symlink on the way must stay inside the bundle",
             );
         }
     }
@@ -1266,7 +1266,7 @@ pub fn check_environment(
                     h.span,
                     &format!("{key}.location"),
                     format!("script `{}` does not exist in the bundle", h.location),
-                    "add the script to the bundle, or fix the path (relative to the bundle root)",
+                    "add the script to the bundle, or fix the path (relative to the bundle root); a symlink on the way must stay inside the bundle",
                 );
             }
             if let Some(user) = &h.runas {

@@ -203,20 +203,81 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// The one size limit on an AppSpec, wherever it is read (validate, deploy-local, the
+/// daemon, an archive member): anything larger is surely not one, and is never read whole.
+pub const MAX_APPSPEC_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Why an opened AppSpec file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A FIFO, device, directory or socket: never read (a device may never end).
+    #[error("it is {0}, not a regular file")]
+    NotRegular(&'static str),
+    /// Past [`MAX_APPSPEC_BYTES`].
+    #[error("it is over {MAX_APPSPEC_BYTES} bytes; an AppSpec is a small YAML file")]
+    TooLarge,
+    /// The read itself failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads an opened AppSpec: only a regular file, only up to [`MAX_APPSPEC_BYTES`] (the one
+/// check every reader uses; a file that grows while read is still cut at the limit).
+pub fn read_bounded(file: std::fs::File) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let ft = file.metadata()?.file_type();
+    if !ft.is_file() {
+        return Err(ReadError::NotRegular(if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        }));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_APPSPEC_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_APPSPEC_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(bytes)
+}
+
 /// Why a revision's AppSpec cannot be used for a deployment: it cannot be read (usually: it
 /// is not in the bundle), or it has errors, its own or against the bundle and the host.
 #[derive(Debug, thiserror::Error)]
 pub enum AppSpecError {
-    /// The file is missing or unreadable.
+    /// It could not be opened beneath the revision root: missing, not a regular file, or a
+    /// link that leads out of the bundle (then nothing of it was read).
     #[error(
-        "cannot read the AppSpec {name} at the bundle root: {source} (use -A to name another file)"
+        "cannot use the AppSpec {name} at the bundle root: {source} (use -A to name another file)"
     )]
-    Unreadable {
+    Open {
         /// The AppSpec's file name in the bundle.
         name: String,
-        /// The OS error.
+        /// Why.
         #[source]
-        source: io::Error,
+        source: crate::bundle::ConfinedError,
+    },
+    /// It was opened but refused unread (not a regular file, too large) or the read failed.
+    #[error("cannot read the AppSpec {name}: {source}")]
+    Read {
+        /// The AppSpec's file name in the bundle.
+        name: String,
+        /// Why.
+        #[source]
+        source: ReadError,
+    },
+    /// Hook locations or `files` sources that lead out of the bundle through a symlink.
+    #[error("refused bundle: {}", .entries.join("; "))]
+    Refused {
+        /// One line per refused path, naming the AppSpec key and the entry.
+        entries: Vec<String>,
     },
     /// Every finding that makes it invalid (a parse failure also lists its warnings).
     #[error("{}", join_diagnostics(.diagnostics))]
@@ -227,13 +288,18 @@ pub enum AppSpecError {
 }
 
 impl AppSpecError {
-    /// The code a failed event carries: always [`ErrorCode::AppSpecInvalid`], also for a
-    /// hook script or `runas` user the check finds missing before any hook runs.
+    /// The code a failed event carries: [`ErrorCode::BundleRefused`] when the AppSpec, a hook
+    /// location or a `files` source leads out of the bundle through a symlink (a refused
+    /// bundle, like an archive entry that escapes); [`ErrorCode::AppSpecInvalid`] for the
+    /// rest, also an AppSpec that is missing, too large or not a regular file, and a hook
+    /// script or `runas` user the check finds missing before any hook runs.
     pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
-            AppSpecError::Unreadable { .. } | AppSpecError::Invalid { .. } => {
-                ErrorCode::AppSpecInvalid
-            }
+            AppSpecError::Open { source, .. } if source.is_escape() => ErrorCode::BundleRefused,
+            AppSpecError::Refused { .. } => ErrorCode::BundleRefused,
+            AppSpecError::Open { .. }
+            | AppSpecError::Read { .. }
+            | AppSpecError::Invalid { .. } => ErrorCode::AppSpecInvalid,
         }
     }
 }

@@ -5,7 +5,6 @@
 //! whole process group can be signalled.
 
 use std::ffi::{CString, OsString};
-use std::fs;
 use std::io::{self, Read};
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStringExt;
@@ -16,6 +15,7 @@ use nix::unistd::{Gid, Uid, User};
 use tokio::process::Command;
 
 use super::{HookError, HookRun};
+use crate::bundle::confined::{self, Confined, ConfinedError};
 
 /// PATH given to a script when the caller's environment has none: the usual system
 /// directories, so that scripts written for CodeDeploy (which run with a login-like PATH) find
@@ -92,35 +92,56 @@ pub(crate) fn prepare(
 
 /// Decides how the script is executed: itself when it has an executable bit, else its `#!`
 /// interpreter with the optional argument and the script's path.
+///
+/// The script is first opened beneath the revision root ([`Confined`]): a location that is,
+/// or passes through, a symlink leading out of the bundle is refused here, right before the
+/// spawn, and its `#!` line is read from that same open file. The script is then exec'd by
+/// its path in the revision, not through `/proc/self/fd/N` or `fexecve`: the script sees the
+/// `$0` CodeDeploy gives it (scripts do `cd "$(dirname "$0")"`), where an fd path would
+/// break them, and an interpreter cannot reopen a close-on-exec fd. The window between the
+/// check and the exec only matters to someone who can already rewrite the revision.
 fn program_for(run: &HookRun, via_shebang: bool) -> Result<(PathBuf, Vec<OsString>), HookError> {
-    let meta = fs::metadata(&run.script).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            HookError::ScriptMissing {
-                location: run.location.clone(),
-                script: run.script.clone(),
-            }
-        } else {
-            HookError::Unreadable {
-                location: run.location.clone(),
-                script: run.script.clone(),
-                source,
-            }
-        }
-    })?;
-    if !meta.is_file() {
-        return Err(HookError::NotAFile {
-            location: run.location.clone(),
-            script: run.script.clone(),
-        });
-    }
-    if !via_shebang && meta.permissions().mode() & 0o111 != 0 {
-        return Ok((run.script.clone(), Vec::new()));
-    }
-    let head = read_head(&run.script).map_err(|source| HookError::Unreadable {
+    let refused = |source| HookError::Refused {
+        location: run.location.clone(),
+        source,
+    };
+    let unreadable = |source| HookError::Unreadable {
         location: run.location.clone(),
         script: run.script.clone(),
         source,
+    };
+    let Some(rel) = run
+        .script
+        .strip_prefix(&run.working_dir)
+        .ok()
+        .and_then(Path::to_str)
+    else {
+        return Err(refused(ConfinedError::Escapes {
+            entry: confined::show(&run.script.to_string_lossy()),
+            why: "it is not beneath the revision root",
+        }));
+    };
+    let revision = Confined::open(&run.working_dir).map_err(unreadable)?;
+    let file = revision.open_file(rel).map_err(|e| match e {
+        ConfinedError::Missing { .. } => HookError::ScriptMissing {
+            location: run.location.clone(),
+            script: run.script.clone(),
+        },
+        ConfinedError::NotRegular { .. } => HookError::NotAFile {
+            location: run.location.clone(),
+            script: run.script.clone(),
+        },
+        ConfinedError::Io { source, .. } => unreadable(source),
+        escape @ ConfinedError::Escapes { .. } => refused(escape),
     })?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !via_shebang && meta.permissions().mode() & 0o111 != 0 {
+        return Ok((run.script.clone(), Vec::new()));
+    }
+    let mut head = Vec::with_capacity(SHEBANG_MAX);
+    file.take(SHEBANG_MAX as u64)
+        .read_to_end(&mut head)
+        .map_err(unreadable)?;
     match parse_shebang(&head) {
         Some((interpreter, arg)) => {
             let mut args: Vec<OsString> = arg.into_iter().collect();
@@ -132,14 +153,6 @@ fn program_for(run: &HookRun, via_shebang: bool) -> Result<(PathBuf, Vec<OsStrin
             script: run.script.clone(),
         }),
     }
-}
-
-fn read_head(path: &Path) -> io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(SHEBANG_MAX);
-    fs::File::open(path)?
-        .take(SHEBANG_MAX as u64)
-        .read_to_end(&mut head)?;
-    Ok(head)
 }
 
 /// Parses a `#!` line as Linux does: the interpreter is the first word, everything after it

@@ -80,7 +80,8 @@ pub type TraceSink =
 /// One script to run, with everything needed to run it.
 #[derive(Debug, Clone)]
 pub struct HookRun {
-    /// Absolute path of the script in the unpacked revision.
+    /// Absolute path of the script in the unpacked revision: beneath `working_dir`, and opened
+    /// confined to it (a link out of the revision is refused, never run).
     pub script: PathBuf,
     /// The script's location as written in the AppSpec, for messages and the log.
     pub location: String,
@@ -176,6 +177,13 @@ pub enum HookError {
     /// The location names a directory or something else that cannot run.
     #[error("hook script {location} at {} is not a regular file: point the hook's location at a script", script.display())]
     NotAFile { location: String, script: PathBuf },
+    /// The location is, or passes through, a symlink that leads out of the revision.
+    #[error("hook script {location}: {source}")]
+    Refused {
+        location: String,
+        #[source]
+        source: crate::bundle::ConfinedError,
+    },
     /// The script could not be inspected.
     #[error("hook script {location} at {} cannot be read: {source}", script.display())]
     Unreadable {
@@ -227,6 +235,7 @@ impl HookError {
     pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
             HookError::ScriptMissing { .. } => ErrorCode::ScriptMissing,
+            HookError::Refused { .. } => ErrorCode::BundleRefused,
             HookError::NotAFile { .. }
             | HookError::Unreadable { .. }
             | HookError::NotExecutable { .. }

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::appspec::{FileExistsBehavior, FileMapping, Permission};
+use crate::bundle::confined::{self, Confined, ConfinedError};
 
 pub use permissions::check_setid;
 pub(crate) use permissions::PermissionStep;
@@ -104,6 +105,14 @@ pub enum InstallError {
         source_path: String,
         /// The revision root it was looked up in.
         revision_root: PathBuf,
+    },
+    /// A `files` source whose path leads out of the bundle through a symlink.
+    #[error("files: source {source_path:?}: {source}")]
+    Refused {
+        /// The mapping's source.
+        source_path: String,
+        /// What leads out.
+        source: ConfinedError,
     },
     /// A bundle entry Install cannot place (device, FIFO, socket).
     #[error("cannot install {path}: it is neither a file, a directory nor a symlink")]
@@ -268,13 +277,15 @@ impl InstallError {
     /// at a destination it may not replace (`file_exists_behavior` DISALLOW, or RETAIN where a
     /// directory is needed, or a file that appeared after the plan);
     /// [`ErrorCode::BundleRefused`] for a set-id bit the AppSpec does not grant (checked when
-    /// the bundle is unpacked); [`ErrorCode::InstallFailed`] for everything else.
+    /// the bundle is unpacked) and a source that leads out of the bundle; [`ErrorCode::InstallFailed`] for everything else.
     pub(crate) fn error_code(&self) -> ErrorCode {
         match self {
             InstallError::Disallowed { .. }
             | InstallError::FileInTheWay { .. }
             | InstallError::AppearedSincePlan { .. } => ErrorCode::FileExists,
-            InstallError::SetidNotGranted { .. } => ErrorCode::BundleRefused,
+            InstallError::SetidNotGranted { .. } | InstallError::Refused { .. } => {
+                ErrorCode::BundleRefused
+            }
             InstallError::SourceMissing { .. }
             | InstallError::Unplaceable { .. }
             | InstallError::TwoSources { .. }
@@ -523,6 +534,8 @@ struct Wanted {
 /// Builds the set of destinations the `files` section asks for.
 struct Layout<'a> {
     root: &'a Path,
+    /// The same root, held open: sources are resolved beneath it.
+    revision: Confined,
     wanted: BTreeMap<PathBuf, Wanted>,
     /// Directories the previous install created: kept as "ours" when needed again.
     prev_created_dirs: BTreeSet<PathBuf>,
@@ -589,7 +602,25 @@ impl Layout<'_> {
         let src = if m.source.is_empty() {
             self.root.to_path_buf()
         } else {
-            self.root.join(&m.source)
+            // The directories on the way are resolved beneath the root (an in-bundle link is
+            // followed, one leading out is refused); the source itself is not followed: a
+            // link is installed as a link. Everything below uses this link-free path.
+            let (parent, name) = m.source.rsplit_once('/').unwrap_or(("", &m.source));
+            match self.revision.real_path(parent) {
+                Ok(dir) => dir.join(name),
+                Err(ConfinedError::Missing { .. }) => {
+                    return Err(InstallError::SourceMissing {
+                        source_path: m.source.clone(),
+                        revision_root: self.root.to_path_buf(),
+                    })
+                }
+                Err(source) => {
+                    return Err(InstallError::Refused {
+                        source_path: m.source.clone(),
+                        source,
+                    })
+                }
+            }
         };
         let meta = match fs::symlink_metadata(&src) {
             Ok(meta) => meta,
@@ -669,7 +700,7 @@ fn want_of(src: &Path, meta: &fs::Metadata) -> Result<Want, InstallError> {
 
 /// Hex sha256 of a file's content.
 fn sha256_file(path: &Path) -> Result<String, InstallError> {
-    let mut f = File::open(path).map_err(read_err(path))?;
+    let mut f = confined::open_planned(path).map_err(read_err(path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -712,6 +743,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     let prev_entries: &[ManifestEntry] = input.previous.map_or(&[], |m| &m.entries);
     let mut layout = Layout {
         root: input.revision_root,
+        revision: Confined::open(input.revision_root).map_err(read_err(input.revision_root))?,
         wanted: BTreeMap::new(),
         prev_created_dirs: prev_entries
             .iter()
@@ -1348,7 +1380,7 @@ fn remove_all(paths: &[PathBuf]) {
 /// the hex sha256 of what was written. On failure nothing is left at `tmp`.
 fn write_temp(source: &Path, tmp: &Path, mode: u32) -> Result<(u64, String), InstallError> {
     let result = (|| {
-        let mut input = File::open(source).map_err(read_err(source))?;
+        let mut input = confined::open_planned(source).map_err(read_err(source))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
