@@ -148,6 +148,8 @@ fn hook(rev: &Path, rel: &str) -> HookRun {
         env: vec![],
         kill_grace: Duration::from_secs(2),
         event: "ApplicationStart".into(),
+        limits: pier_engine::hooks::HookLimits::default(),
+        containment: pier_engine::hooks::Containment::host(),
     }
 }
 
