@@ -39,6 +39,17 @@ rc=${PIPESTATUS[0]}
 set -e
 scripts/services.sh stop >/dev/null 2>&1 || true
 
+# A short soak: consecutive deployments on one agent; fails when a deployment fails, when
+# descriptors grow, or when the root outgrows retention (scripts/soak; the long run is manual).
+soak_passed=0
+soak_failed=0
+if scripts/soak -n 30 --warmup 10 --no-build; then
+  soak_passed=1
+else
+  soak_failed=1
+  rc=1
+fi
+
 # One closing line for the whole run, summed over every test binary; a skipped test is
 # counted as skipped, never as passed.
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$out" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
@@ -50,6 +61,8 @@ if [ "$skipped" -gt 0 ]; then
   sed 's/^/  /' "$skips"
 fi
 passed=$((passed > skipped ? passed - skipped : 0))
+passed=$((passed + soak_passed))
+failed=$((failed + soak_failed))
 rm -f "$out" "$skips"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"
