@@ -3,6 +3,7 @@
 
 mod support;
 
+mod archive_caps;
 mod controller;
 mod daemon;
 mod deploy_local;
