@@ -3,6 +3,7 @@
 
 mod support;
 
+mod archive_caps;
 mod confine;
 mod controller;
 mod daemon;

@@ -13,8 +13,14 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use pier_engine::appspec::{self, Diagnostic, MAX_APPSPEC_BYTES};
+use pier_engine::bundle::tar_stream::{self, MAX_NAME_BYTES};
+use pier_engine::bundle::unpack::MAX_ZIP_EXTRA_BYTES;
 use pier_engine::bundle::{Confined, ConfinedError};
+use pier_protocol::quote::{quote, quote_bytes};
 use pier_protocol::BundleType;
+
+/// How much of an archive reader's message a refusal keeps.
+const MAX_REASON_CHARS: usize = 400;
 
 /// How findings are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -61,8 +67,11 @@ pub(crate) enum ValidateError {
         kind: &'static str,
         reason: String,
     },
+    /// A tar stream the bundle reader refused (turned into [`ValidateError::Archive`]).
+    #[error(transparent)]
+    Tar(#[from] tar_stream::TarError),
     /// The AppSpec is too large to be one.
-    #[error("{path}: the AppSpec `{name}` is over {MAX_APPSPEC_BYTES} bytes; an AppSpec is a small YAML file")]
+    #[error("{path}: the AppSpec {name} is over {MAX_APPSPEC_BYTES} bytes; an AppSpec is a small YAML file")]
     TooLarge { path: PathBuf, name: String },
     /// The AppSpec is not a regular file, or could not be read.
     #[error("{path}: the AppSpec `{name}`: {source}")]
@@ -451,7 +460,7 @@ fn find_in_archive(
     let bad = |reason: String| ValidateError::Archive {
         path: path.to_path_buf(),
         kind: archive_name(kind),
-        reason,
+        reason: pier_protocol::quote::bounded(&reason, MAX_REASON_CHARS),
     };
     let read_err = |source| ValidateError::Read {
         path: path.to_path_buf(),
@@ -465,37 +474,55 @@ fn find_in_archive(
     match kind {
         BundleType::Tar | BundleType::Tgz => {
             let reader: Box<dyn Read> = if kind == BundleType::Tgz {
-                Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
+                Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
             } else {
                 Box::new(BufReader::new(file))
             };
-            let mut ar = tar::Archive::new(reader);
-            for entry in ar.entries().map_err(|e| bad(e.to_string()))? {
-                let mut entry = entry.map_err(|e| bad(e.to_string()))?;
-                let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-                let Some(p) = member_path(&raw) else { continue };
-                let is_dir = entry.header().entry_type().is_dir();
+            let listed = tar_stream::for_each_member(reader, |m| -> Result<(), ValidateError> {
+                let raw = String::from_utf8_lossy(m.name).into_owned();
+                let Some(p) = member_path(&raw) else {
+                    return Ok(());
+                };
+                let is_dir = m.entry_type.is_dir();
                 if !is_dir && names.contains(&p) {
-                    if entry.size() > MAX_APPSPEC_BYTES {
+                    if m.size > MAX_APPSPEC_BYTES {
                         return Err(ValidateError::TooLarge {
                             path: path.to_path_buf(),
-                            name: p,
+                            name: quote(&p),
                         });
                     }
                     let mut bytes = Vec::new();
-                    entry
+                    m.data
+                        .take(MAX_APPSPEC_BYTES + 1)
                         .read_to_end(&mut bytes)
                         .map_err(|e| bad(e.to_string()))?;
                     found.push((p.clone(), bytes));
                 }
                 add_member(p, is_dir, &mut files, &mut dirs);
-            }
+                Ok(())
+            });
+            listed.map_err(|e| match e {
+                ValidateError::Tar(t) => bad(t.to_string()),
+                e => e,
+            })?;
         }
         BundleType::Zip => {
             let mut ar =
                 zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
             for i in 0..ar.len() {
                 let mut entry = ar.by_index(i).map_err(|e| bad(e.to_string()))?;
+                let extra = entry.extra_data().map_or(0, |d| d.len());
+                for (what, len, limit) in [
+                    ("name", entry.name_raw().len(), MAX_NAME_BYTES),
+                    ("extra field", extra, MAX_ZIP_EXTRA_BYTES),
+                ] {
+                    if len as u64 > limit {
+                        return Err(bad(format!(
+                            "entry {} has a {what} of {len} bytes, over the cap of {limit}",
+                            quote_bytes(entry.name_raw())
+                        )));
+                    }
+                }
                 let raw = entry.name().map_err(|e| bad(e.to_string()))?.into_owned();
                 let Some(p) = member_path(&raw) else { continue };
                 let is_dir = entry.is_dir();
@@ -503,7 +530,7 @@ fn find_in_archive(
                     if entry.size() > MAX_APPSPEC_BYTES {
                         return Err(ValidateError::TooLarge {
                             path: path.to_path_buf(),
-                            name: p,
+                            name: quote(&p),
                         });
                     }
                     let mut bytes = Vec::new();

@@ -43,12 +43,18 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
-    #[error(
-        "{what} {id:?} is not a safe identifier (letters, digits, '.', '_', '-'; at most 128)"
-    )]
+    #[error("{what} {id} is not a safe identifier (letters, digits, '.', '_', '-'; at most 128)")]
     BadId { what: &'static str, id: String },
     #[error("deployment group {group} is busy: another deployment holds {path}")]
     Busy { group: String, path: PathBuf },
+    /// A value that JSON cannot hold (a path that is not UTF-8): an error, never a panic, so
+    /// a bad name fails its deployment instead of the agent.
+    #[error("{path}: cannot record the state: {source}")]
+    Unserializable {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -79,7 +85,10 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, S
 
 /// Writes a JSON state file atomically.
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
-    let bytes = serde_json::to_vec_pretty(value).expect("state types always serialize");
+    let bytes = serde_json::to_vec_pretty(value).map_err(|source| StateError::Unserializable {
+        path: path.to_path_buf(),
+        source,
+    })?;
     pier_sys::atomic_write(path, &bytes).map_err(io_err(path))
 }
 
@@ -197,7 +206,7 @@ impl Root {
         if !is_valid_id(group_id) {
             return Err(StateError::BadId {
                 what: "deployment group id",
-                id: group_id.to_string(),
+                id: pier_protocol::quote::quote(group_id),
             });
         }
         let dir = self.dir.join("groups").join(group_id);
@@ -290,7 +299,7 @@ impl Group {
         if !is_valid_id(deployment_id) {
             return Err(StateError::BadId {
                 what: "deployment id",
-                id: deployment_id.to_string(),
+                id: pier_protocol::quote::quote(deployment_id),
             });
         }
         Ok(self.dir.join("deployments").join(deployment_id))

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod archive_caps;
 mod bundle;
 mod confined;
 mod hooks;

@@ -16,6 +16,7 @@ mod bundle;
 mod diagnostics;
 mod event;
 mod id;
+pub mod quote;
 
 pub use bundle::{BundleType, UnknownBundleType, MAGIC_LEN};
 pub use diagnostics::{Diagnostics, ErrorCode};
@@ -69,11 +70,19 @@ pub enum ProtocolError {
     },
 }
 
+/// How much of a field path a [`ProtocolError`] shows.
+const MAX_FIELD_CHARS: usize = 120;
+/// How much of a parser's reason (which may quote the input) a [`ProtocolError`] shows.
+const MAX_REASON_CHARS: usize = 300;
+
 impl ProtocolError {
+    /// Every part of a message that comes from the input is cut to a bounded length, so a
+    /// hostile message cannot make an error (and the log line or status that carries it)
+    /// grow with it.
     fn field(field: impl Into<String>, reason: impl Into<String>) -> ProtocolError {
         ProtocolError::Field {
-            field: field.into(),
-            reason: reason.into(),
+            field: quote::bounded(&field.into(), MAX_FIELD_CHARS),
+            reason: quote::bounded(&reason.into(), MAX_REASON_CHARS),
         }
     }
 }
@@ -463,7 +472,7 @@ fn parse_versioned<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ProtocolError> {
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| ProtocolError::NotJson {
-            reason: e.to_string(),
+            reason: quote::bounded(&e.to_string(), MAX_REASON_CHARS),
         })?;
     let obj = value.as_object().ok_or_else(|| ProtocolError::NotJson {
         reason: "the top level is not an object".to_string(),
@@ -473,7 +482,7 @@ fn parse_versioned<T: serde::de::DeserializeOwned>(
         Some(v) if v.as_u64() == Some(u64::from(supported)) => {}
         Some(v) => {
             return Err(ProtocolError::UnknownVersion {
-                found: v.to_string(),
+                found: quote::bounded(&v.to_string(), MAX_FIELD_CHARS),
                 supported,
             })
         }
@@ -485,10 +494,7 @@ fn parse_versioned<T: serde::de::DeserializeOwned>(
         } else {
             path
         };
-        ProtocolError::Field {
-            field,
-            reason: e.into_inner().to_string(),
-        }
+        ProtocolError::field(field, e.into_inner().to_string())
     })
 }
 

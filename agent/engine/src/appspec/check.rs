@@ -4,6 +4,7 @@
 //! adds (paths that escape the bundle, relative destinations, unknown keys, YAML 1.1 octal
 //! surprises). Each check reports and carries on, so one run shows every problem.
 
+use pier_protocol::quote::{escape_bytes, MAX_MESSAGE_CHARS};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -87,7 +88,7 @@ impl Ctx<'_> {
                 self.error(
                     k.span,
                     &path,
-                    format!("`{name}` appears twice (first on line {first_line})"),
+                    format!("{} appears twice (first on line {first_line})", quote(name)),
                     "keep one of them; YAML would silently use only the last",
                 );
                 continue;
@@ -218,6 +219,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// A value from the AppSpec fit for a diagnostic: in backticks, escaped and cut like every
+/// name pier quotes (`pier_protocol::quote`), so a huge or control-laden scalar cannot make
+/// the diagnostic grow with it.
+fn quote(s: &str) -> String {
+    format!("`{}`", escape_bytes(s.as_bytes(), MAX_MESSAGE_CHARS))
+}
+
 /// A path inside the bundle, normalized. A leading `/` means the bundle root, as in
 /// CodeDeploy (`source: /` is the whole bundle); `..` may not climb above the root.
 pub(crate) fn bundle_path(raw: &str) -> Result<String, String> {
@@ -230,7 +238,7 @@ pub(crate) fn bundle_path(raw: &str) -> Result<String, String> {
             "" | "." => {}
             ".." => {
                 if parts.pop().is_none() {
-                    return Err(format!("`{raw}` climbs out of the bundle with `..`"));
+                    return Err(format!("{} climbs out of the bundle with `..`", quote(raw)));
                 }
             }
             p => parts.push(p),
@@ -243,7 +251,7 @@ pub(crate) fn bundle_path(raw: &str) -> Result<String, String> {
 /// it usually means a path built by mistake.
 fn host_path(raw: &str) -> Result<PathBuf, String> {
     if !raw.starts_with('/') {
-        return Err(format!("`{raw}` is not an absolute path"));
+        return Err(format!("{} is not an absolute path", quote(raw)));
     }
     if raw.contains('\0') {
         return Err("contains a NUL character".to_string());
@@ -252,7 +260,7 @@ fn host_path(raw: &str) -> Result<PathBuf, String> {
     for part in raw.split('/') {
         match part {
             "" | "." => {}
-            ".." => return Err(format!("`{raw}` contains `..`")),
+            ".." => return Err(format!("{} contains `..`", quote(raw))),
             p => out.push(p),
         }
     }
@@ -656,7 +664,7 @@ fn permission(ctx: &mut Ctx, item: &Node, key: &str, f: &Fields) -> Option<(Perm
                         ctx.error(
                             it.span,
                             &kj,
-                            format!("`{raw}` is not a valid glob: {why}"),
+                            format!("{} is not a valid glob: {why}", quote(raw)),
                             "use * ? [abc] and **",
                         );
                         ok = false;
@@ -833,7 +841,7 @@ fn name_field(ctx: &mut Ctx, f: &Fields, key: &str, name: &str, ok: &mut bool) -
         ctx.error(
             n.span,
             &k,
-            format!("`{raw}` is not a valid {name} name"),
+            format!("{} is not a valid {name} name", quote(raw)),
             &format!("write one {name} name, e.g. www-data, without spaces, `:` or `/`"),
         );
         *ok = false;
@@ -889,7 +897,7 @@ pub(crate) fn check_acl(raw: &str) -> Result<(), String> {
         ));
     }
     if qualifier.chars().any(|c| c.is_whitespace() || c == ',') {
-        return Err(format!("`{qualifier}` is not a valid name"));
+        return Err(format!("{} is not a valid name", quote(qualifier)));
     }
     if perms.is_empty() {
         return Err("the permissions are missing".to_string());
@@ -898,16 +906,19 @@ pub(crate) fn check_acl(raw: &str) -> Result<(), String> {
         return if perms.as_bytes()[0] <= b'7' {
             Ok(())
         } else {
-            Err(format!("`{perms}` is not an octal digit"))
+            Err(format!("{} is not an octal digit", quote(perms)))
         };
     }
     let mut seen = String::new();
     for c in perms.chars() {
         if !"rwxX-".contains(c) {
-            return Err(format!("`{c}` is not a permission (use r, w, x, X or -)"));
+            return Err(format!(
+                "{} is not a permission (use r, w, x, X or -)",
+                quote(&c.to_string())
+            ));
         }
         if c != '-' && seen.contains(c) {
-            return Err(format!("`{c}` is repeated"));
+            return Err(format!("{} is repeated", quote(&c.to_string())));
         }
         seen.push(c);
     }
@@ -925,7 +936,7 @@ fn context_of(ctx: &mut Ctx, node: &Node, key: &str) -> Option<SeLinuxContext> {
             ctx.error(
                 n.span,
                 &k,
-                format!("`{raw}` is not a valid SELinux {name}"),
+                format!("{} is not a valid SELinux {name}", quote(raw)),
                 "SELinux names use letters, digits and `_`, e.g. system_u or httpd_sys_content_t",
             );
             ok = false;
@@ -984,18 +995,22 @@ pub(crate) fn check_range(raw: &str) -> Result<(), String> {
             Some((s, c)) => (s, Some(c)),
             None => (*level, None),
         };
-        sens.push(numbered(s, 's').ok_or_else(|| format!("`{s}` is not a sensitivity like s0"))?);
+        sens.push(
+            numbered(s, 's').ok_or_else(|| format!("{} is not a sensitivity like s0", quote(s)))?,
+        );
         if let Some(cats) = cats {
             for cat in cats.split(',') {
                 let (a, b) = match cat.split_once('.') {
                     Some((a, b)) => (a, Some(b)),
                     None => (cat, None),
                 };
-                let lo = numbered(a, 'c')
-                    .ok_or_else(|| format!("`{cat}` is not a category like c0 or c0.c255"))?;
+                let lo = numbered(a, 'c').ok_or_else(|| {
+                    format!("{} is not a category like c0 or c0.c255", quote(cat))
+                })?;
                 if let Some(b) = b {
-                    let hi = numbered(b, 'c')
-                        .ok_or_else(|| format!("`{cat}` is not a category like c0 or c0.c255"))?;
+                    let hi = numbered(b, 'c').ok_or_else(|| {
+                        format!("{} is not a category like c0 or c0.c255", quote(cat))
+                    })?;
                     if hi < lo {
                         return Err(format!("category range `{cat}` runs backwards"));
                     }
@@ -1219,7 +1234,7 @@ fn hook(ctx: &mut Ctx, item: &Node, key: &str, f: &Fields) -> Option<Hook> {
                 runas = Some(raw.to_string())
             }
             Some(raw) => {
-                ctx.error(n.span, &k, format!("`{raw}` is not a valid user name"), "write one user name, e.g. www-data, or remove runas to run as the agent's user");
+                ctx.error(n.span, &k, format!("{} is not a valid user name", quote(raw)), "write one user name, e.g. www-data, or remove runas to run as the agent's user");
                 ok = false;
             }
             None => ok = false,
@@ -1253,7 +1268,7 @@ pub fn check_environment(
             ctx.error(
                 m.span,
                 &format!("files[{i}].source"),
-                format!("`{}` does not exist in the bundle", m.source),
+                format!("{} does not exist in the bundle", quote(&m.source)),
                 "add it to the bundle, or fix the path (relative to the bundle root); a symlink on the way must stay inside the bundle",
             );
         }
@@ -1265,7 +1280,7 @@ pub fn check_environment(
                 ctx.error(
                     h.span,
                     &format!("{key}.location"),
-                    format!("script `{}` does not exist in the bundle", h.location),
+                    format!("script {} does not exist in the bundle", quote(&h.location)),
                     "add the script to the bundle, or fix the path (relative to the bundle root); a symlink on the way must stay inside the bundle",
                 );
             }

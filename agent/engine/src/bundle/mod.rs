@@ -4,6 +4,7 @@
 
 pub mod confined;
 pub(crate) mod fetch;
+pub mod tar_stream;
 pub mod unpack;
 
 pub use confined::{Confined, ConfinedError};

@@ -19,7 +19,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use pier_protocol::quote::quote_bytes;
 use pier_protocol::ErrorCode;
+
+use super::tar_stream::{self, TarError, MAX_NAME_BYTES};
+
+/// How much of an archive reader's own message an error keeps.
+const MAX_DETAIL_CHARS: usize = 300;
+/// Cap on one zip entry's extra field (the format allows 64 KiB; real ones are a few dozen
+/// bytes).
+pub const MAX_ZIP_EXTRA_BYTES: u64 = 4096;
 
 /// File-type bits as found in `st_mode` and in zip "external attributes".
 const S_IFMT: u32 = 0o170_000;
@@ -190,7 +199,7 @@ pub enum UnpackError {
     },
     /// An entry with an absolute path.
     #[error(
-        "refused bundle: entry {entry:?} has an absolute path; a bundle may hold relative \
+        "refused bundle: entry {entry} has an absolute path; a bundle may hold relative \
          paths only, rebuild it from inside its root directory"
     )]
     AbsolutePath {
@@ -199,7 +208,7 @@ pub enum UnpackError {
     },
     /// An entry with a `..` component.
     #[error(
-        "refused bundle: entry {entry:?} climbs out of the bundle with '..'; rebuild it \
+        "refused bundle: entry {entry} climbs out of the bundle with '..'; rebuild it \
          without parent-directory components"
     )]
     ParentDir {
@@ -207,14 +216,47 @@ pub enum UnpackError {
         entry: String,
     },
     /// A name that cannot be a path (NUL byte, empty).
-    #[error("refused bundle: entry {entry:?} has a name that cannot be a file path")]
+    #[error("refused bundle: entry {entry} has a name that cannot be a file path")]
     BadName {
-        /// The entry as named in the bundle (lossy).
+        /// The entry as named in the bundle (quoted, escaped, cut).
         entry: String,
+    },
+    /// A name that is not UTF-8. The journal, the install manifest and status records hold
+    /// paths as text, so such a name is refused rather than installed under another name.
+    #[error(
+        "refused bundle: entry {entry} has a name that is not UTF-8 (the bytes that are not \
+         are shown as \\xNN); pier installs UTF-8 names only, rename the file"
+    )]
+    NotUtf8 {
+        /// The entry, quoted with its bytes escaped.
+        entry: String,
+    },
+    /// The tar stream broke a cap on its metadata or used what a bundle may not.
+    #[error("refused bundle {path}: {source}")]
+    Tar {
+        /// The bundle.
+        path: PathBuf,
+        /// What the tar reader refused.
+        source: super::tar_stream::TarError,
+    },
+    /// A zip entry's name or extra field is larger than its cap.
+    #[error(
+        "refused bundle: zip entry {entry} has a {what} of {len} bytes, over the cap of \
+         {limit} bytes"
+    )]
+    ZipField {
+        /// The entry, quoted and cut.
+        entry: String,
+        /// "name" or "extra field".
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The cap.
+        limit: u64,
     },
     /// An entry that would be written beneath a symlink from the bundle.
     #[error(
-        "refused bundle: entry {entry:?} would be written through the symlink {symlink:?}; \
+        "refused bundle: entry {entry} would be written through the symlink {symlink}; \
          a bundle may contain symlinks, but nothing may be placed beneath one"
     )]
     ThroughSymlink {
@@ -225,7 +267,7 @@ pub enum UnpackError {
     },
     /// A hard link to outside the bundle or to something not (yet) extracted as a file.
     #[error(
-        "refused bundle: entry {entry:?} is a hard link to {target:?}, which is outside the \
+        "refused bundle: entry {entry} is a hard link to {target}, which is outside the \
          bundle or not a file extracted before it; replace the link with a copy of the file"
     )]
     HardLink {
@@ -236,7 +278,7 @@ pub enum UnpackError {
     },
     /// Device, FIFO or socket nodes.
     #[error(
-        "refused bundle: entry {entry:?} is a {kind}; a bundle may contain only files, \
+        "refused bundle: entry {entry} is a {kind}; a bundle may contain only files, \
          directories and symlinks"
     )]
     SpecialFile {
@@ -247,7 +289,7 @@ pub enum UnpackError {
     },
     /// Past the byte cap (declared or actually written).
     #[error(
-        "refused bundle: it is larger than the cap of {limit} bytes (entry {entry:?} brings it \
+        "refused bundle: it is larger than the cap of {limit} bytes (entry {entry} brings it \
          to {total} bytes or more); raise the bundle size cap if this bundle is trusted"
     )]
     TooLarge {
@@ -260,7 +302,7 @@ pub enum UnpackError {
     },
     /// Past the entry cap.
     #[error(
-        "refused bundle: it has more than {limit} entries (at {entry:?}); raise the entry cap \
+        "refused bundle: it has more than {limit} entries (at {entry}); raise the entry cap \
          if this bundle is trusted"
     )]
     TooManyEntries {
@@ -271,8 +313,8 @@ pub enum UnpackError {
     },
     /// Two entries of different kinds at one path (a file where a directory is, ...).
     #[error(
-        "refused bundle: entry {entry:?} conflicts with an earlier entry of another kind at \
-         {path:?}; rebuild the bundle without the duplicate"
+        "refused bundle: entry {entry} conflicts with an earlier entry of another kind at \
+         {path}; rebuild the bundle without the duplicate"
     )]
     Conflict {
         /// The entry as named in the bundle.
@@ -308,6 +350,16 @@ pub enum UnpackError {
     },
 }
 
+impl From<TarError> for UnpackError {
+    /// The bundle path is filled in by the caller, which knows it.
+    fn from(source: TarError) -> Self {
+        UnpackError::Tar {
+            path: PathBuf::new(),
+            source,
+        }
+    }
+}
+
 impl UnpackError {
     /// The code a failed DownloadBundle carries: [`ErrorCode::BundleRefused`] for anything
     /// about the bundle itself (its type, an entry, its size, a damaged or unreadable
@@ -320,6 +372,9 @@ impl UnpackError {
             | UnpackError::AbsolutePath { .. }
             | UnpackError::ParentDir { .. }
             | UnpackError::BadName { .. }
+            | UnpackError::NotUtf8 { .. }
+            | UnpackError::Tar { .. }
+            | UnpackError::ZipField { .. }
             | UnpackError::ThroughSymlink { .. }
             | UnpackError::HardLink { .. }
             | UnpackError::SpecialFile { .. }
@@ -421,9 +476,12 @@ fn open(src: &Path) -> Result<File, UnpackError> {
 /// A bundle entry's path, checked and normalized: relative, no `..`, no `.`, no empty parts.
 /// `None` is the bundle root itself (`./`).
 fn entry_rel(raw: &[u8]) -> Result<Option<PathBuf>, UnpackError> {
-    let name = || String::from_utf8_lossy(raw).into_owned();
+    let name = || quote_bytes(raw);
     if raw.contains(&0) {
         return Err(UnpackError::BadName { entry: name() });
+    }
+    if std::str::from_utf8(raw).is_err() {
+        return Err(UnpackError::NotUtf8 { entry: name() });
     }
     if raw.first() == Some(&b'/') {
         return Err(UnpackError::AbsolutePath { entry: name() });
@@ -443,8 +501,9 @@ fn entry_rel(raw: &[u8]) -> Result<Option<PathBuf>, UnpackError> {
     })
 }
 
+/// A bundle path fit for a message: quoted, escaped, cut.
 fn display(rel: &Path) -> String {
-    rel.to_string_lossy().into_owned()
+    quote_bytes(rel.as_os_str().as_bytes())
 }
 
 /// What an archive entry is, once its type is known.
@@ -454,8 +513,6 @@ enum Kind {
     Symlink(Vec<u8>),
     HardLink(Vec<u8>),
     Special(&'static str),
-    /// Metadata-only records (pax global headers) that place nothing.
-    Skip,
 }
 
 /// The state of one unpack: counters, what was extracted, directory modes to set last.
@@ -501,7 +558,7 @@ impl<'a> Extractor<'a> {
         UnpackError::Corrupt {
             path: self.src.to_path_buf(),
             kind: self.kind,
-            detail: detail.to_string(),
+            detail: pier_protocol::quote::bounded(&detail.to_string(), MAX_DETAIL_CHARS),
         }
     }
 
@@ -600,9 +657,10 @@ impl<'a> Extractor<'a> {
     /// Clears set-id bits from `mode`, reporting them; returns the bits to put on disk.
     fn strip_setid(&mut self, rel: &Path, mode: u32, type_bits: u32) -> u32 {
         if mode & SETID_BITS != 0 {
-            self.out
-                .setid_entries
-                .push((display(rel), type_bits | (mode & 0o7777)));
+            self.out.setid_entries.push((
+                rel.to_string_lossy().into_owned(),
+                type_bits | (mode & 0o7777),
+            ));
         }
         mode & KEPT_BITS
     }
@@ -639,7 +697,7 @@ impl<'a> Extractor<'a> {
     fn make_hardlink(&mut self, rel: &Path, entry: &str, target: &[u8]) -> Result<(), UnpackError> {
         let refused = || UnpackError::HardLink {
             entry: entry.to_string(),
-            target: String::from_utf8_lossy(target).into_owned(),
+            target: quote_bytes(target),
         };
         let trel = match entry_rel(target) {
             Ok(Some(t)) => t,
@@ -698,7 +756,7 @@ impl<'a> Extractor<'a> {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.corrupt(format_args!("entry {entry:?}: {e}"))),
+                Err(e) => return Err(self.corrupt(format_args!("entry {entry}: {e}"))),
             };
             self.out.bytes += n as u64;
             if self.out.bytes > self.policy.max_total_bytes {
@@ -742,53 +800,36 @@ impl<'a> Extractor<'a> {
             inner: reader,
             left: cap,
         };
-        let mut ar = tar::Archive::new(capped);
-        let over_cap = |e: &io::Error| e.kind() == io::ErrorKind::FileTooLarge;
-        let entries = ar.entries().map_err(|e| self.corrupt(e))?;
-        for item in entries {
-            let mut e = match item {
-                Ok(e) => e,
-                Err(e) if over_cap(&e) => {
-                    return Err(UnpackError::TooLarge {
-                        entry: "(the archive stream)".to_string(),
-                        total: cap,
-                        limit: self.policy.max_total_bytes,
-                    })
-                }
-                Err(e) => return Err(self.corrupt(e)),
-            };
-            let raw = e.path_bytes().into_owned();
-            let name = String::from_utf8_lossy(&raw).into_owned();
-            let hdr = e.header();
-            let kind = match hdr.entry_type() {
+        let src = self.src.to_path_buf();
+        tar_stream::for_each_member(capped, |m| {
+            let name = quote_bytes(m.name);
+            let link = || m.link.unwrap_or_default().to_vec();
+            let kind = match m.entry_type {
                 tar::EntryType::Regular
                 | tar::EntryType::Continuous
                 | tar::EntryType::GNUSparse => Kind::File,
                 tar::EntryType::Directory => Kind::Dir,
-                tar::EntryType::Symlink => {
-                    Kind::Symlink(e.link_name_bytes().unwrap_or_default().into_owned())
-                }
-                tar::EntryType::Link => {
-                    Kind::HardLink(e.link_name_bytes().unwrap_or_default().into_owned())
-                }
+                tar::EntryType::Symlink => Kind::Symlink(link()),
+                tar::EntryType::Link => Kind::HardLink(link()),
                 tar::EntryType::Char => Kind::Special("character device"),
                 tar::EntryType::Block => Kind::Special("block device"),
                 tar::EntryType::Fifo => Kind::Special("FIFO"),
-                tar::EntryType::XGlobalHeader
-                | tar::EntryType::XHeader
-                | tar::EntryType::GNULongName
-                | tar::EntryType::GNULongLink => Kind::Skip,
                 _ => Kind::Special("node of a type bundles may not hold"),
             };
-            if matches!(kind, Kind::Skip) {
-                continue;
-            }
-            let mode = hdr.mode().unwrap_or(0o644);
-            let size = e.size();
             self.count_entry(&name)?;
-            self.entry(&raw, &name, kind, mode, size, &mut e)?;
-        }
-        Ok(())
+            self.entry(m.name, &name, kind, m.mode, m.size, m.data)
+        })
+        .map_err(|e| match e {
+            UnpackError::Tar {
+                source: TarError::Read(io),
+                ..
+            } => self.corrupt(io),
+            e => e,
+        })
+        .map_err(|e| match e {
+            UnpackError::Tar { source, .. } => UnpackError::Tar { path: src, source },
+            e => e,
+        })
     }
 
     /// Places one archive entry after its path and kind have been checked.
@@ -819,7 +860,7 @@ impl<'a> Extractor<'a> {
             Kind::Dir => self.make_dir(&rel, name, mode),
             Kind::Symlink(target) => self.make_symlink(&rel, name, &target),
             Kind::HardLink(target) => self.make_hardlink(&rel, name, &target),
-            Kind::Special(_) | Kind::Skip => Ok(()),
+            Kind::Special(_) => Ok(()),
         }
     }
 
@@ -829,7 +870,21 @@ impl<'a> Extractor<'a> {
         let mut total = 0u64;
         for i in 0..zip.len() {
             let f = zip.by_index_raw(i).map_err(|e| self.corrupt(e))?;
-            let name = f.name().map(|n| n.into_owned()).unwrap_or_default();
+            let name = quote_bytes(f.name_raw());
+            let extra = f.extra_data().map_or(0, |d| d.len());
+            for (what, len, limit) in [
+                ("name", f.name_raw().len(), MAX_NAME_BYTES),
+                ("extra field", extra, MAX_ZIP_EXTRA_BYTES),
+            ] {
+                if len as u64 > limit {
+                    return Err(UnpackError::ZipField {
+                        entry: name,
+                        what,
+                        len,
+                        limit,
+                    });
+                }
+            }
             if i as u64 >= self.policy.max_entries {
                 return Err(UnpackError::TooManyEntries {
                     entry: name,
@@ -847,7 +902,8 @@ impl<'a> Extractor<'a> {
         }
         for i in 0..zip.len() {
             let mut f = zip.by_index(i).map_err(|e| self.corrupt(e))?;
-            let name = f.name().map_err(|e| self.corrupt(e))?.into_owned();
+            let raw = f.name().map_err(|e| self.corrupt(e))?.into_owned();
+            let name = quote_bytes(raw.as_bytes());
             // The raw unix mode: the zip crate's unix_mode() drops set-id bits silently, and
             // they must be reported, not just lost.
             let unix = match (f.system(), f.external_attributes() >> 16) {
@@ -862,7 +918,7 @@ impl<'a> Extractor<'a> {
                     (&mut f)
                         .take(MAX_LINK_TARGET + 1)
                         .read_to_end(&mut target)
-                        .map_err(|e| self.corrupt(format_args!("entry {name:?}: {e}")))?;
+                        .map_err(|e| self.corrupt(format_args!("entry {name}: {e}")))?;
                     if target.len() as u64 > MAX_LINK_TARGET {
                         return Err(UnpackError::BadName { entry: name });
                     }
@@ -883,7 +939,7 @@ impl<'a> Extractor<'a> {
             };
             let mode = unix.map(|m| m & 0o7777).unwrap_or(default_mode);
             self.count_entry(&name)?;
-            self.entry(name.as_bytes(), &name, kind, mode, size, &mut f)?;
+            self.entry(raw.as_bytes(), &name, kind, mode, size, &mut f)?;
         }
         Ok(())
     }
@@ -917,6 +973,9 @@ impl<'a> Extractor<'a> {
         for n in names {
             let rel = rel_dir.join(&n);
             let name = display(&rel);
+            if n.to_str().is_none() {
+                return Err(UnpackError::NotUtf8 { entry: name });
+            }
             let path = self.src.join(&rel);
             let m = fs::symlink_metadata(&path).map_err(rerr(&path))?;
             self.count_entry(&name)?;

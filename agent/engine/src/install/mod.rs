@@ -97,8 +97,8 @@ pub struct InstallInput<'a> {
 pub enum InstallError {
     /// A `files` source that is not in the revision.
     #[error(
-        "files: source {source_path:?} does not exist in the revision at {revision_root}; fix \
-         the source in appspec.yml or add it to the bundle"
+        "files: source {} does not exist in the revision at {revision_root}; fix \
+         the source in appspec.yml or add it to the bundle", q(.source_path)
     )]
     SourceMissing {
         /// The mapping's source.
@@ -114,6 +114,17 @@ pub enum InstallError {
         /// What leads out.
         source: ConfinedError,
     },
+    /// A revision file whose name is not UTF-8: the install manifest and the journal hold
+    /// paths as text, so it is refused (unpacking refuses such names first; this guards a
+    /// revision directory changed after its unpack).
+    #[error(
+        "cannot install {path}: its name is not UTF-8 (shown escaped); pier installs UTF-8 \
+         names only, rename the file"
+    )]
+    NotUtf8 {
+        /// The revision path, quoted, escaped and cut.
+        path: String,
+    },
     /// A bundle entry Install cannot place (device, FIFO, socket).
     #[error("cannot install {path}: it is neither a file, a directory nor a symlink")]
     Unplaceable {
@@ -122,8 +133,8 @@ pub enum InstallError {
     },
     /// Two `files` entries place something at one destination.
     #[error(
-        "files: two sources place {dest}: {first:?} and {second:?}; remove one of them from \
-         appspec.yml"
+        "files: two sources place {dest}: {} and {}; remove one of them from \
+         appspec.yml", q(.first), q(.second)
     )]
     TwoSources {
         /// The destination.
@@ -175,7 +186,7 @@ pub enum InstallError {
         behavior: &'static str,
     },
     /// A `permissions` owner that does not exist on this host.
-    #[error("permissions for {object}: user {name:?} does not exist on this host; create it (e.g. in a BeforeInstall hook) or fix owner in appspec.yml")]
+    #[error("permissions for {object}: user {} does not exist on this host; create it (e.g. in a BeforeInstall hook) or fix owner in appspec.yml", q(.name))]
     UnknownUser {
         /// The permission's object.
         object: PathBuf,
@@ -183,7 +194,7 @@ pub enum InstallError {
         name: String,
     },
     /// A `permissions` group that does not exist on this host.
-    #[error("permissions for {object}: group {name:?} does not exist on this host; create it (e.g. in a BeforeInstall hook) or fix group in appspec.yml")]
+    #[error("permissions for {object}: group {} does not exist on this host; create it (e.g. in a BeforeInstall hook) or fix group in appspec.yml", q(.name))]
     UnknownGroup {
         /// The permission's object.
         object: PathBuf,
@@ -191,7 +202,7 @@ pub enum InstallError {
         name: String,
     },
     /// A `pattern` or `except` glob that does not compile.
-    #[error("permissions for {object}: pattern {pattern:?} is not a valid glob ({detail}); fix it in appspec.yml")]
+    #[error("permissions for {object}: pattern {} is not a valid glob ({detail}); fix it in appspec.yml", q(.pattern))]
     BadPattern {
         /// The permission's object.
         object: PathBuf,
@@ -240,9 +251,9 @@ pub enum InstallError {
     },
     /// A set-uid/set-gid bit in the bundle that no `permissions` entry grants.
     #[error(
-        "bundle entry {entry:?} has set-id mode {mode:o}, and no permissions entry sets that \
+        "bundle entry {} has set-id mode {mode:o}, and no permissions entry sets that \
          mode on {dest}; add a permissions entry with that mode, or rebuild the bundle without \
-         set-uid/set-gid bits"
+         set-uid/set-gid bits", q(.entry)
     )]
     SetidNotGranted {
         /// The bundle entry (revision-relative).
@@ -283,9 +294,9 @@ impl InstallError {
             InstallError::Disallowed { .. }
             | InstallError::FileInTheWay { .. }
             | InstallError::AppearedSincePlan { .. } => ErrorCode::FileExists,
-            InstallError::SetidNotGranted { .. } | InstallError::Refused { .. } => {
-                ErrorCode::BundleRefused
-            }
+            InstallError::SetidNotGranted { .. }
+            | InstallError::Refused { .. }
+            | InstallError::NotUtf8 { .. } => ErrorCode::BundleRefused,
             InstallError::SourceMissing { .. }
             | InstallError::Unplaceable { .. }
             | InstallError::TwoSources { .. }
@@ -300,6 +311,11 @@ impl InstallError {
             | InstallError::Write { .. } => ErrorCode::InstallFailed,
         }
     }
+}
+
+/// A name from the AppSpec or the bundle, fit for a message.
+fn q(s: &str) -> String {
+    pier_protocol::quote::quote(s)
 }
 
 fn more(n: usize) -> String {
@@ -662,6 +678,13 @@ impl Layout<'_> {
         names.sort();
         for n in names {
             let s = src.join(&n);
+            if n.to_str().is_none() {
+                return Err(InstallError::NotUtf8 {
+                    path: pier_protocol::quote::quote_bytes(
+                        std::os::unix::ffi::OsStrExt::as_bytes(s.as_os_str()),
+                    ),
+                });
+            }
             let d = dest.join(&n);
             let meta = fs::symlink_metadata(&s).map_err(read_err(&s))?;
             let want = want_of(&s, &meta)?;
