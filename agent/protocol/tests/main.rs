@@ -2,3 +2,4 @@
 //! sees them.
 
 mod command;
+mod signature;
