@@ -299,14 +299,13 @@ pub enum SignatureError {
 
 /// Turns a queue message into a command, or says why not. `body` is a plain command (accepted
 /// only when `policy` trusts no key) or a [`SignedEnvelope`]: with trusted keys, its key must be
-/// one of them, its signature must verify over the payload's exact bytes, and the command's
-/// `created_at` must lie within `policy.max_age` before `now` and [`FUTURE_SKEW`] after it.
-/// Without trusted keys the envelope's payload is taken unchecked.
-pub fn open(
-    body: &[u8],
-    policy: &SignaturePolicy,
-    now: DateTime<Utc>,
-) -> Result<Opened, SignatureError> {
+/// one of them and its signature must verify over the payload's exact bytes. Without trusted
+/// keys the envelope's payload is taken unchecked.
+///
+/// The replay window is the caller's second step, [`check_fresh`], taken when a host first
+/// meets a deployment id: a redelivery of one it already took is the dedupe store's business,
+/// however old.
+pub fn open(body: &[u8], policy: &SignaturePolicy) -> Result<Opened, SignatureError> {
     if !is_envelope(body) {
         if !policy.is_open() {
             return Err(SignatureError::Unsigned {
@@ -355,7 +354,6 @@ pub fn open(
             key_id: s.key_id.clone(),
         })?;
     let command = Command::from_json(&payload)?;
-    check_window(&command, policy.max_age, now)?;
     Ok(Opened {
         command,
         origin: Origin::Verified { key_id: s.key_id },
@@ -372,11 +370,19 @@ fn is_envelope(body: &[u8]) -> bool {
     serde_json::from_slice::<Probe>(body).is_ok_and(|p| p.signed.is_some())
 }
 
-fn check_window(
-    cmd: &Command,
-    max_age: Duration,
+/// The replay window: a verified command's `created_at` must lie within `policy.max_age`
+/// before `now` and [`FUTURE_SKEW`] after it. A command an open agent accepted has no window
+/// (nothing vouches for its `created_at`), so this passes it.
+pub fn check_fresh(
+    opened: &Opened,
+    policy: &SignaturePolicy,
     now: DateTime<Utc>,
 ) -> Result<(), SignatureError> {
+    if !matches!(opened.origin, Origin::Verified { .. }) {
+        return Ok(());
+    }
+    let cmd = &opened.command;
+    let max_age = policy.max_age;
     let age = now.signed_duration_since(cmd.created_at);
     let max = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
     let skew = chrono::Duration::from_std(FUTURE_SKEW).expect("five minutes fit");

@@ -7,8 +7,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use pier_protocol::signature::{
-    open, sign, KeyError, Origin, PublicKey, SecretKey, SignatureError, SignaturePolicy,
-    FUTURE_SKEW,
+    check_fresh, open, sign, KeyError, Origin, PublicKey, SecretKey, SignatureError,
+    SignaturePolicy, FUTURE_SKEW,
 };
 use pier_protocol::{BundleType, Command, Revision, StatusSinkSpec, StatusTarget};
 
@@ -71,7 +71,7 @@ fn a_signed_command_round_trips_with_the_exact_bytes() {
         bytes,
         "the payload is the signed bytes themselves"
     );
-    let opened = open(&body, &trusting(&[&k]), now).unwrap();
+    let opened = open(&body, &trusting(&[&k])).unwrap();
     assert_eq!(opened.command, command(now));
     assert_eq!(
         opened.origin,
@@ -93,7 +93,7 @@ fn a_tampered_payload_or_signature_is_refused() {
         .unwrap()
         .replace("\"web\"", "\"wep\"");
     v["signed"]["payload"] = B64.encode(altered.as_bytes()).into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(matches!(e, SignatureError::BadSignature { .. }), "{e}");
     assert!(e.to_string().contains("does not verify"), "{e}");
     // One bit of the signature flipped.
@@ -101,11 +101,11 @@ fn a_tampered_payload_or_signature_is_refused() {
     let mut sig = B64.decode(v["signed"]["sig"].as_str().unwrap()).unwrap();
     sig[10] ^= 1;
     v["signed"]["sig"] = B64.encode(&sig).into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(matches!(e, SignatureError::BadSignature { .. }), "{e}");
     // A signature of the wrong length names its field.
     v["signed"]["sig"] = B64.encode([0u8; 10]).into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(e.to_string().contains("signed.sig"), "{e}");
 }
 
@@ -115,7 +115,7 @@ fn a_signature_by_an_untrusted_key_is_refused() {
     let (trusted, other) = (key(1), key(2));
     let policy = trusting(&[&trusted]);
     let body = sign(&command(now).to_json(), &other);
-    let e = open(&body, &policy, now).unwrap_err();
+    let e = open(&body, &policy).unwrap_err();
     let SignatureError::UnknownKey {
         key_id,
         trusted: list,
@@ -130,12 +130,12 @@ fn a_signature_by_an_untrusted_key_is_refused() {
     // does not verify with it.
     let mut v = envelope(&body);
     v["signed"]["key_id"] = trusted.public_key().key_id().into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(matches!(e, SignatureError::BadSignature { .. }), "{e}");
 
     // An unknown key id is shown bounded, however long the sender made it.
     v["signed"]["key_id"] = "k".repeat(10_000).into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(e.to_string().len() < 400, "{e}");
 }
 
@@ -145,7 +145,7 @@ fn two_trusted_keys_allow_a_rotation() {
     let (old, new) = (key(1), key(2));
     let during = trusting(&[&old, &new]);
     for k in [&old, &new] {
-        let opened = open(&sign(&command(now).to_json(), k), &during, now).unwrap();
+        let opened = open(&sign(&command(now).to_json(), k), &during).unwrap();
         assert_eq!(
             opened.origin,
             Origin::Verified {
@@ -155,7 +155,7 @@ fn two_trusted_keys_allow_a_rotation() {
     }
     // Once the old key is retired, what it signs is refused.
     let after = trusting(&[&new]);
-    let e = open(&sign(&command(now).to_json(), &old), &after, now).unwrap_err();
+    let e = open(&sign(&command(now).to_json(), &old), &after).unwrap_err();
     assert!(matches!(e, SignatureError::UnknownKey { .. }), "{e}");
 }
 
@@ -165,18 +165,18 @@ fn unsigned_commands_only_reach_an_open_agent() {
     let bytes = command(now).to_json();
     let open_agent = SignaturePolicy::default();
     assert!(open_agent.is_open());
-    let opened = open(&bytes, &open_agent, now).unwrap();
+    let opened = open(&bytes, &open_agent).unwrap();
     assert_eq!(opened.origin, Origin::Unsigned);
     // An open agent takes a signed command's payload without checking it.
-    let opened = open(&sign(&bytes, &key(9)), &open_agent, now).unwrap();
+    let opened = open(&sign(&bytes, &key(9)), &open_agent).unwrap();
     assert!(matches!(opened.origin, Origin::Unchecked { .. }));
 
     let k = key(1);
-    let e = open(&bytes, &trusting(&[&k]), now).unwrap_err();
+    let e = open(&bytes, &trusting(&[&k])).unwrap_err();
     assert!(matches!(e, SignatureError::Unsigned { .. }), "{e}");
     assert!(e.to_string().contains("--signing-key"), "{e}");
     // Garbage is still refused as garbage, with the parser's reason.
-    let e = open(b"not json", &open_agent, now).unwrap_err();
+    let e = open(b"not json", &open_agent).unwrap_err();
     assert!(e.to_string().contains("not valid JSON"), "{e}");
 }
 
@@ -193,8 +193,9 @@ fn a_command_outside_the_replay_window_is_refused() {
         )
     };
 
-    open(&at(-599), &policy, now).unwrap();
-    let e = open(&at(-601), &policy, now).unwrap_err();
+    let fresh = |body: Vec<u8>| check_fresh(&open(&body, &policy).unwrap(), &policy, now);
+    fresh(at(-599)).unwrap();
+    let e = fresh(at(-601)).unwrap_err();
     assert!(
         matches!(
             e,
@@ -209,9 +210,14 @@ fn a_command_outside_the_replay_window_is_refused() {
     assert!(e.to_string().contains("signature_max_age_seconds"), "{e}");
 
     let skew = FUTURE_SKEW.as_secs() as i64;
-    open(&at(skew - 1), &policy, now).unwrap();
-    let e = open(&at(skew + 1), &policy, now).unwrap_err();
+    fresh(at(skew - 1)).unwrap();
+    let e = fresh(at(skew + 1)).unwrap_err();
     assert!(matches!(e, SignatureError::FromTheFuture { .. }), "{e}");
+
+    // An open agent has nothing that vouches for created_at: no window.
+    let open_agent = SignaturePolicy::default();
+    let old = open(&at(-100_000), &open_agent).unwrap();
+    check_fresh(&old, &open_agent, now).unwrap();
 }
 
 #[test]
@@ -222,19 +228,19 @@ fn a_malformed_envelope_names_its_field() {
     let body = sign(&command(now).to_json(), &k);
     let mut v = envelope(&body);
     v["version"] = 2.into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(e.to_string().contains("version 2"), "{e}");
     let mut v = envelope(&body);
     v["signed"]["alg"] = "rsa".into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(matches!(e, SignatureError::Algorithm(_)), "{e}");
     let mut v = envelope(&body);
     v["signed"].as_object_mut().unwrap().remove("sig");
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(e.to_string().contains("signed"), "{e}");
     let mut v = envelope(&body);
     v["signed"]["payload"] = "%%%".into();
-    let e = open(v.to_string().as_bytes(), &policy, now).unwrap_err();
+    let e = open(v.to_string().as_bytes(), &policy).unwrap_err();
     assert!(e.to_string().contains("signed.payload"), "{e}");
 }
 
