@@ -1,0 +1,233 @@
+//! Signed commands end to end: `pier keygen` makes a key pair, `pier deploy --signing-key`
+//! signs, and a real `pier-agent` with `trusted_keys` runs what verifies and refuses the rest
+//! (unsigned, tampered, signed by another key, stale), leaving each in `rejected/` with its
+//! reason and installing nothing. An agent without keys says it runs open and takes unsigned
+//! commands.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pier_protocol::signature::{sign, SecretKey};
+use pier_protocol::Command;
+use pier_transport::spool::Spool;
+
+use crate::daemon::{local_record, wait_for};
+use crate::support::{pier, Agent, Run, Scratch};
+
+/// `pier keygen --out DIR --name NAME`; returns the key id it printed.
+fn keygen(dir: &Path, name: &str) -> String {
+    let run = pier(&["keygen", "--out", dir.to_str().unwrap(), "--name", name]).success();
+    run.stdout.trim().to_string()
+}
+
+/// A bundle directory whose appspec copies `site/` to `dest`, pushed as a local archive.
+fn pushed_bundle(s: &Scratch, name: &str, dest: &Path) -> PathBuf {
+    s.write(
+        &format!("{name}/appspec.yml"),
+        &format!(
+            "version: 0.0\nos: linux\nfiles:\n  - source: site\n    destination: {}\n",
+            dest.display()
+        ),
+    );
+    s.write(&format!("{name}/site/index.html"), &format!("{name}\n"));
+    let archive = s.path().join(format!("revs/{name}.tgz"));
+    pier(&[
+        "push",
+        "--application",
+        "web",
+        "--source",
+        s.path().join(name).to_str().unwrap(),
+        "--local-location",
+        archive.to_str().unwrap(),
+    ])
+    .success();
+    archive
+}
+
+/// `pier deploy` of `archive` to host `solo` through `spool`, with `extra` flags.
+fn deploy(archive: &Path, spool: &Path, status: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "deploy",
+        "--application",
+        "web",
+        "--deployment-group",
+        "prod",
+        "--revision",
+        archive.to_str().unwrap(),
+        "--hosts",
+        "solo",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+        "--status-dir",
+        status.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    pier(&args)
+}
+
+/// Waits until the agent has moved spool file `name` to `rejected/`, and returns the reason.
+fn rejection(agent: &crate::support::RunningAgent, spool: &Path, name: &str) -> String {
+    let reason = spool.join(format!("rejected/{name}.reason"));
+    let text = wait_for(
+        Duration::from_secs(30),
+        &format!("{name} to be rejected"),
+        &|| agent.log(),
+        || std::fs::read_to_string(&reason).ok(),
+    );
+    assert!(spool.join("rejected").join(name).is_file());
+    text
+}
+
+#[test]
+fn an_agent_with_trusted_keys_runs_signed_commands_and_rejects_the_rest() {
+    let s = Scratch::new();
+    let keys = s.path().join("keys");
+    let key_id = keygen(&keys, "ci");
+    let secret = keys.join("ci.key");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&secret), 0o600);
+    assert_eq!(mode(&keys.join("ci.pub")), 0o644);
+    let other_keys = s.path().join("other");
+    keygen(&other_keys, "rogue");
+
+    let agent = Agent::builder(s.path().join("solo"))
+        .host("solo")
+        .spool()
+        .config(&format!(
+            "trusted_keys:\n  - id: {key_id}\n    file: {}\n",
+            keys.join("ci.pub").display()
+        ))
+        .build();
+    let spool = agent.spool().to_path_buf();
+    let status = s.path().join("status");
+    let dest = s.path().join("www");
+    let running = agent.start();
+    let v1 = pushed_bundle(&s, "v1", &dest);
+    let v2 = pushed_bundle(&s, "v2", &dest);
+
+    // Signed with the trusted key: deployed.
+    let run = deploy(
+        &v1,
+        &spool,
+        &status,
+        &[
+            "--signing-key",
+            secret.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "60",
+            "--poll-interval",
+            "0.2",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}\n--- agent\n{}", run.all(), running.log());
+    assert!(run.stderr.contains(&format!("signing with key {key_id}")));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("index.html")).unwrap(),
+        "v1\n"
+    );
+    let log = running.log();
+    assert!(
+        log.contains(&format!("signed by trusted key {key_id}")),
+        "{log}"
+    );
+    assert!(!log.contains("RUNNING OPEN"), "{log}");
+
+    // Unsigned: refused, never run.
+    let run = deploy(&v2, &spool, &status, &[]).success();
+    let unsigned = run.stdout.trim().to_string();
+    let why = rejection(&running, &spool, &format!("{unsigned}.json"));
+    assert!(why.contains("not signed"), "{why}");
+
+    // Signed by a key the agent does not trust.
+    let rogue = other_keys.join("rogue.key");
+    let run = deploy(
+        &v2,
+        &spool,
+        &status,
+        &["--signing-key", rogue.to_str().unwrap()],
+    )
+    .success();
+    let untrusted = run.stdout.trim().to_string();
+    let why = rejection(&running, &spool, &format!("{untrusted}.json"));
+    assert!(why.contains("does not trust"), "{why}");
+
+    // Signed by the trusted key, then one byte of the signed command changed on the way.
+    let staging = s.path().join("staging");
+    let run = deploy(
+        &v2,
+        &staging,
+        &status,
+        &["--signing-key", secret.to_str().unwrap()],
+    )
+    .success();
+    let tampered = run.stdout.trim().to_string();
+    let name = format!("{tampered}.json");
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(staging.join(&name)).unwrap()).unwrap();
+    let mut payload = B64
+        .decode(envelope["signed"]["payload"].as_str().unwrap())
+        .unwrap();
+    let at = String::from_utf8_lossy(&payload)
+        .find("\"prod\"")
+        .expect("the group name in the command")
+        + 1;
+    payload[at] = b'q'; // "prod" -> "qrod": still a valid command, no longer the signed one
+    Command::from_json(&payload).expect("the tampered command still parses");
+    envelope["signed"]["payload"] = B64.encode(&payload).into();
+    Spool::submit(&spool, &name, envelope.to_string().as_bytes()).unwrap();
+    let why = rejection(&running, &spool, &name);
+    assert!(why.contains("does not verify"), "{why}");
+
+    // Signed by the trusted key but created two hours ago: outside the replay window.
+    let mut stale: Command = Command::from_json(&payload).unwrap();
+    stale.deployment_group_name = "prod".into();
+    stale.deployment_id = format!("{tampered}-stale");
+    stale.created_at = chrono::Utc::now() - chrono::Duration::hours(2);
+    let key = SecretKey::from_base64(&std::fs::read_to_string(&secret).unwrap()).unwrap();
+    let name = format!("{}.json", stale.deployment_id);
+    Spool::submit(&spool, &name, &sign(&stale.to_json(), &key)).unwrap();
+    let why = rejection(&running, &spool, &name);
+    assert!(why.contains("signature_max_age_seconds"), "{why}");
+
+    // None of them ran: v1 is still installed and none has a status record.
+    assert_eq!(
+        std::fs::read_to_string(dest.join("index.html")).unwrap(),
+        "v1\n"
+    );
+    for id in [&unsigned, &untrusted, &tampered, &stale.deployment_id] {
+        assert!(local_record(&status, id, "solo").is_none(), "{id} ran");
+    }
+    let log = running.log();
+    assert_eq!(log.matches("rejected message").count(), 4, "{log}");
+}
+
+#[test]
+fn an_agent_without_keys_says_it_runs_open_and_takes_unsigned_commands() {
+    let s = Scratch::new();
+    let agent = Agent::builder(s.path().join("solo"))
+        .host("solo")
+        .spool()
+        .build();
+    let spool = agent.spool().to_path_buf();
+    let status = s.path().join("status");
+    let dest = s.path().join("www");
+    let running = agent.start();
+    let v1 = pushed_bundle(&s, "v1", &dest);
+    let run = deploy(
+        &v1,
+        &spool,
+        &status,
+        &["--wait", "--timeout", "60", "--poll-interval", "0.2"],
+    );
+    assert_eq!(run.code, 0, "{}\n--- agent\n{}", run.all(), running.log());
+    assert_eq!(
+        std::fs::read_to_string(dest.join("index.html")).unwrap(),
+        "v1\n"
+    );
+    let log = running.log();
+    assert_eq!(log.matches("RUNNING OPEN").count(), 1, "{log}");
+}
