@@ -44,7 +44,7 @@ enum Command {
     /// Archive a directory, upload it as a revision, print the revision JSON on stdout.
     Push(PushArgs),
     /// Send a deployment to hosts; with --wait, follow it until every host is done.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Show a deployment's per-host, per-event status.
     Status(StatusArgs),
     /// Write a new ed25519 key pair for signing commands: DIR/NAME.key (mode 0600) and
@@ -211,7 +211,7 @@ fn main() -> ExitCode {
     let code = pier_controller::run(async move {
         match cli.command {
             Command::Push(a) => push(a, aws).await,
-            Command::Deploy(a) => deploy(a, aws).await,
+            Command::Deploy(a) => deploy(*a, aws).await,
             Command::Keygen(a) => keygen(a),
             Command::Status(a) => {
                 pier_controller::status::status(&StatusOptions {
