@@ -19,7 +19,12 @@ pub(crate) fn sha256_file(p: &Path) -> String {
 
 /// Writes a tgz bundle whose appspec copies `app/` to `dest` and runs `hooks` (event, script
 /// body) from `scripts/`.
-fn tgz_bundle(scratch: &Scratch, name: &str, dest: &Path, hooks: &[(&str, &str)]) -> PathBuf {
+pub(crate) fn tgz_bundle(
+    scratch: &Scratch,
+    name: &str,
+    dest: &Path,
+    hooks: &[(&str, &str)],
+) -> PathBuf {
     let dir = scratch.path().join(format!("{name}-src"));
     let mut spec = format!(
         "version: 0.0\nos: linux\nfiles:\n  - source: app\n    destination: {}\n",

@@ -231,3 +231,110 @@ fn an_agent_without_keys_says_it_runs_open_and_takes_unsigned_commands() {
     let log = running.log();
     assert_eq!(log.matches("RUNNING OPEN").count(), 1, "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_sqs_only_the_signed_command_runs_and_the_rest_reach_the_dead_letter_queue() {
+    use crate::daemon::{local_command, tgz_bundle};
+    use crate::support::{moto_clients, unique};
+    use pier_transport::sqs::{create_with_dlq, SqsQueue};
+
+    let aws = moto_clients().await;
+    let s = Scratch::new();
+    let keys = s.path().join("keys");
+    let key_id = keygen(&keys, "ci");
+    let key =
+        SecretKey::from_base64(&std::fs::read_to_string(keys.join("ci.key")).unwrap()).unwrap();
+    let qname = unique("pier-signed");
+    let url = create_with_dlq(&aws.sqs, &qname, 1).await.unwrap();
+    let agent = Agent::builder(s.path().join("solo"))
+        .host("solo")
+        .sqs(&url)
+        .config(&format!(
+            "trusted_keys:\n  - public_key: {}\n",
+            key.public_key().to_base64()
+        ))
+        .spawn();
+    let queue = SqsQueue::new(aws.sqs.clone(), &url);
+    let status = s.path().join("status");
+    let good_dest = s.path().join("good");
+    let evil_dest = s.path().join("evil");
+    let good = tgz_bundle(&s, "good", &good_dest, &[]);
+    let evil = tgz_bundle(&s, "evil", &evil_dest, &[]);
+
+    // Unsigned, then signed-and-altered (the revision swapped for another bundle), then signed.
+    queue
+        .send(&local_command("d-UNSIGNED1", &evil, &status).to_json())
+        .await
+        .unwrap();
+    let signed_evil = local_command("d-ALTERED01", &evil, &status).to_json();
+    let signed_good = local_command("d-ALTERED01", &good, &status).to_json();
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&sign(&signed_good, &key)).unwrap();
+    envelope["signed"]["payload"] = B64.encode(&signed_evil).into();
+    queue.send(envelope.to_string().as_bytes()).await.unwrap();
+    queue
+        .send(&sign(
+            &local_command("d-SIGNED001", &good, &status).to_json(),
+            &key,
+        ))
+        .await
+        .unwrap();
+
+    let rec = wait_for(
+        Duration::from_secs(90),
+        "the signed deployment to finish",
+        &|| agent.log(),
+        || local_record(&status, "d-SIGNED001", "solo").filter(|r| r.status.is_final()),
+    );
+    assert_eq!(
+        rec.status,
+        pier_protocol::DeploymentStatus::Succeeded,
+        "{rec:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(good_dest.join("index.html")).unwrap(),
+        "good"
+    );
+
+    // Both refused messages end in the dead-letter queue, never run.
+    let dlq_url = aws
+        .sqs
+        .get_queue_url()
+        .queue_name(format!("{qname}-dlq"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut dead = Vec::new();
+    let t = std::time::Instant::now();
+    while dead.len() < 2 {
+        let got = aws
+            .sqs
+            .receive_message()
+            .queue_url(&dlq_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        dead.extend(got.messages.unwrap_or_default());
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "{} of 2 refused messages reached the DLQ\n{}",
+            dead.len(),
+            agent.log()
+        );
+    }
+    let log = agent.log();
+    assert!(log.contains("command is not signed"), "{log}");
+    assert!(
+        log.contains(&format!("signature by key `{key_id}` does not verify")),
+        "{log}"
+    );
+    assert!(!evil_dest.exists(), "a refused command ran\n{log}");
+    for id in ["d-UNSIGNED1", "d-ALTERED01"] {
+        assert!(local_record(&status, id, "solo").is_none(), "{id} ran");
+    }
+}
