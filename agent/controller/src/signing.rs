@@ -56,8 +56,14 @@ pub fn keygen(dir: &Path, name: &str) -> Result<Generated, ControllerError> {
             ));
         }
     }
+    // The seed straight from the kernel (getrandom), not from a user-space generator.
     let mut seed = [0u8; 32];
-    rand::fill(&mut seed);
+    rand::TryRng::try_fill_bytes(&mut rand::rngs::SysRng, &mut seed).map_err(|e| {
+        ControllerError::SigningKey {
+            path: secret.clone(),
+            message: format!("no randomness from the operating system: {e}"),
+        }
+    })?;
     let key = SecretKey::from_seed(&seed);
     let pubkey = key.public_key();
     write_new(&secret, 0o600, &key.to_base64())?;
