@@ -338,3 +338,86 @@ async fn over_sqs_only_the_signed_command_runs_and_the_rest_reach_the_dead_lette
         assert!(local_record(&status, id, "solo").is_none(), "{id} ran");
     }
 }
+
+#[test]
+fn a_key_rotation_takes_effect_on_sighup() {
+    let s = Scratch::new();
+    let keys = s.path().join("keys");
+    let old_id = keygen(&keys, "old");
+    let new_id = keygen(&keys, "new");
+    let trust = |names: &[&str]| {
+        let mut yaml = String::from("trusted_keys:\n");
+        for n in names {
+            yaml.push_str(&format!(
+                "  - file: {}\n",
+                keys.join(format!("{n}.pub")).display()
+            ));
+        }
+        yaml
+    };
+    let agent = Agent::builder(s.path().join("solo"))
+        .host("solo")
+        .spool()
+        .config(&trust(&["old"]))
+        .build();
+    let spool = agent.spool().to_path_buf();
+    let status = s.path().join("status");
+    let dest = s.path().join("www");
+    let running = agent.start();
+    let v1 = pushed_bundle(&s, "v1", &dest);
+    let signed_by = |name: &str| {
+        let key = keys.join(format!("{name}.key"));
+        deploy(
+            &v1,
+            &spool,
+            &status,
+            &["--signing-key", key.to_str().unwrap()],
+        )
+        .success()
+        .stdout
+        .trim()
+        .to_string()
+    };
+    let finished = |id: &str| {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{id} to finish"),
+            &|| running.log(),
+            || local_record(&status, id, "solo").filter(|r| r.status.is_final()),
+        )
+    };
+    let reload = |names: &[&str], expect: &str| {
+        let text = std::fs::read_to_string(agent.config()).unwrap();
+        let head = text.split("trusted_keys:").next().unwrap().to_string();
+        std::fs::write(agent.config(), head + &trust(names)).unwrap();
+        let before = running.log().matches("applied").count();
+        running.signal(nix::sys::signal::Signal::SIGHUP);
+        wait_for(Duration::from_secs(30), "reload", &|| running.log(), || {
+            (running.log().matches("applied").count() > before).then_some(())
+        });
+        assert!(running.log().contains(expect), "{}", running.log());
+    };
+
+    // Only the old key is trusted: the new one is refused.
+    let id = signed_by("new");
+    let why = rejection(&running, &spool, &format!("{id}.json"));
+    assert!(why.contains("does not trust"), "{why}");
+    finished(&signed_by("old"));
+
+    // Both trusted (the rotation's overlap): either key deploys.
+    let mut both = [old_id.clone(), new_id.clone()];
+    both.sort();
+    reload(
+        &["old", "new"],
+        &format!("trusted key(s) {}", both.join(", ")),
+    );
+    finished(&signed_by("new"));
+    finished(&signed_by("old"));
+
+    // The old key retired: what it signs is refused from the next message on.
+    reload(&["new"], &format!("trusted key(s) {new_id} "));
+    let id = signed_by("old");
+    let why = rejection(&running, &spool, &format!("{id}.json"));
+    assert!(why.contains(&format!("`{old_id}`")), "{why}");
+    finished(&signed_by("new"));
+}

@@ -463,21 +463,7 @@ impl Daemon {
         }
         this.report_interrupted().await;
         this.housekeeping().await;
-        let signing = this.config().signing.clone();
-        if signing.is_open() {
-            log::warn!(
-                "RUNNING OPEN: no trusted_keys are configured, so this agent runs any command \
-                 that reaches {}, signed or not; configure trusted_keys (docs/operations.md, \
-                 Signing commands) so that only your controller's commands run",
-                this.queue.describe()
-            );
-        } else {
-            log::info!(
-                "accepting only commands signed by trusted key(s) {} created within the last {}s",
-                signing.key_ids().join(", "),
-                signing.max_age.as_secs()
-            );
-        }
+        this.log_signing();
         log::info!(
             HOST_ID = this.host_id.as_str();
             "pier-agent {} ready: host {} polling {}",
@@ -594,6 +580,25 @@ impl Daemon {
             .clone()
     }
 
+    /// Says which commands this agent accepts: at start, and after a reload that changed it.
+    fn log_signing(&self) {
+        let signing = self.config().signing.clone();
+        if signing.is_open() {
+            log::warn!(
+                "RUNNING OPEN: no trusted_keys are configured, so this agent runs any command \
+                 that reaches {}, signed or not; configure trusted_keys (docs/operations.md, \
+                 Signing commands) so that only your controller's commands run",
+                self.queue.describe()
+            );
+        } else {
+            log::info!(
+                "accepting only commands signed by trusted key(s) {} created within the last {}s",
+                signing.key_ids().join(", "),
+                signing.max_age.as_secs()
+            );
+        }
+    }
+
     fn reload(&self) {
         let Some((path, required)) = &self.config_source else {
             log::warn!("reload: this agent was not started from a configuration file");
@@ -613,8 +618,12 @@ impl Daemon {
                     Ok(()) => {
                         *self.timings.write().unwrap_or_else(|e| e.into_inner()) =
                             Arc::new(Timings::from_config(&new));
+                        let signing_changed = new.signing != self.config().signing;
                         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-                        log::info!("reload: configuration {} applied", path.display())
+                        log::info!("reload: configuration {} applied", path.display());
+                        if signing_changed {
+                            self.log_signing();
+                        }
                     }
                     Err(e) => log::warn!("reload refused: {e}"),
                 }
