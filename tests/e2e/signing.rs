@@ -421,3 +421,81 @@ fn a_key_rotation_takes_effect_on_sighup() {
     assert!(why.contains(&format!("`{old_id}`")), "{why}");
     finished(&signed_by("new"));
 }
+
+/// The replay window stops a stale command for a deployment the host never took; a copy of
+/// one it did take is the dedupe store's business, whatever its age: acknowledged, not run,
+/// not refused.
+#[test]
+fn past_the_replay_window_a_taken_deployment_is_deduplicated_and_a_new_one_refused() {
+    use crate::daemon::{local_command, tgz_bundle};
+
+    let s = Scratch::new();
+    let keys = s.path().join("keys");
+    keygen(&keys, "ci");
+    let key =
+        SecretKey::from_base64(&std::fs::read_to_string(keys.join("ci.key")).unwrap()).unwrap();
+    let agent = Agent::builder(s.path().join("solo"))
+        .host("solo")
+        .spool()
+        .config(&format!(
+            "trusted_keys:\n  - file: {}\nsignature_max_age_seconds: 10\n",
+            keys.join("ci.pub").display()
+        ))
+        .build();
+    let spool = agent.spool().to_path_buf();
+    let status = s.path().join("status");
+    let dest = s.path().join("www");
+    let running = agent.start();
+    let bundle = tgz_bundle(&s, "app", &dest, &[]);
+
+    // Created 5 s ago: inside the 10 s window when it arrives, outside it 6 s later.
+    let mut cmd = local_command("d-REPLAY01", &bundle, &status);
+    cmd.created_at = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let body = sign(&cmd.to_json(), &key);
+    Spool::submit(&spool, "d-REPLAY01.json", &body).unwrap();
+    let rec = wait_for(
+        Duration::from_secs(60),
+        "the deployment to finish",
+        &|| running.log(),
+        || local_record(&status, "d-REPLAY01", "solo").filter(|r| r.status.is_final()),
+    );
+    assert_eq!(rec.status, pier_protocol::DeploymentStatus::Succeeded);
+    std::fs::write(dest.join("index.html"), "changed since").unwrap();
+
+    let past = cmd.created_at + chrono::Duration::seconds(11);
+    if let Ok(wait) = (past - chrono::Utc::now()).to_std() {
+        std::thread::sleep(wait);
+    }
+    // The same signed bytes again: a replay of a deployment this host took.
+    Spool::submit(&spool, "d-REPLAY01-again.json", &body).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the copy to be acknowledged",
+        &|| running.log(),
+        || {
+            spool
+                .join("done/d-REPLAY01-again.json")
+                .is_file()
+                .then_some(())
+        },
+    );
+    assert!(!spool.join("rejected/d-REPLAY01-again.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(dest.join("index.html")).unwrap(),
+        "changed since",
+        "the copy ran again"
+    );
+    assert!(
+        running.log().contains("already done here"),
+        "{}",
+        running.log()
+    );
+
+    // A deployment this host never took, as old: refused.
+    let mut stale = cmd.clone();
+    stale.deployment_id = "d-REPLAY02".into();
+    Spool::submit(&spool, "d-REPLAY02.json", &sign(&stale.to_json(), &key)).unwrap();
+    let why = rejection(&running, &spool, "d-REPLAY02.json");
+    assert!(why.contains("signature_max_age_seconds (10)"), "{why}");
+    assert!(local_record(&status, "d-REPLAY02", "solo").is_none());
+}

@@ -705,9 +705,10 @@ impl Daemon {
                 );
                 // The replay window applies to a deployment this host meets for the first
                 // time; a redelivery of one it took is the dedupe store's (never run twice).
+                // A store that cannot answer does not let a stale command through.
                 let dedupe = self.dedupe.clone();
                 let id = opened.command.deployment_id.clone();
-                if let Ok(None) = blocking(move || dedupe.get(&id)).await {
+                if !matches!(blocking(move || dedupe.get(&id)).await, Ok(Some(_))) {
                     if let Err(e) = signature::check_fresh(&opened, &policy, chrono::Utc::now()) {
                         return self.refuse(&msg, &e.to_string()).await;
                     }
