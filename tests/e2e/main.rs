@@ -10,4 +10,5 @@ mod daemon;
 mod deploy_local;
 mod diagnostics;
 mod hook_processes;
+mod signing;
 mod validate;

@@ -120,7 +120,8 @@ pub fn pier(args: &[&str]) -> Run {
             .env_remove("PIER_STATUS_DIR")
             .env_remove("PIER_TRANSPORT")
             .env_remove("PIER_SPOOL_DIR")
-            .env_remove("PIER_QUEUE_URL_TEMPLATE"),
+            .env_remove("PIER_QUEUE_URL_TEMPLATE")
+            .env_remove("PIER_SIGNING_KEY"),
     )
 }
 

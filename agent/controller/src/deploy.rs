@@ -6,7 +6,9 @@
 //! checked exactly as an agent will check it. Every host's queue is found before anything is
 //! sent, so a host without a queue does not leave a half-sent deployment behind. The SQS
 //! transport sends to the queue `pier-{host}` (or a `--queue-url-template`), the spool
-//! transport drops `{deployment_id}.json` into the host's spool directory. With `--wait`,
+//! transport drops `{deployment_id}.json` into the host's spool directory. With
+//! `--signing-key`, what is sent is the command's exact bytes in a signed envelope
+//! ([`pier_protocol::signature::sign`]); the key is read before anything is sent. With `--wait`,
 //! [`follow`] reads every host's status record until all are final, printing each event as
 //! it changes, and the exit code says whether every host succeeded.
 
@@ -66,6 +68,8 @@ pub struct DeployOptions {
     pub events: Option<Vec<String>>,
     /// `--file-exists-behavior`.
     pub file_exists_behavior: Option<String>,
+    /// `--signing-key` (or `PIER_SIGNING_KEY`): sign each command with this secret key file.
+    pub signing_key: Option<PathBuf>,
     /// `--wait`: follow the deployment to its end.
     pub wait: bool,
     /// `--timeout`: give up waiting after this long.
@@ -128,6 +132,11 @@ pub async fn deploy(opts: &DeployOptions) -> Result<i32, ControllerError> {
         },
     );
     let sink_spec = opts.sink.spec(transport == TransportKind::Spool)?;
+    let signing_key = opts
+        .signing_key
+        .as_deref()
+        .map(super::signing::load_signing_key)
+        .transpose()?;
     let info = resolve(&opts.revision, &opts.overrides, &opts.aws).await?;
     let target = StatusTarget {
         sink: sink_spec.clone(),
@@ -135,7 +144,13 @@ pub async fn deploy(opts: &DeployOptions) -> Result<i32, ControllerError> {
     };
     let deployment_id = pier_protocol::new_deployment_id();
     let cmd = build_command(&deployment_id, opts, &group_id, &info, target)?;
-    let body = cmd.to_json();
+    let body = match &signing_key {
+        Some(key) => {
+            eprintln!("signing with key {}", key.public_key().key_id());
+            pier_protocol::signature::sign(&cmd.to_json(), key)
+        }
+        None => cmd.to_json(),
+    };
 
     let destinations = destinations(opts, transport).await?;
     for (host, dest) in opts.hosts.iter().zip(&destinations) {

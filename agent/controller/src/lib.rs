@@ -2,7 +2,8 @@
 //! it as a revision (to S3, or to a local path for the spool transport), [`deploy`] turns a
 //! revision into one [`pier_protocol::Command`] per host, drops each into that host's queue
 //! and can follow the hosts' status records to the end, and [`status`] prints a deployment's
-//! per-host, per-event table from the records the agents wrote.
+//! per-host, per-event table from the records the agents wrote. [`signing`] makes and reads
+//! the ed25519 keys `deploy --signing-key` signs commands with.
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -13,6 +14,7 @@
 pub mod deploy;
 pub mod push;
 pub mod revision;
+pub mod signing;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -82,6 +84,14 @@ pub enum ControllerError {
         #[source]
         source: TransportError,
     },
+    /// The signing key file cannot be used.
+    #[error("signing key {path}: {message}")]
+    SigningKey {
+        /// The key file (`--signing-key` or `PIER_SIGNING_KEY`).
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        message: String,
+    },
     /// The command built from the flags is not a valid protocol command.
     #[error("the deployment command would be invalid: {0}; fix the corresponding flag")]
     Protocol(#[from] pier_protocol::ProtocolError),
@@ -102,6 +112,7 @@ impl ControllerError {
         match self {
             ControllerError::Usage { .. }
             | ControllerError::Revision { .. }
+            | ControllerError::SigningKey { .. }
             | ControllerError::Protocol(_) => EXIT_USAGE,
             ControllerError::Transport {
                 source: TransportError::Config(_),

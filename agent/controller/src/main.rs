@@ -44,9 +44,22 @@ enum Command {
     /// Archive a directory, upload it as a revision, print the revision JSON on stdout.
     Push(PushArgs),
     /// Send a deployment to hosts; with --wait, follow it until every host is done.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Show a deployment's per-host, per-event status.
     Status(StatusArgs),
+    /// Write a new ed25519 key pair for signing commands: DIR/NAME.key (mode 0600) and
+    /// DIR/NAME.pub; print the key's id on stdout.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Directory to write the key pair into (created with mode 0700 when missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// File name of the pair, without extension.
+    #[arg(long, default_value = "pier-signing")]
+    name: String,
 }
 
 #[derive(Args)]
@@ -151,6 +164,10 @@ struct DeployArgs {
     /// DISALLOW, OVERWRITE or RETAIN, when the AppSpec does not say.
     #[arg(long)]
     file_exists_behavior: Option<String>,
+    /// Sign each command with this secret key file (from `pier keygen`, mode 0600); agents
+    /// with `trusted_keys` accept only signed commands.
+    #[arg(long, value_name = "FILE", env = "PIER_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
     /// Follow the deployment until every host is done; exit 0 only if all succeeded.
     #[arg(long)]
     wait: bool,
@@ -194,7 +211,8 @@ fn main() -> ExitCode {
     let code = pier_controller::run(async move {
         match cli.command {
             Command::Push(a) => push(a, aws).await,
-            Command::Deploy(a) => deploy(a, aws).await,
+            Command::Deploy(a) => deploy(*a, aws).await,
+            Command::Keygen(a) => keygen(a),
             Command::Status(a) => {
                 pier_controller::status::status(&StatusOptions {
                     deployment_id: a.deployment_id,
@@ -230,6 +248,20 @@ async fn push(a: PushArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
     Ok(0)
 }
 
+fn keygen(a: KeygenArgs) -> Result<i32, ControllerError> {
+    let g = pier_controller::signing::keygen(&a.out, &a.name)?;
+    eprintln!(
+        "wrote {} (secret: keep it with the controller) and {} (public: give it to agents)\n\
+         agent.yml:\ntrusted_keys:\n  - id: {}\n    public_key: {}",
+        g.secret.display(),
+        g.public.display(),
+        g.key_id,
+        g.public_key
+    );
+    println!("{}", g.key_id);
+    Ok(0)
+}
+
 async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
     let bundle_type = a
         .bundle_type
@@ -261,6 +293,7 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
         sink: a.sink.into_options(),
         events: a.events,
         file_exists_behavior: a.file_exists_behavior,
+        signing_key: a.signing_key.filter(|p| !p.as_os_str().is_empty()),
         wait: a.wait,
         timeout: a.timeout.map(Duration::from_secs),
         poll_interval: Duration::from_secs_f64(a.poll_interval),

@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pier_protocol::signature::{PublicKey, SignaturePolicy};
 use serde::Deserialize;
 
 pub(crate) use pier_engine::hooks::HookLimits;
@@ -18,6 +19,9 @@ pub(crate) use pier_engine::settings::{BundleLimits, EngineSettings, HookEnvPoli
 
 /// Where the agent looks for its configuration when `-c` is not given.
 pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/pier/agent.yml";
+
+/// The longest public key file read (a key is 45 bytes of text).
+const MAX_KEY_FILE: u64 = 4096;
 
 /// Environment variables that never reach a hook, whatever `hooks.env.pass` says: the agent's
 /// own credentials and the knobs that would point a script's AWS tools at them.
@@ -84,6 +88,19 @@ pub(crate) struct RawConfig {
     pub(crate) transport: Option<RawTransport>,
     pub(crate) aws: Option<RawAws>,
     pub(crate) github: Option<RawGithub>,
+    pub(crate) trusted_keys: Option<Vec<RawTrustedKey>>,
+    pub(crate) signature_max_age_seconds: Option<i64>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// One `trusted_keys` entry: a public key given inline or in a file, and optionally its id
+/// (checked against the key, so a key pasted under the wrong id is caught).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawTrustedKey {
+    pub(crate) id: Option<String>,
+    pub(crate) public_key: Option<String>,
+    pub(crate) file: Option<PathBuf>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
@@ -230,6 +247,8 @@ pub struct Config {
     pub(crate) transport: TransportConfig,
     pub(crate) aws: AwsSettings,
     pub(crate) github: GithubSettings,
+    /// The trusted keys (none: the agent runs open) and the replay window.
+    pub(crate) signing: SignaturePolicy,
 }
 
 impl Default for Config {
@@ -490,6 +509,12 @@ impl Config {
                 .unwrap_or_else(|| "https://api.github.com".to_string()),
         };
 
+        let signing = signing_policy(
+            &mut p,
+            raw.trusted_keys.unwrap_or_default(),
+            raw.signature_max_age_seconds,
+        );
+
         if !p.0.is_empty() {
             return Err(p.0);
         }
@@ -503,8 +528,101 @@ impl Config {
             transport,
             aws,
             github,
+            signing,
         })
     }
+}
+
+/// Builds the signature policy from `trusted_keys` and `signature_max_age_seconds`, reading key
+/// files, and reports every entry's problems.
+fn signing_policy(
+    p: &mut Problems,
+    entries: Vec<RawTrustedKey>,
+    max_age: Option<i64>,
+) -> SignaturePolicy {
+    let mut policy = SignaturePolicy::default();
+    policy.max_age = Duration::from_secs(p.positive(
+        "signature_max_age_seconds",
+        max_age,
+        pier_protocol::signature::DEFAULT_MAX_AGE.as_secs() as usize,
+    ) as u64);
+    for (i, entry) in entries.into_iter().enumerate() {
+        let at = format!("trusted_keys[{i}]");
+        p.unknown(&at, &entry.unknown);
+        let key = match (&entry.public_key, &entry.file) {
+            (Some(text), None) => PublicKey::from_base64(text)
+                .map_err(|e| p.push(&format!("{at}.public_key"), &e.to_string()))
+                .ok(),
+            (None, Some(file)) => match read_public_key(file) {
+                Ok(k) => Some(k),
+                Err(why) => {
+                    p.push(&format!("{at}.file"), &why);
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                p.push(&at, "give either public_key or file, not both");
+                None
+            }
+            (None, None) => {
+                p.push(
+                    &at,
+                    "needs public_key (the base64 `pier keygen` prints) or file (a NAME.pub)",
+                );
+                None
+            }
+        };
+        let Some(key) = key else { continue };
+        if let Some(id) = &entry.id {
+            if *id != key.key_id() {
+                p.push(
+                    &format!("{at}.id"),
+                    &format!(
+                        "`{id}` is not this key's id, which is `{}`: correct the id or the key",
+                        key.key_id()
+                    ),
+                );
+                continue;
+            }
+        }
+        if !policy.trust(key) {
+            p.push(
+                &at,
+                &format!(
+                    "key {} is already trusted by an earlier entry",
+                    key.key_id()
+                ),
+            );
+        }
+    }
+    policy
+}
+
+/// Reads a `.pub` file: an absolute path to a regular file no other user may write (who could
+/// write it could make the agent trust their key).
+fn read_public_key(path: &Path) -> Result<PublicKey, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.is_absolute() {
+        return Err(format!("`{}` must be an absolute path", path.display()));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() || meta.len() > MAX_KEY_FILE {
+        return Err(format!(
+            "{} is not a public key file (one line of base64)",
+            path.display()
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{} has mode {mode:04o}: other users could replace the trusted key; run `chmod \
+             644 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    PublicKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[derive(Default)]
@@ -682,6 +800,73 @@ mod tests {
     fn github_token_is_not_debug_printed() {
         let c = parse("github:\n  token: ghp_secret\n").unwrap();
         assert!(!format!("{c:?}").contains("ghp_secret"));
+    }
+
+    #[test]
+    fn trusted_keys_are_read_inline_or_from_files_and_checked_together() {
+        use pier_protocol::signature::SecretKey;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            SecretKey::from_seed(&[1; 32]).public_key(),
+            SecretKey::from_seed(&[2; 32]).public_key(),
+        );
+        let file = dir.path().join("b.pub");
+        std::fs::write(&file, format!("{}\n", b.to_base64())).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let c = parse("").unwrap();
+        assert!(c.signing.is_open());
+        assert_eq!(c.signing.max_age, Duration::from_secs(3600));
+        let c = parse(&format!(
+            "trusted_keys:\n  - id: {}\n    public_key: {}\n  - file: {}\nsignature_max_age_seconds: 600\n",
+            a.key_id(),
+            a.to_base64(),
+            file.display()
+        ))
+        .unwrap();
+        let mut ids = vec![a.key_id(), b.key_id()];
+        ids.sort();
+        assert_eq!(c.signing.key_ids(), ids);
+        assert_eq!(c.signing.max_age, Duration::from_secs(600));
+
+        let writable = dir.path().join("w.pub");
+        std::fs::write(&writable, b.to_base64()).unwrap();
+        std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = parse(&format!(
+            "trusted_keys:\n  - id: 0000000000000000\n    public_key: {a}\n  - public_key: nope\n  \
+             - file: relative.pub\n  - file: {w}\n  - {{}}\n  - public_key: {a}\n    file: {f}\n  \
+             - public_key: {a}\n  - public_key: {a}\n    colour: red\nsignature_max_age_seconds: 0\n",
+            a = a.to_base64(),
+            w = writable.display(),
+            f = file.display()
+        ))
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "signature_max_age_seconds",
+                "trusted_keys[0].id",
+                "trusted_keys[1].public_key",
+                "trusted_keys[2].file",
+                "trusted_keys[3].file",
+                "trusted_keys[4]",
+                "trusted_keys[5]",
+                "trusted_keys[7].colour",
+                "trusted_keys[7]",
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[1].message.contains(&a.key_id()), "{problems:?}");
+        assert!(problems[4].message.contains("chmod"), "{problems:?}");
+        assert!(
+            problems[8].message.contains("already trusted"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!
 //! Guarantees: a malformed or unknown-version message is never run and never deleted (it is
 //! rejected, logged with its reason and counted, and the queue's dead-letter policy keeps it);
+//! so is, on an agent with `trusted_keys`, an unsigned command, one whose signature does not
+//! verify or whose key is not trusted, and a new deployment created outside the replay window
+//! (an agent without keys says at start, loudly, that it runs open);
 //! a command whose deployment id this host has already taken is never run twice (the dedupe
 //! store is on disk); different deployment groups deploy at once, up to
 //! `daemon.concurrency`, one group one deployment at a time (the engine's group lock).
@@ -37,6 +40,7 @@ use crate::fetch::{FetchOptions, Fetcher};
 use pier_engine::appspec::{FileExistsBehavior, LifecycleEvent};
 use pier_engine::deploy::{Engine, Observer, Request, Source};
 use pier_engine::state::{self, Journal};
+use pier_protocol::signature::{self, Origin};
 use pier_protocol::StatusTarget;
 use pier_protocol::{self, Command, Revision, StatusRecord};
 use pier_transport::aws::{aws_clients, AwsClients, AwsSettings};
@@ -459,6 +463,7 @@ impl Daemon {
         }
         this.report_interrupted().await;
         this.housekeeping().await;
+        this.log_signing();
         log::info!(
             HOST_ID = this.host_id.as_str();
             "pier-agent {} ready: host {} polling {}",
@@ -575,6 +580,25 @@ impl Daemon {
             .clone()
     }
 
+    /// Says which commands this agent accepts: at start, and after a reload that changed it.
+    fn log_signing(&self) {
+        let signing = self.config().signing.clone();
+        if signing.is_open() {
+            log::warn!(
+                "RUNNING OPEN: no trusted_keys are configured, so this agent runs any command \
+                 that reaches {}, signed or not; configure trusted_keys (docs/operations.md, \
+                 Signing commands) so that only your controller's commands run",
+                self.queue.describe()
+            );
+        } else {
+            log::info!(
+                "accepting only commands signed by trusted key(s) {} created within the last {}s",
+                signing.key_ids().join(", "),
+                signing.max_age.as_secs()
+            );
+        }
+    }
+
     fn reload(&self) {
         let Some((path, required)) = &self.config_source else {
             log::warn!("reload: this agent was not started from a configuration file");
@@ -594,8 +618,12 @@ impl Daemon {
                     Ok(()) => {
                         *self.timings.write().unwrap_or_else(|e| e.into_inner()) =
                             Arc::new(Timings::from_config(&new));
+                        let signing_changed = new.signing != self.config().signing;
                         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-                        log::info!("reload: configuration {} applied", path.display())
+                        log::info!("reload: configuration {} applied", path.display());
+                        if signing_changed {
+                            self.log_signing();
+                        }
                     }
                     Err(e) => log::warn!("reload refused: {e}"),
                 }
@@ -663,20 +691,39 @@ impl Daemon {
     }
 
     async fn handle(self: Arc<Self>, msg: Received) {
-        let cmd = match Command::from_json(&msg.body) {
-            Ok(c) => c,
-            Err(e) => {
-                let n = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-                log::error!(
-                    MESSAGE_ID = msg.id.as_str();
-                    "rejected message {} ({n} since start): {e}; left for the dead-letter queue",
-                    msg.id
+        let policy = self.config().signing.clone();
+        let opened = match signature::open(&msg.body, &policy) {
+            Ok(o) => o,
+            Err(e) => return self.refuse(&msg, &e.to_string()).await,
+        };
+        let cmd = match opened.origin {
+            Origin::Verified { ref key_id } => {
+                log::info!(
+                    DEPLOYMENT_ID = opened.command.deployment_id.as_str(), KEY_ID = key_id.as_str();
+                    "command for deployment {} signed by trusted key {key_id}",
+                    opened.command.deployment_id
                 );
-                if let Err(e) = self.queue.reject(&msg, &e.to_string()).await {
-                    log::error!("rejecting message {}: {e}", msg.id);
+                // The replay window applies to a deployment this host meets for the first
+                // time; a redelivery of one it took is the dedupe store's (never run twice).
+                // A store that cannot answer does not let a stale command through.
+                let dedupe = self.dedupe.clone();
+                let id = opened.command.deployment_id.clone();
+                if !matches!(blocking(move || dedupe.get(&id)).await, Ok(Some(_))) {
+                    if let Err(e) = signature::check_fresh(&opened, &policy, chrono::Utc::now()) {
+                        return self.refuse(&msg, &e.to_string()).await;
+                    }
                 }
-                return;
+                opened.command
             }
+            Origin::Unchecked { ref key_id } => {
+                log::warn!(
+                    DEPLOYMENT_ID = opened.command.deployment_id.as_str();
+                    "command for deployment {} claims key {key_id}; not checked, this agent has no trusted_keys",
+                    opened.command.deployment_id
+                );
+                opened.command
+            }
+            Origin::Unsigned => opened.command,
         };
         let id = cmd.deployment_id.clone();
         // Claim the id in this process first, atomically: two deliveries of one command in the
@@ -702,6 +749,21 @@ impl Daemon {
             }
             Ok(Some(Seen::InProgress)) => self.clone().take_over(cmd, msg).await,
             Ok(None) => self.clone().deploy(cmd, msg).await,
+        }
+    }
+
+    /// Refuses a message that is not a command this agent may run (malformed, of an unknown
+    /// version, unsigned, badly signed or stale): logged with the reason, never run, never
+    /// deleted (the queue's dead-letter policy keeps it; the spool moves it to `rejected/`).
+    async fn refuse(&self, msg: &Received, why: &str) {
+        let n = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+        log::error!(
+            MESSAGE_ID = msg.id.as_str();
+            "rejected message {} ({n} since start): {why}; left for the dead-letter queue",
+            msg.id
+        );
+        if let Err(e) = self.queue.reject(msg, why).await {
+            log::error!("rejecting message {}: {e}", msg.id);
         }
     }
 

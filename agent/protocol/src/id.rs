@@ -11,7 +11,7 @@ pub const MAX_ID_LEN: usize = 128;
 pub struct InvalidId(pub String);
 
 /// The id as shown in an error: at most 64 characters, control characters escaped.
-fn shown(id: &str) -> String {
+pub(crate) fn shown(id: &str) -> String {
     let mut s: String = id.chars().take(64).flat_map(char::escape_debug).collect();
     if id.chars().count() > 64 {
         s.push('…');

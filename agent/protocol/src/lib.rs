@@ -11,12 +11,16 @@
 //! The vocabulary both sides share is declared here once: [`LifecycleEvent`] and its order,
 //! [`FileExistsBehavior`], [`BundleType`], the id rule ([`check_id`]), the event and deployment
 //! states, and the [`ErrorCode`] a failed event carries.
+//!
+//! A command may travel signed: [`signature`] has the envelope, the keys, and the rule an
+//! agent applies to every message before it parses a command out of it.
 
 mod bundle;
 mod diagnostics;
 mod event;
 mod id;
 pub mod quote;
+pub mod signature;
 
 pub use bundle::{BundleType, UnknownBundleType, MAGIC_LEN};
 pub use diagnostics::{Diagnostics, ErrorCode};
