@@ -7,4 +7,5 @@ mod controller;
 mod daemon;
 mod deploy_local;
 mod diagnostics;
+mod install_atomic;
 mod validate;

@@ -53,6 +53,10 @@ pub(crate) struct Intent {
     pub(crate) tag: String,
     /// The directories this install's temps are written in.
     pub(crate) temp_dirs: BTreeSet<PathBuf>,
+    /// The new directories staging makes, parents first: a roll-back removes those left
+    /// empty.
+    #[serde(default)]
+    pub(crate) made_dirs: Vec<PathBuf>,
     /// Switching: the renames, in order.
     pub(crate) renames: Vec<Rename>,
     /// Switching and removing: what of the previous install goes once the switch is done.
@@ -184,6 +188,10 @@ pub(crate) fn recover(intent: &Intent) -> (Manifest, Outcome) {
     match intent.phase {
         Phase::Staging => {
             let n = sweep(&intent.tag, &intent.temp_dirs);
+            // Children before parents; a directory someone else filled since is left.
+            for d in intent.made_dirs.iter().rev() {
+                let _ = fs::remove_dir(d);
+            }
             log::info!("interrupted install rolled back: {n} staged temp files removed");
             let m = reconcile(
                 intent.previous.as_ref().unwrap_or(&Manifest::default()),

@@ -1013,6 +1013,10 @@ pub(crate) fn apply_logged(
         phase: Phase::Staging,
         tag: tag.clone(),
         temp_dirs,
+        made_dirs: (0..plan.steps.len())
+            .filter(|&i| !deferred[i] && matches!(plan.steps[i].action, Action::Mkdir { .. }))
+            .map(|i| plan.steps[i].dest.clone())
+            .collect(),
         renames: Vec::new(),
         removals: removals.clone(),
         previous: previous.cloned(),
