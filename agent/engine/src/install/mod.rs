@@ -6,9 +6,11 @@
 //! which files to create, replace, keep (RETAIN) or leave as they are (unchanged since the last
 //! install), and which permissions to set. Every refusal (DISALLOW, two sources for one
 //! destination, unknown owner, missing `setfacl`, ...) happens here, before anything changed.
-//! [`apply`] then carries the plan out: each file lands whole (written beside its destination,
-//! fsynced, renamed over it) and the result is the manifest of what this install placed, which
-//! the `state` module stores for the next install's cleanup.
+//! [`apply`] then carries the plan out in three phases: stage everything new beside its
+//! destination (synced), switch each path by rename, then remove what the new revision lacks,
+//! so that a stop at any point leaves each path old or new. The result is the manifest of what
+//! this install placed, which the `state` module stores for the next install's cleanup; the
+//! `intent` module records each phase so the next start can finish or undo a stopped install.
 //!
 //! The file steps of a plan are independent of one another once their directories exist, so a
 //! later change can apply them in parallel without touching these semantics. Knows nothing of
@@ -410,12 +412,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The manifest to record *before* [`apply`]: what the previous install placed and this
-    /// plan removes, plus everything this plan may place. Should apply fail half-way or the
-    /// process die, handing this to the next install as `previous` makes its cleanup cover the
-    /// partial install too, as the CodeDeploy agent's cleanup file does (the next DISALLOW
-    /// install must not trip over files a failed one left). Files not yet written carry no
-    /// hash, so none of them can pass for unchanged.
+    /// What the previous install placed and this plan removes, plus everything this plan may
+    /// place (the staging intent records it). Should apply fail half-way or the process die,
+    /// handing this to the next install as `previous` makes its cleanup cover the partial
+    /// install too, as the CodeDeploy agent's cleanup file does (the next DISALLOW install
+    /// must not trip over files a failed one left); recovery narrows it to what is on disk.
+    /// Files not yet written carry no hash, so none of them can pass for unchanged.
     pub fn pending_manifest(&self) -> Manifest {
         let mut entries: BTreeMap<PathBuf, ManifestEntry> = BTreeMap::new();
         for r in &self.removals {
