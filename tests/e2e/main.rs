@@ -10,5 +10,6 @@ mod daemon;
 mod deploy_local;
 mod diagnostics;
 mod hook_processes;
+mod install_atomic;
 mod signing;
 mod validate;

@@ -785,6 +785,7 @@ impl Engine {
             .or(run.req.file_exists_behavior)
             .unwrap_or_default();
         let manifest_path = run.group.manifest_path();
+        let intent_path = run.group.install_intent_path();
         let previous: Option<install::Manifest> =
             state::read_json(&manifest_path).map_err(|e| EventFailure::unknown(e.to_string()))?;
         let revision_root = new.dir.clone();
@@ -802,13 +803,15 @@ impl Engine {
                 |e: install::InstallError| EventFailure::new(e.error_code(), e.to_string());
             let plan = install::plan(&input).map_err(installing)?;
             let summary = plan.to_string();
-            // Recorded before anything is written, so that if apply fails or the process dies
-            // half way the next Install still knows which files to clean up.
-            state::write_json(&manifest_path, &plan.pending_manifest())
-                .map_err(|e| EventFailure::unknown(e.to_string()))?;
-            let manifest = install::apply(&plan).map_err(installing)?;
-            state::write_json(&manifest_path, &manifest)
-                .map_err(|e| EventFailure::unknown(e.to_string()))?;
+            // The install records its phase before each one and the manifest as it ends
+            // (failed or not), so that a stop at any point is finished or undone by the next
+            // start (`state::Group::recover_interrupted`).
+            let log = install::InstallLog {
+                intent: &intent_path,
+                manifest: &manifest_path,
+            };
+            let manifest =
+                install::apply_logged(&plan, previous.as_ref(), Some(log)).map_err(installing)?;
             Ok::<_, EventFailure>((manifest, summary))
         })
         .await

@@ -5,6 +5,7 @@
 //! ROOT/groups/GROUP_ID/lock                        flock: one deployment at a time per group
 //! ROOT/groups/GROUP_ID/last-successful.json        the group's last successful deployment
 //! ROOT/groups/GROUP_ID/install-manifest.json       what the group's last Install placed
+//! ROOT/groups/GROUP_ID/install-intent.json         only while an Install is unfinished
 //! ROOT/groups/GROUP_ID/deployments/ID/journal.json event progress of one deployment
 //! ROOT/groups/GROUP_ID/deployments/ID/revision/    the unpacked revision (kept once)
 //! ROOT/groups/GROUP_ID/deployments/ID/logs/scripts.log
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use pier_protocol::{is_valid_id, Diagnostics, ErrorCode};
 
 use crate::hooks::{stop_leftovers, HookTrace};
+use crate::install;
 
 /// Errors of the state store; each names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +296,37 @@ impl Group {
         self.dir.join("install-manifest.json")
     }
 
+    /// Path of the intent of an unfinished Install (its phase and what it placed).
+    pub(crate) fn install_intent_path(&self) -> PathBuf {
+        self.dir.join("install-intent.json")
+    }
+
+    /// Finishes or undoes an Install the process did not finish (see
+    /// [`crate::install::Intent`]): rolled back if it stopped while staging, forward if it
+    /// stopped while switching or removing; then the manifest is made to describe the disk and
+    /// the intent removed. Returns what was done, or `None` when no Install was unfinished.
+    fn recover_install(&self) -> Result<Option<install::Outcome>, StateError> {
+        let path = self.install_intent_path();
+        let Some(intent) = read_json::<install::Intent>(&path)? else {
+            return Ok(None);
+        };
+        let (manifest, outcome) = install::recover_intent(&intent);
+        write_json(&self.manifest_path(), &manifest)?;
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))?;
+        log::warn!(
+            "deployment group {}: an interrupted Install was {}",
+            self.id,
+            match outcome {
+                install::Outcome::RolledBack => "rolled back (its staged files removed)",
+                install::Outcome::RolledForward => "finished (rolled forward)",
+            }
+        );
+        Ok(Some(outcome))
+    }
+
     /// The directory of one deployment (not created).
     pub fn deployment_dir(&self, deployment_id: &str) -> Result<PathBuf, StateError> {
         if !is_valid_id(deployment_id) {
@@ -351,6 +384,8 @@ impl Group {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<Journal>, StateError> {
+        // The files first: nothing else may run for the group while an install is half done.
+        let install = self.recover_install()?;
         let mut closed = Vec::new();
         let last_ok = self.last_successful()?.map(|l| l.deployment_id);
         for mut j in self.deployments()? {
@@ -383,11 +418,21 @@ impl Group {
                 .events
                 .iter()
                 .position(|e| matches!(e.status, EventState::InProgress | EventState::Pending));
-            let message = format!(
-                "the agent stopped during {}; the deployment did not finish",
-                at.map(|i| j.events[i].event.as_str())
-                    .unwrap_or("the end of the deployment")
-            );
+            let during = at
+                .map(|i| j.events[i].event.as_str())
+                .unwrap_or("the end of the deployment");
+            let undone = match install {
+                Some(_) if during != "Install" => "",
+                Some(install::Outcome::RolledBack) => {
+                    " (the half-done install was rolled back: the previous files stand)"
+                }
+                Some(install::Outcome::RolledForward) => {
+                    " (the half-done install was finished: the new files are in place)"
+                }
+                None => "",
+            };
+            let message =
+                format!("the agent stopped during {during}; the deployment did not finish{undone}");
             for (i, e) in j.events.iter_mut().enumerate() {
                 if Some(i) == at {
                     e.status = EventState::Failed;

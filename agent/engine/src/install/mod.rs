@@ -6,14 +6,17 @@
 //! which files to create, replace, keep (RETAIN) or leave as they are (unchanged since the last
 //! install), and which permissions to set. Every refusal (DISALLOW, two sources for one
 //! destination, unknown owner, missing `setfacl`, ...) happens here, before anything changed.
-//! [`apply`] then carries the plan out: each file lands whole (written beside its destination,
-//! fsynced, renamed over it) and the result is the manifest of what this install placed, which
-//! the `state` module stores for the next install's cleanup.
+//! [`apply`] then carries the plan out in three phases: stage everything new beside its
+//! destination (synced), switch each path by rename, then remove what the new revision lacks,
+//! so that a stop at any point leaves each path old or new. The result is the manifest of what
+//! this install placed, which the `state` module stores for the next install's cleanup; the
+//! `intent` module records each phase so the next start can finish or undo a stopped install.
 //!
 //! The file steps of a plan are independent of one another once their directories exist, so a
 //! later change can apply them in parallel without touching these semantics. Knows nothing of
 //! queues or hooks; the deploy engine calls it.
 
+mod intent;
 mod permissions;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -32,6 +35,7 @@ use sha2::{Digest, Sha256};
 use crate::appspec::{FileExistsBehavior, FileMapping, Permission};
 use crate::bundle::confined::{self, Confined, ConfinedError};
 
+pub(crate) use intent::{recover as recover_intent, InstallLog, Intent, Outcome};
 pub use permissions::check_setid;
 pub(crate) use permissions::PermissionStep;
 
@@ -345,12 +349,21 @@ fn write_err<'a>(
 }
 
 /// One thing the previous install placed that this one takes away.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Removal {
     /// A file or symlink (the link itself, never its target).
     File(PathBuf),
     /// A directory the previous install created; removed only when empty.
     DirIfEmpty(PathBuf),
+}
+
+impl Removal {
+    fn path(&self) -> &Path {
+        match self {
+            Removal::File(p) | Removal::DirIfEmpty(p) => p,
+        }
+    }
 }
 
 /// What to do at one destination path.
@@ -426,12 +439,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The manifest to record *before* [`apply`]: what the previous install placed and this
-    /// plan removes, plus everything this plan may place. Should apply fail half-way or the
-    /// process die, handing this to the next install as `previous` makes its cleanup cover the
-    /// partial install too, as the CodeDeploy agent's cleanup file does (the next DISALLOW
-    /// install must not trip over files a failed one left). Files not yet written carry no
-    /// hash, so none of them can pass for unchanged.
+    /// What the previous install placed and this plan removes, plus everything this plan may
+    /// place (the staging intent records it). Should apply fail half-way or the process die,
+    /// handing this to the next install as `previous` makes its cleanup cover the partial
+    /// install too, as the CodeDeploy agent's cleanup file does (the next DISALLOW install
+    /// must not trip over files a failed one left); recovery narrows it to what is on disk.
+    /// Files not yet written carry no hash, so none of them can pass for unchanged.
     pub fn pending_manifest(&self) -> Manifest {
         let mut entries: BTreeMap<PathBuf, ManifestEntry> = BTreeMap::new();
         for r in &self.removals {
@@ -964,72 +977,241 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
 
 /// Carries out a plan; returns the manifest of what this install placed. Stops at the first
 /// failure (the deploy engine fails the Install event; the next deployment's plan starts from
-/// what is on disk and the last successful manifest).
-///
-/// Directories are made first, in order; the file steps, independent of one another from then
-/// on, run on a few threads when there are enough of them to pay for it.
+/// what is on disk and the manifest). Records nothing on disk besides the install itself;
+/// the deploy engine uses [`apply_logged`], which also keeps the group's install intent and
+/// manifest up to date.
 pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
-    remove_previous(&plan.removals)?;
+    apply_logged(plan, None, None)
+}
 
-    let mut results: Vec<Option<ManifestEntry>> = vec![None; plan.steps.len()];
-    let (dirs, files): (Vec<usize>, Vec<usize>) =
-        (0..plan.steps.len()).partition(|&i| is_dir_action(&plan.steps[i].action));
-    for i in dirs {
-        results[i] = place(&plan.steps[i])?;
+/// Carries out a plan in three phases, so that however it stops (a crash, a full disk, a
+/// failing rename or permission) each destination path holds its old or its new content,
+/// never neither:
+///
+/// 1. **Staging.** New directories are made; every new file and link is written beside its
+///    destination under a temp name (files on a few threads when there are many), and the
+///    data is made durable with one syncfs per filesystem instead of an fsync per file.
+///    Nothing of the previous install has changed; a failure removes the temps.
+/// 2. **Switching.** Each temp is renamed over its destination (a changed file of the
+///    previous install is replaced by the rename, not removed first). A path that turns
+///    from a file or link into a directory cannot be one rename: it and what goes beneath
+///    it are placed here, after the renames.
+/// 3. **Removing.** What the previous install placed and this revision lacks goes.
+///
+/// With `log`, the [`Intent`] of each phase is written before it starts and the manifest
+/// once the files are placed, so that [`intent::recover`] can roll back (staging) or forward
+/// (switching, removing) an install this process did not finish. `previous` is the manifest
+/// the plan was made against.
+pub(crate) fn apply_logged(
+    plan: &Plan,
+    previous: Option<&Manifest>,
+    log: Option<InstallLog>,
+) -> Result<Manifest, InstallError> {
+    use intent::{Phase, Rename};
+    let record = |i: &Intent| log.map_or(Ok(()), |l| intent::write_json(l.intent, i));
+    let save_manifest = |m: &Manifest| log.map_or(Ok(()), |l| intent::write_json(l.manifest, m));
+    let clear = || log.map_or(Ok(()), |l| intent::clear(l.intent));
+    // The test hook only fires in a logged install (the deploy engine's), never in unit tests.
+    let fp = |phase: &str, n: usize| {
+        if log.is_some() {
+            intent::failpoint(phase, n)
+        }
+    };
+    let pending = plan.pending_manifest();
+    let no_manifest = Manifest::default();
+    // What describes the disk if the install stops before the switch: the previous install,
+    // plus the directories this one made.
+    let rolled_back = || intent::reconcile(previous.unwrap_or(&no_manifest), Some(&pending));
+
+    // A path that turns into a directory while something else stands there cannot be staged
+    // beside itself: it and everything beneath it are placed during the switch.
+    let mut deferred = vec![false; plan.steps.len()];
+    let mut deferred_dirs: Vec<&Path> = Vec::new();
+    for (i, s) in plan.steps.iter().enumerate() {
+        let kind_change = match s.action {
+            Action::ReplaceWithDir { .. } => true,
+            Action::Mkdir { .. } => fs::symlink_metadata(&s.dest).is_ok_and(|m| !m.is_dir()),
+            _ => false,
+        };
+        if kind_change || deferred_dirs.iter().any(|d| s.dest.starts_with(d)) {
+            deferred[i] = true;
+            if is_dir_action(&s.action) {
+                deferred_dirs.push(&s.dest);
+            }
+        }
     }
-    // Files in two passes: every file is first written beside its destination (in parallel),
-    // the written data is made durable with one syncfs per filesystem instead of an fsync per
-    // file, and only then is each file renamed into place. A reader sees the old file or the
-    // new one, never a part, and after a crash a renamed file has its data.
+    // A previous-install file that this install places again with new content is switched
+    // by the rename over it; only what the revision lacks is removed, after the switch.
+    let step_dests: BTreeSet<&Path> = plan.steps.iter().map(|s| s.dest.as_path()).collect();
+    let removals: Vec<Removal> = plan
+        .removals
+        .iter()
+        .filter(|r| !step_dests.contains(r.path()))
+        .cloned()
+        .collect();
+    let replaced: BTreeSet<&Path> = plan
+        .removals
+        .iter()
+        .map(Removal::path)
+        .filter(|p| step_dests.contains(p))
+        .collect();
+
+    // 1. Staging.
+    let to_stage: Vec<usize> = (0..plan.steps.len())
+        .filter(|&i| !deferred[i] && is_staged_action(&plan.steps[i].action))
+        .collect();
+    let tag = temp_tag();
+    let temp_dirs: BTreeSet<PathBuf> = to_stage
+        .iter()
+        .filter_map(|&i| plan.steps[i].dest.parent())
+        .map(Path::to_path_buf)
+        .collect();
+    let mut intent = Intent {
+        phase: Phase::Staging,
+        tag: tag.clone(),
+        temp_dirs,
+        made_dirs: (0..plan.steps.len())
+            .filter(|&i| !deferred[i] && matches!(plan.steps[i].action, Action::Mkdir { .. }))
+            .map(|i| plan.steps[i].dest.clone())
+            .collect(),
+        renames: Vec::new(),
+        removals: removals.clone(),
+        previous: previous.cloned(),
+        manifest: pending.clone(),
+    };
+    record(&intent)?;
+    fp("stage", 0);
+    let mut results: Vec<Option<ManifestEntry>> = vec![None; plan.steps.len()];
     let staged_temps: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-    let staged = in_parallel(&files, |i| stage(&plan.steps[i], &staged_temps));
-    let staged = match staged.and_then(|staged| {
+    let written = std::sync::atomic::AtomicUsize::new(0);
+    let staged = (|| {
+        for (i, s) in plan.steps.iter().enumerate() {
+            if !deferred[i] && matches!(s.action, Action::Mkdir { .. } | Action::KeepDir { .. }) {
+                results[i] = place(s)?;
+            }
+        }
+        let staged = in_parallel(&to_stage, |i| {
+            let staged = stage(&plan.steps[i], &staged_temps)?;
+            fp("stage", written.fetch_add(1, Ordering::Relaxed) + 1);
+            Ok(staged)
+        })?;
         sync_filesystems(&staged_temps.lock().unwrap_or_else(|e| e.into_inner()))?;
         Ok(staged)
-    }) {
+    })();
+    let mut staged = match staged {
         Ok(staged) => staged,
         Err(e) => {
             remove_all(&staged_temps.lock().unwrap_or_else(|e| e.into_inner()));
+            save_manifest(&rolled_back())?;
+            clear()?;
             return Err(e);
         }
     };
-    let mut renamed = 0;
-    let mut failure = None;
-    for (i, (entry, pending)) in &staged {
-        if let Some((tmp, replace)) = pending {
-            if let Err(e) = rename_into_place(tmp, &plan.steps[*i].dest, *replace) {
-                failure = Some(e);
-                break;
+    staged.sort_by_key(|(i, _)| *i);
+
+    // 2. Switching. The intent names every rename, so a stop from here on rolls forward.
+    intent.phase = Phase::Switching;
+    intent.renames = staged
+        .iter()
+        .map(|(i, (_, temp))| {
+            let s = &plan.steps[*i];
+            Rename {
+                temp: temp.clone(),
+                dest: s.dest.clone(),
+                replace: may_replace(&s.action) || replaced.contains(s.dest.as_path()),
             }
-            renamed += 1;
-        }
-        results[*i] = entry.clone();
+        })
+        .collect();
+    let pending_by_path: HashMap<&Path, &ManifestEntry> = pending
+        .entries
+        .iter()
+        .map(|e| (e.path.as_path(), e))
+        .collect();
+    let mut switched = results.clone();
+    for (i, (entry, _)) in &staged {
+        results[*i] = Some(entry.clone());
     }
-    if let Some(e) = failure {
-        let left: Vec<PathBuf> = staged
+    intent.manifest = Manifest {
+        entries: (0..plan.steps.len())
+            .filter_map(|i| {
+                results[i].clone().or_else(|| {
+                    pending_by_path
+                        .get(plan.steps[i].dest.as_path())
+                        .map(|e| (*e).clone())
+                })
+            })
+            .collect(),
+    };
+    record(&intent)?;
+    fp("switch", 0);
+    let switch = (|| {
+        for (k, ((i, (entry, _)), r)) in staged.iter().zip(&intent.renames).enumerate() {
+            fp("switch", k + 1);
+            rename_into_place(&r.temp, &r.dest, r.replace)?;
+            switched[*i] = Some(entry.clone());
+        }
+        for (i, s) in plan.steps.iter().enumerate() {
+            if deferred[i] {
+                if matches!(s.action, Action::Mkdir { .. })
+                    && fs::symlink_metadata(&s.dest).is_ok_and(|m| !m.is_dir())
+                {
+                    fs::remove_file(&s.dest).map_err(write_err("remove", &s.dest))?;
+                }
+                switched[i] = place(s)?;
+            } else if matches!(s.action, Action::Unchanged { .. }) {
+                switched[i] = place(s)?;
+            }
+        }
+        // Renames and new entries are durable only once their directories are synced.
+        let touched_dirs: BTreeSet<&Path> = plan
+            .steps
             .iter()
-            .filter_map(|(_, (_, p))| p.as_ref().map(|(t, _)| t.clone()))
-            .skip(renamed)
+            .filter(|s| {
+                !matches!(
+                    s.action,
+                    Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
+                )
+            })
+            .filter_map(|s| s.dest.parent())
             .collect();
-        remove_all(&left);
+        for d in touched_dirs {
+            sync_dir(d)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = switch {
+        // What was switched is new, the rest old; the temps not renamed go.
+        intent::sweep(&tag, &intent.temp_dirs);
+        let done = Manifest {
+            entries: switched.into_iter().flatten().collect(),
+        };
+        save_manifest(&intent::reconcile(&done, Some(&rolled_back())))?;
+        clear()?;
         return Err(e);
     }
 
-    // Renames and new entries are durable only once their directories are synced.
-    let touched_dirs: BTreeSet<&Path> = plan
-        .steps
-        .iter()
-        .filter(|s| {
-            !matches!(
-                s.action,
-                Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
-            )
-        })
-        .filter_map(|s| s.dest.parent())
-        .collect();
-    for d in touched_dirs {
-        sync_dir(d)?;
+    // 3. Removing what the new revision no longer has.
+    let mut manifest = Manifest {
+        entries: switched.into_iter().flatten().collect(),
+    };
+    intent.phase = Phase::Removing;
+    intent.renames = Vec::new();
+    intent.manifest = manifest.clone();
+    record(&intent)?;
+    fp("remove", 0);
+    let removed = intent::remove_all_of(&removals, log.is_some());
+    let parents: BTreeSet<&Path> = removals.iter().filter_map(|r| r.path().parent()).collect();
+    for d in parents {
+        let _ = File::open(d).and_then(|f| f.sync_all());
     }
+    if let Err(e) = removed {
+        save_manifest(&intent::reconcile(&manifest, previous))?;
+        clear()?;
+        return Err(e);
+    }
+    save_manifest(&manifest)?;
+    clear()?;
+
     let unchanged_files: Vec<PathBuf> = plan
         .steps
         .iter()
@@ -1043,15 +1225,32 @@ pub fn apply(plan: &Plan) -> Result<Manifest, InstallError> {
     permissions::apply(&plan.permissions)?;
 
     // Record the modes as they ended up, so the manifest describes the disk.
-    let mut entries: Vec<ManifestEntry> = results.into_iter().flatten().collect();
-    for e in &mut entries {
+    for e in &mut manifest.entries {
         if e.kind != EntryKind::Symlink {
             if let Ok(m) = fs::symlink_metadata(&e.path) {
                 e.mode = m.mode() & 0o7777;
             }
         }
     }
-    Ok(Manifest { entries })
+    save_manifest(&manifest)?;
+    Ok(manifest)
+}
+
+/// Steps whose new content is written beside the destination and renamed over it.
+fn is_staged_action(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::Create { .. } | Action::Replace { .. } | Action::Link { .. }
+    )
+}
+
+/// Whether a step's rename may replace what is at its destination.
+fn may_replace(a: &Action) -> bool {
+    match a {
+        Action::Replace { .. } => true,
+        Action::Link { replace, .. } => *replace,
+        _ => false,
+    }
 }
 
 fn is_dir_action(a: &Action) -> bool {
@@ -1299,11 +1498,7 @@ fn temp_beside(dest: &Path) -> PathBuf {
     // Keep the whole name within NAME_MAX; uniqueness comes from pid and counter.
     let name: String = name.chars().take(64).collect();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dest.with_file_name(format!(
-        "{TEMP_PREFIX}{}-{}-{n}-{name}",
-        std::process::id(),
-        process_nonce()
-    ))
+    dest.with_file_name(format!("{TEMP_PREFIX}{}-{n}-{name}", temp_tag()))
 }
 
 /// A random tag for this process's temp names: a pid can come back (an agent that is PID 1
@@ -1342,34 +1537,49 @@ fn stale_temps(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// A file step's manifest entry, and the temp file still to be renamed over its destination
-/// (with whether it may replace what is there).
-type Staged = (Option<ManifestEntry>, Option<(PathBuf, bool)>);
-
-/// First pass of a file step: a new or replaced file is written to a temp name beside its
-/// destination (recorded in `temps` for cleanup) and left there; every other step is carried
-/// out at once.
-fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<Staged, InstallError> {
-    let (Action::Create { source, mode } | Action::Replace { source, mode }) = &s.action else {
-        return Ok((place(s)?, None));
-    };
+/// Writes a new file or link of a step under a temp name beside its destination (recorded in
+/// `temps` for cleanup) and leaves it there for the switch; returns its manifest entry and the
+/// temp.
+fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBuf), InstallError> {
     let tmp = temp_beside(&s.dest);
     temps
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(tmp.clone());
-    let (size, sha) = write_temp(source, &tmp, *mode)?;
-    let entry = ManifestEntry {
-        path: s.dest.clone(),
-        kind: EntryKind::File,
-        size,
-        mode: *mode,
-        sha256: Some(sha),
-        link_target: None,
-        created: false,
+    let entry = match &s.action {
+        Action::Create { source, mode } | Action::Replace { source, mode } => {
+            let (size, sha) = write_temp(source, &tmp, *mode)?;
+            ManifestEntry {
+                path: s.dest.clone(),
+                kind: EntryKind::File,
+                size,
+                mode: *mode,
+                sha256: Some(sha),
+                link_target: None,
+                created: false,
+            }
+        }
+        Action::Link { target, .. } => {
+            std::os::unix::fs::symlink(target, &tmp).map_err(write_err("create symlink", &tmp))?;
+            ManifestEntry {
+                path: s.dest.clone(),
+                kind: EntryKind::Symlink,
+                size: 0,
+                mode: 0o777,
+                sha256: None,
+                link_target: Some(target.clone()),
+                created: false,
+            }
+        }
+        _ => unreachable!("only steps that is_staged_action admits are staged"),
     };
-    let replace = matches!(s.action, Action::Replace { .. });
-    Ok((Some(entry), Some((tmp, replace))))
+    Ok((entry, tmp))
+}
+
+/// The tag in this process's temp names (`<pid>-<nonce>`), recorded in the install intent
+/// so that recovery removes exactly the temps of the install it recovers.
+fn temp_tag() -> String {
+    format!("{}-{}", std::process::id(), process_nonce())
 }
 
 /// Flushes the filesystems holding `paths` to disk: one syncfs for each, however many files.
@@ -1380,12 +1590,14 @@ fn sync_filesystems(paths: &[PathBuf]) -> Result<(), InstallError> {
             continue;
         };
         if seen.insert(meta.dev()) {
-            // Not through a link, never blocking on a FIFO someone put in a temp's place.
+            // Through the directory holding it: a temp may be a symlink, and a directory is
+            // never a FIFO someone put in a temp's place.
+            let dir = p.parent().unwrap_or(Path::new("/"));
             let f = OpenOptions::new()
                 .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(p)
-                .map_err(write_err("open for sync", p))?;
+                .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK)
+                .open(dir)
+                .map_err(write_err("open for sync", dir))?;
             nix::unistd::syncfs(&f)
                 .map_err(|e| write_err("sync the filesystem of", p)(e.into()))?;
         }

@@ -374,3 +374,111 @@ fn temp_files_of_a_killed_install_are_swept_but_not_a_live_ones() {
     assert!(!dead.exists());
     assert!(live.exists());
 }
+
+fn file_entry(path: &Path, body: &str) -> ManifestEntry {
+    ManifestEntry {
+        path: path.to_path_buf(),
+        kind: EntryKind::File,
+        size: body.len() as u64,
+        mode: 0o644,
+        sha256: Some(hex::encode(Sha256::digest(body.as_bytes()))),
+        link_target: None,
+        created: false,
+    }
+}
+
+/// An intent as a killed install leaves it: `a` changed (its temp written), `gone` to be
+/// removed, `new/` made for `new/b` (its temp written).
+fn interrupted(phase: intent::Phase) -> (tempfile::TempDir, Intent) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    fs::write(p.join("a"), "old a").unwrap();
+    fs::write(p.join("gone"), "old gone").unwrap();
+    fs::create_dir(p.join("new")).unwrap();
+    let tag = "1-2";
+    let (ta, tb) = (p.join(".pier-tmp-1-2-0-a"), p.join("new/.pier-tmp-1-2-1-b"));
+    fs::write(&ta, "new a").unwrap();
+    fs::write(&tb, "new b").unwrap();
+    let previous = Manifest {
+        entries: vec![
+            file_entry(&p.join("a"), "old a"),
+            file_entry(&p.join("gone"), "old gone"),
+        ],
+    };
+    let mut new_dir = dir_entry(&p.join("new"), true);
+    new_dir.mode = 0o755;
+    let intent = Intent {
+        phase,
+        tag: tag.into(),
+        temp_dirs: [p.to_path_buf(), p.join("new")].into_iter().collect(),
+        made_dirs: vec![p.join("new")],
+        renames: vec![
+            intent::Rename {
+                temp: ta,
+                dest: p.join("a"),
+                replace: true,
+            },
+            intent::Rename {
+                temp: tb,
+                dest: p.join("new/b"),
+                replace: false,
+            },
+        ],
+        removals: vec![Removal::File(p.join("gone"))],
+        previous: Some(previous),
+        manifest: Manifest {
+            entries: vec![
+                file_entry(&p.join("a"), "new a"),
+                new_dir,
+                file_entry(&p.join("new/b"), "new b"),
+            ],
+        },
+    };
+    (d, intent)
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn recovery_of_a_stop_while_staging_rolls_back() {
+    let (d, intent) = interrupted(intent::Phase::Staging);
+    let (m, outcome) = recover_intent(&intent);
+    assert_eq!(outcome, Outcome::RolledBack);
+    assert_eq!(names(d.path()), ["a", "gone"]);
+    assert_eq!(fs::read_to_string(d.path().join("a")).unwrap(), "old a");
+    assert_eq!(Some(m), intent.previous);
+}
+
+#[test]
+fn recovery_of_a_stop_while_switching_rolls_forward() {
+    let (d, mut intent) = interrupted(intent::Phase::Switching);
+    // The first rename happened before the stop.
+    fs::rename(&intent.renames[0].temp, d.path().join("a")).unwrap();
+    intent.renames[0].temp = d.path().join(".pier-tmp-1-2-0-a");
+    let (m, outcome) = recover_intent(&intent);
+    assert_eq!(outcome, Outcome::RolledForward);
+    assert_eq!(names(d.path()), ["a", "new"]);
+    assert_eq!(names(&d.path().join("new")), ["b"]);
+    assert_eq!(fs::read_to_string(d.path().join("a")).unwrap(), "new a");
+    assert_eq!(fs::read_to_string(d.path().join("new/b")).unwrap(), "new b");
+    assert_eq!(m, intent.manifest);
+}
+
+#[test]
+fn recovery_of_a_stop_while_removing_finishes_the_removals() {
+    let (d, intent) = interrupted(intent::Phase::Removing);
+    for r in &intent.renames {
+        fs::rename(&r.temp, &r.dest).unwrap();
+    }
+    let (m, _) = recover_intent(&intent);
+    assert_eq!(names(d.path()), ["a", "new"]);
+    // The manifest lists what is on disk: `gone` is not in it.
+    assert_eq!(m, intent.manifest);
+}

@@ -1,0 +1,265 @@
+//! The install's own journal: which phase an [`apply`](super::apply) was in (staging,
+//! switching, removing) and what it placed, written atomically before each phase, so that the
+//! next start can finish or undo a half-done install before anything else runs for the group
+//! ([`recover`], called by the state module under the group lock).
+//!
+//! Staging only adds (new directories, temp files beside their destinations), so an install
+//! stopped there is rolled back: its temps are removed and the previous install stands. From
+//! the switch on, every temp is durable and named in the intent, so an install stopped there is
+//! rolled forward: the remaining renames, then the removals. Either way each destination path
+//! holds its old or its new content, and the manifest written afterwards ([`reconcile`])
+//! lists what is on disk.
+//!
+//! Also the test hook `PIER_FAILPOINT` (debug builds only), which makes the process kill
+//! itself at a chosen point of an install.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{rename_into_place, EntryKind, InstallError, Manifest, ManifestEntry, Removal};
+
+/// How far an install got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Phase {
+    /// Making new directories and writing temps beside their destinations; nothing of the
+    /// previous install is changed yet. Recovery rolls back.
+    Staging,
+    /// Every temp is written and synced; renaming them over their destinations. Recovery
+    /// rolls forward.
+    Switching,
+    /// Everything new is in place; removing what the new revision no longer has. Recovery
+    /// finishes the removals.
+    Removing,
+}
+
+/// One rename of the switch: a synced temp over its destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Rename {
+    pub(crate) temp: PathBuf,
+    pub(crate) dest: PathBuf,
+    /// Whether it may replace what is at `dest` (else a thing that appeared there is kept).
+    pub(crate) replace: bool,
+}
+
+/// What an unfinished install leaves for the next start: written before each phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Intent {
+    pub(crate) phase: Phase,
+    /// `<pid>-<nonce>`: every temp of this install is named `.pier-tmp-<tag>-...`.
+    pub(crate) tag: String,
+    /// The directories this install's temps are written in.
+    pub(crate) temp_dirs: BTreeSet<PathBuf>,
+    /// The new directories staging makes, parents first: a roll-back removes those left
+    /// empty.
+    #[serde(default)]
+    pub(crate) made_dirs: Vec<PathBuf>,
+    /// Switching: the renames, in order.
+    pub(crate) renames: Vec<Rename>,
+    /// Switching and removing: what of the previous install goes once the switch is done.
+    pub(crate) removals: Vec<Removal>,
+    /// The manifest before this install.
+    pub(crate) previous: Option<Manifest>,
+    /// Staging: everything this install may place; later: what it placed.
+    pub(crate) manifest: Manifest,
+}
+
+/// Where an install records its progress: the group's intent and manifest files.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InstallLog<'a> {
+    /// The install-intent file (exists only while an install is unfinished).
+    pub(crate) intent: &'a Path,
+    /// The group's manifest of what its last Install placed.
+    pub(crate) manifest: &'a Path,
+}
+
+fn record_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Write {
+        action: "record the install's progress in",
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a JSON state file atomically (temp, fsync, rename, fsync of the directory).
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), InstallError> {
+    let bytes = serde_json::to_vec_pretty(value).expect("install records always serialize");
+    pier_sys::atomic_write(path, &bytes).map_err(record_err(path))
+}
+
+/// Removes the intent file once the install is finished or undone (durably: the directory is
+/// synced, so a crash right after cannot bring the intent back).
+pub(crate) fn clear(path: &Path) -> Result<(), InstallError> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(record_err(path)(e)),
+    }
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(record_err(path))?;
+    }
+    Ok(())
+}
+
+/// Whether `e` describes what is on disk at its path now (same kind of object).
+fn on_disk(e: &ManifestEntry) -> bool {
+    let Ok(meta) = fs::symlink_metadata(&e.path) else {
+        return false;
+    };
+    match e.kind {
+        EntryKind::File => meta.file_type().is_file(),
+        // A kept directory may be a link to one (e.g. /var/www -> /srv/www).
+        EntryKind::Dir => e.path.is_dir(),
+        EntryKind::Symlink => meta.file_type().is_symlink(),
+    }
+}
+
+/// The manifest that describes the disk after an install stopped part-way or was recovered:
+/// for each path either manifest names, `primary`'s entry if it matches the kind of object on
+/// disk, else `secondary`'s; a path holding neither is left out. A file entry whose content
+/// differs from the disk does no harm: "unchanged" is only ever decided by hashing the disk.
+pub(crate) fn reconcile(primary: &Manifest, secondary: Option<&Manifest>) -> Manifest {
+    let mut out: BTreeMap<PathBuf, ManifestEntry> = BTreeMap::new();
+    for e in secondary
+        .into_iter()
+        .flat_map(|m| &m.entries)
+        .chain(&primary.entries)
+    {
+        if on_disk(e) {
+            out.insert(e.path.clone(), e.clone());
+        }
+    }
+    Manifest {
+        entries: out.into_values().collect(),
+    }
+}
+
+/// Removes every temp named with `tag` in `dirs`; returns how many.
+pub(crate) fn sweep(tag: &str, dirs: &BTreeSet<PathBuf>) -> usize {
+    let prefix = format!("{}{tag}-", super::TEMP_PREFIX);
+    let mut n = 0;
+    for dir in dirs {
+        let Ok(rd) = fs::read_dir(dir) else { continue };
+        for e in rd.flatten() {
+            let is_ours = e
+                .file_name()
+                .to_str()
+                .is_some_and(|s| s.starts_with(&prefix));
+            if is_ours
+                && e.file_type().is_ok_and(|t| !t.is_dir())
+                && fs::remove_file(e.path()).is_ok()
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Carries out removals of the previous install; with `kill_at`, the failpoint counts them.
+pub(crate) fn remove_all_of(removals: &[Removal], failpoints: bool) -> Result<(), InstallError> {
+    for (k, r) in removals.iter().enumerate() {
+        if failpoints {
+            failpoint("remove", k + 1);
+        }
+        super::remove_previous(std::slice::from_ref(r))?;
+    }
+    Ok(())
+}
+
+/// What [`recover`] did, for the log and the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Stopped while staging: temps removed, the previous install stands.
+    RolledBack,
+    /// Stopped while switching or removing: the new install was finished.
+    RolledForward,
+}
+
+/// Finishes or undoes the install `intent` describes (see the module comment) and returns the
+/// manifest that describes the disk afterwards. Best effort per path: a rename or removal that
+/// fails is logged and its path left as it is (old or new, never torn).
+pub(crate) fn recover(intent: &Intent) -> (Manifest, Outcome) {
+    match intent.phase {
+        Phase::Staging => {
+            let n = sweep(&intent.tag, &intent.temp_dirs);
+            // Children before parents; a directory someone else filled since is left.
+            for d in intent.made_dirs.iter().rev() {
+                let _ = fs::remove_dir(d);
+            }
+            log::info!("interrupted install rolled back: {n} staged temp files removed");
+            let m = reconcile(
+                intent.previous.as_ref().unwrap_or(&Manifest::default()),
+                Some(&intent.manifest),
+            );
+            (m, Outcome::RolledBack)
+        }
+        Phase::Switching | Phase::Removing => {
+            let mut dirs = BTreeSet::new();
+            for r in &intent.renames {
+                if fs::symlink_metadata(&r.temp).is_err() {
+                    continue; // renamed before the stop
+                }
+                if let Err(e) = rename_into_place(&r.temp, &r.dest, r.replace) {
+                    log::warn!("finishing an interrupted install: {e}");
+                    let _ = fs::remove_file(&r.temp);
+                }
+                if let Some(d) = r.dest.parent() {
+                    dirs.insert(d.to_path_buf());
+                }
+            }
+            sweep(&intent.tag, &intent.temp_dirs);
+            for r in &intent.removals {
+                if let Err(e) = super::remove_previous(std::slice::from_ref(r)) {
+                    log::warn!("finishing an interrupted install: {e}");
+                }
+                if let Some(d) = r.path().parent() {
+                    dirs.insert(d.to_path_buf());
+                }
+            }
+            for d in dirs {
+                let _ = fs::File::open(&d).and_then(|f| f.sync_all());
+            }
+            log::info!(
+                "interrupted install rolled forward: {} renames and {} removals finished",
+                intent.renames.len(),
+                intent.removals.len()
+            );
+            (
+                reconcile(&intent.manifest, intent.previous.as_ref()),
+                Outcome::RolledForward,
+            )
+        }
+    }
+}
+
+/// Test hook: with `PIER_FAILPOINT=install:PHASE:N` in the environment of a debug build, the
+/// process kills itself (SIGKILL, like `kill -9`) at the Nth step of PHASE (`stage`: files and
+/// links written; `switch`: renames; `remove`: removals; N = 0: as the phase starts, its
+/// intent written). Release builds never read the variable. A cargo feature would be the
+/// usual gate, but `cargo test` rebuilds the binaries the end-to-end tests run without
+/// test-only features; the debug profile is what those binaries are always built with.
+pub(crate) fn failpoint(phase: &str, n: usize) {
+    #[cfg(debug_assertions)]
+    {
+        static AT: std::sync::OnceLock<Option<(String, usize)>> = std::sync::OnceLock::new();
+        let at = AT.get_or_init(|| {
+            let v = std::env::var("PIER_FAILPOINT").ok()?;
+            let rest = v.strip_prefix("install:")?;
+            let (p, n) = rest.rsplit_once(':')?;
+            Some((p.to_string(), n.parse().ok()?))
+        });
+        if let Some((p, at_n)) = at {
+            if p == phase && *at_n == n {
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = (phase, n);
+}
