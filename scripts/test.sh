@@ -34,7 +34,7 @@ out=$(mktemp)
 # counts such a test as passed, this script does not.
 skips=$(mktemp)
 set +e
-PIER_TEST_SKIP_LOG="$skips" cargo test --workspace "$@" 2>&1 | tee "$out"
+PIER_TEST_SKIP_LOG="$skips" cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 set -e
 scripts/services.sh stop >/dev/null 2>&1 || true
@@ -51,7 +51,8 @@ else
 fi
 
 # One closing line for the whole run, summed over every test binary; a skipped test is
-# counted as skipped, never as passed.
+# counted as skipped, never as passed. (--no-fail-fast above: a failing binary does not hide
+# how the others fare.)
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$out" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .* ([0-9]+) failed' "$out" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 skipped=$(wc -l <"$skips")

@@ -69,16 +69,19 @@ fn deploy(archive: &Path, spool: &Path, status: &Path, extra: &[&str]) -> Run {
 }
 
 /// Waits until the agent has moved spool file `name` to `rejected/`, and returns the reason.
+/// The spool writes the reason first and moves the command after it, so both are waited for.
 fn rejection(agent: &crate::support::RunningAgent, spool: &Path, name: &str) -> String {
     let reason = spool.join(format!("rejected/{name}.reason"));
-    let text = wait_for(
+    let moved = spool.join("rejected").join(name);
+    wait_for(
         Duration::from_secs(30),
         &format!("{name} to be rejected"),
         &|| agent.log(),
-        || std::fs::read_to_string(&reason).ok(),
-    );
-    assert!(spool.join("rejected").join(name).is_file());
-    text
+        || {
+            let text = std::fs::read_to_string(&reason).ok()?;
+            moved.is_file().then_some(text)
+        },
+    )
 }
 
 #[test]

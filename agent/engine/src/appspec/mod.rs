@@ -255,7 +255,8 @@ pub enum AppSpecError {
     /// It could not be opened beneath the revision root: missing, not a regular file, or a
     /// link that leads out of the bundle (then nothing of it was read).
     #[error(
-        "cannot use the AppSpec {name} at the bundle root: {source} (use -A to name another file)"
+        "cannot use the AppSpec {name} at the bundle root: {source}{}",
+        open_hint(.source)
     )]
     Open {
         /// The AppSpec's file name in the bundle.
@@ -285,6 +286,16 @@ pub enum AppSpecError {
         /// The findings, in the order of the text.
         diagnostics: Vec<Diagnostic>,
     },
+}
+
+/// The hint for an AppSpec that cannot be opened: naming another file helps only when this
+/// one is missing, not when it leads out of the bundle or is not a file.
+fn open_hint(source: &crate::bundle::ConfinedError) -> &'static str {
+    if matches!(source, crate::bundle::ConfinedError::Missing { .. }) {
+        " (use -A to name another file)"
+    } else {
+        ""
+    }
 }
 
 impl AppSpecError {

@@ -13,7 +13,6 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -27,9 +26,6 @@ use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
 
 /// How many symlinks one path may pass through (the kernel's own limit).
 pub const MAX_LINKS: usize = 40;
-
-/// How much of an entry name goes into a message.
-const SHOW_MAX: usize = 200;
 
 /// Set once `openat2` has answered ENOSYS/EPERM: every later open walks.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
@@ -88,19 +84,10 @@ impl ConfinedError {
     }
 }
 
-/// An entry name fit for a message: quoted, control characters escaped, at most
-/// [`SHOW_MAX`] characters.
+/// An entry name fit for a message: the one rule every name follows
+/// ([`pier_protocol::quote::quote`]: quoted, escaped, cut).
 pub fn show(entry: &str) -> String {
-    let mut out = String::from("\"");
-    for (i, c) in entry.chars().enumerate() {
-        if i == SHOW_MAX {
-            out.push_str("...");
-            break;
-        }
-        let _ = write!(out, "{}", c.escape_debug());
-    }
-    out.push('"');
-    out
+    pier_protocol::quote::quote(entry)
 }
 
 /// The root of an unpacked revision, held open, through which bundle paths are opened.
@@ -329,7 +316,7 @@ mod tests {
     fn names_are_escaped_and_bounded() {
         assert_eq!(show("a\nb"), "\"a\\nb\"");
         let long = "x".repeat(1000);
-        assert!(show(&long).len() < SHOW_MAX + 10);
+        assert!(show(&long).chars().count() < pier_protocol::quote::MAX_MESSAGE_CHARS + 10);
     }
 
     #[test]
