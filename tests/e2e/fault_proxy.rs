@@ -434,3 +434,125 @@ async fn deployments_through_a_faulty_network_end_once_and_the_agents_stay_up() 
     }
     drop(proxy);
 }
+
+/// A plain HTTP server on 127.0.0.1 that answers every request `200` with a 2 KiB body and
+/// closes; it stops accepting after `lifetime`.
+fn http_upstream(lifetime: Duration) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + lifetime;
+        while Instant::now() < deadline {
+            let mut conn = match listener.accept() {
+                Ok((conn, _)) => conn,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let body = "x".repeat(2048);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    url
+}
+
+/// Each connection through the proxy with faults on meets the fault the proxy counted: a
+/// full answer from upstream (passed, delayed or trickled), the canned 500 or 503, or a
+/// connection cut before any answer (dropped or reset); every kind shows up.
+#[test]
+fn the_proxy_injects_each_kind_of_fault_it_counts() {
+    use std::io::{Read, Write};
+    const N: usize = 120;
+    let upstream = http_upstream(Duration::from_secs(60));
+    let proxy = FaultProxy::start(
+        &upstream,
+        7,
+        Limits {
+            max_connections: N as u64,
+            lifetime: Duration::from_secs(60),
+        },
+    );
+    proxy.set_faults(true);
+    let addr = proxy.url().trim_start_matches("http://").to_string();
+    let answers: Vec<(String, Duration)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..N)
+            .map(|_| {
+                scope.spawn(|| {
+                    let t = Instant::now();
+                    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: upstream\r\n\r\n");
+                    let mut got = Vec::new();
+                    let answer = match c.read_to_end(&mut got) {
+                        _ if got.starts_with(b"HTTP/1.1 200 ") && got.ends_with(&[b'x'; 2048]) => {
+                            "200".to_string()
+                        }
+                        _ if got.starts_with(b"HTTP/1.1 500 ") => "500".to_string(),
+                        _ if got.starts_with(b"HTTP/1.1 503 ") => "503".to_string(),
+                        Ok(_) | Err(_) if got.is_empty() => "cut".to_string(),
+                        other => format!("unexpected {other:?}: {}", String::from_utf8_lossy(&got)),
+                    };
+                    (answer, t.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let seen = |a: &str| answers.iter().filter(|(x, _)| x == a).count() as u64;
+    let counts = proxy.counts();
+    let c = |f: proxy::Fault| counts[&f];
+    eprintln!("fault proxy self-test: {}", proxy.summary());
+    assert!(
+        answers.iter().all(|(a, _)| !a.starts_with("unexpected")),
+        "{answers:?}"
+    );
+    for f in [
+        proxy::Fault::Pass,
+        proxy::Fault::Drop,
+        proxy::Fault::Reset,
+        proxy::Fault::Delay,
+        proxy::Fault::Http500,
+        proxy::Fault::Http503,
+        proxy::Fault::Slow,
+    ] {
+        assert!(c(f) > 0, "seed 7 gave no {f:?} in {N} connections");
+    }
+    use proxy::Fault::*;
+    assert_eq!(seen("200"), c(Pass) + c(Delay) + c(Slow), "{answers:?}");
+    assert_eq!(seen("500"), c(Http500));
+    assert_eq!(seen("503"), c(Http503));
+    assert_eq!(seen("cut"), c(Drop) + c(Reset));
+    // A delayed connection is held at least a second before it is answered; a trickled one
+    // takes 16 pauses of 25 ms for its 2 KiB.
+    let took = |at_least: Duration| {
+        answers
+            .iter()
+            .filter(|(a, t)| a == "200" && *t >= at_least)
+            .count() as u64
+    };
+    assert!(took(Duration::from_secs(1)) >= c(Delay), "{answers:?}");
+    assert!(
+        took(Duration::from_millis(375)) >= c(Delay) + c(Slow),
+        "{answers:?}"
+    );
+}

@@ -235,7 +235,9 @@ async fn accept_loop(
 ) {
     let mut rng = Rng(seed);
     let deadline = tokio::time::Instant::now() + limits.lifetime;
+    let mut open = tokio::task::JoinSet::new();
     for _ in 0..limits.max_connections {
+        while open.try_join_next().is_some() {}
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = tokio::time::sleep_until(deadline) => return,
@@ -256,10 +258,14 @@ async fn accept_loop(
         };
         counts.add(fault);
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        tokio::spawn(async move {
+        open.spawn(async move {
             let _ = tokio::time::timeout(left, serve(client, upstream, fault, delay)).await;
         });
     }
+    // The last connection accepted: the ones still open finish (each bounded by the
+    // lifetime) before the proxy stops.
+    drop(listener);
+    while open.join_next().await.is_some() {}
 }
 
 /// Handles one connection as `fault` says. Errors just end the connection: a broken
