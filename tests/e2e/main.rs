@@ -9,6 +9,7 @@ mod controller;
 mod daemon;
 mod deploy_local;
 mod diagnostics;
+mod fault_proxy;
 mod hook_processes;
 mod install_atomic;
 mod signing;

@@ -109,10 +109,15 @@ pub fn run_cmd(cmd: &mut Command) -> Run {
 /// Runs the real `pier` with moto's endpoint and test credentials in its environment, and
 /// none of the variables that would give it a default transport or status sink.
 pub fn pier(args: &[&str]) -> Run {
+    pier_via(moto_endpoint(), args)
+}
+
+/// Runs the real `pier` as [`pier`] does, reaching SQS and S3 at `endpoint` instead.
+pub fn pier_via(endpoint: &str, args: &[&str]) -> Run {
     run_cmd(
         Command::new(pier_bin())
             .args(args)
-            .env("AWS_ENDPOINT_URL", moto_endpoint())
+            .env("AWS_ENDPOINT_URL", endpoint)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_REGION", "us-east-1")
@@ -143,6 +148,8 @@ pub struct AgentBuilder {
     transport: Transport,
     config: String,
     own_mount: Option<PathBuf>,
+    endpoint: Option<String>,
+    hook_env: Vec<(String, String)>,
 }
 
 impl AgentBuilder {
@@ -170,6 +177,19 @@ impl AgentBuilder {
         self
     }
 
+    /// Reaches SQS and S3 at `url` (`aws.endpoint_url`) instead of moto's own address: a
+    /// proxy in front of moto, say.
+    pub fn endpoint(mut self, url: &str) -> AgentBuilder {
+        self.endpoint = Some(url.to_string());
+        self
+    }
+
+    /// Gives every hook the variable `name` = `value` (`hooks.env.set`).
+    pub fn hook_env(mut self, name: &str, value: &str) -> AgentBuilder {
+        self.hook_env.push((name.to_string(), value.to_string()));
+        self
+    }
+
     /// More configuration: YAML appended to the file as it is (top-level keys other than
     /// `root_dir`, `host_id`, `hooks` and `transport`).
     pub fn config(mut self, yaml: &str) -> AgentBuilder {
@@ -194,6 +214,12 @@ impl AgentBuilder {
         }
         // A hook gets 1 s between SIGTERM and SIGKILL, so no stop waits long on one.
         yaml.push_str("hooks:\n  kill_grace_seconds: 1\n");
+        if !self.hook_env.is_empty() {
+            yaml.push_str("  env:\n    set:\n");
+            for (name, value) in &self.hook_env {
+                yaml.push_str(&format!("      {name}: {value:?}\n"));
+            }
+        }
         let spool = root.join("spool");
         match &self.transport {
             Transport::None => {}
@@ -209,7 +235,7 @@ impl AgentBuilder {
                 }
                 yaml.push_str(&format!(
                     "aws:\n  region: us-east-1\n  endpoint_url: {}\n",
-                    moto_endpoint()
+                    self.endpoint.as_deref().unwrap_or(moto_endpoint())
                 ));
             }
         }
@@ -260,6 +286,8 @@ impl Agent {
             transport: Transport::None,
             config: String::new(),
             own_mount: None,
+            endpoint: None,
+            hook_env: Vec::new(),
         }
     }
 
@@ -359,6 +387,11 @@ impl RunningAgent {
     /// The agent's process id.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Whether the agent process is still running (not exited, not a zombie).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Everything the agent has logged so far.

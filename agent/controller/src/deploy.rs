@@ -23,6 +23,7 @@ use pier_protocol::{
     is_valid_id, parse_events, Command, DeploymentStatus, EventState, FileExistsBehavior,
     StatusRecord, StatusTarget, COMMAND_VERSION,
 };
+use pier_sys::backoff::Backoff;
 use pier_transport::spool::Spool;
 use pier_transport::sqs::{QueueSpec, SqsQueue};
 use pier_transport::StatusSink;
@@ -137,7 +138,10 @@ pub async fn deploy(opts: &DeployOptions) -> Result<i32, ControllerError> {
         .as_deref()
         .map(super::signing::load_signing_key)
         .transpose()?;
-    let info = resolve(&opts.revision, &opts.overrides, &opts.aws).await?;
+    let info = with_retries("reading the revision", || {
+        resolve(&opts.revision, &opts.overrides, &opts.aws)
+    })
+    .await?;
     let target = StatusTarget {
         sink: sink_spec.clone(),
         notify_queue_url: None,
@@ -152,13 +156,24 @@ pub async fn deploy(opts: &DeployOptions) -> Result<i32, ControllerError> {
         None => cmd.to_json(),
     };
 
-    let destinations = destinations(opts, transport).await?;
+    let destinations = with_retries("finding the hosts' queues", || {
+        destinations(opts, transport)
+    })
+    .await?;
     for (host, dest) in opts.hosts.iter().zip(&destinations) {
         match dest {
             Destination::Sqs(q) => {
-                q.send(&body).await.map_err(|e| {
-                    ControllerError::transport(format!("host {host}: cannot send the command"), e)
-                })?;
+                // A send whose answer was lost may have arrived: sending it again is safe,
+                // as an agent runs a deployment id once however often it is delivered.
+                with_retries(&format!("sending to {host}"), || async {
+                    q.send(&body).await.map_err(|e| {
+                        ControllerError::transport(
+                            format!("host {host}: cannot send the command"),
+                            e,
+                        )
+                    })
+                })
+                .await?;
             }
             Destination::Spool(dir) => {
                 Spool::submit(dir, &format!("{deployment_id}.json"), &body).map_err(|e| {
@@ -333,6 +348,28 @@ async fn destinations(
     }
 }
 
+/// Runs `op` until it succeeds, fails for good, or has failed transiently (a network fault,
+/// a 5xx) through the network backoff's attempts, saying on stderr what it retries.
+async fn with_retries<T, F, Fut>(what: &str, mut op: F) -> Result<T, ControllerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ControllerError>>,
+{
+    let mut backoff = Backoff::network();
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() => match backoff.next_delay() {
+                Some(delay) => {
+                    eprintln!("{what}: {e}; retrying in {} ms", delay.as_millis());
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(e),
+            },
+            done => return done,
+        }
+    }
+}
+
 /// How following a deployment ended.
 #[derive(Debug, Clone)]
 pub(crate) struct FollowOutcome {
@@ -484,6 +521,39 @@ pub(crate) fn report(deployment_id: &str, hosts: &[String], outcome: &FollowOutc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn s3_error(transient: bool) -> ControllerError {
+        ControllerError::S3 {
+            op: "HeadObject",
+            location: "s3://b/k".into(),
+            message: "connection reset".into(),
+            transient,
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_and_lasting_ones_are_not() {
+        let calls = std::cell::Cell::new(0);
+        let got = with_retries("test", || async {
+            calls.set(calls.get() + 1);
+            if calls.get() < 3 {
+                Err(s3_error(true))
+            } else {
+                Ok(calls.get())
+            }
+        })
+        .await;
+        assert_eq!(got.unwrap(), 3);
+
+        calls.set(0);
+        let got: Result<(), _> = with_retries("test", || async {
+            calls.set(calls.get() + 1);
+            Err(s3_error(false))
+        })
+        .await;
+        assert!(got.is_err());
+        assert_eq!(calls.get(), 1, "a lasting failure is not retried");
+    }
 
     #[test]
     fn hosts_and_events_are_checked() {

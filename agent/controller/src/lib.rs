@@ -66,6 +66,8 @@ pub enum ControllerError {
         location: String,
         /// The SDK's error chain.
         message: String,
+        /// Whether it may go away on retry (a timeout, a broken connection, throttling, 5xx).
+        transient: bool,
     },
     /// The revision lacks something a command needs (its sha256, its bundle type).
     #[error("revision {revision}: {message}")]
@@ -119,6 +121,16 @@ impl ControllerError {
                 ..
             } => EXIT_USAGE,
             _ => EXIT_FAILURE,
+        }
+    }
+
+    /// Whether the failed call may succeed if made again: a network fault or a 5xx, not a
+    /// mistake in the flags or a missing object.
+    pub(crate) fn is_transient(&self) -> bool {
+        match self {
+            ControllerError::S3 { transient, .. } => *transient,
+            ControllerError::Transport { source, .. } => source.is_transient(),
+            _ => false,
         }
     }
 

@@ -466,6 +466,7 @@ impl Upload<'_> {
             op,
             location: self.location(),
             message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+            transient: pier_transport::aws::is_transient(&e),
         }
     }
 

@@ -267,6 +267,7 @@ async fn from_s3(
             op: "HeadObject",
             location: format!("s3://{bucket}/{key}"),
             message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+            transient: pier_transport::aws::is_transient(&e),
         })?;
     let meta = head.metadata().cloned().unwrap_or_default();
     let bundle_type = match overrides.bundle_type {
