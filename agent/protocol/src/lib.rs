@@ -20,6 +20,8 @@ mod diagnostics;
 mod event;
 mod id;
 pub mod quote;
+pub mod record;
+pub mod registry;
 pub mod signature;
 
 pub use bundle::{BundleType, UnknownBundleType, MAGIC_LEN};
