@@ -33,6 +33,7 @@ pub(crate) mod notify;
 pub mod s3;
 pub mod spool;
 pub mod sqs;
+pub mod store;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -229,6 +230,27 @@ pub fn open_status_sink(
             url,
         )),
         None => sink,
+    })
+}
+
+/// Opens the shared object store at the place a status sink spec names: the controller keeps
+/// its records beside the hosts' status records, so one bucket and prefix (or one directory)
+/// holds a deployment's whole story.
+pub fn open_store(
+    spec: &StatusSinkSpec,
+    aws: Option<&aws::AwsClients>,
+) -> Result<Box<dyn store::ObjectStore>, TransportError> {
+    Ok(match spec {
+        StatusSinkSpec::S3 { bucket, prefix } => {
+            let aws = aws.ok_or_else(|| {
+                TransportError::Config(
+                    "an S3 store needs AWS access; configure it or use a local directory"
+                        .to_string(),
+                )
+            })?;
+            Box::new(store::S3Store::new(aws.s3.clone(), bucket, prefix))
+        }
+        StatusSinkSpec::Local { dir } => Box::new(store::DirStore::new(dir)),
     })
 }
 

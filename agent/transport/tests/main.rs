@@ -8,3 +8,4 @@ mod support;
 mod spool;
 mod sqs;
 mod status;
+mod store;
