@@ -14,6 +14,7 @@
 pub mod deploy;
 pub mod push;
 pub mod revision;
+pub mod rollout;
 pub mod signing;
 pub mod status;
 
@@ -97,6 +98,14 @@ pub enum ControllerError {
     /// The command built from the flags is not a valid protocol command.
     #[error("the deployment command would be invalid: {0}; fix the corresponding flag")]
     Protocol(#[from] pier_protocol::ProtocolError),
+    /// A stored deployment record or group definition cannot be read.
+    #[error("{location} is unreadable: {message}; fix or delete it")]
+    Record {
+        /// Where it is (`s3://bucket/key` or a path).
+        location: String,
+        /// What is wrong.
+        message: String,
+    },
     /// No host has written a status record for the deployment.
     #[error("no status records for deployment {deployment_id} in {sink}; check the deployment id and the status flags (--status-bucket/--status-prefix or --status-dir)")]
     NoStatus {

@@ -101,6 +101,20 @@ pub struct Lease {
     pub until: DateTime<Utc>,
 }
 
+/// A decision on a deployment held for approval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Approved (`true`) or rejected.
+    pub approved: bool,
+    /// `user@host` of who decided.
+    pub by: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Their comment, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
 /// How many hosts must stay healthy, as CodeDeploy states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "value", rename_all = "SCREAMING_SNAKE_CASE")]
@@ -152,6 +166,9 @@ pub struct DeploymentRecord {
     /// That deployment rolled this one back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_by: Option<String>,
+    /// Who approved or rejected it, when it was held for approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
     /// The controller driving it, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,

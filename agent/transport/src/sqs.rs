@@ -115,6 +115,37 @@ impl SqsQueue {
         Ok(SqsQueue::new(client, url))
     }
 
+    /// Creates (or finds: CreateQueue is idempotent for equal attributes) a plain queue with
+    /// no dead-letter queue, such as a deployment's status notification queue.
+    pub async fn create_plain(
+        client: aws_sdk_sqs::Client,
+        name: &str,
+    ) -> Result<SqsQueue, TransportError> {
+        let out = client
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| aws_error("CreateQueue", name, e))?;
+        let url = out.queue_url().unwrap_or_default().to_string();
+        Ok(SqsQueue::new(client, url))
+    }
+
+    /// Deletes the queue itself (for a queue that served its purpose); a queue already gone
+    /// is not an error.
+    pub async fn delete_queue(&self) -> Result<(), TransportError> {
+        match self.client.delete_queue().queue_url(&self.url).send().await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.meta().code() == Some("AWS.SimpleQueueService.NonExistentQueue")) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(aws_error("DeleteQueue", &self.url, e)),
+        }
+    }
+
     /// The queue's URL.
     pub fn url(&self) -> &str {
         &self.url

@@ -1,0 +1,863 @@
+//! Fleet rollouts: one deployment to a deployment group's hosts, batch by batch, by
+//! CodeDeploy's minimum-healthy-hosts rules ([`crate::rules`]), with all state in the
+//! deployment record ([`DeploymentRecord`]) in the shared store.
+//!
+//! A rollout is a loop over the record. Each turn reads it, and:
+//! - holds (or takes over an expired) lease, so one controller drives it at a time;
+//! - learns which dispatched hosts have finished (from the deployment's SQS notification
+//!   queue when there is one, by reading the hosts' status records otherwise, and by a full
+//!   reconciliation now and then, so a lost notification costs a delay, never a result);
+//! - asks the rules what comes next and writes that decision with a conditional write on the
+//!   version it read *before* acting on it: a batch is claimed (its hosts marked
+//!   `Dispatched`) before any command is sent. Two controllers that race on one record both
+//!   try to claim; the store refuses one, which reads again and sees the batch taken.
+//!
+//! A controller that dies leaves the record as it was at its last write. The next one (`pier
+//! deploy --resume ID`) waits out the lease, re-sends the command to dispatched hosts that have
+//! written no status at all (the agent runs a deployment id once, however often it arrives),
+//! and carries on. `pier stop ID` writes `Stopped` into the record; the driver sees it on its
+//! next turn and sends nothing more.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use pier_protocol::record::{
+    Batch, DeploymentRecord, HostRollout, HostRolloutState, Lease, MinimumHealthyHosts,
+    RolloutStatus, RECORD_VERSION,
+};
+use pier_protocol::signature::SecretKey;
+use pier_protocol::{
+    Command, DeploymentStatus, Revision, StatusRecord, StatusSinkSpec, StatusTarget,
+    COMMAND_VERSION,
+};
+use pier_sys::backoff::Backoff;
+use pier_transport::aws::AwsClients;
+use pier_transport::spool::Spool;
+use pier_transport::sqs::{QueueSpec, SqsQueue};
+use pier_transport::store::{ObjectStore, Precondition, PutOutcome};
+use pier_transport::{Queue, StatusSink};
+
+use super::rules::{next_step, DeploymentConfig, Next, Tally};
+use super::ControllerError;
+
+/// How long a lease holds without renewal: a controller killed mid-rollout delays the next
+/// one by at most this.
+pub(crate) const LEASE: Duration = Duration::from_secs(20);
+
+/// The store key of a deployment's record.
+pub(crate) fn record_key(deployment_id: &str) -> String {
+    format!("deployments/{deployment_id}/record.json")
+}
+
+/// How commands reach the rollout's hosts, stored in the record so a resuming controller
+/// sends the same way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Delivery {
+    /// SQS: the queue `pier-{host}`, or this template's URL with `{host}` replaced.
+    Sqs {
+        /// `https://.../pier-{host}`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queue_url_template: Option<String>,
+    },
+    /// A spool directory per host: this template with `{host}` replaced (or one directory
+    /// for a single host).
+    Spool {
+        /// E.g. `/srv/{host}/spool`.
+        spool_dir: String,
+    },
+}
+
+/// Everything needed to build the commands and follow the hosts, beyond the record's own
+/// fields (kept in [`DeploymentRecord::settings`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSettings {
+    /// The group id the hosts lock and keep state under.
+    pub deployment_group_id: String,
+    /// A subset of lifecycle events, when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
+    /// `file_exists_behavior`, when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_exists_behavior: Option<String>,
+    /// How commands are delivered.
+    pub delivery: Delivery,
+    /// Where hosts write status (the store the record is in).
+    pub status: StatusSinkSpec,
+    /// The deployment's notification queue, when status notifications are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_queue_url: Option<String>,
+    /// A dispatched host with no final status after this long counts as failed.
+    pub host_timeout_seconds: u64,
+    /// The signing key's id, when commands are signed (a resuming controller must sign with
+    /// the same key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_id: Option<String>,
+}
+
+/// What a new rollout is made of.
+#[derive(Debug, Clone)]
+pub struct NewRollout {
+    /// The deployment id.
+    pub deployment_id: String,
+    /// Application name.
+    pub application: String,
+    /// Deployment group name.
+    pub deployment_group: String,
+    /// The revision.
+    pub revision: Revision,
+    /// Its commit.
+    pub commit_sha: Option<String>,
+    /// Who asks.
+    pub creator: String,
+    /// The rules.
+    pub config: DeploymentConfig,
+    /// Target hosts with their zones.
+    pub hosts: Vec<(String, Option<String>)>,
+    /// Held for approval first.
+    pub require_approval: bool,
+    /// Rolls back this deployment.
+    pub rollback_of: Option<String>,
+    /// Commands, delivery, status.
+    pub settings: RolloutSettings,
+}
+
+/// Builds the record of a new rollout (not yet stored).
+pub(crate) fn new_record(new: NewRollout) -> DeploymentRecord {
+    let now = Utc::now();
+    let total = new.hosts.len();
+    DeploymentRecord {
+        version: RECORD_VERSION,
+        deployment_id: new.deployment_id,
+        application: new.application,
+        deployment_group: new.deployment_group,
+        revision: new.revision,
+        commit_sha: new.commit_sha,
+        commit_time: None,
+        creator: new.creator,
+        config_name: new.config.name(),
+        minimum_healthy_hosts: new.config.minimum(total),
+        status: if new.require_approval {
+            RolloutStatus::PendingApproval
+        } else {
+            RolloutStatus::InProgress
+        },
+        status_reason: None,
+        hosts: new
+            .hosts
+            .into_iter()
+            .map(|(h, zone)| {
+                (
+                    h,
+                    HostRollout {
+                        state: HostRolloutState::Pending,
+                        batch: None,
+                        availability_zone: zone,
+                        dispatched_at: None,
+                        ended_at: None,
+                        error: None,
+                    },
+                )
+            })
+            .collect(),
+        batches: Vec::new(),
+        rollback_of: new.rollback_of,
+        rolled_back_by: None,
+        approval: None,
+        lease: None,
+        created_at: now,
+        started_at: None,
+        ended_at: None,
+        updated_at: now,
+        settings: serde_json::to_value(&new.settings).expect("settings serialise"),
+    }
+}
+
+/// A record as read, with the version a conditional write must name.
+pub(crate) struct Loaded {
+    pub(crate) record: DeploymentRecord,
+    etag: String,
+}
+
+/// Stores a new record; fails if the id is taken.
+pub(crate) async fn create(
+    store: &dyn ObjectStore,
+    record: &DeploymentRecord,
+) -> Result<(), ControllerError> {
+    let key = record_key(&record.deployment_id);
+    match store
+        .put(&key, record.to_json(), Precondition::Absent)
+        .await
+        .map_err(|e| ControllerError::transport("cannot store the deployment record", e))?
+    {
+        PutOutcome::Written(_) => Ok(()),
+        PutOutcome::Conflict => Err(ControllerError::usage(
+            "deployment id",
+            format!(
+                "{} already exists in {}",
+                record.deployment_id,
+                store.describe()
+            ),
+        )),
+    }
+}
+
+/// Reads a record, `None` if there is none.
+pub(crate) async fn load(
+    store: &dyn ObjectStore,
+    deployment_id: &str,
+) -> Result<Option<Loaded>, ControllerError> {
+    let key = record_key(deployment_id);
+    let Some(v) = store
+        .get(&key)
+        .await
+        .map_err(|e| ControllerError::transport("cannot read the deployment record", e))?
+    else {
+        return Ok(None);
+    };
+    let record = DeploymentRecord::from_json(&v.bytes).map_err(|e| ControllerError::Record {
+        location: format!("{}{key}", store.describe()),
+        message: e.to_string(),
+    })?;
+    Ok(Some(Loaded {
+        record,
+        etag: v.etag,
+    }))
+}
+
+/// Reads a record that must exist.
+pub(crate) async fn load_existing(
+    store: &dyn ObjectStore,
+    deployment_id: &str,
+) -> Result<Loaded, ControllerError> {
+    load(store, deployment_id).await?.ok_or_else(|| {
+        ControllerError::usage(
+            "DEPLOYMENT_ID",
+            format!(
+                "no deployment {deployment_id} in {}; check the id and the store flags",
+                store.describe()
+            ),
+        )
+    })
+}
+
+/// Writes `record` over the version `etag`; `false` when someone else wrote first.
+async fn save(
+    store: &dyn ObjectStore,
+    record: &mut DeploymentRecord,
+    etag: &str,
+) -> Result<Option<String>, ControllerError> {
+    record.updated_at = Utc::now();
+    match store
+        .put(
+            &record_key(&record.deployment_id),
+            record.to_json(),
+            Precondition::Matches(etag.to_string()),
+        )
+        .await
+        .map_err(|e| ControllerError::transport("cannot update the deployment record", e))?
+    {
+        PutOutcome::Written(etag) => Ok(Some(etag)),
+        PutOutcome::Conflict => Ok(None),
+    }
+}
+
+/// Applies `change` to the stored record with a conditional write, reading again and
+/// re-applying on conflict. `change` returns `false` to leave the record as it is. Returns the
+/// record as written (or as found when unchanged).
+pub(crate) async fn update<F>(
+    store: &dyn ObjectStore,
+    deployment_id: &str,
+    mut change: F,
+) -> Result<DeploymentRecord, ControllerError>
+where
+    F: FnMut(&mut DeploymentRecord) -> Result<bool, ControllerError>,
+{
+    loop {
+        let Loaded { mut record, etag } = load_existing(store, deployment_id).await?;
+        if !change(&mut record)? {
+            return Ok(record);
+        }
+        if save(store, &mut record, &etag).await?.is_some() {
+            return Ok(record);
+        }
+    }
+}
+
+/// Stops a rollout: nothing more is dispatched; hosts already sent finish on their own.
+pub(crate) async fn stop(
+    store: &dyn ObjectStore,
+    deployment_id: &str,
+    reason: &str,
+) -> Result<DeploymentRecord, ControllerError> {
+    update(store, deployment_id, |rec| {
+        if rec.status.is_final() {
+            return Ok(false);
+        }
+        finish(rec, RolloutStatus::Stopped, Some(reason.to_string()));
+        Ok(true)
+    })
+    .await
+}
+
+/// Marks the record final and every host never sent as skipped.
+fn finish(rec: &mut DeploymentRecord, status: RolloutStatus, reason: Option<String>) {
+    let now = Utc::now();
+    rec.status = status;
+    rec.status_reason = reason;
+    rec.ended_at = Some(now);
+    rec.lease = None;
+    for h in rec.hosts.values_mut() {
+        if h.state == HostRolloutState::Pending {
+            h.state = HostRolloutState::Skipped;
+        }
+    }
+}
+
+/// The rules in force for a stored record.
+fn config_of(rec: &DeploymentRecord) -> DeploymentConfig {
+    DeploymentConfig::Custom(rec.minimum_healthy_hosts)
+}
+
+/// Counts hosts the way the rules do.
+pub(crate) fn tally(rec: &DeploymentRecord) -> Tally {
+    Tally {
+        total: rec.hosts.len(),
+        pending: rec.count(HostRolloutState::Pending),
+        in_progress: rec.count(HostRolloutState::Dispatched),
+        succeeded: rec.count(HostRolloutState::Succeeded),
+        failed: rec.count(HostRolloutState::Failed) + rec.count(HostRolloutState::Skipped),
+    }
+}
+
+/// The parts a driver works with.
+pub struct Driver<'a> {
+    /// The shared store the record is in.
+    pub store: &'a dyn ObjectStore,
+    /// Where hosts write status (the same place).
+    pub sink: &'a dyn StatusSink,
+    /// AWS clients (SQS delivery, notifications).
+    pub aws: Option<&'a AwsClients>,
+    /// This controller's lease owner id.
+    pub owner: String,
+    /// The key commands are signed with, when the rollout is signed.
+    pub signing_key: Option<&'a SecretKey>,
+    /// How often statuses are read without notifications.
+    pub poll: Duration,
+    /// How often a full reconciliation reads every in-flight host's status, notifications or
+    /// not.
+    pub reconcile_every: Duration,
+}
+
+/// A unique lease owner id for this process.
+pub(crate) fn owner_id() -> String {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+impl Driver<'_> {
+    /// Drives the rollout until it is final (or `until` says to stop waiting, leaving it to
+    /// a later `--resume`). Prints each batch and host result on stderr. Returns the final
+    /// record.
+    pub async fn drive(&self, deployment_id: &str) -> Result<DeploymentRecord, ControllerError> {
+        let mut resent = false;
+        let mut notices: Option<SqsQueue> = None;
+        let mut last_reconcile: Option<tokio::time::Instant> = None;
+        let mut waiting_reported = false;
+        // Hosts a notification said are final, read on the next turn.
+        let mut news: HashSet<String> = HashSet::new();
+        loop {
+            let Loaded { mut record, etag } = load_existing(self.store, deployment_id).await?;
+            if record.status.is_final() {
+                self.release(&record, &etag).await;
+                return Ok(record);
+            }
+            if record.status == RolloutStatus::PendingApproval {
+                if !waiting_reported {
+                    eprintln!(
+                        "deployment {deployment_id} waits for approval: pier approve {deployment_id}"
+                    );
+                    waiting_reported = true;
+                }
+                tokio::time::sleep(self.poll.max(Duration::from_secs(1))).await;
+                continue;
+            }
+            let settings: RolloutSettings = serde_json::from_value(record.settings.clone())
+                .map_err(|e| ControllerError::Record {
+                    location: record_key(deployment_id),
+                    message: format!("settings: {e}"),
+                })?;
+            if let Some(id) = &settings.signing_key_id {
+                match self.signing_key {
+                    Some(k) if k.public_key().key_id() == *id => {}
+                    _ => {
+                        return Err(ControllerError::usage(
+                            "--signing-key",
+                            format!(
+                                "deployment {deployment_id} is signed with key {id}; resume it \
+                                 with that key"
+                            ),
+                        ))
+                    }
+                }
+            }
+
+            // The lease: hold it, or wait for another controller's to run out.
+            let now = Utc::now();
+            let mine = record.lease.as_ref().is_some_and(|l| l.owner == self.owner);
+            let held_by_other = record
+                .lease
+                .as_ref()
+                .filter(|l| l.owner != self.owner && l.until > now);
+            if let Some(lease) = held_by_other {
+                if !waiting_reported {
+                    eprintln!(
+                        "deployment {deployment_id} is driven by {} until {}; waiting to take over",
+                        lease.owner, lease.until
+                    );
+                    waiting_reported = true;
+                }
+                let wait = (lease.until - now).to_std().unwrap_or_default();
+                tokio::time::sleep(wait.min(Duration::from_secs(2)) + Duration::from_millis(100))
+                    .await;
+                continue;
+            }
+            let renew_due = record
+                .lease
+                .as_ref()
+                .is_none_or(|l| (l.until - now).to_std().unwrap_or_default() < LEASE / 2);
+            if !mine || renew_due {
+                record.lease = Some(Lease {
+                    owner: self.owner.clone(),
+                    until: now + chrono::Duration::from_std(LEASE).expect("small"),
+                });
+                if save(self.store, &mut record, &etag).await?.is_none() {
+                    continue;
+                }
+                if !mine {
+                    eprintln!("deployment {deployment_id}: driving ({})", record.config_name);
+                }
+                continue;
+            }
+
+            // A controller taking over re-sends to dispatched hosts that never reported.
+            if !resent {
+                resent = true;
+                self.resend_unreported(&record, &settings).await?;
+            }
+            if notices.is_none() {
+                if let (Some(url), Some(aws)) = (&settings.notify_queue_url, self.aws) {
+                    notices = Some(SqsQueue::new(aws.sqs.clone(), url.clone()));
+                }
+            }
+
+            // What finished since the last turn.
+            let full = notices.is_none()
+                || last_reconcile.is_none_or(|t| t.elapsed() >= self.reconcile_every);
+            let finished = self
+                .finished_hosts(&record, if full { None } else { Some(&news) })
+                .await?;
+            news.clear();
+            if full {
+                last_reconcile = Some(tokio::time::Instant::now());
+            }
+            let mut changed = apply_results(&mut record, &finished, &settings);
+
+            // Decide.
+            let decision = next_step(&config_of(&record), &tally(&record));
+            let mut to_send = Vec::new();
+            match &decision {
+                Next::Dispatch(n) => {
+                    let batch = pick_batch(&record, *n);
+                    let index = record.batches.len() as u32;
+                    let now = Utc::now();
+                    for h in &batch {
+                        let host = record.hosts.get_mut(h).expect("picked from the record");
+                        host.state = HostRolloutState::Dispatched;
+                        host.batch = Some(index);
+                        host.dispatched_at = Some(now);
+                    }
+                    record.batches.push(Batch {
+                        index,
+                        hosts: batch.clone(),
+                        started_at: now,
+                    });
+                    record.started_at.get_or_insert(now);
+                    to_send = batch;
+                    changed = true;
+                }
+                Next::Succeeded => {
+                    finish(&mut record, RolloutStatus::Succeeded, None);
+                    changed = true;
+                }
+                Next::Failed(reason) => {
+                    finish(&mut record, RolloutStatus::Failed, Some(reason.clone()));
+                    changed = true;
+                }
+                Next::Wait => {}
+            }
+            if changed {
+                // The claim comes first: a batch is sent only once it is written.
+                if save(self.store, &mut record, &etag).await?.is_none() {
+                    continue;
+                }
+                for (h, r) in &finished {
+                    let word = if r.status == DeploymentStatus::Succeeded {
+                        "Succeeded"
+                    } else {
+                        "Failed"
+                    };
+                    eprintln!("{h}: {word}");
+                }
+            }
+            if !to_send.is_empty() {
+                let index = record.batches.len() - 1;
+                eprintln!(
+                    "batch {} of {deployment_id}: {} host(s): {}",
+                    index + 1,
+                    to_send.len(),
+                    to_send.join(", ")
+                );
+                self.send(&record, &settings, &to_send).await?;
+                continue;
+            }
+            if record.status.is_final() {
+                eprintln!(
+                    "deployment {deployment_id} {:?}{}",
+                    record.status,
+                    record
+                        .status_reason
+                        .as_ref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+                if let Some(q) = &notices {
+                    if let Err(e) = q.delete_queue().await {
+                        log::warn!("cannot delete notification queue {}: {e}", q.url());
+                    }
+                }
+                return Ok(record);
+            }
+            // Wait for news: a notification, or the next poll.
+            match &notices {
+                Some(q) => {
+                    let wait = self.poll.max(Duration::from_secs(1)).min(LEASE / 4);
+                    match q.receive(wait).await {
+                        Ok(msgs) => {
+                            // A notification is a hint: the host's record is read next turn
+                            // (one request per event), and acked only then.
+                            for m in &msgs {
+                                if let Some(host) = final_host_in(&m.body, deployment_id) {
+                                    news.insert(host);
+                                }
+                                if let Err(e) = q.ack(m).await {
+                                    log::warn!("cannot delete a notification: {e}");
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!("notification queue: {e}");
+                            tokio::time::sleep(self.poll).await;
+                        }
+                    }
+                }
+                None => tokio::time::sleep(self.poll).await,
+            }
+        }
+    }
+
+    /// Gives up the lease of a final record (best effort).
+    async fn release(&self, record: &DeploymentRecord, etag: &str) {
+        if record.lease.as_ref().is_some_and(|l| l.owner == self.owner) {
+            let mut rec = record.clone();
+            rec.lease = None;
+            let _ = save(self.store, &mut rec, etag).await;
+        }
+    }
+
+    /// The final status records of dispatched hosts: of every one (`only` is `None`, a full
+    /// reconciliation) or of those a notification named.
+    async fn finished_hosts(
+        &self,
+        record: &DeploymentRecord,
+        only: Option<&HashSet<String>>,
+    ) -> Result<Vec<(String, StatusRecord)>, ControllerError> {
+        let mut out = Vec::new();
+        for (h, host) in &record.hosts {
+            if host.state != HostRolloutState::Dispatched || only.is_some_and(|o| !o.contains(h))
+            {
+                continue;
+            }
+            match self.sink.read(&record.deployment_id, h).await {
+                Ok(Some(r)) if r.status.is_final() => out.push((h.clone(), r)),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => log::warn!("status of {h}: {e}"),
+                Err(e) => {
+                    return Err(ControllerError::transport(
+                        format!("cannot read the status of {h}"),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-sends the command to dispatched hosts with no status record at all.
+    async fn resend_unreported(
+        &self,
+        record: &DeploymentRecord,
+        settings: &RolloutSettings,
+    ) -> Result<(), ControllerError> {
+        let mut silent = Vec::new();
+        for (h, host) in &record.hosts {
+            if host.state == HostRolloutState::Dispatched {
+                let status = self
+                    .sink
+                    .read(&record.deployment_id, h)
+                    .await
+                    .map_err(|e| ControllerError::transport(format!("status of {h}"), e))?;
+                if status.is_none() {
+                    silent.push(h.clone());
+                }
+            }
+        }
+        if !silent.is_empty() {
+            eprintln!(
+                "re-sending to {} dispatched host(s) with no status yet: {}",
+                silent.len(),
+                silent.join(", ")
+            );
+            self.send(record, settings, &silent).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the deployment's command to `hosts`, retrying transient failures; a host whose
+    /// queue cannot be reached is left dispatched and times out as failed.
+    async fn send(
+        &self,
+        record: &DeploymentRecord,
+        settings: &RolloutSettings,
+        hosts: &[String],
+    ) -> Result<(), ControllerError> {
+        let cmd = command_for(record, settings)?;
+        let body = match self.signing_key {
+            Some(key) => pier_protocol::signature::sign(&cmd.to_json(), key),
+            None => cmd.to_json(),
+        };
+        for h in hosts {
+            let sent = match &settings.delivery {
+                Delivery::Spool { spool_dir } => {
+                    let dir = std::path::PathBuf::from(spool_dir.replace("{host}", h));
+                    Spool::submit(&dir, &format!("{}.json", record.deployment_id), &body)
+                        .map(|_| format!("spool {}", dir.display()))
+                        .map_err(|e| ControllerError::transport(format!("host {h}"), e))
+                }
+                Delivery::Sqs { queue_url_template } => {
+                    self.send_sqs(h, queue_url_template.as_deref(), &body).await
+                }
+            };
+            match sent {
+                Ok(via) => log::info!("{h}: sent via {via}"),
+                Err(e) => eprintln!("{h}: cannot send the command: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_sqs(
+        &self,
+        host: &str,
+        template: Option<&str>,
+        body: &[u8],
+    ) -> Result<String, ControllerError> {
+        let aws = self.aws.ok_or_else(|| {
+            ControllerError::usage("--endpoint-url", "SQS delivery needs AWS access")
+        })?;
+        let spec = QueueSpec {
+            url: template.map(|t| t.replace("{host}", host)),
+            create: false,
+            ..QueueSpec::for_host(host)
+        };
+        let mut backoff = Backoff::network();
+        loop {
+            let attempt = async {
+                let q = SqsQueue::open(aws.sqs.clone(), &spec).await?;
+                q.send(body).await?;
+                Ok::<_, pier_transport::TransportError>(q.url().to_string())
+            }
+            .await;
+            match attempt {
+                Ok(url) => return Ok(url),
+                Err(e) if e.is_transient() => match backoff.next_delay() {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => return Err(ControllerError::transport(format!("host {host}"), e)),
+                },
+                Err(e) => return Err(ControllerError::transport(format!("host {host}"), e)),
+            }
+        }
+    }
+}
+
+/// The host a status notification reports final for this deployment, if it does.
+fn final_host_in(body: &[u8], deployment_id: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Notice {
+        deployment_id: String,
+        host_id: String,
+        status: DeploymentStatus,
+    }
+    let n: Notice = serde_json::from_slice(body).ok()?;
+    (n.deployment_id == deployment_id && n.status.is_final()).then_some(n.host_id)
+}
+
+/// The command every host of the rollout gets, checked with the agent's own parser.
+pub(crate) fn command_for(
+    record: &DeploymentRecord,
+    settings: &RolloutSettings,
+) -> Result<Command, ControllerError> {
+    let cmd = Command {
+        version: COMMAND_VERSION,
+        deployment_id: record.deployment_id.clone(),
+        application_name: record.application.clone(),
+        deployment_group_name: record.deployment_group.clone(),
+        deployment_group_id: settings.deployment_group_id.clone(),
+        revision: record.revision.clone(),
+        events: settings.events.clone(),
+        file_exists_behavior: settings.file_exists_behavior.clone(),
+        is_rollback: record.rollback_of.is_some(),
+        creator: Some(record.creator.clone()),
+        commit_sha: record.commit_sha.clone(),
+        status: StatusTarget {
+            sink: settings.status.clone(),
+            notify_queue_url: settings.notify_queue_url.clone(),
+        },
+        created_at: record.created_at,
+    };
+    Command::from_json(&cmd.to_json())?;
+    Ok(cmd)
+}
+
+/// Records final host results and times out silent hosts; whether anything changed.
+fn apply_results(
+    record: &mut DeploymentRecord,
+    finished: &[(String, StatusRecord)],
+    settings: &RolloutSettings,
+) -> bool {
+    let mut changed = false;
+    let now = Utc::now();
+    let done: HashSet<&str> = finished.iter().map(|(h, _)| h.as_str()).collect();
+    for (h, r) in finished {
+        let Some(host) = record.hosts.get_mut(h) else {
+            continue;
+        };
+        if host.state != HostRolloutState::Dispatched {
+            continue;
+        }
+        host.ended_at = Some(r.updated_at);
+        if r.status == DeploymentStatus::Succeeded {
+            host.state = HostRolloutState::Succeeded;
+        } else {
+            host.state = HostRolloutState::Failed;
+            host.error = Some(failure_summary(r));
+        }
+        changed = true;
+    }
+    let limit = chrono::Duration::seconds(settings.host_timeout_seconds as i64);
+    for (h, host) in record.hosts.iter_mut() {
+        if host.state == HostRolloutState::Dispatched
+            && !done.contains(h.as_str())
+            && host.dispatched_at.is_some_and(|t| now - t > limit)
+        {
+            host.state = HostRolloutState::Failed;
+            host.ended_at = Some(now);
+            host.error = Some(format!(
+                "no final status within {} s of dispatch",
+                settings.host_timeout_seconds
+            ));
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// One line on why a host failed: its failing event and error code, or its error.
+fn failure_summary(r: &StatusRecord) -> String {
+    match super::status::failing_event(r) {
+        Some(e) => {
+            let code = e
+                .diagnostics
+                .as_ref()
+                .map(|d| format!(" [{}]", d.error_code))
+                .unwrap_or_default();
+            format!("{} {:?}{code}", e.name, e.status)
+        }
+        None => r
+            .error
+            .clone()
+            .unwrap_or_else(|| "failed before any event".to_string()),
+    }
+}
+
+/// The next `n` pending hosts, zone by zone (hosts without a zone last), by id within a zone,
+/// so a batch drains one zone before touching the next.
+fn pick_batch(record: &DeploymentRecord, n: usize) -> Vec<String> {
+    let mut pending: Vec<(&Option<String>, &String)> = record
+        .hosts
+        .iter()
+        .filter(|(_, h)| h.state == HostRolloutState::Pending)
+        .map(|(id, h)| (&h.availability_zone, id))
+        .collect();
+    pending.sort_by(|a, b| (a.0.is_none(), a.0, a.1).cmp(&(b.0.is_none(), b.0, b.1)));
+    pending.into_iter().take(n).map(|(_, id)| id.clone()).collect()
+}
+
+/// A summary of a record for people: per state, how many hosts.
+pub(crate) fn summary(record: &DeploymentRecord) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for h in record.hosts.values() {
+        let word = match h.state {
+            HostRolloutState::Pending => "pending",
+            HostRolloutState::Dispatched => "in progress",
+            HostRolloutState::Succeeded => "succeeded",
+            HostRolloutState::Failed => "failed",
+            HostRolloutState::Skipped => "skipped",
+        };
+        *counts.entry(word).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(w, n)| format!("{n} {w}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// When a minimum given as a host count or a percentage is shown.
+pub(crate) fn describe_minimum(m: MinimumHealthyHosts) -> String {
+    match m {
+        MinimumHealthyHosts::HostCount(n) => format!("HOST_COUNT {n}"),
+        MinimumHealthyHosts::FleetPercent(p) => format!("FLEET_PERCENT {p}"),
+    }
+}
+
+/// Time since `t`, for display.
+pub(crate) fn age(t: DateTime<Utc>) -> String {
+    let s = (Utc::now() - t).num_seconds().max(0);
+    if s < 120 {
+        format!("{s}s")
+    } else if s < 7200 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{}h", s / 3600)
+    }
+}
