@@ -3,7 +3,8 @@
 //! revision into one [`pier_protocol::Command`] per host, drops each into that host's queue
 //! and can follow the hosts' status records to the end, and [`status`] prints a deployment's
 //! per-host, per-event table from the records the agents wrote. [`signing`] makes and reads
-//! the ed25519 keys `deploy --signing-key` signs commands with.
+//! the ed25519 keys `deploy --signing-key` signs commands with. [`rules`] is CodeDeploy's
+//! minimum-healthy-hosts arithmetic a fleet rollout follows, batch by batch.
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -14,6 +15,7 @@
 pub mod deploy;
 pub mod push;
 pub mod revision;
+pub mod rules;
 pub mod signing;
 pub mod status;
 
