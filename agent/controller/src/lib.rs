@@ -4,7 +4,9 @@
 //! and can follow the hosts' status records to the end, and [`status`] prints a deployment's
 //! per-host, per-event table from the records the agents wrote. [`signing`] makes and reads
 //! the ed25519 keys `deploy --signing-key` signs commands with. [`rules`] is CodeDeploy's
-//! minimum-healthy-hosts arithmetic a fleet rollout follows, batch by batch.
+//! minimum-healthy-hosts arithmetic a fleet rollout follows, batch by batch; [`group`] reads
+//! the deployment group definitions operators write and picks a group's hosts from the
+//! registry.
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -13,6 +15,7 @@
 //! failures), so the binary stays a thin layer of argument parsing.
 
 pub mod deploy;
+pub mod group;
 pub mod push;
 pub mod revision;
 pub mod rules;
