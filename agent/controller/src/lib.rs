@@ -3,7 +3,10 @@
 //! revision into one [`pier_protocol::Command`] per host, drops each into that host's queue
 //! and can follow the hosts' status records to the end, and [`status`] prints a deployment's
 //! per-host, per-event table from the records the agents wrote. [`signing`] makes and reads
-//! the ed25519 keys `deploy --signing-key` signs commands with.
+//! the ed25519 keys `deploy --signing-key` signs commands with. [`rules`] is CodeDeploy's
+//! minimum-healthy-hosts arithmetic a fleet rollout follows, batch by batch; [`group`] reads
+//! the deployment group definitions operators write and picks a group's hosts from the
+//! registry.
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -12,9 +15,11 @@
 //! failures), so the binary stays a thin layer of argument parsing.
 
 pub mod deploy;
+pub mod group;
 pub mod push;
 pub mod revision;
 pub mod rollout;
+pub mod rules;
 pub mod signing;
 pub mod status;
 
