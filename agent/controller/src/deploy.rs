@@ -231,7 +231,7 @@ fn check_hosts(hosts: &[String]) -> Result<(), ControllerError> {
 
 /// Refuses unknown events and events out of lifecycle order before anything is sent, with
 /// the rule the agent itself applies.
-fn check_events(events: Option<&[String]>) -> Result<(), ControllerError> {
+pub(crate) fn check_events(events: Option<&[String]>) -> Result<(), ControllerError> {
     if let Some(events) = events {
         parse_events(events).map_err(|e| ControllerError::usage("--events", e.to_string()))?;
     }
@@ -267,7 +267,7 @@ pub(crate) fn build_command(
 }
 
 /// `$USER@hostname`, for the deployment's history.
-fn creator() -> String {
+pub(crate) fn creator() -> String {
     let user = std::env::var("USER")
         .ok()
         .filter(|u| !u.is_empty())
@@ -350,7 +350,7 @@ async fn destinations(
 
 /// Runs `op` until it succeeds, fails for good, or has failed transiently (a network fault,
 /// a 5xx) through the network backoff's attempts, saying on stderr what it retries.
-async fn with_retries<T, F, Fut>(what: &str, mut op: F) -> Result<T, ControllerError>
+pub(crate) async fn with_retries<T, F, Fut>(what: &str, mut op: F) -> Result<T, ControllerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ControllerError>>,

@@ -15,6 +15,7 @@
 //! failures), so the binary stays a thin layer of argument parsing.
 
 pub mod deploy;
+pub mod fleet;
 pub mod group;
 pub mod push;
 pub mod revision;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pier_controller::deploy::{DeployOptions, TransportKind};
+use pier_controller::fleet::{Fleet, GroupDeployOptions};
 use pier_controller::push::PushOptions;
 use pier_controller::revision::{parse_bundle_type, RevisionOverrides};
 use pier_controller::status::{SinkOptions, StatusOptions};
@@ -47,9 +48,67 @@ enum Command {
     Deploy(Box<DeployArgs>),
     /// Show a deployment's per-host, per-event status.
     Status(StatusArgs),
+    /// Store, show, list or delete deployment group definitions.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Stop dispatching a fleet deployment (hosts already sent finish on their own).
+    Stop(RecordArgs),
+    /// Approve a deployment held for approval; its rollout starts.
+    Approve(DecideArgs),
+    /// Reject a deployment held for approval; nothing is sent.
+    Reject(DecideArgs),
     /// Write a new ed25519 key pair for signing commands: DIR/NAME.key (mode 0600) and
     /// DIR/NAME.pub; print the key's id on stdout.
     Keygen(KeygenArgs),
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Check a group definition (every problem at once) and store it.
+    Put {
+        /// The group's YAML file.
+        file: PathBuf,
+        #[command(flatten)]
+        sink: SinkArgs,
+    },
+    /// Print a stored group as JSON.
+    Get {
+        /// The group's name.
+        name: String,
+        #[command(flatten)]
+        sink: SinkArgs,
+    },
+    /// List the stored groups.
+    List {
+        #[command(flatten)]
+        sink: SinkArgs,
+    },
+    /// Delete a stored group.
+    Delete {
+        /// The group's name.
+        name: String,
+        #[command(flatten)]
+        sink: SinkArgs,
+    },
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    /// The deployment id.
+    deployment_id: String,
+    #[command(flatten)]
+    sink: SinkArgs,
+}
+
+#[derive(Args)]
+struct DecideArgs {
+    /// The deployment id.
+    deployment_id: String,
+    /// A comment recorded with the decision.
+    #[arg(long)]
+    comment: Option<String>,
+    #[command(flatten)]
+    sink: SinkArgs,
 }
 
 #[derive(Args)]
@@ -124,27 +183,47 @@ impl SinkArgs {
 #[derive(Args)]
 struct DeployArgs {
     /// Application name (APPLICATION_NAME in hooks).
-    #[arg(long)]
-    application: String,
-    /// Deployment group name (DEPLOYMENT_GROUP_NAME in hooks).
-    #[arg(long)]
-    deployment_group: String,
+    #[arg(long, required_unless_present = "resume")]
+    application: Option<String>,
+    /// Deployment group name (DEPLOYMENT_GROUP_NAME in hooks). Without --hosts, the group
+    /// stored with `pier group put`: its hosts, rules and transport.
+    #[arg(long, required_unless_present = "resume")]
+    deployment_group: Option<String>,
     /// Deployment group id (DEPLOYMENT_GROUP_ID in hooks); defaults to the group name.
     #[arg(long)]
     deployment_group_id: Option<String>,
     /// s3://BUCKET/KEY[?versionId=V], a local archive or directory, @revision.json (what
     /// `pier push` printed), or an http(s) URL.
-    #[arg(long)]
-    revision: String,
+    #[arg(long, required_unless_present = "resume")]
+    revision: Option<String>,
     /// The bundle's sha256 when nothing recorded it.
     #[arg(long)]
     sha256: Option<String>,
     /// The bundle's format when neither its metadata nor its name says: tgz, tar or zip.
     #[arg(long)]
     bundle_type: Option<String>,
-    /// Target host ids, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Target host ids, comma-separated: send to these hosts at once, without a stored
+    /// group.
+    #[arg(long, value_delimiter = ',')]
     hosts: Vec<String>,
+    /// For a stored group: OneAtATime, HalfAtATime, AllAtOnce, HOST_COUNT:N or
+    /// FLEET_PERCENT:N instead of the group's configuration.
+    #[arg(long, conflicts_with = "hosts")]
+    deployment_config: Option<String>,
+    /// For a stored group: hold the deployment until `pier approve`.
+    #[arg(long, conflicts_with = "hosts")]
+    require_approval: bool,
+    /// For a stored group: a host with no final status this many seconds after it was sent
+    /// counts as failed.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    host_timeout: u64,
+    /// For a stored group: seconds this controller's claim on the rollout holds without
+    /// renewal (a controller killed mid-rollout delays the next by at most this).
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    lease: u64,
+    /// Carry on a stored group deployment whose controller stopped (once its lease runs out).
+    #[arg(long, value_name = "DEPLOYMENT_ID", conflicts_with_all = ["hosts", "revision"])]
+    resume: Option<String>,
     /// How commands reach hosts (default: sqs when --queue-url-template or --status-bucket
     /// is given, else spool).
     #[arg(long, value_enum, env = "PIER_TRANSPORT")]
@@ -213,6 +292,13 @@ fn main() -> ExitCode {
             Command::Push(a) => push(a, aws).await,
             Command::Deploy(a) => deploy(*a, aws).await,
             Command::Keygen(a) => keygen(a),
+            Command::Group(g) => group(g, aws).await,
+            Command::Stop(a) => {
+                let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+                pier_controller::fleet::stop(&fleet, &a.deployment_id).await
+            }
+            Command::Approve(a) => decide(a, true, aws).await,
+            Command::Reject(a) => decide(a, false, aws).await,
             Command::Status(a) => {
                 pier_controller::status::status(&StatusOptions {
                     deployment_id: a.deployment_id,
@@ -262,6 +348,29 @@ fn keygen(a: KeygenArgs) -> Result<i32, ControllerError> {
     Ok(0)
 }
 
+async fn group(g: GroupCommand, aws: AwsOptions) -> Result<i32, ControllerError> {
+    use pier_controller::fleet;
+    match g {
+        GroupCommand::Put { file, sink } => {
+            fleet::group_put(&Fleet::open(&sink.into_options(), &aws).await?, &file).await
+        }
+        GroupCommand::Get { name, sink } => {
+            fleet::group_get(&Fleet::open(&sink.into_options(), &aws).await?, &name).await
+        }
+        GroupCommand::List { sink } => {
+            fleet::group_list(&Fleet::open(&sink.into_options(), &aws).await?).await
+        }
+        GroupCommand::Delete { name, sink } => {
+            fleet::group_delete(&Fleet::open(&sink.into_options(), &aws).await?, &name).await
+        }
+    }
+}
+
+async fn decide(a: DecideArgs, approved: bool, aws: AwsOptions) -> Result<i32, ControllerError> {
+    let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+    pier_controller::fleet::decide(&fleet, &a.deployment_id, approved, a.comment).await
+}
+
 async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
     let bundle_type = a
         .bundle_type
@@ -274,11 +383,56 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
             message: "must be a positive number of seconds".into(),
         });
     }
+    let poll = Duration::from_secs_f64(a.poll_interval);
+    let signing_key = a.signing_key.filter(|p| !p.as_os_str().is_empty());
+    let lease = Duration::from_secs(a.lease.max(2));
+    if let Some(id) = &a.resume {
+        let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+        return pier_controller::fleet::resume(
+            &fleet,
+            id,
+            signing_key.as_deref(),
+            &aws,
+            poll,
+            lease,
+        )
+        .await;
+    }
+    let (Some(application), Some(deployment_group), Some(revision)) =
+        (a.application, a.deployment_group, a.revision)
+    else {
+        unreachable!("clap requires these without --resume");
+    };
+    if a.hosts.is_empty() {
+        let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+        return pier_controller::fleet::deploy_group(
+            &fleet,
+            &GroupDeployOptions {
+                application,
+                deployment_group,
+                revision,
+                overrides: RevisionOverrides {
+                    sha256: a.sha256,
+                    bundle_type,
+                },
+                deployment_config: a.deployment_config,
+                events: a.events,
+                file_exists_behavior: a.file_exists_behavior,
+                require_approval: a.require_approval,
+                host_timeout: Duration::from_secs(a.host_timeout),
+                signing_key,
+                poll,
+                lease,
+            },
+            &aws,
+        )
+        .await;
+    }
     pier_controller::deploy::deploy(&DeployOptions {
-        application: a.application,
-        deployment_group: a.deployment_group,
+        application,
+        deployment_group,
         deployment_group_id: a.deployment_group_id,
-        revision: a.revision,
+        revision,
         overrides: RevisionOverrides {
             sha256: a.sha256,
             bundle_type,
@@ -293,10 +447,10 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
         sink: a.sink.into_options(),
         events: a.events,
         file_exists_behavior: a.file_exists_behavior,
-        signing_key: a.signing_key.filter(|p| !p.as_os_str().is_empty()),
+        signing_key,
         wait: a.wait,
         timeout: a.timeout.map(Duration::from_secs),
-        poll_interval: Duration::from_secs_f64(a.poll_interval),
+        poll_interval: poll,
         aws,
     })
     .await

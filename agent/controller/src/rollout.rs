@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use pier_protocol::record::{
@@ -43,9 +43,9 @@ use pier_transport::{Queue, StatusSink};
 use super::rules::{next_step, DeploymentConfig, Next, Tally};
 use super::ControllerError;
 
-/// How long a lease holds without renewal: a controller killed mid-rollout delays the next
-/// one by at most this.
-pub(crate) const LEASE: Duration = Duration::from_secs(20);
+/// How long a lease holds without renewal by default: a controller killed mid-rollout delays
+/// the next one by at most this.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(20);
 
 /// The store key of a deployment's record.
 pub(crate) fn record_key(deployment_id: &str) -> String {
@@ -350,6 +350,8 @@ pub struct Driver<'a> {
     /// How often a full reconciliation reads every in-flight host's status, notifications or
     /// not.
     pub reconcile_every: Duration,
+    /// How long this controller's lease holds without renewal.
+    pub lease: Duration,
 }
 
 /// A unique lease owner id for this process.
@@ -434,17 +436,22 @@ impl Driver<'_> {
             let renew_due = record
                 .lease
                 .as_ref()
-                .is_none_or(|l| (l.until - now).to_std().unwrap_or_default() < LEASE / 2);
+                .is_none_or(|l| (l.until - now).to_std().unwrap_or_default() < self.lease / 2);
             if !mine || renew_due {
                 record.lease = Some(Lease {
                     owner: self.owner.clone(),
-                    until: now + chrono::Duration::from_std(LEASE).expect("small"),
+                    until: now
+                        + chrono::Duration::from_std(self.lease)
+                            .unwrap_or(chrono::Duration::seconds(20)),
                 });
                 if save(self.store, &mut record, &etag).await?.is_none() {
                     continue;
                 }
                 if !mine {
-                    eprintln!("deployment {deployment_id}: driving ({})", record.config_name);
+                    eprintln!(
+                        "deployment {deployment_id}: driving ({})",
+                        record.config_name
+                    );
                 }
                 continue;
             }
@@ -550,7 +557,7 @@ impl Driver<'_> {
             // Wait for news: a notification, or the next poll.
             match &notices {
                 Some(q) => {
-                    let wait = self.poll.max(Duration::from_secs(1)).min(LEASE / 4);
+                    let wait = self.poll.max(Duration::from_secs(1)).min(self.lease / 4);
                     match q.receive(wait).await {
                         Ok(msgs) => {
                             // A notification is a hint: the host's record is read next turn
@@ -593,8 +600,7 @@ impl Driver<'_> {
     ) -> Result<Vec<(String, StatusRecord)>, ControllerError> {
         let mut out = Vec::new();
         for (h, host) in &record.hosts {
-            if host.state != HostRolloutState::Dispatched || only.is_some_and(|o| !o.contains(h))
-            {
+            if host.state != HostRolloutState::Dispatched || only.is_some_and(|o| !o.contains(h)) {
                 continue;
             }
             match self.sink.read(&record.deployment_id, h).await {
@@ -819,7 +825,11 @@ fn pick_batch(record: &DeploymentRecord, n: usize) -> Vec<String> {
         .map(|(id, h)| (&h.availability_zone, id))
         .collect();
     pending.sort_by(|a, b| (a.0.is_none(), a.0, a.1).cmp(&(b.0.is_none(), b.0, b.1)));
-    pending.into_iter().take(n).map(|(_, id)| id.clone()).collect()
+    pending
+        .into_iter()
+        .take(n)
+        .map(|(_, id)| id.clone())
+        .collect()
 }
 
 /// A summary of a record for people: per state, how many hosts.
@@ -847,17 +857,5 @@ pub(crate) fn describe_minimum(m: MinimumHealthyHosts) -> String {
     match m {
         MinimumHealthyHosts::HostCount(n) => format!("HOST_COUNT {n}"),
         MinimumHealthyHosts::FleetPercent(p) => format!("FLEET_PERCENT {p}"),
-    }
-}
-
-/// Time since `t`, for display.
-pub(crate) fn age(t: DateTime<Utc>) -> String {
-    let s = (Utc::now() - t).num_seconds().max(0);
-    if s < 120 {
-        format!("{s}s")
-    } else if s < 7200 {
-        format!("{}m", s / 60)
-    } else {
-        format!("{}h", s / 3600)
     }
 }

@@ -137,8 +137,9 @@ impl SqsQueue {
         match self.client.delete_queue().queue_url(&self.url).send().await {
             Ok(_) => Ok(()),
             Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.meta().code() == Some("AWS.SimpleQueueService.NonExistentQueue")) =>
+                if e.as_service_error().is_some_and(|s| {
+                    s.meta().code() == Some("AWS.SimpleQueueService.NonExistentQueue")
+                }) =>
             {
                 Ok(())
             }

@@ -1,0 +1,526 @@
+//! The fleet commands over the shared store: deployment groups (`pier group
+//! put/get/list/delete`, stored at `groups/{name}.json`), deployments to a stored group
+//! (`pier deploy --deployment-group G` without `--hosts`: a rollout by the group's rules,
+//! driven by [`crate::rollout::Driver`]), and the operator's hands on a running one (`pier
+//! deploy --resume`, `pier stop`, `pier approve`, `pier reject`).
+//!
+//! The store is the status store the other commands name (`--status-bucket/--status-prefix`
+//! or `--status-dir`): a fleet's groups, registry, deployment records and hosts' status
+//! records all live under one prefix, so one set of flags (or environment variables) points
+//! every command at a fleet.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::Utc;
+use pier_protocol::record::{Approval, DeploymentRecord, HostRolloutState, RolloutStatus};
+use pier_protocol::registry::{HostHealth, RegistryEntry};
+use pier_protocol::{is_valid_id, StatusSinkSpec};
+use pier_transport::aws::AwsClients;
+use pier_transport::sqs::SqsQueue;
+use pier_transport::store::{ObjectStore, Precondition};
+
+use super::deploy::{check_events, creator, with_retries};
+use super::group::{parse_group, GroupDefinition, GroupTransport};
+use super::revision::{resolve, RevisionOverrides};
+use super::rollout::{self, Delivery, Driver, NewRollout, RolloutSettings};
+use super::rules::DeploymentConfig;
+use super::status::SinkOptions;
+use super::{AwsOptions, ControllerError, EXIT_FAILURE};
+
+/// The store a command works on, and the AWS clients it was opened with.
+pub struct Fleet {
+    /// The shared store.
+    pub store: Box<dyn ObjectStore>,
+    /// Where it is, as a status sink spec (what commands tell hosts).
+    pub spec: StatusSinkSpec,
+    /// AWS clients when the store (or delivery) needs them.
+    pub clients: Option<AwsClients>,
+}
+
+impl Fleet {
+    /// Opens the store the flags name (a local directory by default).
+    pub async fn open(sink: &SinkOptions, aws: &AwsOptions) -> Result<Fleet, ControllerError> {
+        let spec = sink.spec(true)?;
+        let clients = match spec {
+            StatusSinkSpec::S3 { .. } => Some(aws.clients().await?),
+            StatusSinkSpec::Local { .. } => None,
+        };
+        let store = pier_transport::open_store(&spec, clients.as_ref())
+            .map_err(|e| ControllerError::transport("cannot open the store", e))?;
+        Ok(Fleet {
+            store,
+            spec,
+            clients,
+        })
+    }
+}
+
+fn group_key(name: &str) -> String {
+    format!("groups/{name}.json")
+}
+
+fn check_group_name(name: &str) -> Result<(), ControllerError> {
+    if is_valid_id(name) {
+        Ok(())
+    } else {
+        Err(ControllerError::usage(
+            "NAME",
+            format!("`{name}` is not a group name (letters, digits, `.`, `_`, `-`)"),
+        ))
+    }
+}
+
+/// `pier group put FILE`: checks the definition (every problem at once) and stores it.
+pub async fn group_put(fleet: &Fleet, file: &Path) -> Result<i32, ControllerError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ControllerError::io("read", file, e))?;
+    let def = parse_group(&file.display().to_string(), &text)
+        .map_err(|e| ControllerError::usage(file.display().to_string(), e.to_string()))?;
+    fleet
+        .store
+        .put(&group_key(&def.name), def.to_json(), Precondition::None)
+        .await
+        .map_err(|e| ControllerError::transport("cannot store the group", e))?;
+    eprintln!(
+        "stored group {} ({}) in {}",
+        def.name,
+        def.deployment_config,
+        fleet.store.describe()
+    );
+    Ok(0)
+}
+
+/// Reads a stored group, `None` if there is none.
+pub(crate) async fn load_group(
+    store: &dyn ObjectStore,
+    name: &str,
+) -> Result<Option<GroupDefinition>, ControllerError> {
+    check_group_name(name)?;
+    let key = group_key(name);
+    let Some(v) = store
+        .get(&key)
+        .await
+        .map_err(|e| ControllerError::transport("cannot read the group", e))?
+    else {
+        return Ok(None);
+    };
+    let location = format!("{}{key}", store.describe());
+    GroupDefinition::from_json(&location, &v.bytes)
+        .map(Some)
+        .map_err(|e| ControllerError::Record {
+            location,
+            message: e.to_string(),
+        })
+}
+
+/// `pier group get NAME`: the stored definition as JSON on stdout.
+pub async fn group_get(fleet: &Fleet, name: &str) -> Result<i32, ControllerError> {
+    match load_group(fleet.store.as_ref(), name).await? {
+        Some(def) => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&def.to_json());
+            let _ = writeln!(out);
+            Ok(0)
+        }
+        None => Err(ControllerError::usage(
+            "NAME",
+            format!("no group `{name}` in {}", fleet.store.describe()),
+        )),
+    }
+}
+
+/// `pier group list`: one line per group.
+pub async fn group_list(fleet: &Fleet) -> Result<i32, ControllerError> {
+    let keys = fleet
+        .store
+        .list("groups/", None, None)
+        .await
+        .map_err(|e| ControllerError::transport("cannot list the groups", e))?;
+    for key in keys {
+        let Some(name) = key
+            .strip_prefix("groups/")
+            .and_then(|k| k.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        match load_group(fleet.store.as_ref(), name).await {
+            Ok(Some(def)) => println!(
+                "{}\t{}\t{}\t{} host(s), {} tag filter(s)",
+                def.name,
+                def.application,
+                def.deployment_config,
+                def.hosts.len(),
+                def.tag_filters.len()
+            ),
+            Ok(None) => {}
+            Err(e) => eprintln!("pier: {e}"),
+        }
+    }
+    Ok(0)
+}
+
+/// `pier group delete NAME`.
+pub async fn group_delete(fleet: &Fleet, name: &str) -> Result<i32, ControllerError> {
+    check_group_name(name)?;
+    fleet
+        .store
+        .delete(&group_key(name))
+        .await
+        .map_err(|e| ControllerError::transport("cannot delete the group", e))?;
+    eprintln!("deleted group {name}");
+    Ok(0)
+}
+
+/// Every readable registry entry; an unreadable one is named on stderr and skipped.
+pub(crate) async fn load_registry(
+    store: &dyn ObjectStore,
+) -> Result<Vec<RegistryEntry>, ControllerError> {
+    let keys = store
+        .list("hosts/", None, None)
+        .await
+        .map_err(|e| ControllerError::transport("cannot list the registry", e))?;
+    let mut out = Vec::new();
+    for key in keys.iter().filter(|k| k.ends_with(".json")) {
+        match store.get(key).await {
+            Ok(Some(v)) => match RegistryEntry::from_json(&v.bytes) {
+                Ok(e) => out.push(e),
+                Err(e) => eprintln!("pier: registry entry {key} is unreadable ({e}); skipped"),
+            },
+            Ok(None) => {}
+            Err(e) => return Err(ControllerError::transport("cannot read the registry", e)),
+        }
+    }
+    Ok(out)
+}
+
+/// What `pier deploy` to a stored group was asked.
+#[derive(Debug, Clone)]
+pub struct GroupDeployOptions {
+    /// `--application` (must be the group's).
+    pub application: String,
+    /// `--deployment-group`.
+    pub deployment_group: String,
+    /// `--revision`.
+    pub revision: String,
+    /// `--sha256`, `--bundle-type`.
+    pub overrides: RevisionOverrides,
+    /// `--deployment-config`, overriding the group's.
+    pub deployment_config: Option<String>,
+    /// `--events`.
+    pub events: Option<Vec<String>>,
+    /// `--file-exists-behavior`.
+    pub file_exists_behavior: Option<String>,
+    /// `--require-approval` (or the group's setting).
+    pub require_approval: bool,
+    /// `--host-timeout`.
+    pub host_timeout: Duration,
+    /// `--signing-key`.
+    pub signing_key: Option<PathBuf>,
+    /// `--poll-interval`.
+    pub poll: Duration,
+    /// `--lease`.
+    pub lease: Duration,
+}
+
+/// `pier deploy` to a stored group: builds the rollout record, stores it, and drives it to
+/// its end. Exit 0 only when the deployment succeeded.
+pub async fn deploy_group(
+    fleet: &Fleet,
+    opts: &GroupDeployOptions,
+    aws: &AwsOptions,
+) -> Result<i32, ControllerError> {
+    let def = load_group(fleet.store.as_ref(), &opts.deployment_group)
+        .await?
+        .ok_or_else(|| {
+            ControllerError::usage(
+                "--deployment-group",
+                format!(
+                    "no group `{}` in {}: store one with `pier group put FILE.yml`, or name \
+                     the hosts with --hosts",
+                    opts.deployment_group,
+                    fleet.store.describe()
+                ),
+            )
+        })?;
+    if def.application != opts.application {
+        return Err(ControllerError::usage(
+            "--application",
+            format!(
+                "group `{}` belongs to application `{}`, not `{}`",
+                def.name, def.application, opts.application
+            ),
+        ));
+    }
+    check_events(opts.events.as_deref())?;
+    if let Some(b) = &opts.file_exists_behavior {
+        b.parse::<pier_protocol::FileExistsBehavior>()
+            .map_err(|e| ControllerError::usage("--file-exists-behavior", e.to_string()))?;
+    }
+    let config = match &opts.deployment_config {
+        Some(c) => DeploymentConfig::parse(c)
+            .map_err(|e| ControllerError::usage("--deployment-config", e.to_string()))?,
+        None => def.deployment_config,
+    };
+    let signing_key = opts
+        .signing_key
+        .as_deref()
+        .map(super::signing::load_signing_key)
+        .transpose()?;
+
+    let registry = load_registry(fleet.store.as_ref()).await?;
+    let now = Utc::now();
+    let hosts: Vec<(String, Option<String>)> = super::group::select_hosts(&def, &registry)
+        .into_iter()
+        .map(|h| {
+            let entry = registry.iter().find(|e| e.host_id == h);
+            match entry.map(|e| e.health(now)) {
+                Some(HostHealth::Healthy) => {}
+                Some(health) => eprintln!(
+                    "warning: host {h} is {health:?} in the registry; it will fail if it does \
+                     not answer within the host timeout"
+                ),
+                None => eprintln!("warning: host {h} is not in the registry"),
+            }
+            (h, entry.and_then(|e| e.availability_zone.clone()))
+        })
+        .collect();
+
+    let info = with_retries("reading the revision", || {
+        resolve(&opts.revision, &opts.overrides, aws)
+    })
+    .await?;
+    let deployment_id = pier_protocol::new_deployment_id();
+    let delivery = match &def.transport {
+        GroupTransport::Sqs { queue_url_template } => Delivery::Sqs {
+            queue_url_template: queue_url_template.clone(),
+        },
+        GroupTransport::Spool { spool_dir } => Delivery::Spool {
+            spool_dir: spool_dir.clone(),
+        },
+    };
+    // Results come back on a queue of this deployment's own when hosts use SQS.
+    let clients = match (&delivery, &fleet.clients) {
+        (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
+        (_, c) => c.clone(),
+    };
+    let notify_queue_url = match (&delivery, &clients) {
+        (Delivery::Sqs { .. }, Some(c)) => {
+            let name = format!("pier-status-{deployment_id}");
+            let q = with_retries("creating the notification queue", || async {
+                SqsQueue::create_plain(c.sqs.clone(), &name)
+                    .await
+                    .map_err(|e| ControllerError::transport("notification queue", e))
+            })
+            .await?;
+            Some(q.url().to_string())
+        }
+        _ => None,
+    };
+    let settings = RolloutSettings {
+        deployment_group_id: def.name.clone(),
+        events: opts.events.clone(),
+        file_exists_behavior: opts.file_exists_behavior.clone(),
+        delivery,
+        status: fleet.spec.clone(),
+        notify_queue_url,
+        host_timeout_seconds: opts.host_timeout.as_secs().max(1),
+        signing_key_id: signing_key.as_ref().map(|k| k.public_key().key_id()),
+    };
+    let record = rollout::new_record(NewRollout {
+        deployment_id: deployment_id.clone(),
+        application: def.application.clone(),
+        deployment_group: def.name.clone(),
+        revision: info.revision.clone(),
+        commit_sha: info.commit.clone(),
+        creator: creator(),
+        config,
+        hosts,
+        require_approval: opts.require_approval || def.require_approval,
+        rollback_of: None,
+        settings,
+    });
+    rollout::command_for(
+        &record,
+        &serde_json::from_value(record.settings.clone()).expect("just built"),
+    )?;
+    rollout::create(fleet.store.as_ref(), &record).await?;
+    println!("{deployment_id}");
+    eprintln!(
+        "deployment {deployment_id} of {} to group {} ({} host(s), {}, minimum {})",
+        super::revision::describe(&info),
+        def.name,
+        record.hosts.len(),
+        record.config_name,
+        rollout::describe_minimum(record.minimum_healthy_hosts)
+    );
+    drive(
+        fleet,
+        clients.as_ref(),
+        signing_key.as_ref(),
+        &deployment_id,
+        opts.poll,
+        opts.lease,
+    )
+    .await
+}
+
+/// Drives a stored deployment to its end and reports it; the exit code says whether it
+/// succeeded.
+async fn drive(
+    fleet: &Fleet,
+    clients: Option<&AwsClients>,
+    signing_key: Option<&pier_protocol::signature::SecretKey>,
+    deployment_id: &str,
+    poll: Duration,
+    lease: Duration,
+) -> Result<i32, ControllerError> {
+    let sink_target = pier_protocol::StatusTarget {
+        sink: fleet.spec.clone(),
+        notify_queue_url: None,
+    };
+    let sink = pier_transport::open_status_sink(&sink_target, clients)
+        .map_err(|e| ControllerError::transport("cannot open the status store", e))?;
+    let driver = Driver {
+        store: fleet.store.as_ref(),
+        sink: sink.as_ref(),
+        aws: clients,
+        owner: rollout::owner_id(),
+        signing_key,
+        poll,
+        reconcile_every: Duration::from_secs(30),
+        lease,
+    };
+    let ctrl_c = tokio::signal::ctrl_c();
+    let record = tokio::select! {
+        r = driver.drive(deployment_id) => r?,
+        _ = ctrl_c => {
+            eprintln!(
+                "interrupted: deployment {deployment_id} is left as recorded; carry on with \
+                 pier deploy --resume {deployment_id}"
+            );
+            return Ok(130);
+        }
+    };
+    Ok(report(&record))
+}
+
+/// Prints the end of a rollout on stderr; 0 only when it succeeded.
+fn report(record: &DeploymentRecord) -> i32 {
+    for (h, host) in &record.hosts {
+        if host.state == HostRolloutState::Failed {
+            eprintln!(
+                "{h}: failed: {}",
+                host.error.as_deref().unwrap_or("no reason recorded")
+            );
+        }
+    }
+    eprintln!(
+        "deployment {} {:?} ({}){}",
+        record.deployment_id,
+        record.status,
+        rollout::summary(record),
+        record
+            .status_reason
+            .as_ref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    if record.status == RolloutStatus::Succeeded {
+        0
+    } else {
+        EXIT_FAILURE
+    }
+}
+
+/// `pier deploy --resume ID`: carries on a deployment another controller was driving once
+/// its lease has run out.
+pub async fn resume(
+    fleet: &Fleet,
+    deployment_id: &str,
+    signing_key: Option<&Path>,
+    aws: &AwsOptions,
+    poll: Duration,
+    lease: Duration,
+) -> Result<i32, ControllerError> {
+    let loaded = rollout::load_existing(fleet.store.as_ref(), deployment_id).await?;
+    let settings: RolloutSettings = serde_json::from_value(loaded.record.settings.clone())
+        .map_err(|e| ControllerError::Record {
+            location: rollout::record_key(deployment_id),
+            message: format!("settings: {e}"),
+        })?;
+    let key = signing_key
+        .map(super::signing::load_signing_key)
+        .transpose()?;
+    let clients = match (&settings.delivery, &fleet.clients) {
+        (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
+        (_, c) => c.clone(),
+    };
+    drive(
+        fleet,
+        clients.as_ref(),
+        key.as_ref(),
+        deployment_id,
+        poll,
+        lease,
+    )
+    .await
+}
+
+/// `pier stop ID`: nothing more is dispatched.
+pub async fn stop(fleet: &Fleet, deployment_id: &str) -> Result<i32, ControllerError> {
+    let rec = rollout::stop(
+        fleet.store.as_ref(),
+        deployment_id,
+        &format!("stopped by {}", creator()),
+    )
+    .await?;
+    eprintln!(
+        "deployment {deployment_id} {:?} ({})",
+        rec.status,
+        rollout::summary(&rec)
+    );
+    Ok(0)
+}
+
+/// `pier approve ID` / `pier reject ID`: decides a deployment held for approval, recording
+/// who and when.
+pub async fn decide(
+    fleet: &Fleet,
+    deployment_id: &str,
+    approved: bool,
+    comment: Option<String>,
+) -> Result<i32, ControllerError> {
+    let who = creator();
+    let rec = rollout::update(fleet.store.as_ref(), deployment_id, |rec| {
+        if rec.status != RolloutStatus::PendingApproval {
+            return Err(ControllerError::usage(
+                "DEPLOYMENT_ID",
+                format!(
+                    "deployment {deployment_id} is {:?}, not waiting for approval",
+                    rec.status
+                ),
+            ));
+        }
+        rec.approval = Some(Approval {
+            approved,
+            by: who.clone(),
+            at: Utc::now(),
+            comment: comment.clone(),
+        });
+        if approved {
+            rec.status = RolloutStatus::InProgress;
+        } else {
+            rec.status = RolloutStatus::Failed;
+            rec.status_reason = Some(format!("rejected by {who}"));
+            rec.ended_at = Some(Utc::now());
+            for h in rec.hosts.values_mut() {
+                h.state = HostRolloutState::Skipped;
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    eprintln!("deployment {deployment_id} {:?}", rec.status);
+    Ok(0)
+}
