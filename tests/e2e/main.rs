@@ -10,6 +10,7 @@ mod daemon;
 mod deploy_local;
 mod diagnostics;
 mod fault_proxy;
+mod fleet;
 mod hook_processes;
 mod install_atomic;
 mod signing;

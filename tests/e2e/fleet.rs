@@ -1,0 +1,552 @@
+//! Fleet rollouts with real agents: a deployment group stored with `pier group put`, deployed
+//! by `pier deploy --deployment-group G` (no `--hosts`) batch by batch under CodeDeploy's
+//! minimum-healthy-hosts rules, with the record in the shared store telling what was
+//! dispatched when. Each agent's hooks append `DEPLOYMENT_ID` to its own log, so a test sees
+//! exactly which hosts ran a deployment and how often; an agent whose `FAIL` is 1 fails
+//! ValidateService.
+//!
+//! On the spool (no cloud): batch sizes for HOST_COUNT, OneAtATime stopping at its first
+//! failure, HalfAtATime succeeding despite one failure, approval holding dispatch, a
+//! controller killed mid-rollout and resumed by another with no host run twice, and a stop.
+//! On moto: agents on their own SQS queues, status in S3, results learned through the
+//! deployment's notification queue.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pier_protocol::record::{DeploymentRecord, HostRolloutState, RolloutStatus};
+
+use crate::support::*;
+
+/// A bundle with no files: AfterInstall appends `$DEPLOYMENT_ID` to `$HOOK_LOG` after
+/// sleeping `$HOOK_SLEEP` seconds; ValidateService fails when `$PIER_HOST` is listed in
+/// `$FAIL_DIR/GROUP` (see [`SpoolFleet::group`]), else exits `$FAIL`.
+fn bundle(s: &Scratch) -> PathBuf {
+    s.write(
+        "bundle/appspec.yml",
+        "version: 0.0\nos: linux\nhooks:\n  AfterInstall:\n    - location: record.sh\n      \
+         timeout: 60\n  ValidateService:\n    - location: validate.sh\n      timeout: 60\n",
+    );
+    s.script(
+        "bundle/record.sh",
+        "#!/bin/sh\nsleep \"${HOOK_SLEEP:-0}\"\necho \"$DEPLOYMENT_ID\" >> \"$HOOK_LOG\"\n",
+    );
+    s.script(
+        "bundle/validate.sh",
+        "#!/bin/sh\ngrep -qx \"$PIER_HOST\" \"$FAIL_DIR/$DEPLOYMENT_GROUP_NAME\" 2>/dev/null \
+         && exit 1\nexit \"${FAIL:-0}\"\n",
+    );
+    s.path().join("bundle")
+}
+
+/// A fleet of spool agents `h1..hN` under `s`.
+struct SpoolFleet {
+    agents: Vec<RunningAgent>,
+    dir: PathBuf,
+    status: PathBuf,
+    revision: PathBuf,
+}
+
+impl SpoolFleet {
+    fn start(s: &Scratch, n: usize, sleep: u32) -> SpoolFleet {
+        let dir = s.path().join("fleet");
+        let mut agents = Vec::new();
+        for i in 1..=n {
+            let host = format!("h{i}");
+            let log = dir.join(format!("{host}.hooks"));
+            agents.push(
+                Agent::builder(dir.join(&host))
+                    .host(&host)
+                    .spool()
+                    .hook_env("HOOK_LOG", &log.display().to_string())
+                    .hook_env("PIER_HOST", &host)
+                    .hook_env("FAIL_DIR", &dir.display().to_string())
+                    .hook_env("HOOK_SLEEP", &sleep.to_string())
+                    .spawn(),
+            );
+        }
+        let revision = s.path().join("rev.tgz");
+        pier(&[
+            "push",
+            "--application",
+            "shop",
+            "--source",
+            bundle(s).to_str().unwrap(),
+            "--local-location",
+            revision.to_str().unwrap(),
+        ])
+        .success();
+        SpoolFleet {
+            agents,
+            status: s.path().join("status"),
+            dir,
+            revision,
+        }
+    }
+
+    /// Stores the group `name` with every host and `config`, plus `extra` YAML; the hosts in
+    /// `failing` fail its deployments.
+    fn group(&self, s: &Scratch, name: &str, config: &str, failing: &[&str], extra: &str) {
+        std::fs::write(self.dir.join(name), failing.join("\n") + "\n").unwrap();
+        let hosts: Vec<String> = (1..=self.agents.len()).map(|i| format!("h{i}")).collect();
+        let file = s.write(
+            &format!("{name}.yml"),
+            &format!(
+                "name: {name}\napplication: shop\nhosts: [{}]\ndeployment_config: {config}\n\
+                 transport:\n  type: spool\n  spool_dir: \"{}/{{host}}/root/spool\"\n{extra}",
+                hosts.join(", "),
+                self.dir.display()
+            ),
+        );
+        pier(&[
+            "group",
+            "put",
+            file.to_str().unwrap(),
+            "--status-dir",
+            self.status(),
+        ])
+        .success();
+    }
+
+    fn status(&self) -> &str {
+        self.status.to_str().unwrap()
+    }
+
+    fn deploy_args<'a>(&'a self, group: &'a str) -> Vec<&'a str> {
+        vec![
+            "deploy",
+            "--application",
+            "shop",
+            "--deployment-group",
+            group,
+            "--revision",
+            self.revision.to_str().unwrap(),
+            "--status-dir",
+            self.status(),
+            "--poll-interval",
+            "0.2",
+        ]
+    }
+
+    /// How many times host `h` ran `deployment`.
+    fn runs(&self, host: &str, deployment: &str) -> usize {
+        std::fs::read_to_string(self.dir.join(format!("{host}.hooks")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == deployment)
+            .count()
+    }
+
+    fn record(&self, deployment: &str) -> DeploymentRecord {
+        let path = self
+            .status
+            .join(format!("deployments/{deployment}/record.json"));
+        DeploymentRecord::from_json(&std::fs::read(&path).unwrap()).unwrap()
+    }
+}
+
+fn deployment_id(run: &Run) -> String {
+    run.stdout
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no deployment id printed\n{}", run.all()))
+        .trim()
+        .to_string()
+}
+
+fn batch_sizes(rec: &DeploymentRecord) -> Vec<usize> {
+    rec.batches.iter().map(|b| b.hosts.len()).collect()
+}
+
+fn states(rec: &DeploymentRecord) -> BTreeMap<String, HostRolloutState> {
+    rec.hosts
+        .iter()
+        .map(|(h, r)| (h.clone(), r.state))
+        .collect()
+}
+
+/// `pier` started in the background with the test environment of [`pier`].
+fn spawn_pier(args: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    Command::new(pier_bin())
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("PIER_STATUS_BUCKET")
+        .env_remove("PIER_STATUS_DIR")
+        .env_remove("PIER_SIGNING_KEY")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (bounded) until the file at `log` has a first line: the deployment id.
+fn first_line(log: &Path) -> String {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(id) = text.lines().find(|l| l.starts_with("d-")) {
+            return id.trim().to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no id in {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_exit(child: &mut Child, bound: Duration) -> i32 {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(t.elapsed() < bound, "pier did not finish within {bound:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn rollouts_follow_the_minimum_healthy_hosts_rules() {
+    let s = Scratch::new();
+    let fleet = SpoolFleet::start(&s, 5, 0);
+
+    // HOST_COUNT 3 of 5, h1 and h4 failing: two at a time at first (h1, h2); h1's failure
+    // leaves room for one more at a time (h3, then h4); h4's leaves exactly three healthy,
+    // so h5 cannot be taken out of service: the deployment fails and h5 is never sent.
+    fleet.group(&s, "count", "HOST_COUNT:3", &["h1", "h4"], "");
+    let run = pier(&fleet.deploy_args("count"));
+    let id = deployment_id(&run);
+    let rec = fleet.record(&id);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert_eq!(rec.status, RolloutStatus::Failed, "{}", run.all());
+    assert_eq!(batch_sizes(&rec), [2, 1, 1]);
+    assert_eq!(rec.hosts["h5"].state, HostRolloutState::Skipped);
+    assert_eq!(fleet.runs("h5", &id), 0);
+    for h in ["h1", "h2", "h3", "h4"] {
+        assert_eq!(fleet.runs(h, &id), 1, "{h} ran {id} once");
+    }
+    assert!(
+        rec.status_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("minimum of 3"),
+        "{:?}",
+        rec.status_reason
+    );
+    assert!(
+        run.stderr.contains("h1: failed: ValidateService"),
+        "{}",
+        run.stderr
+    );
+
+    // OneAtATime: h1 fails first, so nothing more is sent and the rest are skipped...
+    fleet.group(&s, "one", "OneAtATime", &["h1"], "");
+    let run = pier(&fleet.deploy_args("one"));
+    assert_eq!(run.code, 1, "{}", run.all());
+    let id = deployment_id(&run);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Failed);
+    assert_eq!(batch_sizes(&rec), [1]);
+    assert_eq!(rec.hosts["h1"].state, HostRolloutState::Failed);
+    for h in ["h2", "h3", "h4", "h5"] {
+        assert_eq!(rec.hosts[h].state, HostRolloutState::Skipped, "{h}");
+        assert_eq!(fleet.runs(h, &id), 0, "{h} never got {id}");
+    }
+
+    // ...while a failure on the last host alone still succeeds.
+    fleet.group(&s, "one-last", "OneAtATime", &["h5"], "");
+    let run = pier(&fleet.deploy_args("one-last"));
+    assert_eq!(run.code, 0, "{}", run.all());
+    let rec = fleet.record(&deployment_id(&run));
+    assert_eq!(rec.status, RolloutStatus::Succeeded);
+    assert_eq!(batch_sizes(&rec), [1, 1, 1, 1, 1]);
+    assert_eq!(rec.hosts["h5"].state, HostRolloutState::Failed);
+
+    // HalfAtATime of 5: minimum 3 (half, rounded up), so two at a time; one failure still
+    // leaves four successes.
+    fleet.group(&s, "half", "HalfAtATime", &["h5"], "");
+    let run = pier(&fleet.deploy_args("half"));
+    let id = deployment_id(&run);
+    let rec = fleet.record(&id);
+    assert_eq!(
+        rec.minimum_healthy_hosts,
+        pier_protocol::record::MinimumHealthyHosts::FleetPercent(50)
+    );
+    assert_eq!(batch_sizes(&rec), [2, 2, 1]);
+    assert_eq!(rec.status, RolloutStatus::Succeeded, "{}", run.all());
+    assert_eq!(run.code, 0);
+
+    // --deployment-config overrides the group: AllAtOnce sends all five in one batch.
+    let mut args = fleet.deploy_args("half");
+    args.extend(["--deployment-config", "AllAtOnce"]);
+    let run = pier(&args);
+    let rec = fleet.record(&deployment_id(&run));
+    assert_eq!(batch_sizes(&rec), [5]);
+    assert_eq!(rec.config_name, "AllAtOnce");
+    assert_eq!(rec.status, RolloutStatus::Succeeded);
+}
+
+#[test]
+fn approval_holds_dispatch_and_a_killed_controller_is_resumed_without_repeats() {
+    let s = Scratch::new();
+    // Each hook sleeps 1 s so a rollout is slow enough to catch mid-way.
+    let fleet = SpoolFleet::start(&s, 3, 1);
+    fleet.group(&s, "gated", "OneAtATime", &[], "require_approval: true\n");
+
+    // Held: nothing is sent until approved.
+    let log = s.path().join("deploy-1.log");
+    let mut args = fleet.deploy_args("gated");
+    args.extend(["--lease", "3"]);
+    let mut child = spawn_pier(&args, &log);
+    let id = first_line(&log);
+    std::thread::sleep(Duration::from_secs(2));
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::PendingApproval);
+    assert!(rec.batches.is_empty());
+    for h in ["h1", "h2", "h3"] {
+        assert_eq!(fleet.runs(h, &id), 0);
+    }
+    pier(&[
+        "approve",
+        &id,
+        "--status-dir",
+        fleet.status(),
+        "--comment",
+        "ship it",
+    ])
+    .success();
+    let rec = fleet.record(&id);
+    assert!(rec
+        .approval
+        .as_ref()
+        .is_some_and(|a| a.approved && a.comment.as_deref() == Some("ship it")));
+
+    // Kill the controller once the first batch is claimed, then resume from another.
+    wait_for("the first batch", || {
+        (!fleet.record(&id).batches.is_empty()).then_some(())
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    let before = fleet.record(&id);
+    assert!(!before.status.is_final());
+    let run = pier(&[
+        "deploy",
+        "--resume",
+        &id,
+        "--status-dir",
+        fleet.status(),
+        "--poll-interval",
+        "0.2",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Succeeded);
+    assert_eq!(batch_sizes(&rec), [1, 1, 1]);
+    for h in ["h1", "h2", "h3"] {
+        assert_eq!(
+            fleet.runs(h, &id),
+            1,
+            "{h} ran {id} exactly once\n{}",
+            run.all()
+        );
+    }
+    assert!(rec.lease.is_none(), "the lease is given up at the end");
+
+    // Reject: nothing is ever sent.
+    let log = s.path().join("deploy-2.log");
+    let mut child = spawn_pier(&fleet.deploy_args("gated"), &log);
+    let id = first_line(&log);
+    pier(&["reject", &id, "--status-dir", fleet.status()]).success();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 1);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Failed);
+    assert!(rec.approval.as_ref().is_some_and(|a| !a.approved));
+    assert!(rec
+        .hosts
+        .values()
+        .all(|h| h.state == HostRolloutState::Skipped));
+
+    // Stop mid-rollout: the host in flight finishes, nothing more is sent.
+    fleet.group(&s, "slow", "OneAtATime", &[], "");
+    let log = s.path().join("deploy-3.log");
+    let mut child = spawn_pier(&fleet.deploy_args("slow"), &log);
+    let id = first_line(&log);
+    wait_for("the first batch", || {
+        (!fleet.record(&id).batches.is_empty()).then_some(())
+    });
+    pier(&["stop", &id, "--status-dir", fleet.status()]).success();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 1);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Stopped);
+    assert_eq!(rec.batches.len(), 1, "{:?}", states(&rec));
+    let skipped = rec.count(HostRolloutState::Skipped);
+    assert_eq!(skipped, 2, "{:?}", states(&rec));
+}
+
+#[test]
+fn a_group_file_with_problems_is_refused_with_all_of_them() {
+    let s = Scratch::new();
+    let file = s.write(
+        "bad.yml",
+        "name: web/prod\napplication: shop\ndeployment_config: HOST_COUNT:x\ncolour: blue\n",
+    );
+    let status = s.path().join("status");
+    let run = pier(&[
+        "group",
+        "put",
+        file.to_str().unwrap(),
+        "--status-dir",
+        status.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 64, "{}", run.all());
+    for key in ["name", "deployment_config", "colour"] {
+        assert!(run.stderr.contains(key), "{key} not named:\n{}", run.stderr);
+    }
+    assert!(!status.join("groups").exists(), "nothing stored");
+    // A group that does not exist is named, with what to do.
+    let run = pier(&[
+        "deploy",
+        "--application",
+        "shop",
+        "--deployment-group",
+        "nope",
+        "--revision",
+        "/nonexistent.tgz",
+        "--status-dir",
+        status.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 64, "{}", run.all());
+    assert!(run.stderr.contains("pier group put"), "{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_fleet_learns_results_from_the_notification_queue() {
+    let aws = moto_clients().await;
+    let bucket = new_bucket(&aws).await;
+    let s = Scratch::new();
+    let dir = s.path().join("fleet");
+    let prefix = unique("fleet");
+    let mut agents = Vec::new();
+    for i in 1..=3 {
+        let host = format!("{prefix}-h{i}");
+        let log = dir.join(format!("{host}.hooks"));
+        agents.push(
+            Agent::builder(dir.join(&host))
+                .host(&host)
+                .sqs_own_queue()
+                .hook_env("HOOK_LOG", &log.display().to_string())
+                .hook_env("FAIL", if i == 3 { "1" } else { "0" })
+                .config("daemon:\n  poll_wait_seconds: 1\n")
+                .spawn(),
+        );
+    }
+    let key = format!("{prefix}/rev.tgz");
+    let push = pier(&[
+        "push",
+        "--application",
+        "shop",
+        "--source",
+        bundle(&s).to_str().unwrap(),
+        "--s3-location",
+        &format!("s3://{bucket}/{key}"),
+    ])
+    .success();
+    let rev = s.write("rev.json", &push.stdout);
+    let group = s.write(
+        "g.yml",
+        &format!(
+            "name: {prefix}\napplication: shop\nhosts: [{p}-h1, {p}-h2, {p}-h3]\n\
+             deployment_config: HOST_COUNT:1\n",
+            p = prefix
+        ),
+    );
+    // The agents create their queues on start; wait until all three exist.
+    for i in 1..=3 {
+        let name = format!("pier-{prefix}-h{i}");
+        let t = Instant::now();
+        while aws
+            .sqs
+            .get_queue_url()
+            .queue_name(&name)
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{name} never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let status = [
+        "--status-bucket",
+        bucket.as_str(),
+        "--status-prefix",
+        "pier",
+    ];
+    let mut put = vec!["group", "put", group.to_str().unwrap()];
+    put.extend(status);
+    pier(&put).success();
+    let rev_arg = format!("@{}", rev.display());
+    let mut args = vec![
+        "deploy",
+        "--application",
+        "shop",
+        "--deployment-group",
+        &prefix,
+        "--revision",
+        &rev_arg,
+        "--poll-interval",
+        "0.5",
+    ];
+    args.extend(status);
+    let run = tokio::task::spawn_blocking({
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        move || pier(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    // HOST_COUNT 1 of 3: two at a time; h3 fails, two succeed: the deployment succeeds.
+    assert_eq!(run.code, 0, "{}", run.all());
+    let id = deployment_id(&run);
+    let obj = aws
+        .s3
+        .get_object()
+        .bucket(&bucket)
+        .key(format!("pier/deployments/{id}/record.json"))
+        .send()
+        .await
+        .unwrap();
+    let rec = DeploymentRecord::from_json(&obj.body.collect().await.unwrap().into_bytes()).unwrap();
+    assert_eq!(batch_sizes(&rec), [2, 1]);
+    assert_eq!(rec.count(HostRolloutState::Succeeded), 2);
+    assert_eq!(rec.count(HostRolloutState::Failed), 1);
+    // The deployment's notification queue is gone once it ended.
+    let gone = aws
+        .sqs
+        .get_queue_url()
+        .queue_name(format!("pier-status-{id}"))
+        .send()
+        .await;
+    assert!(gone.is_err(), "notification queue left behind");
+    drop(agents);
+}
