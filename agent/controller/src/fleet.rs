@@ -221,6 +221,8 @@ pub struct GroupDeployOptions {
     pub poll: Duration,
     /// `--lease`.
     pub lease: Duration,
+    /// `--health-url`, overriding the group's.
+    pub health_url: Option<String>,
 }
 
 /// `pier deploy` to a stored group: builds the rollout record, stores it, and drives it to
@@ -253,6 +255,14 @@ pub async fn deploy_group(
         ));
     }
     check_events(opts.events.as_deref())?;
+    if let Some(u) = &opts.health_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(ControllerError::usage(
+                "--health-url",
+                format!("`{u}` is not an http:// or https:// URL"),
+            ));
+        }
+    }
     if let Some(b) = &opts.file_exists_behavior {
         b.parse::<pier_protocol::FileExistsBehavior>()
             .map_err(|e| ControllerError::usage("--file-exists-behavior", e.to_string()))?;
@@ -326,6 +336,10 @@ pub async fn deploy_group(
         notify_queue_url,
         host_timeout_seconds: opts.host_timeout.as_secs().max(1),
         signing_key_id: signing_key.as_ref().map(|k| k.public_key().key_id()),
+        rollback_on_failure: def.auto_rollback.on_failure,
+        rollback_on_alarm: def.auto_rollback.on_alarm,
+        alarms: def.alarms.clone(),
+        health_url: opts.health_url.clone().or_else(|| def.health_url.clone()),
     };
     let record = rollout::new_record(NewRollout {
         deployment_id: deployment_id.clone(),
@@ -345,6 +359,7 @@ pub async fn deploy_group(
         &serde_json::from_value(record.settings.clone()).expect("just built"),
     )?;
     rollout::create(fleet.store.as_ref(), &record).await?;
+    note_latest(fleet.store.as_ref(), &def.name, &deployment_id).await;
     println!("{deployment_id}");
     eprintln!(
         "deployment {deployment_id} of {} to group {} ({} host(s), {}, minimum {})",
@@ -365,8 +380,21 @@ pub async fn deploy_group(
     .await
 }
 
-/// Drives a stored deployment to its end and reports it; the exit code says whether it
-/// succeeded.
+/// Points the group's `latest` at `deployment_id` (best effort: only `pier rollback` without
+/// `--to` reads it, and says so when it is missing).
+async fn note_latest(store: &dyn ObjectStore, group: &str, deployment_id: &str) {
+    let body =
+        serde_json::to_vec(&serde_json::json!({ "deployment_id": deployment_id })).expect("json");
+    if let Err(e) = store
+        .put(&rollout::latest_key(group), body, Precondition::None)
+        .await
+    {
+        eprintln!("warning: cannot record {deployment_id} as the group's latest: {e}");
+    }
+}
+
+/// Drives a stored deployment to its end and reports it, then drives the rollback it caused,
+/// if any; the exit code says whether the first one succeeded.
 async fn drive(
     fleet: &Fleet,
     clients: Option<&AwsClients>,
@@ -391,18 +419,27 @@ async fn drive(
         reconcile_every: Duration::from_secs(30),
         lease,
     };
-    let ctrl_c = tokio::signal::ctrl_c();
-    let record = tokio::select! {
-        r = driver.drive(deployment_id) => r?,
-        _ = ctrl_c => {
-            eprintln!(
-                "interrupted: deployment {deployment_id} is left as recorded; carry on with \
-                 pier deploy --resume {deployment_id}"
-            );
-            return Ok(130);
+    let mut current = deployment_id.to_string();
+    let mut code = None;
+    loop {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let record = tokio::select! {
+            r = driver.drive(&current) => r?,
+            _ = ctrl_c => {
+                eprintln!(
+                    "interrupted: deployment {current} is left as recorded; carry on with \
+                     pier deploy --resume {current}"
+                );
+                return Ok(130);
+            }
+        };
+        let this = report(&record);
+        code.get_or_insert(this);
+        match &record.rolled_back_by {
+            Some(next) if record.rollback_of.is_none() => current = next.clone(),
+            _ => return Ok(code.unwrap_or(this)),
         }
-    };
-    Ok(report(&record))
+    }
 }
 
 /// Prints the end of a rollout on stderr; 0 only when it succeeded.
@@ -467,20 +504,149 @@ pub async fn resume(
     .await
 }
 
-/// `pier stop ID`: nothing more is dispatched.
-pub async fn stop(fleet: &Fleet, deployment_id: &str) -> Result<i32, ControllerError> {
-    let rec = rollout::stop(
-        fleet.store.as_ref(),
-        deployment_id,
-        &format!("stopped by {}", creator()),
-    )
+/// `pier stop ID [--rollback]`: nothing more is dispatched; with `rollback`, the hosts that
+/// got the deployment go back to the group's last successful revision (driven here, to its
+/// end).
+pub async fn stop(
+    fleet: &Fleet,
+    deployment_id: &str,
+    rollback: bool,
+    aws: &AwsOptions,
+    poll: Duration,
+) -> Result<i32, ControllerError> {
+    let reason = format!("stopped by {}", creator());
+    let store = fleet.store.as_ref();
+    let rec = rollout::update(store, deployment_id, |rec| {
+        if rec.status.is_final() {
+            return Ok(false);
+        }
+        rollout::finish(rec, RolloutStatus::Stopped, Some(reason.clone()));
+        Ok(true)
+    })
     .await?;
     eprintln!(
         "deployment {deployment_id} {:?} ({})",
         rec.status,
         rollout::summary(&rec)
     );
-    Ok(0)
+    if !rollback {
+        return Ok(0);
+    }
+    let Some(id) = rollout::claim_rollback_of(store, deployment_id, None).await? else {
+        return Ok(EXIT_FAILURE);
+    };
+    let rec = rollout::load_existing(store, deployment_id).await?.record;
+    let clients = rollout_clients(fleet, &rec, aws).await?;
+    rollout::ensure_rollback(store, &rec, clients.as_ref()).await?;
+    drive(
+        fleet,
+        clients.as_ref(),
+        None,
+        &id,
+        poll,
+        rollout::DEFAULT_LEASE,
+    )
+    .await
+}
+
+/// The AWS clients a stored rollout's delivery needs.
+async fn rollout_clients(
+    fleet: &Fleet,
+    rec: &DeploymentRecord,
+    aws: &AwsOptions,
+) -> Result<Option<AwsClients>, ControllerError> {
+    let settings: RolloutSettings =
+        serde_json::from_value(rec.settings.clone()).map_err(|e| ControllerError::Record {
+            location: rollout::record_key(&rec.deployment_id),
+            message: format!("settings: {e}"),
+        })?;
+    Ok(match (&settings.delivery, &fleet.clients) {
+        (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
+        (_, c) => c.clone(),
+    })
+}
+
+/// `pier rollback --deployment-group G [--to DEPLOYMENT_ID]`: the hosts that got the group's
+/// latest deployment go back to the revision of `to` (default: the group's last success).
+pub async fn rollback(
+    fleet: &Fleet,
+    group: &str,
+    to: Option<&str>,
+    aws: &AwsOptions,
+    poll: Duration,
+) -> Result<i32, ControllerError> {
+    let store = fleet.store.as_ref();
+    check_group_name(group)?;
+    let latest = store
+        .get(&rollout::latest_key(group))
+        .await
+        .map_err(|e| ControllerError::transport("cannot read the group's latest deployment", e))?
+        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.bytes).ok())
+        .and_then(|v| v["deployment_id"].as_str().map(str::to_string))
+        .ok_or_else(|| {
+            ControllerError::usage(
+                "--deployment-group",
+                format!("group `{group}` has no recorded deployment to roll back"),
+            )
+        })?;
+    let latest_rec = rollout::load_existing(store, &latest).await?.record;
+    if !latest_rec.status.is_final() {
+        return Err(ControllerError::usage(
+            "--deployment-group",
+            format!(
+                "the group's latest deployment {latest} is {:?}; stop it first (pier stop \
+                 {latest} --rollback)",
+                latest_rec.status
+            ),
+        ));
+    }
+    let target = match to {
+        Some(id) => {
+            let r = rollout::load_existing(store, id).await?.record;
+            if r.deployment_group != group {
+                return Err(ControllerError::usage(
+                    "--to",
+                    format!(
+                        "{id} is a deployment of group {}, not {group}",
+                        r.deployment_group
+                    ),
+                ));
+            }
+            rollout::LastSuccess {
+                deployment_id: r.deployment_id,
+                revision: r.revision,
+                commit_sha: r.commit_sha,
+                ended_at: r.ended_at.unwrap_or(r.created_at),
+            }
+        }
+        None => rollout::last_success(store, group).await?.ok_or_else(|| {
+            ControllerError::usage(
+                "--to",
+                format!("group `{group}` has no successful deployment to go back to; name one"),
+            )
+        })?,
+    };
+    if target.deployment_id == latest {
+        return Err(ControllerError::usage(
+            "--to",
+            format!("{latest} is the group's latest deployment already; name an earlier one"),
+        ));
+    }
+    let Some(id) = rollout::claim_rollback_of(store, &latest, Some(&target)).await? else {
+        return Ok(EXIT_FAILURE);
+    };
+    let rec = rollout::load_existing(store, &latest).await?.record;
+    let clients = rollout_clients(fleet, &rec, aws).await?;
+    rollout::create_rollback(store, &rec, &id, target, clients.as_ref()).await?;
+    drive(
+        fleet,
+        clients.as_ref(),
+        None,
+        &id,
+        poll,
+        rollout::DEFAULT_LEASE,
+    )
+    .await
 }
 
 /// `pier approve ID` / `pier reject ID`: decides a deployment held for approval, recording

@@ -17,6 +17,7 @@
 pub mod deploy;
 pub mod fleet;
 pub mod group;
+mod health;
 pub mod push;
 pub mod revision;
 pub mod rollout;

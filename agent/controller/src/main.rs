@@ -52,7 +52,10 @@ enum Command {
     #[command(subcommand)]
     Group(GroupCommand),
     /// Stop dispatching a fleet deployment (hosts already sent finish on their own).
-    Stop(RecordArgs),
+    Stop(StopArgs),
+    /// Send a group's hosts back to an earlier revision: the hosts that got the group's
+    /// latest deployment get the last successful one (or --to DEPLOYMENT_ID's).
+    Rollback(RollbackArgs),
     /// Approve a deployment held for approval; its rollout starts.
     Approve(DecideArgs),
     /// Reject a deployment held for approval; nothing is sent.
@@ -93,9 +96,24 @@ enum GroupCommand {
 }
 
 #[derive(Args)]
-struct RecordArgs {
+struct StopArgs {
     /// The deployment id.
     deployment_id: String,
+    /// Also roll back the hosts that got it to the group's last successful revision.
+    #[arg(long)]
+    rollback: bool,
+    #[command(flatten)]
+    sink: SinkArgs,
+}
+
+#[derive(Args)]
+struct RollbackArgs {
+    /// The deployment group.
+    #[arg(long)]
+    deployment_group: String,
+    /// The deployment whose revision to go back to (default: the group's last success).
+    #[arg(long, value_name = "DEPLOYMENT_ID")]
+    to: Option<String>,
     #[command(flatten)]
     sink: SinkArgs,
 }
@@ -217,6 +235,10 @@ struct DeployArgs {
     /// counts as failed.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     host_timeout: u64,
+    /// For a stored group: an http(s) URL that must keep answering 2xx during the rollout
+    /// (three failures in a row stop it, and roll it back when the group says so).
+    #[arg(long, value_name = "URL", conflicts_with = "hosts")]
+    health_url: Option<String>,
     /// For a stored group: seconds this controller's claim on the rollout holds without
     /// renewal (a controller killed mid-rollout delays the next by at most this).
     #[arg(long, value_name = "SECS", default_value_t = 20)]
@@ -269,6 +291,9 @@ struct StatusArgs {
     hosts: Vec<String>,
 }
 
+/// How often `stop --rollback` and `rollback` read status while they drive the rollback.
+const POLL: Duration = Duration::from_millis(500);
+
 fn main() -> ExitCode {
     pier_transport::aws::disable_imds_off_ec2();
     let cli = match Cli::try_parse() {
@@ -295,7 +320,18 @@ fn main() -> ExitCode {
             Command::Group(g) => group(g, aws).await,
             Command::Stop(a) => {
                 let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
-                pier_controller::fleet::stop(&fleet, &a.deployment_id).await
+                pier_controller::fleet::stop(&fleet, &a.deployment_id, a.rollback, &aws, POLL).await
+            }
+            Command::Rollback(a) => {
+                let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+                pier_controller::fleet::rollback(
+                    &fleet,
+                    &a.deployment_group,
+                    a.to.as_deref(),
+                    &aws,
+                    POLL,
+                )
+                .await
             }
             Command::Approve(a) => decide(a, true, aws).await,
             Command::Reject(a) => decide(a, false, aws).await,
@@ -423,6 +459,7 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
                 signing_key,
                 poll,
                 lease,
+                health_url: a.health_url,
             },
             &aws,
         )

@@ -40,6 +40,7 @@ use pier_transport::sqs::{QueueSpec, SqsQueue};
 use pier_transport::store::{ObjectStore, Precondition, PutOutcome};
 use pier_transport::{Queue, StatusSink};
 
+use super::health::HealthWatch;
 use super::rules::{next_step, DeploymentConfig, Next, Tally};
 use super::ControllerError;
 
@@ -96,6 +97,293 @@ pub struct RolloutSettings {
     /// the same key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key_id: Option<String>,
+    /// Roll back automatically when the rollout fails.
+    #[serde(default)]
+    pub rollback_on_failure: bool,
+    /// Roll back automatically when an alarm or the health check stops the rollout.
+    #[serde(default)]
+    pub rollback_on_alarm: bool,
+    /// CloudWatch alarms watched while the rollout runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alarms: Vec<String>,
+    /// An HTTP(S) URL that must keep answering 2xx while the rollout runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_url: Option<String>,
+}
+
+/// The last deployment of a group that succeeded: what a rollback goes back to. Stored at
+/// `state/groups/{group}/last-success.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastSuccess {
+    /// The deployment.
+    pub deployment_id: String,
+    /// Its revision.
+    pub revision: Revision,
+    /// Its commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_sha: Option<String>,
+    /// When it ended.
+    pub ended_at: chrono::DateTime<Utc>,
+}
+
+fn last_success_key(group: &str) -> String {
+    format!("state/groups/{group}/last-success.json")
+}
+
+/// The key naming a group's most recent deployment (`{"deployment_id": ...}`), which
+/// `pier rollback` starts from.
+pub(crate) fn latest_key(group: &str) -> String {
+    format!("state/groups/{group}/latest.json")
+}
+
+/// Reads a group's last successful deployment, if any.
+pub(crate) async fn last_success(
+    store: &dyn ObjectStore,
+    group: &str,
+) -> Result<Option<LastSuccess>, ControllerError> {
+    let key = last_success_key(group);
+    let Some(v) = store
+        .get(&key)
+        .await
+        .map_err(|e| ControllerError::transport("cannot read the group's last success", e))?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&v.bytes)
+        .map(Some)
+        .map_err(|e| ControllerError::Record {
+            location: format!("{}{key}", store.describe()),
+            message: e.to_string(),
+        })
+}
+
+/// Records `record` (just succeeded) as its group's last success, unless a later success is
+/// already recorded.
+async fn note_success(
+    store: &dyn ObjectStore,
+    record: &DeploymentRecord,
+) -> Result<(), ControllerError> {
+    let key = last_success_key(&record.deployment_group);
+    let entry = LastSuccess {
+        deployment_id: record.deployment_id.clone(),
+        revision: record.revision.clone(),
+        commit_sha: record.commit_sha.clone(),
+        ended_at: record.ended_at.unwrap_or_else(Utc::now),
+    };
+    let bytes = serde_json::to_vec_pretty(&entry).expect("serialises");
+    loop {
+        let cur = store
+            .get(&key)
+            .await
+            .map_err(|e| ControllerError::transport("cannot read the group's last success", e))?;
+        let when = match &cur {
+            None => Precondition::Absent,
+            Some(v) => {
+                let older = serde_json::from_slice::<LastSuccess>(&v.bytes)
+                    .map(|l| l.ended_at <= entry.ended_at)
+                    .unwrap_or(true);
+                if !older {
+                    return Ok(());
+                }
+                Precondition::Matches(v.etag.clone())
+            }
+        };
+        match store
+            .put(&key, bytes.clone(), when)
+            .await
+            .map_err(|e| ControllerError::transport("cannot record the group's last success", e))?
+        {
+            PutOutcome::Written(_) => return Ok(()),
+            PutOutcome::Conflict => continue,
+        }
+    }
+}
+
+/// The hosts that got `record`'s revision (dispatched, whatever came of it), with zones.
+pub(crate) fn hosts_reached(record: &DeploymentRecord) -> Vec<(String, Option<String>)> {
+    record
+        .hosts
+        .iter()
+        .filter(|(_, h)| {
+            matches!(
+                h.state,
+                HostRolloutState::Dispatched
+                    | HostRolloutState::Succeeded
+                    | HostRolloutState::Failed
+            )
+        })
+        .map(|(id, h)| (id.clone(), h.availability_zone.clone()))
+        .collect()
+}
+
+/// Decides, while `record` is being made final, whether it is rolled back: a rollback is
+/// only for a deployment that is not itself one, that reached some host, and whose group has
+/// an earlier success to go back to. Sets `rolled_back_by` to the new id (the claim, written
+/// with the final status) and returns it.
+pub(crate) async fn claim_rollback(
+    store: &dyn ObjectStore,
+    record: &mut DeploymentRecord,
+) -> Result<Option<String>, ControllerError> {
+    if record.rollback_of.is_some() || record.rolled_back_by.is_some() {
+        return Ok(record.rolled_back_by.clone());
+    }
+    if hosts_reached(record).is_empty() {
+        return Ok(None);
+    }
+    match last_success(store, &record.deployment_group).await? {
+        Some(last) if last.deployment_id != record.deployment_id => {
+            let id = pier_protocol::new_deployment_id();
+            record.rolled_back_by = Some(id.clone());
+            Ok(Some(id))
+        }
+        _ => {
+            let note = "no earlier successful deployment of the group to roll back to";
+            record.status_reason = Some(match record.status_reason.take() {
+                Some(r) => format!("{r}; {note}"),
+                None => note.to_string(),
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// Claims a rollback of the final deployment `deployment_id` for an operator (`pier stop
+/// --rollback`, `pier rollback`): writes `rolled_back_by` with a conditional write. With a
+/// `target`, any deployment that reached hosts can be rolled back to it; without, the group's
+/// last success is the target. `None` (said on stderr) when there is nothing to roll back.
+pub(crate) async fn claim_rollback_of(
+    store: &dyn ObjectStore,
+    deployment_id: &str,
+    target: Option<&LastSuccess>,
+) -> Result<Option<String>, ControllerError> {
+    loop {
+        let Loaded { mut record, etag } = load_existing(store, deployment_id).await?;
+        if let Some(by) = &record.rolled_back_by {
+            eprintln!("{deployment_id} is already rolled back by {by}");
+            return Ok(Some(by.clone()));
+        }
+        let claimed = match target {
+            Some(_) if !hosts_reached(&record).is_empty() => {
+                let id = pier_protocol::new_deployment_id();
+                record.rolled_back_by = Some(id.clone());
+                Some(id)
+            }
+            Some(_) => None,
+            None => {
+                // claim_rollback refuses a rollback of a rollback; an operator may want one.
+                let of = record.rollback_of.take();
+                let id = claim_rollback(store, &mut record).await?;
+                record.rollback_of = of;
+                id
+            }
+        };
+        let Some(id) = claimed else {
+            eprintln!(
+                "nothing to roll back for {deployment_id}: {}",
+                record
+                    .status_reason
+                    .as_deref()
+                    .filter(|_| target.is_none())
+                    .unwrap_or("no host got it")
+            );
+            return Ok(None);
+        };
+        if save(store, &mut record, &etag).await?.is_some() {
+            return Ok(Some(id));
+        }
+    }
+}
+
+/// Creates the rollback deployment `record.rolled_back_by` names, if it does not exist yet
+/// (a controller that died between the claim and this finds it missing and makes it), to
+/// the group's last successful revision.
+pub(crate) async fn ensure_rollback(
+    store: &dyn ObjectStore,
+    record: &DeploymentRecord,
+    aws: Option<&AwsClients>,
+) -> Result<Option<String>, ControllerError> {
+    let Some(id) = &record.rolled_back_by else {
+        return Ok(None);
+    };
+    if load(store, id).await?.is_some() {
+        return Ok(Some(id.clone()));
+    }
+    let Some(last) = last_success(store, &record.deployment_group).await? else {
+        return Ok(None);
+    };
+    create_rollback(store, record, id, last, aws).await?;
+    Ok(Some(id.clone()))
+}
+
+/// Creates rollback deployment `id` of `record`: `to`'s revision, to the hosts that got
+/// `record`'s, by the same rules when they leave a host to deploy to (else all at once),
+/// marked as a rollback and linked to `record`. An existing record `id` is left as it is.
+pub(crate) async fn create_rollback(
+    store: &dyn ObjectStore,
+    record: &DeploymentRecord,
+    id: &str,
+    last: LastSuccess,
+    aws: Option<&AwsClients>,
+) -> Result<(), ControllerError> {
+    let mut settings: RolloutSettings =
+        serde_json::from_value(record.settings.clone()).map_err(|e| ControllerError::Record {
+            location: record_key(&record.deployment_id),
+            message: format!("settings: {e}"),
+        })?;
+    if settings.notify_queue_url.is_some() {
+        settings.notify_queue_url = match aws {
+            Some(aws) => Some(
+                SqsQueue::create_plain(aws.sqs.clone(), &format!("pier-status-{id}"))
+                    .await
+                    .map_err(|e| ControllerError::transport("notification queue", e))?
+                    .url()
+                    .to_string(),
+            ),
+            None => None,
+        };
+    }
+    let hosts = hosts_reached(record);
+    let same = DeploymentConfig::Custom(record.minimum_healthy_hosts);
+    let config = if same.min_healthy(hosts.len()) < hosts.len() {
+        same
+    } else {
+        DeploymentConfig::AllAtOnce
+    };
+    let mut rollback = new_record(NewRollout {
+        deployment_id: id.to_string(),
+        application: record.application.clone(),
+        deployment_group: record.deployment_group.clone(),
+        revision: last.revision,
+        commit_sha: last.commit_sha,
+        creator: record.creator.clone(),
+        config,
+        hosts,
+        require_approval: false,
+        rollback_of: Some(record.deployment_id.clone()),
+        settings,
+    });
+    rollback.config_name = format!("{} (rollback)", rollback.config_name);
+    match store
+        .put(&record_key(id), rollback.to_json(), Precondition::Absent)
+        .await
+        .map_err(|e| ControllerError::transport("cannot store the rollback", e))?
+    {
+        PutOutcome::Written(_) | PutOutcome::Conflict => {}
+    }
+    let _ = store
+        .put(
+            &latest_key(&record.deployment_group),
+            serde_json::to_vec(&serde_json::json!({ "deployment_id": id })).expect("json"),
+            Precondition::None,
+        )
+        .await;
+    eprintln!(
+        "deployment {} rolled back by {id}: {} to {} host(s)",
+        record.deployment_id,
+        rollback.revision.describe(),
+        rollback.hosts.len()
+    );
+    Ok(())
 }
 
 /// What a new rollout is made of.
@@ -287,24 +575,8 @@ where
     }
 }
 
-/// Stops a rollout: nothing more is dispatched; hosts already sent finish on their own.
-pub(crate) async fn stop(
-    store: &dyn ObjectStore,
-    deployment_id: &str,
-    reason: &str,
-) -> Result<DeploymentRecord, ControllerError> {
-    update(store, deployment_id, |rec| {
-        if rec.status.is_final() {
-            return Ok(false);
-        }
-        finish(rec, RolloutStatus::Stopped, Some(reason.to_string()));
-        Ok(true)
-    })
-    .await
-}
-
 /// Marks the record final and every host never sent as skipped.
-fn finish(rec: &mut DeploymentRecord, status: RolloutStatus, reason: Option<String>) {
+pub(crate) fn finish(rec: &mut DeploymentRecord, status: RolloutStatus, reason: Option<String>) {
     let now = Utc::now();
     rec.status = status;
     rec.status_reason = reason;
@@ -372,6 +644,7 @@ impl Driver<'_> {
     /// record.
     pub async fn drive(&self, deployment_id: &str) -> Result<DeploymentRecord, ControllerError> {
         let mut resent = false;
+        let mut watch: Option<Option<HealthWatch>> = None;
         let mut notices: Option<SqsQueue> = None;
         let mut last_reconcile: Option<tokio::time::Instant> = None;
         let mut waiting_reported = false;
@@ -381,6 +654,10 @@ impl Driver<'_> {
             let Loaded { mut record, etag } = load_existing(self.store, deployment_id).await?;
             if record.status.is_final() {
                 self.release(&record, &etag).await;
+                if let Some(q) = &notices {
+                    let _ = q.delete_queue().await;
+                }
+                ensure_rollback(self.store, &record, self.aws).await?;
                 return Ok(record);
             }
             if record.status == RolloutStatus::PendingApproval {
@@ -479,8 +756,27 @@ impl Driver<'_> {
             }
             let mut changed = apply_results(&mut record, &finished, &settings);
 
+            // Alarms and the health check come before the rules.
+            let watch = match &mut watch {
+                Some(w) => w,
+                None => watch.insert(HealthWatch::new(
+                    &settings.alarms,
+                    settings.health_url.as_deref(),
+                    self.aws,
+                    self.poll.max(Duration::from_secs(1)),
+                )?),
+            };
+            let unhealthy = match watch {
+                Some(w) => w.check().await,
+                None => None,
+            };
+
             // Decide.
-            let decision = next_step(&config_of(&record), &tally(&record));
+            let by_alarm = unhealthy.is_some();
+            let decision = match unhealthy {
+                Some(why) => Next::Failed(format!("stopped: {why}")),
+                None => next_step(&config_of(&record), &tally(&record)),
+            };
             let mut to_send = Vec::new();
             match &decision {
                 Next::Dispatch(n) => {
@@ -508,6 +804,14 @@ impl Driver<'_> {
                 }
                 Next::Failed(reason) => {
                     finish(&mut record, RolloutStatus::Failed, Some(reason.clone()));
+                    let wanted = if by_alarm {
+                        settings.rollback_on_alarm
+                    } else {
+                        settings.rollback_on_failure
+                    };
+                    if wanted {
+                        claim_rollback(self.store, &mut record).await?;
+                    }
                     changed = true;
                 }
                 Next::Wait => {}
@@ -538,6 +842,9 @@ impl Driver<'_> {
                 continue;
             }
             if record.status.is_final() {
+                if record.status == RolloutStatus::Succeeded {
+                    note_success(self.store, &record).await?;
+                }
                 eprintln!(
                     "deployment {deployment_id} {:?}{}",
                     record.status,
@@ -552,6 +859,7 @@ impl Driver<'_> {
                         log::warn!("cannot delete notification queue {}: {e}", q.url());
                     }
                 }
+                ensure_rollback(self.store, &record, self.aws).await?;
                 return Ok(record);
             }
             // Wait for news: a notification, or the next poll.

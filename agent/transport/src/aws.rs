@@ -35,6 +35,9 @@ pub struct AwsClients {
     pub s3: aws_sdk_s3::Client,
     /// SQS.
     pub sqs: aws_sdk_sqs::Client,
+    /// The loaded configuration (region, credentials, endpoint, timeouts), for clients of
+    /// other services built by their users (CloudWatch, SNS in the controller).
+    pub config: aws_config::SdkConfig,
 }
 
 /// Builds S3 and SQS clients from `settings` and the standard chain. Fails only when no
@@ -80,6 +83,7 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
     Ok(AwsClients {
         s3: aws_sdk_s3::Client::from_conf(s3_config),
         sqs: aws_sdk_sqs::Client::new(&config),
+        config,
     })
 }
 

@@ -1,0 +1,136 @@
+//! Watching a rollout's health from outside the hosts: CloudWatch alarms (a fleet on AWS)
+//! and an HTTP health check (an on-premises fleet without CloudWatch).
+//!
+//! The rollout driver asks [`HealthWatch::check`] between batches and while hosts deploy; an
+//! answer of `Some(reason)` stops the rollout (and rolls it back when the group says so). An
+//! alarm counts as soon as it is in `ALARM`; the health URL counts after
+//! [`URL_FAILURES`] failed checks in a row (a non-2xx answer, a timeout, a refused
+//! connection), so one dropped request does not roll a fleet back. A CloudWatch call that
+//! fails is reported and retried at the next check, never taken as an alarm.
+
+use std::time::Duration;
+
+use aws_sdk_cloudwatch::types::StateValue;
+use pier_transport::aws::AwsClients;
+
+use super::ControllerError;
+
+/// Failed health-URL checks in a row that count as unhealthy.
+pub(crate) const URL_FAILURES: u32 = 3;
+
+/// The alarms and health URL of one rollout.
+pub(crate) struct HealthWatch {
+    alarms: Option<(aws_sdk_cloudwatch::Client, Vec<String>)>,
+    url: Option<(reqwest::Client, String)>,
+    url_failures: u32,
+    every: Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl HealthWatch {
+    /// A watch over `alarms` and `health_url`, checked at most every `every`; `None` when
+    /// there is nothing to watch.
+    pub(crate) fn new(
+        alarms: &[String],
+        health_url: Option<&str>,
+        aws: Option<&AwsClients>,
+        every: Duration,
+    ) -> Result<Option<HealthWatch>, ControllerError> {
+        if alarms.is_empty() && health_url.is_none() {
+            return Ok(None);
+        }
+        let alarms = if alarms.is_empty() {
+            None
+        } else {
+            let aws = aws.ok_or_else(|| {
+                ControllerError::usage(
+                    "alarms",
+                    "watching CloudWatch alarms needs AWS access (--region, --endpoint-url, \
+                     credentials)",
+                )
+            })?;
+            Some((
+                aws_sdk_cloudwatch::Client::new(&aws.config),
+                alarms.to_vec(),
+            ))
+        };
+        let url = match health_url {
+            None => None,
+            Some(u) => {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| ControllerError::usage("health_url", e.to_string()))?;
+                Some((client, u.to_string()))
+            }
+        };
+        Ok(Some(HealthWatch {
+            alarms,
+            url,
+            url_failures: 0,
+            every,
+            last: None,
+        }))
+    }
+
+    /// Checks when a check is due; `Some(why)` when the fleet is unhealthy.
+    pub(crate) async fn check(&mut self) -> Option<String> {
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            return None;
+        }
+        self.last = Some(tokio::time::Instant::now());
+        if let Some((cw, names)) = &self.alarms {
+            match cw
+                .describe_alarms()
+                .set_alarm_names(Some(names.clone()))
+                .send()
+                .await
+            {
+                Ok(out) => {
+                    let firing: Vec<&str> = out
+                        .metric_alarms()
+                        .iter()
+                        .filter(|a| a.state_value() == Some(&StateValue::Alarm))
+                        .filter_map(|a| a.alarm_name())
+                        .chain(
+                            out.composite_alarms()
+                                .iter()
+                                .filter(|a| a.state_value() == Some(&StateValue::Alarm))
+                                .filter_map(|a| a.alarm_name()),
+                        )
+                        .collect();
+                    if !firing.is_empty() {
+                        return Some(format!("CloudWatch alarm {} in ALARM", firing.join(", ")));
+                    }
+                }
+                Err(e) => eprintln!(
+                    "cannot read CloudWatch alarms ({}); checking again shortly",
+                    aws_sdk_cloudwatch::error::DisplayErrorContext(&e)
+                ),
+            }
+        }
+        if let Some((client, url)) = &self.url {
+            let failure = match client.get(url.as_str()).send().await {
+                Ok(r) if r.status().is_success() => None,
+                Ok(r) => Some(format!("answered {}", r.status())),
+                Err(e) => Some(e.to_string()),
+            };
+            match failure {
+                None => self.url_failures = 0,
+                Some(why) => {
+                    self.url_failures += 1;
+                    eprintln!(
+                        "health check {url} failed ({why}), {} of {URL_FAILURES}",
+                        self.url_failures
+                    );
+                    if self.url_failures >= URL_FAILURES {
+                        return Some(format!(
+                            "health check {url} failed {URL_FAILURES} times in a row (last: {why})"
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    }
+}
