@@ -2,7 +2,8 @@
 //! it as a revision (to S3, or to a local path for the spool transport), [`deploy`] turns a
 //! revision into one [`pier_protocol::Command`] per host, drops each into that host's queue
 //! and can follow the hosts' status records to the end, and [`status`] prints a deployment's
-//! per-host, per-event table from the records the agents wrote. [`signing`] makes and reads
+//! per-host, per-event table from the records the agents wrote, and [`hosts`] lists the hosts
+//! that announced themselves in the registry, with their health. [`signing`] makes and reads
 //! the ed25519 keys `deploy --signing-key` signs commands with.
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
@@ -12,6 +13,7 @@
 //! failures), so the binary stays a thin layer of argument parsing.
 
 pub mod deploy;
+pub mod hosts;
 pub mod push;
 pub mod revision;
 pub mod signing;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pier_controller::deploy::{DeployOptions, TransportKind};
+use pier_controller::hosts::HostsOptions;
 use pier_controller::push::PushOptions;
 use pier_controller::revision::{parse_bundle_type, RevisionOverrides};
 use pier_controller::status::{SinkOptions, StatusOptions};
@@ -16,7 +17,7 @@ use pier_controller::{AwsOptions, ControllerError, EXIT_USAGE};
 #[command(
     name = "pier",
     version,
-    about = "pier deployment controller: push revisions, deploy them to hosts, follow their status"
+    about = "pier deployment controller: push revisions, deploy them to hosts, follow their status, list the hosts"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +48,9 @@ enum Command {
     Deploy(Box<DeployArgs>),
     /// Show a deployment's per-host, per-event status.
     Status(StatusArgs),
+    /// List the hosts whose agents announced themselves, with their health (healthy, stale,
+    /// stopped), zone, tags, version and queue.
+    Hosts(HostsArgs),
     /// Write a new ed25519 key pair for signing commands: DIR/NAME.key (mode 0600) and
     /// DIR/NAME.pub; print the key's id on stdout.
     Keygen(KeygenArgs),
@@ -190,6 +194,17 @@ struct StatusArgs {
     hosts: Vec<String>,
 }
 
+#[derive(Args)]
+struct HostsArgs {
+    /// Where the registry is: the store the hosts' status records are in.
+    #[command(flatten)]
+    sink: SinkArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: pier_controller::hosts::Format,
+    // --deployment-group G (the hosts a group selects) comes with deployment groups.
+}
+
 fn main() -> ExitCode {
     pier_transport::aws::disable_imds_off_ec2();
     let cli = match Cli::try_parse() {
@@ -213,6 +228,14 @@ fn main() -> ExitCode {
             Command::Push(a) => push(a, aws).await,
             Command::Deploy(a) => deploy(*a, aws).await,
             Command::Keygen(a) => keygen(a),
+            Command::Hosts(a) => {
+                pier_controller::hosts::hosts(&HostsOptions {
+                    sink: a.sink.into_options(),
+                    format: a.format,
+                    aws,
+                })
+                .await
+            }
             Command::Status(a) => {
                 pier_controller::status::status(&StatusOptions {
                     deployment_id: a.deployment_id,
