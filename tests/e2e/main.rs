@@ -12,5 +12,6 @@ mod diagnostics;
 mod fault_proxy;
 mod hook_processes;
 mod install_atomic;
+mod registry;
 mod signing;
 mod validate;
