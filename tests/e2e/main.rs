@@ -13,5 +13,6 @@ mod fault_proxy;
 mod fleet;
 mod hook_processes;
 mod install_atomic;
+mod registry;
 mod signing;
 mod validate;

@@ -28,8 +28,15 @@ use pier_transport::spool::Spool;
 use pier_transport::sqs::{QueueSpec, SqsQueue};
 use pier_transport::StatusSink;
 
-/// The spool directory of a single host's agent by default (`ROOT/spool`).
-pub(crate) const DEFAULT_SPOOL_DIR: &str = "/var/lib/pier/spool";
+/// The spool directory of a single host's agent by default (`ROOT/spool` under the agent's
+/// default root).
+pub(crate) fn default_spool_dir() -> String {
+    format!(
+        "{}/{}",
+        pier_protocol::DEFAULT_ROOT_DIR,
+        pier_protocol::SPOOL_DIR_NAME
+    )
+}
 
 /// How commands reach the hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,7 +298,8 @@ async fn destinations(
 ) -> Result<Vec<Destination>, ControllerError> {
     match transport {
         TransportKind::Spool => {
-            let template = opts.spool_dir.as_deref().unwrap_or(DEFAULT_SPOOL_DIR);
+            let default = default_spool_dir();
+            let template = opts.spool_dir.as_deref().unwrap_or(&default);
             if !template.contains("{host}") && opts.hosts.len() > 1 {
                 return Err(ControllerError::usage(
                     "--spool-dir",

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use pier_protocol::record::{Approval, DeploymentRecord, HostRolloutState, RolloutStatus};
-use pier_protocol::registry::{HostHealth, RegistryEntry};
+use pier_protocol::registry::HostHealth;
 use pier_protocol::{is_valid_id, StatusSinkSpec};
 use pier_transport::aws::AwsClients;
 use pier_transport::sqs::SqsQueue;
@@ -172,28 +172,6 @@ pub async fn group_delete(fleet: &Fleet, name: &str) -> Result<i32, ControllerEr
     Ok(0)
 }
 
-/// Every readable registry entry; an unreadable one is named on stderr and skipped.
-pub(crate) async fn load_registry(
-    store: &dyn ObjectStore,
-) -> Result<Vec<RegistryEntry>, ControllerError> {
-    let keys = store
-        .list("hosts/", None, None)
-        .await
-        .map_err(|e| ControllerError::transport("cannot list the registry", e))?;
-    let mut out = Vec::new();
-    for key in keys.iter().filter(|k| k.ends_with(".json")) {
-        match store.get(key).await {
-            Ok(Some(v)) => match RegistryEntry::from_json(&v.bytes) {
-                Ok(e) => out.push(e),
-                Err(e) => eprintln!("pier: registry entry {key} is unreadable ({e}); skipped"),
-            },
-            Ok(None) => {}
-            Err(e) => return Err(ControllerError::transport("cannot read the registry", e)),
-        }
-    }
-    Ok(out)
-}
-
 /// What `pier deploy` to a stored group was asked.
 #[derive(Debug, Clone)]
 pub struct GroupDeployOptions {
@@ -278,7 +256,7 @@ pub async fn deploy_group(
         .map(super::signing::load_signing_key)
         .transpose()?;
 
-    let registry = load_registry(fleet.store.as_ref()).await?;
+    let registry = super::hosts::load_registry(fleet.store.as_ref()).await?;
     let now = Utc::now();
     let hosts: Vec<(String, Option<String>)> = super::group::select_hosts(&def, &registry)
         .into_iter()
@@ -311,8 +289,10 @@ pub async fn deploy_group(
     };
     // Results come back on a queue of this deployment's own when hosts use SQS.
     let clients = match (&delivery, &fleet.clients) {
+        (_, Some(c)) => Some(c.clone()),
         (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
-        (_, c) => c.clone(),
+        (_, None) if !def.alarms.is_empty() => Some(aws.clients().await?),
+        (_, None) => None,
     };
     let notify_queue_url = match (&delivery, &clients) {
         (Delivery::Sqs { .. }, Some(c)) => {
@@ -481,18 +461,10 @@ pub async fn resume(
     lease: Duration,
 ) -> Result<i32, ControllerError> {
     let loaded = rollout::load_existing(fleet.store.as_ref(), deployment_id).await?;
-    let settings: RolloutSettings = serde_json::from_value(loaded.record.settings.clone())
-        .map_err(|e| ControllerError::Record {
-            location: rollout::record_key(deployment_id),
-            message: format!("settings: {e}"),
-        })?;
     let key = signing_key
         .map(super::signing::load_signing_key)
         .transpose()?;
-    let clients = match (&settings.delivery, &fleet.clients) {
-        (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
-        (_, c) => c.clone(),
-    };
+    let clients = rollout_clients(fleet, &loaded.record, aws).await?;
     drive(
         fleet,
         clients.as_ref(),
@@ -561,8 +533,10 @@ async fn rollout_clients(
             message: format!("settings: {e}"),
         })?;
     Ok(match (&settings.delivery, &fleet.clients) {
+        (_, Some(c)) => Some(c.clone()),
         (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
-        (_, c) => c.clone(),
+        (_, None) if !settings.alarms.is_empty() => Some(aws.clients().await?),
+        (_, None) => None,
     })
 }
 

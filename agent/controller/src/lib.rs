@@ -2,11 +2,16 @@
 //! it as a revision (to S3, or to a local path for the spool transport), [`deploy`] turns a
 //! revision into one [`pier_protocol::Command`] per host, drops each into that host's queue
 //! and can follow the hosts' status records to the end, and [`status`] prints a deployment's
-//! per-host, per-event table from the records the agents wrote. [`signing`] makes and reads
-//! the ed25519 keys `deploy --signing-key` signs commands with. [`rules`] is CodeDeploy's
-//! minimum-healthy-hosts arithmetic a fleet rollout follows, batch by batch; [`group`] reads
-//! the deployment group definitions operators write and picks a group's hosts from the
-//! registry.
+//! per-host, per-event table from the records the agents wrote, and [`hosts`] lists the hosts
+//! that announced themselves in the registry, with their health. [`signing`] makes and reads
+//! the ed25519 keys `deploy --signing-key` signs commands with.
+//!
+//! The fleet side: [`group`] reads the deployment group definitions operators write and picks
+//! a group's hosts from the registry; [`rules`] is CodeDeploy's minimum-healthy-hosts
+//! arithmetic; [`rollout`] drives one deployment batch by batch with all state in a record in
+//! the shared store (conditional writes, a lease, resume, rollback); [`fleet`] is the
+//! commands over that store (`group`, `deploy` to a group, `stop`, `approve`, `reject`,
+//! `rollback`).
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -18,6 +23,7 @@ pub mod deploy;
 pub mod fleet;
 pub mod group;
 mod health;
+pub mod hosts;
 pub mod push;
 pub mod revision;
 pub mod rollout;

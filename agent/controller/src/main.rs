@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pier_controller::deploy::{DeployOptions, TransportKind};
 use pier_controller::fleet::{Fleet, GroupDeployOptions};
+use pier_controller::hosts::HostsOptions;
 use pier_controller::push::PushOptions;
 use pier_controller::revision::{parse_bundle_type, RevisionOverrides};
 use pier_controller::status::{SinkOptions, StatusOptions};
@@ -17,7 +18,7 @@ use pier_controller::{AwsOptions, ControllerError, EXIT_USAGE};
 #[command(
     name = "pier",
     version,
-    about = "pier deployment controller: push revisions, deploy them to hosts, follow their status"
+    about = "pier deployment controller: push revisions, deploy them to hosts, follow their status, list the hosts"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -60,6 +61,9 @@ enum Command {
     Approve(DecideArgs),
     /// Reject a deployment held for approval; nothing is sent.
     Reject(DecideArgs),
+    /// List the hosts whose agents announced themselves, with their health (healthy, stale,
+    /// stopped), zone, tags, version and queue.
+    Hosts(HostsArgs),
     /// Write a new ed25519 key pair for signing commands: DIR/NAME.key (mode 0600) and
     /// DIR/NAME.pub; print the key's id on stdout.
     Keygen(KeygenArgs),
@@ -293,6 +297,18 @@ struct StatusArgs {
 
 /// How often `stop --rollback` and `rollback` read status while they drive the rollback.
 const POLL: Duration = Duration::from_millis(500);
+#[derive(Args)]
+struct HostsArgs {
+    /// Where the registry is: the store the hosts' status records are in.
+    #[command(flatten)]
+    sink: SinkArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: pier_controller::hosts::Format,
+    /// Only the hosts this stored deployment group selects (its hosts and tag filters).
+    #[arg(long)]
+    deployment_group: Option<String>,
+}
 
 fn main() -> ExitCode {
     pier_transport::aws::disable_imds_off_ec2();
@@ -335,6 +351,15 @@ fn main() -> ExitCode {
             }
             Command::Approve(a) => decide(a, true, aws).await,
             Command::Reject(a) => decide(a, false, aws).await,
+            Command::Hosts(a) => {
+                pier_controller::hosts::hosts(&HostsOptions {
+                    sink: a.sink.into_options(),
+                    format: a.format,
+                    deployment_group: a.deployment_group,
+                    aws,
+                })
+                .await
+            }
             Command::Status(a) => {
                 pier_controller::status::status(&StatusOptions {
                     deployment_id: a.deployment_id,

@@ -342,6 +342,12 @@ pub(crate) async fn create_rollback(
             None => None,
         };
     }
+    // A rollback is not stopped by the alarm or health check that may have caused it (it
+    // is likely still firing): it is how the fleet gets healthy again.
+    settings.alarms.clear();
+    settings.health_url = None;
+    settings.rollback_on_failure = false;
+    settings.rollback_on_alarm = false;
     let hosts = hosts_reached(record);
     let same = DeploymentConfig::Custom(record.minimum_healthy_hosts);
     let config = if same.min_healthy(hosts.len()) < hosts.len() {

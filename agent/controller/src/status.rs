@@ -14,11 +14,18 @@ use pier_protocol::{
 };
 use pier_transport::{open_status_sink, StatusSink};
 
-/// Where a spool deployment asks hosts to write status unless `--status-dir` says otherwise
-/// (beside the agent's default spool, under the default deployment root).
-pub(crate) const DEFAULT_STATUS_DIR: &str = "/var/lib/pier/status";
-/// The S3 key prefix the agent's status records use by default.
-pub(crate) const DEFAULT_STATUS_PREFIX: &str = "pier";
+/// Where a spool deployment asks hosts to write status, and where `pier hosts` reads the
+/// registry, unless `--status-dir` says otherwise: `ROOT/status` under the agent's default
+/// root, beside its default spool; the agent announces itself there by default too.
+pub(crate) fn default_status_dir() -> String {
+    format!(
+        "{}/{}",
+        pier_protocol::DEFAULT_ROOT_DIR,
+        pier_protocol::STATUS_DIR_NAME
+    )
+}
+/// The S3 key prefix the agent's status records and registry entries use by default.
+pub(crate) use pier_protocol::DEFAULT_STATUS_PREFIX;
 
 /// Where status records are, as the flags gave it (`--status-bucket`/`--status-prefix` or
 /// `--status-dir`, also from `PIER_STATUS_BUCKET`, `PIER_STATUS_PREFIX`, `PIER_STATUS_DIR`).
@@ -34,7 +41,7 @@ pub struct SinkOptions {
 
 impl SinkOptions {
     /// The sink these flags name. With neither a bucket nor a directory, `default_local`
-    /// chooses [`DEFAULT_STATUS_DIR`] (the spool transport's default); otherwise it is an
+    /// chooses [`default_status_dir`] (the spool transport's default); otherwise it is an
     /// error that names the flags.
     pub(crate) fn spec(&self, default_local: bool) -> Result<StatusSinkSpec, ControllerError> {
         match (&self.status_bucket, &self.status_dir) {
@@ -63,7 +70,7 @@ impl SinkOptions {
                 dir: super::absolute(dir)?.display().to_string(),
             }),
             (None, None) if default_local => Ok(StatusSinkSpec::Local {
-                dir: DEFAULT_STATUS_DIR.to_string(),
+                dir: default_status_dir(),
             }),
             (None, None) => Err(ControllerError::usage(
                 "--status-bucket",

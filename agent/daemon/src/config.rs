@@ -20,6 +20,15 @@ pub(crate) use pier_engine::settings::{BundleLimits, EngineSettings, HookEnvPoli
 /// Where the agent looks for its configuration when `-c` is not given.
 pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/pier/agent.yml";
 
+/// Host tag bounds (those of EC2 tags, which CodeDeploy's tag filters match).
+const MAX_TAGS: usize = 50;
+const MAX_TAG_KEY_LEN: usize = 128;
+const MAX_TAG_VALUE_LEN: usize = 256;
+/// The longest availability zone name accepted (real ones are about 15 characters).
+const MAX_ZONE_LEN: usize = 64;
+/// The shortest heartbeat interval: each one is a write to the registry store.
+const MIN_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// The longest public key file read (a key is 45 bytes of text).
 const MAX_KEY_FILE: u64 = 4096;
 
@@ -90,6 +99,20 @@ pub(crate) struct RawConfig {
     pub(crate) github: Option<RawGithub>,
     pub(crate) trusted_keys: Option<Vec<RawTrustedKey>>,
     pub(crate) signature_max_age_seconds: Option<i64>,
+    pub(crate) tags: Option<BTreeMap<String, serde_yaml::Value>>,
+    pub(crate) availability_zone: Option<String>,
+    pub(crate) registry: Option<RawRegistry>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `registry:` as written: an S3 place, a directory, or `enabled: false`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawRegistry {
+    pub(crate) enabled: Option<bool>,
+    pub(crate) bucket: Option<String>,
+    pub(crate) prefix: Option<String>,
+    pub(crate) dir: Option<PathBuf>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
@@ -142,6 +165,7 @@ pub(crate) struct RawDaemon {
     pub(crate) visibility_timeout_seconds: Option<i64>,
     pub(crate) retry_base_seconds: Option<i64>,
     pub(crate) retry_max_seconds: Option<i64>,
+    pub(crate) heartbeat_seconds: Option<i64>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
@@ -205,6 +229,20 @@ pub(crate) struct DaemonSettings {
     /// jitter) up to `retry_max`.
     pub(crate) retry_base: Duration,
     pub(crate) retry_max: Duration,
+    /// How often the registry entry is refreshed.
+    pub(crate) heartbeat: Duration,
+}
+
+/// Where the agent announces itself (its registry entry, `hosts/{host_id}.json`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RegistryConfig {
+    /// Write the entry to this store (an S3 bucket and prefix, or a directory).
+    Announce(pier_protocol::StatusSinkSpec),
+    /// `registry: {enabled: false}`.
+    Disabled,
+    /// The SQS transport and no `registry:` given: there is no place every controller would
+    /// look, so the agent does not guess one.
+    NotConfigured,
 }
 
 /// AWS access overrides; everything else comes from the standard credential chain.
@@ -249,6 +287,11 @@ pub struct Config {
     pub(crate) github: GithubSettings,
     /// The trusted keys (none: the agent runs open) and the replay window.
     pub(crate) signing: SignaturePolicy,
+    /// Host tags announced in the registry (what deployment groups select hosts by).
+    pub(crate) tags: BTreeMap<String, String>,
+    /// Configured availability zone; when absent the daemon asks IMDS on EC2.
+    pub(crate) availability_zone: Option<String>,
+    pub(crate) registry: RegistryConfig,
 }
 
 impl Default for Config {
@@ -317,7 +360,7 @@ impl Config {
 
         let root_dir = raw
             .root_dir
-            .unwrap_or_else(|| PathBuf::from("/var/lib/pier"));
+            .unwrap_or_else(|| PathBuf::from(pier_protocol::DEFAULT_ROOT_DIR));
         if !root_dir.is_absolute() {
             p.push("root_dir", "must be an absolute path");
         }
@@ -374,6 +417,23 @@ impl Config {
             },
         };
 
+        let tags = host_tags(&mut p, raw.tags.unwrap_or_default());
+        if let Some(zone) = &raw.availability_zone {
+            if zone.is_empty()
+                || zone.len() > MAX_ZONE_LEN
+                || !zone
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                p.push(
+                    "availability_zone",
+                    &format!(
+                        "must be 1 to {MAX_ZONE_LEN} letters, digits, `-` or `_` (e.g. us-east-1a)"
+                    ),
+                );
+            }
+        }
+
         let bundle_raw = raw.bundle.unwrap_or_default();
         p.unknown("bundle", &bundle_raw.unknown);
         let bundle = BundleLimits {
@@ -411,7 +471,21 @@ impl Config {
                 daemon_raw.retry_max_seconds,
                 300,
             ) as u64),
+            heartbeat: Duration::from_secs(p.positive(
+                "daemon.heartbeat_seconds",
+                daemon_raw.heartbeat_seconds,
+                60,
+            ) as u64),
         };
+        if daemon.heartbeat < MIN_HEARTBEAT {
+            p.push(
+                "daemon.heartbeat_seconds",
+                &format!(
+                    "must be at least {} (every heartbeat is a write to the registry)",
+                    MIN_HEARTBEAT.as_secs()
+                ),
+            );
+        }
         if daemon.poll_wait > Duration::from_secs(20) {
             p.push(
                 "daemon.poll_wait_seconds",
@@ -454,7 +528,9 @@ impl Config {
                     p.push("transport.spool_dir", "must be an absolute path");
                 }
                 TransportConfig::Spool {
-                    spool_dir: t.spool_dir.unwrap_or_else(|| root_dir.join("spool")),
+                    spool_dir: t
+                        .spool_dir
+                        .unwrap_or_else(|| root_dir.join(pier_protocol::SPOOL_DIR_NAME)),
                 }
             }
             "sqs" => {
@@ -483,10 +559,12 @@ impl Config {
                     &format!("unknown transport {other:?}; use `spool` or `sqs`"),
                 );
                 TransportConfig::Spool {
-                    spool_dir: root_dir.join("spool"),
+                    spool_dir: root_dir.join(pier_protocol::SPOOL_DIR_NAME),
                 }
             }
         };
+
+        let registry = registry_config(&mut p, raw.registry, &transport, &root_dir);
 
         let aws_raw = raw.aws.unwrap_or_default();
         p.unknown("aws", &aws_raw.unknown);
@@ -529,8 +607,157 @@ impl Config {
             aws,
             github,
             signing,
+            tags,
+            availability_zone: raw.availability_zone,
+            registry,
         })
     }
+}
+
+/// Checks `tags:`: string keys and values, bounded like EC2 tags, at most [`MAX_TAGS`].
+fn host_tags(
+    p: &mut Problems,
+    raw: BTreeMap<String, serde_yaml::Value>,
+) -> BTreeMap<String, String> {
+    if raw.len() > MAX_TAGS {
+        p.push(
+            "tags",
+            &format!("has {} tags; at most {MAX_TAGS} are allowed", raw.len()),
+        );
+    }
+    let mut tags = BTreeMap::new();
+    for (key, value) in raw {
+        let at = format!("tags.{key}");
+        let bad_key = key.is_empty()
+            || key.chars().count() > MAX_TAG_KEY_LEN
+            || key.contains('=')
+            || key.chars().any(char::is_control);
+        if bad_key {
+            p.push(
+                &at,
+                &format!(
+                    "a tag key must be 1 to {MAX_TAG_KEY_LEN} characters, without `=` or control                      characters"
+                ),
+            );
+            continue;
+        }
+        let serde_yaml::Value::String(value) = value else {
+            p.push(
+                &at,
+                "a tag value must be a string; quote it (e.g. `version: \"2\"`)",
+            );
+            continue;
+        };
+        if value.is_empty()
+            || value.chars().count() > MAX_TAG_VALUE_LEN
+            || value.chars().any(char::is_control)
+        {
+            p.push(
+                &at,
+                &format!(
+                    "a tag value must be 1 to {MAX_TAG_VALUE_LEN} characters, without control                      characters"
+                ),
+            );
+            continue;
+        }
+        tags.insert(key, value);
+    }
+    tags
+}
+
+/// Builds `registry:`: a place named explicitly, switched off, or the default for the
+/// transport (the spool host's local status directory; nothing with SQS).
+fn registry_config(
+    p: &mut Problems,
+    raw: Option<RawRegistry>,
+    transport: &TransportConfig,
+    root_dir: &Path,
+) -> RegistryConfig {
+    use pier_protocol::StatusSinkSpec;
+    let Some(r) = raw else {
+        return match transport {
+            TransportConfig::Spool { .. } => RegistryConfig::Announce(StatusSinkSpec::Local {
+                dir: default_status_dir(root_dir).display().to_string(),
+            }),
+            TransportConfig::Sqs { .. } => RegistryConfig::NotConfigured,
+        };
+    };
+    p.unknown("registry", &r.unknown);
+    if r.enabled == Some(false) {
+        for (key, set) in [
+            ("bucket", r.bucket.is_some()),
+            ("prefix", r.prefix.is_some()),
+            ("dir", r.dir.is_some()),
+        ] {
+            if set {
+                p.push(
+                    &format!("registry.{key}"),
+                    "is ignored with `enabled: false`; remove one or the other",
+                );
+            }
+        }
+        return RegistryConfig::Disabled;
+    }
+    match (r.bucket, r.dir) {
+        (Some(_), Some(_)) => {
+            p.push(
+                "registry",
+                "give either bucket (S3) or dir (a directory), not both",
+            );
+            RegistryConfig::Disabled
+        }
+        (Some(bucket), None) => {
+            if bucket.trim().is_empty() {
+                p.push("registry.bucket", "must not be empty");
+            }
+            RegistryConfig::Announce(StatusSinkSpec::S3 {
+                bucket,
+                prefix: r
+                    .prefix
+                    .as_deref()
+                    .unwrap_or(pier_protocol::DEFAULT_STATUS_PREFIX)
+                    .trim_matches('/')
+                    .to_string(),
+            })
+        }
+        (None, dir) => {
+            if r.prefix.is_some() {
+                p.push(
+                    "registry.prefix",
+                    "applies only with registry.bucket; remove it or give the bucket",
+                );
+            }
+            if dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+                p.push("registry.dir", "must be an absolute path");
+            }
+            match (dir, transport) {
+                (Some(dir), _) => RegistryConfig::Announce(StatusSinkSpec::Local {
+                    dir: dir.display().to_string(),
+                }),
+                // `registry: {}` or `{enabled: true}`: the transport's default, which SQS
+                // does not have.
+                (None, TransportConfig::Spool { .. }) => {
+                    RegistryConfig::Announce(StatusSinkSpec::Local {
+                        dir: default_status_dir(root_dir).display().to_string(),
+                    })
+                }
+                (None, TransportConfig::Sqs { .. }) => {
+                    p.push(
+                        "registry",
+                        "with `transport.type: sqs` name the place: registry: {bucket: B, \
+                         prefix: P} (the bucket and prefix `pier hosts --status-bucket` reads)",
+                    );
+                    RegistryConfig::Disabled
+                }
+            }
+        }
+    }
+}
+
+/// The local status directory under a deployment root (`ROOT/status`): where `pier deploy`
+/// asks spool hosts to write status by default, and so where a spool host announces itself.
+pub(crate) fn default_status_dir(root_dir: &Path) -> PathBuf {
+    root_dir.join(pier_protocol::STATUS_DIR_NAME)
 }
 
 /// Builds the signature policy from `trusted_keys` and `signature_max_age_seconds`, reading key
@@ -867,6 +1094,84 @@ mod tests {
             problems[8].message.contains("already trusted"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn registry_defaults_to_the_spool_hosts_status_dir_and_to_nothing_with_sqs() {
+        let c = parse("root_dir: /srv/pier\n").unwrap();
+        assert_eq!(
+            c.registry,
+            RegistryConfig::Announce(pier_protocol::StatusSinkSpec::Local {
+                dir: "/srv/pier/status".into()
+            })
+        );
+        assert_eq!(c.daemon.heartbeat, Duration::from_secs(60));
+        assert!(c.tags.is_empty() && c.availability_zone.is_none());
+        let c = parse("transport:\n  type: sqs\n  create_queue: true\n").unwrap();
+        assert_eq!(c.registry, RegistryConfig::NotConfigured);
+        let c = parse("transport:\n  type: sqs\n  create_queue: true\nregistry:\n  bucket: b\n")
+            .unwrap();
+        assert_eq!(
+            c.registry,
+            RegistryConfig::Announce(pier_protocol::StatusSinkSpec::S3 {
+                bucket: "b".into(),
+                prefix: "pier".into()
+            })
+        );
+        let c = parse("registry:\n  enabled: false\n").unwrap();
+        assert_eq!(c.registry, RegistryConfig::Disabled);
+        let c = parse("registry:\n  dir: /reg\n").unwrap();
+        assert_eq!(
+            c.registry,
+            RegistryConfig::Announce(pier_protocol::StatusSinkSpec::Local { dir: "/reg".into() })
+        );
+    }
+
+    #[test]
+    fn tags_zone_registry_and_heartbeat_problems_come_together() {
+        let c = parse(
+            "tags:\n  role: web\n  env: prod\navailability_zone: us-east-1a\ndaemon:\n  heartbeat_seconds: 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.tags.get("role").map(String::as_str), Some("web"));
+        assert_eq!(c.availability_zone.as_deref(), Some("us-east-1a"));
+        assert_eq!(c.daemon.heartbeat, Duration::from_secs(5));
+
+        let err = parse(&format!(
+            "tags:\n  role: ''\n  version: 2\n  {long}: x\n  'a=b': x\navailability_zone: 'us east'\n\
+             registry:\n  dir: relative\n  prefix: p\n  colour: red\ndaemon:\n  heartbeat_seconds: 4\n",
+            long = "k".repeat(129)
+        ))
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "tags.a=b",
+                &format!("tags.{}", "k".repeat(129)),
+                "tags.role",
+                "tags.version",
+                "availability_zone",
+                "daemon.heartbeat_seconds",
+                "registry.colour",
+                "registry.prefix",
+                "registry.dir",
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[3].message.contains("quote"), "{problems:?}");
+
+        let err =
+            parse("transport:\n  type: sqs\n  create_queue: true\nregistry:\n  enabled: true\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("registry: {bucket: B"), "{err}");
+        let err = parse("registry:\n  enabled: false\n  dir: /x\n").unwrap_err();
+        assert!(err.to_string().contains("registry.dir"), "{err}");
+        let err = parse("registry:\n  bucket: b\n  dir: /x\n").unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
     }
 
     #[test]

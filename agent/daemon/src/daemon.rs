@@ -17,7 +17,11 @@
 //! message is left in the queue, and the next start reports it and acknowledges it. SIGHUP
 //! reloads the configuration. Under systemd the agent sends READY/STOPPING and watchdog pings.
 //!
-//! The daemon is built from [`Parts`] (queue, status-sink opener, fetcher, engine,
+//! The host announces itself in the registry while it runs (a [`Registrar`] part: entry at
+//! start, a heartbeat every `daemon.heartbeat_seconds`, `Stopped` when polling ends on a
+//! clean shutdown).
+//!
+//! The daemon is built from [`Parts`] (queue, status-sink opener, fetcher, engine, registrar,
 //! [`Timings`]): [`Daemon::start`] builds them from `agent.yml`, a test builds its own and
 //! calls [`Daemon::from_parts`]. Every task it spawns is tracked, so the drain (grace, then
 //! hooks stopped, then [`Timings::drain_bound`], then whatever is left dropped) ends with
@@ -34,9 +38,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, TransportConfig, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, RegistryConfig, TransportConfig, DEFAULT_CONFIG_PATH};
 use crate::dedupe::{Dedupe, Seen};
 use crate::fetch::{FetchOptions, Fetcher};
+use crate::registry::{Announcement, Registrar};
 use pier_engine::appspec::{FileExistsBehavior, LifecycleEvent};
 use pier_engine::deploy::{Engine, Observer, Request, Source};
 use pier_engine::state::{self, Journal};
@@ -149,6 +154,8 @@ pub struct Parts {
     /// The token the engine's hooks were built with: fired when running hooks must stop.
     pub hook_cancel: CancellationToken,
     pub dedupe: Arc<Dedupe>,
+    /// Writes this host's registry entry; `None`: the host is not registered.
+    pub registry: Option<Arc<Registrar>>,
     /// The running configuration (concurrency, and what a reload compares against).
     pub config: Config,
     pub timings: Timings,
@@ -271,6 +278,7 @@ pub struct Daemon {
     timings: std::sync::RwLock<Arc<Timings>>,
     dedupe: Arc<Dedupe>,
     engine: Arc<Engine>,
+    registry: Option<Arc<Registrar>>,
     /// Fired when running hooks must stop (after the shutdown grace).
     hook_cancel: CancellationToken,
     /// Fired when the agent starts stopping: pending retries give up.
@@ -330,9 +338,13 @@ impl Daemon {
                 None
             }
         };
-        let queue: Arc<dyn Queue> = match &config.transport {
-            TransportConfig::Spool { spool_dir } => Arc::new(
-                Spool::open(spool_dir.clone()).map_err(|e| DaemonError::Setup(e.to_string()))?,
+        let (queue, queue_address): (Arc<dyn Queue>, String) = match &config.transport {
+            TransportConfig::Spool { spool_dir } => (
+                Arc::new(
+                    Spool::open(spool_dir.clone())
+                        .map_err(|e| DaemonError::Setup(e.to_string()))?,
+                ),
+                spool_dir.display().to_string(),
             ),
             TransportConfig::Sqs {
                 queue_url,
@@ -346,13 +358,14 @@ impl Daemon {
                 }
                 spec.create = *create_queue;
                 let client = aws.as_ref().expect("built above for sqs").sqs.clone();
-                Arc::new(
-                    SqsQueue::open(client, &spec)
-                        .await
-                        .map_err(|e| DaemonError::Setup(e.to_string()))?,
-                )
+                let queue = SqsQueue::open(client, &spec)
+                    .await
+                    .map_err(|e| DaemonError::Setup(e.to_string()))?;
+                let url = queue.url().to_string();
+                (Arc::new(queue), url)
             }
         };
+        let registry = registrar(&config, &host_id, queue_address, aws.as_ref()).await?;
         let fetcher = Fetcher::new(
             aws.as_ref().map(|a| a.s3.clone()),
             FetchOptions {
@@ -378,6 +391,7 @@ impl Daemon {
             engine: Arc::new(engine),
             hook_cancel,
             dedupe: Arc::new(dedupe),
+            registry,
             config,
             timings,
         });
@@ -399,6 +413,7 @@ impl Daemon {
             timings: std::sync::RwLock::new(Arc::new(parts.timings)),
             dedupe: parts.dedupe,
             engine: parts.engine,
+            registry: parts.registry,
             hook_cancel: parts.hook_cancel,
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -472,6 +487,9 @@ impl Daemon {
             this.queue.describe()
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        if let Some(registry) = &this.registry {
+            helpers.spawn(registry.clone().run());
+        }
         // The watchdog is fed only while the poll loop goes round (or the agent is stopping),
         // so a loop stuck on a dead connection gets the agent restarted by systemd.
         let heartbeat = Arc::new(Mutex::new(std::time::Instant::now()));
@@ -525,6 +543,11 @@ impl Daemon {
         }
 
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        // Polling has ended, so the host takes no more deployments: say so before the drain,
+        // which may take the whole shutdown grace.
+        if let Some(registry) = &this.registry {
+            registry.stopped().await;
+        }
         this.drain().await;
         helpers.shutdown().await;
         log::info!("pier-agent stopped");
@@ -608,6 +631,18 @@ impl Daemon {
             Ok(new) => {
                 if new.transport != self.config().transport {
                     log::warn!("reload: transport changes take effect at the next restart");
+                }
+                let old = self.config();
+                if new.registry != old.registry
+                    || new.tags != old.tags
+                    || new.availability_zone != old.availability_zone
+                    || new.daemon.heartbeat != old.daemon.heartbeat
+                    || new.daemon.deployment_groups != old.daemon.deployment_groups
+                {
+                    log::warn!(
+                        "reload: registry, tags, availability_zone, daemon.heartbeat_seconds and \
+                         daemon.deployment_groups changes are announced at the next restart"
+                    );
                 }
                 if new.daemon.concurrency != self.config().daemon.concurrency {
                     log::warn!(
@@ -1295,6 +1330,56 @@ async fn watchdog(
             );
         }
     }
+}
+
+/// The registry writer `config` asks for, or `None` (said once in the log, with the reason).
+/// An S3 registry on a host without AWS access is a configuration that cannot work.
+async fn registrar(
+    config: &Config,
+    host_id: &str,
+    queue: String,
+    aws: Option<&AwsClients>,
+) -> Result<Option<Arc<Registrar>>, DaemonError> {
+    let spec = match &config.registry {
+        RegistryConfig::Announce(spec) => spec,
+        RegistryConfig::Disabled => {
+            log::info!(
+                "host registry off (registry.enabled: false): controllers will not list this host"
+            );
+            return Ok(None);
+        }
+        RegistryConfig::NotConfigured => {
+            log::warn!(
+                "this host is not registered: with the sqs transport there is no default registry; \
+                 set registry: {{bucket: B, prefix: P}} (or registry: {{enabled: false}} to silence this)"
+            );
+            return Ok(None);
+        }
+    };
+    let store = pier_transport::open_store(spec, aws).map_err(|e| {
+        DaemonError::Setup(format!(
+            "registry: {e} (or set registry: {{enabled: false}})"
+        ))
+    })?;
+    let availability_zone = match &config.availability_zone {
+        Some(zone) => Some(zone.clone()),
+        None if pier_transport::aws::looks_like_ec2() => {
+            pier_transport::aws::ec2_availability_zone().await
+        }
+        None => None,
+    };
+    let who = Announcement {
+        host_id: host_id.to_string(),
+        tags: config.tags.clone(),
+        availability_zone,
+        queue: Some(queue),
+        deployment_groups: config.daemon.deployment_groups.clone(),
+    };
+    Ok(Some(Arc::new(Registrar::new(
+        Arc::from(store),
+        who,
+        config.daemon.heartbeat,
+    ))))
 }
 
 /// The host id: configured, else the EC2 instance id (asked of IMDS only on a machine whose

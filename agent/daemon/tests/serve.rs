@@ -1,5 +1,6 @@
 //! The daemon driven in-process from its parts: a spool queue in a temp dir, a status sink
-//! that fails on purpose, and timings of milliseconds instead of minutes.
+//! that fails on purpose, a registry store that fails or hangs, and timings of milliseconds
+//! instead of minutes.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -11,11 +12,14 @@ use pier_agent::config::Config;
 use pier_agent::daemon::{Daemon, Parts, SinkOpener, Timings};
 use pier_agent::dedupe::Dedupe;
 use pier_agent::fetch::{FetchOptions, Fetcher};
+use pier_agent::registry::{Announcement, Registrar};
 use pier_engine::deploy::Engine;
+use pier_protocol::registry::{registry_key, HostHealth, HostState, RegistryEntry};
 use pier_protocol::{BundleType, Command, Revision, StatusRecord, StatusSinkSpec, StatusTarget};
 use pier_sys::backoff::Backoff;
 use pier_transport::local::LocalStatusSink;
 use pier_transport::spool::Spool;
+use pier_transport::store::{DirStore, ObjectStore, Precondition, PutOutcome, Versioned};
 use pier_transport::{BoxFuture, StatusSink, TransportError};
 use tokio_util::sync::CancellationToken;
 
@@ -129,6 +133,10 @@ fn timings(retry_base: Duration, retry_max: Duration, retry_cap: usize) -> Timin
 }
 
 fn fixture(timings: Timings) -> Fixture {
+    fixture_with(timings, None)
+}
+
+fn fixture_with(timings: Timings, registry: Option<Arc<Registrar>>) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let spool = dir.join("spool");
@@ -151,6 +159,7 @@ fn fixture(timings: Timings) -> Fixture {
         engine: Arc::new(engine),
         hook_cancel,
         dedupe: Arc::new(Dedupe::open(dir.join("root/dedupe")).unwrap()),
+        registry,
         config,
         timings,
     });
@@ -336,5 +345,185 @@ async fn shutdown_drains_within_its_bound_and_owns_every_task() {
     assert!(
         !f.acked("d-LONG00001"),
         "the interrupted deployment stays for the next start"
+    );
+}
+
+/// A registry store that refuses writes while `down` is set, and counts the refusals.
+struct FlakyStore {
+    inner: DirStore,
+    down: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU32,
+}
+
+impl ObjectStore for FlakyStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Versioned>> {
+        self.inner.get(key)
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        bytes: Vec<u8>,
+        when: Precondition,
+    ) -> BoxFuture<'a, PutOutcome> {
+        use std::sync::atomic::Ordering;
+        if self.down.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Box::pin(async {
+                Err(TransportError::Config("the store is down (test)".into()))
+            });
+        }
+        self.inner.put(key, bytes, when)
+    }
+
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: Option<usize>,
+    ) -> BoxFuture<'a, Vec<String>> {
+        self.inner.list(prefix, after, limit)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        self.inner.delete(key)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+fn read_entry(dir: &Path) -> Option<RegistryEntry> {
+    let bytes = std::fs::read(dir.join(registry_key("unit"))).ok()?;
+    Some(RegistryEntry::from_json(&bytes).expect("the entry parses"))
+}
+
+/// The daemon announces the host with its tags at start, refreshes the heartbeat every
+/// interval, goes on when the store refuses heartbeats (and catches up when it is back), and
+/// marks the host stopped on shutdown, after which no heartbeat overwrites it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_is_announced_kept_fresh_through_store_failures_and_marked_stopped() {
+    use std::sync::atomic::Ordering;
+    let reg_dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FlakyStore {
+        inner: DirStore::new(reg_dir.path()),
+        down: false.into(),
+        refused: 0.into(),
+    });
+    let registrar = Registrar::new(
+        store.clone(),
+        Announcement {
+            host_id: "unit".into(),
+            tags: [("role".to_string(), "web".to_string())].into(),
+            availability_zone: Some("zone-a".into()),
+            queue: Some("/spool".into()),
+            deployment_groups: vec!["g1".into()],
+        },
+        Duration::from_millis(100),
+    )
+    .with_stop_bound(Duration::from_secs(2));
+    let f = fixture_with(
+        timings(Duration::from_secs(1), Duration::from_secs(2), 4),
+        Some(Arc::new(registrar)),
+    );
+    let shutdown = CancellationToken::new();
+    let served = f.serve(shutdown.clone());
+
+    wait_until(Duration::from_secs(10), "the entry", || {
+        read_entry(reg_dir.path()).is_some()
+    })
+    .await;
+    let first = read_entry(reg_dir.path()).unwrap();
+    assert_eq!(first.state, HostState::Running);
+    assert_eq!(first.tags.get("role").map(String::as_str), Some("web"));
+    assert_eq!(first.availability_zone.as_deref(), Some("zone-a"));
+    assert_eq!(first.deployment_groups, ["g1"]);
+    assert_eq!(first.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(first.heartbeat_interval_seconds, 1);
+    assert_eq!(first.health(chrono::Utc::now()), HostHealth::Healthy);
+
+    wait_until(Duration::from_secs(10), "a later heartbeat", || {
+        read_entry(reg_dir.path()).is_some_and(|e| e.heartbeat_at > first.heartbeat_at)
+    })
+    .await;
+
+    store.down.store(true, Ordering::SeqCst);
+    wait_until(Duration::from_secs(10), "refused heartbeats", || {
+        store.refused.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    let during = read_entry(reg_dir.path()).unwrap();
+    store.down.store(false, Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(10),
+        "heartbeats after the outage",
+        || read_entry(reg_dir.path()).is_some_and(|e| e.heartbeat_at > during.heartbeat_at),
+    )
+    .await;
+    assert!(!served.is_finished(), "failed heartbeats are not fatal");
+
+    shutdown.cancel();
+    served.await.unwrap();
+    let last = read_entry(reg_dir.path()).unwrap();
+    assert_eq!(last.state, HostState::Stopped);
+    assert_eq!(last.started_at, first.started_at);
+    assert_eq!(last.health(chrono::Utc::now()), HostHealth::Stopped);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        read_entry(reg_dir.path()).unwrap(),
+        last,
+        "nothing writes after Stopped"
+    );
+    assert_eq!(f.daemon.tasks_running(), 0);
+}
+
+/// A store that never answers cannot hold up shutdown beyond the registrar's stop bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_registry_store_does_not_delay_shutdown_past_the_bound() {
+    struct Hung;
+    impl ObjectStore for Hung {
+        fn get<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<Versioned>> {
+            Box::pin(std::future::pending())
+        }
+        fn put<'a>(&'a self, _: &'a str, _: Vec<u8>, _: Precondition) -> BoxFuture<'a, PutOutcome> {
+            Box::pin(std::future::pending())
+        }
+        fn list<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a str>,
+            _: Option<usize>,
+        ) -> BoxFuture<'a, Vec<String>> {
+            Box::pin(std::future::pending())
+        }
+        fn delete<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ()> {
+            Box::pin(std::future::pending())
+        }
+        fn describe(&self) -> String {
+            "hung".into()
+        }
+    }
+    let registrar = Registrar::new(
+        Arc::new(Hung),
+        Announcement {
+            host_id: "unit".into(),
+            ..Announcement::default()
+        },
+        Duration::from_millis(50),
+    )
+    .with_stop_bound(Duration::from_millis(500));
+    let f = fixture_with(
+        timings(Duration::from_secs(1), Duration::from_secs(2), 4),
+        Some(Arc::new(registrar)),
+    );
+    let shutdown = CancellationToken::new();
+    let served = f.serve(shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.cancel();
+    let drained = served.await.unwrap();
+    assert!(
+        drained < Duration::from_secs(2),
+        "shutdown took {drained:?} with a hung registry"
     );
 }

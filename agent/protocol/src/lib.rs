@@ -234,6 +234,18 @@ impl Revision {
     }
 }
 
+/// The agent's deployment root when `root_dir` is not configured. The controller's defaults
+/// (the spool it drops commands into, the directory it reads status and the registry from)
+/// are the agent's defaults under this root, so both sides derive them from here.
+pub const DEFAULT_ROOT_DIR: &str = "/var/lib/pier";
+/// The spool transport's queue directory under the deployment root.
+pub const SPOOL_DIR_NAME: &str = "spool";
+/// The local status store under the deployment root: status records and, on a spool host,
+/// the registry (`hosts/`).
+pub const STATUS_DIR_NAME: &str = "status";
+/// The S3 key prefix of status records and registry entries when none is given.
+pub const DEFAULT_STATUS_PREFIX: &str = "pier";
+
 /// Where the agent writes status for a deployment, and whom it tells.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusTarget {
@@ -245,7 +257,7 @@ pub struct StatusTarget {
 }
 
 /// A status store; tagged by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum StatusSinkSpec {
     /// Objects `{prefix}/deployments/{deployment_id}/hosts/{host_id}.json` in a bucket.

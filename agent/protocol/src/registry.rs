@@ -14,6 +14,21 @@ use crate::ProtocolError;
 /// The registry entry version this agent writes and the controller reads.
 pub const REGISTRY_VERSION: u32 = 1;
 
+/// The key prefix under which every registry entry lives (list it to find the hosts).
+pub const REGISTRY_PREFIX: &str = "hosts/";
+
+/// The store key of `host_id`'s entry: `hosts/{host_id}.json`.
+pub fn registry_key(host_id: &str) -> String {
+    format!("{REGISTRY_PREFIX}{host_id}.json")
+}
+
+/// The host id a registry key names (`hosts/web-1.json` → `web-1`), `None` for any other key.
+pub fn host_of_key(key: &str) -> Option<&str> {
+    key.strip_prefix(REGISTRY_PREFIX)?
+        .strip_suffix(".json")
+        .filter(|h| !h.is_empty() && !h.contains('/'))
+}
+
 /// Whether the agent is running, as it last said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostState {

@@ -108,15 +108,26 @@ pub fn disable_imds_off_ec2() {
 /// The EC2 instance id from IMDSv2, or `None` off EC2 (answers within about a second: the
 /// metadata service is link-local, so a host without it fails fast).
 pub async fn ec2_instance_id() -> Option<String> {
+    imds_get("/latest/meta-data/instance-id").await
+}
+
+/// The instance's availability zone from IMDSv2 (`us-east-1a`), or `None` off EC2; asked the
+/// same way as [`ec2_instance_id`].
+pub async fn ec2_availability_zone() -> Option<String> {
+    imds_get("/latest/meta-data/placement/availability-zone").await
+}
+
+/// One IMDSv2 metadata value, trimmed; `None` when the service does not answer quickly.
+async fn imds_get(path: &str) -> Option<String> {
     let client = aws_config::imds::client::Client::builder()
         .connect_timeout(std::time::Duration::from_millis(500))
         .read_timeout(std::time::Duration::from_millis(500))
         .max_attempts(1)
         .build();
-    match client.get("/latest/meta-data/instance-id").await {
-        Ok(id) => Some(id.as_ref().trim().to_string()).filter(|s| !s.is_empty()),
+    match client.get(path).await {
+        Ok(v) => Some(v.as_ref().trim().to_string()).filter(|s| !s.is_empty()),
         Err(e) => {
-            log::debug!("no EC2 instance id from IMDS: {e}");
+            log::debug!("no answer from IMDS for {path}: {e}");
             None
         }
     }
