@@ -21,7 +21,7 @@ use pier_protocol::record::{DeploymentRecord, HostRolloutState, RolloutStatus};
 use crate::support::*;
 
 /// A bundle with no files: AfterInstall appends `$DEPLOYMENT_ID` to `$HOOK_LOG` after
-/// sleeping `$HOOK_SLEEP` seconds; ValidateService fails when `$PIER_HOST` is listed in
+/// sleeping `$HOOK_SLEEP` seconds (2 more while the file `$FAIL_DIR/slow` exists); ValidateService fails when `$PIER_HOST` is listed in
 /// `$FAIL_DIR/GROUP` (see [`SpoolFleet::group`]), else exits `$FAIL`.
 fn bundle(s: &Scratch) -> PathBuf {
     s.write(
@@ -31,7 +31,8 @@ fn bundle(s: &Scratch) -> PathBuf {
     );
     s.script(
         "bundle/record.sh",
-        "#!/bin/sh\nsleep \"${HOOK_SLEEP:-0}\"\necho \"$DEPLOYMENT_ID\" >> \"$HOOK_LOG\"\n",
+        "#!/bin/sh\nsleep \"${HOOK_SLEEP:-0}\"\n[ -f \"$FAIL_DIR/slow\" ] && sleep 2\n\
+         echo \"$DEPLOYMENT_ID\" >> \"$HOOK_LOG\"\n",
     );
     s.script(
         "bundle/validate.sh",
@@ -549,4 +550,284 @@ async fn sqs_fleet_learns_results_from_the_notification_queue() {
         .await;
     assert!(gone.is_err(), "notification queue left behind");
     drop(agents);
+}
+
+/// A second bundle, `v2`: as [`bundle`], but ValidateService also fails on the hosts listed
+/// in the bundle's own `failhosts` (so the revision is bad, not the host).
+fn bad_bundle(s: &Scratch, failing: &[&str]) -> PathBuf {
+    let dir = s.path().join("bundle-v2");
+    s.write(
+        "bundle-v2/appspec.yml",
+        "version: 0.0\nos: linux\nhooks:\n  AfterInstall:\n    - location: record.sh\n      \
+         timeout: 60\n  ValidateService:\n    - location: validate.sh\n      timeout: 60\n",
+    );
+    s.script(
+        "bundle-v2/record.sh",
+        "#!/bin/sh\nsleep \"${HOOK_SLEEP:-0}\"\necho \"$DEPLOYMENT_ID\" >> \"$HOOK_LOG\"\n",
+    );
+    s.script(
+        "bundle-v2/validate.sh",
+        "#!/bin/sh\ngrep -qx \"$PIER_HOST\" \"$(dirname \"$0\")/failhosts\" && exit 1\nexit 0\n",
+    );
+    s.write("bundle-v2/failhosts", &(failing.join("\n") + "\n"));
+    dir
+}
+
+fn push_local(bundle: &Path, to: &Path) {
+    pier(&[
+        "push",
+        "--application",
+        "shop",
+        "--source",
+        bundle.to_str().unwrap(),
+        "--local-location",
+        to.to_str().unwrap(),
+    ])
+    .success();
+}
+
+/// A health endpoint on 127.0.0.1 answering `status` (changed by the test) to every GET.
+fn health_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU16>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let status = std::sync::Arc::new(AtomicU16::new(200));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/health", listener.local_addr().unwrap());
+    let answer = status.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            let code = answer.load(Ordering::SeqCst);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {code} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            );
+        }
+    });
+    (url, status)
+}
+
+#[test]
+fn failures_and_a_failing_health_check_roll_back_to_the_last_success() {
+    use std::sync::atomic::Ordering;
+    let s = Scratch::new();
+    let fleet = SpoolFleet::start(&s, 3, 0);
+    let v2 = s.path().join("rev-v2.tgz");
+    push_local(&bad_bundle(&s, &["h2"]), &v2);
+    let (url, health) = health_server();
+    fleet.group(
+        &s,
+        "rb",
+        "OneAtATime",
+        &[],
+        &format!("auto_rollback:\n  on_failure: true\n  on_alarm: true\nhealth_url: \"{url}\"\n"),
+    );
+
+    // v1 succeeds everywhere: the group's last success.
+    let good = pier(&fleet.deploy_args("rb"));
+    assert_eq!(good.code, 0, "{}", good.all());
+    let v1_id = deployment_id(&good);
+
+    // v2 fails on h2 (the second host, one at a time): the deployment fails, h3 is never
+    // sent, and h1 and h2 (the hosts that got v2) are rolled back to v1.
+    let mut args = fleet.deploy_args("rb");
+    let v2_arg = v2.to_str().unwrap().to_string();
+    let pos = args.iter().position(|a| *a == "--revision").unwrap();
+    args[pos + 1] = &v2_arg;
+    let bad = pier(&args);
+    assert_eq!(bad.code, 1, "{}", bad.all());
+    let id = deployment_id(&bad);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Failed);
+    let rb_id = rec.rolled_back_by.clone().expect("rolled back");
+    let rb = fleet.record(&rb_id);
+    assert_eq!(rb.rollback_of.as_deref(), Some(id.as_str()));
+    assert_eq!(rb.revision, fleet.record(&v1_id).revision, "back to v1");
+    assert_eq!(
+        rb.hosts.keys().cloned().collect::<Vec<_>>(),
+        ["h1", "h2"],
+        "only the hosts that got v2"
+    );
+    assert_eq!(rb.status, RolloutStatus::Succeeded, "{}", bad.all());
+    for h in ["h1", "h2"] {
+        assert_eq!(fleet.runs(h, &rb_id), 1, "{h} ran the rollback once");
+    }
+    assert_eq!(fleet.runs("h3", &id), 0);
+    assert_eq!(fleet.runs("h3", &rb_id), 0);
+    assert!(
+        bad.stderr.contains(&format!("rolled back by {rb_id}")),
+        "{}",
+        bad.stderr
+    );
+
+    // The health URL fails while v1 deploys (slowly) again: three failed checks in a row stop
+    // the rollout, which is rolled back although every host it reached succeeded.
+    health.store(500, Ordering::SeqCst);
+    std::fs::write(fleet.dir.join("slow"), "").unwrap();
+    let run = pier(&fleet.deploy_args("rb"));
+    assert_eq!(run.code, 1, "{}", run.all());
+    let rec = fleet.record(&deployment_id(&run));
+    assert_eq!(rec.status, RolloutStatus::Failed);
+    assert!(
+        rec.status_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("health check"),
+        "{:?}",
+        rec.status_reason
+    );
+    // The first host was sent before the third failed check (each takes 2 s to deploy).
+    assert_eq!(rec.batches[0].hosts, ["h1"]);
+    assert!(
+        rec.count(HostRolloutState::Skipped) >= 1,
+        "{:?}",
+        states(&rec)
+    );
+    let rb = fleet.record(rec.rolled_back_by.as_deref().expect("rolled back"));
+    assert_eq!(rb.status, RolloutStatus::Succeeded, "{}", run.all());
+    assert_eq!(rb.hosts.len(), rec.batches.len());
+}
+
+#[test]
+fn stop_with_rollback_and_manual_rollback() {
+    let s = Scratch::new();
+    let fleet = SpoolFleet::start(&s, 2, 1);
+    fleet.group(&s, "man", "OneAtATime", &[], "");
+    let v1 = pier(&fleet.deploy_args("man"));
+    assert_eq!(v1.code, 0, "{}", v1.all());
+    let v1_id = deployment_id(&v1);
+    let v2 = pier(&fleet.deploy_args("man"));
+    assert_eq!(v2.code, 0, "{}", v2.all());
+    let v2_id = deployment_id(&v2);
+
+    // pier rollback: the hosts of the latest (v2_id) go back to the last success before it…
+    // which is v2_id itself, so --to is needed.
+    let status = fleet.status().to_string();
+    let run = pier(&[
+        "rollback",
+        "--deployment-group",
+        "man",
+        "--status-dir",
+        &status,
+    ]);
+    assert_eq!(run.code, 64, "{}", run.all());
+    assert!(run.stderr.contains("--to"), "{}", run.stderr);
+    let run = pier(&[
+        "rollback",
+        "--deployment-group",
+        "man",
+        "--to",
+        &v1_id,
+        "--status-dir",
+        &status,
+    ]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let rb_id = fleet.record(&v2_id).rolled_back_by.expect("linked");
+    let rb = fleet.record(&rb_id);
+    assert_eq!(rb.rollback_of.as_deref(), Some(v2_id.as_str()));
+    assert_eq!(rb.status, RolloutStatus::Succeeded);
+    for h in ["h1", "h2"] {
+        assert_eq!(fleet.runs(h, &rb_id), 1);
+    }
+
+    // stop --rollback mid-rollout: h1 got it, h2 never does; h1 goes back.
+    let log = s.path().join("deploy.log");
+    let mut child = spawn_pier(&fleet.deploy_args("man"), &log);
+    let id = first_line(&log);
+    wait_for("the first batch", || {
+        (!fleet.record(&id).batches.is_empty()).then_some(())
+    });
+    let run = pier(&["stop", &id, "--rollback", "--status-dir", &status]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 1);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Stopped);
+    let rb = fleet.record(rec.rolled_back_by.as_deref().expect("rolled back"));
+    assert_eq!(rb.hosts.keys().cloned().collect::<Vec<_>>(), ["h1"]);
+    assert_eq!(rb.status, RolloutStatus::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloudwatch_alarm_during_the_rollout_stops_and_rolls_it_back() {
+    use aws_sdk_cloudwatch::types::{ComparisonOperator, StateValue, Statistic};
+    let aws = moto_clients().await;
+    let cw = aws_sdk_cloudwatch::Client::new(&aws.config);
+    let alarm = unique("errors");
+    cw.put_metric_alarm()
+        .alarm_name(&alarm)
+        .metric_name("Errors")
+        .namespace("Shop")
+        .statistic(Statistic::Sum)
+        .period(60)
+        .evaluation_periods(1)
+        .threshold(1.0)
+        .comparison_operator(ComparisonOperator::GreaterThanThreshold)
+        .send()
+        .await
+        .unwrap();
+    let set = |state: StateValue| {
+        let cw = cw.clone();
+        let alarm = alarm.clone();
+        async move {
+            cw.set_alarm_state()
+                .alarm_name(&alarm)
+                .state_value(state)
+                .state_reason("test")
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    set(StateValue::Ok).await;
+
+    let s = Scratch::new();
+    let fleet = SpoolFleet::start(&s, 3, 1);
+    fleet.group(
+        &s,
+        "cw",
+        "OneAtATime",
+        &[],
+        &format!("alarms: [{alarm}]\nauto_rollback:\n  on_alarm: true\n"),
+    );
+    let env = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        move || pier(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let good = tokio::task::spawn_blocking(env(&fleet.deploy_args("cw")))
+        .await
+        .unwrap();
+    assert_eq!(good.code, 0, "{}", good.all());
+
+    let log = s.path().join("deploy.log");
+    let mut args = fleet.deploy_args("cw");
+    let endpoint = format!("--endpoint-url={}", moto_endpoint());
+    args.push(&endpoint);
+    let mut child = spawn_pier(&args, &log);
+    let id = first_line(&log);
+    wait_for("the first batch", || {
+        (!fleet.record(&id).batches.is_empty()).then_some(())
+    });
+    set(StateValue::Alarm).await;
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(60)), 1);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Failed);
+    assert!(
+        rec.status_reason.as_deref().unwrap_or("").contains(&alarm),
+        "{:?}\n{}",
+        rec.status_reason,
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        rec.count(HostRolloutState::Skipped) >= 1,
+        "{:?}",
+        states(&rec)
+    );
+    let rb = fleet.record(rec.rolled_back_by.as_deref().expect("rolled back on alarm"));
+    assert_eq!(rb.status, RolloutStatus::Succeeded);
+    assert_eq!(
+        rb.hosts.len(),
+        rec.batches.iter().map(|b| b.hosts.len()).sum::<usize>()
+    );
 }
