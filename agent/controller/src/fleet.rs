@@ -333,6 +333,7 @@ pub async fn deploy_group(
         deployment_group: def.name.clone(),
         revision: info.revision.clone(),
         commit_sha: info.commit.clone(),
+        commit_time: info.commit_time,
         creator: creator(),
         config,
         hosts,

@@ -111,6 +111,8 @@ pub struct NewRollout {
     pub revision: Revision,
     /// Its commit.
     pub commit_sha: Option<String>,
+    /// When that commit was made (lead time for changes starts there).
+    pub commit_time: Option<chrono::DateTime<Utc>>,
     /// Who asks.
     pub creator: String,
     /// The rules.
@@ -136,7 +138,7 @@ pub(crate) fn new_record(new: NewRollout) -> DeploymentRecord {
         deployment_group: new.deployment_group,
         revision: new.revision,
         commit_sha: new.commit_sha,
-        commit_time: None,
+        commit_time: new.commit_time,
         creator: new.creator,
         config_name: new.config.name(),
         minimum_healthy_hosts: new.config.minimum(total),
