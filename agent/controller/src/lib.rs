@@ -6,7 +6,8 @@
 //! the ed25519 keys `deploy --signing-key` signs commands with. [`rules`] is CodeDeploy's
 //! minimum-healthy-hosts arithmetic a fleet rollout follows, batch by batch; [`group`] reads
 //! the deployment group definitions operators write and picks a group's hosts from the
-//! registry.
+//! registry. [`history`] loads the deployment records (`pier history`) and [`dora`] computes
+//! the DORA metrics from them (`pier dora`, and the dashboard).
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -15,6 +16,7 @@
 //! failures), so the binary stays a thin layer of argument parsing.
 
 pub mod deploy;
+pub mod dora;
 pub mod fleet;
 pub mod group;
 pub mod push;
