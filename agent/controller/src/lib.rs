@@ -19,6 +19,7 @@ pub mod deploy;
 pub mod dora;
 pub mod fleet;
 pub mod group;
+pub mod history;
 pub mod push;
 pub mod revision;
 pub mod rollout;
