@@ -186,14 +186,13 @@ pub async fn history(fleet: &Fleet, opts: &HistoryOptions) -> Result<i32, Contro
         records.truncate(n);
     }
     match opts.format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&records).expect("records serialise")
-        ),
+        Format::Json => {
+            out(&(serde_json::to_string_pretty(&records).expect("records serialise") + "\n"))
+        }
         Format::Text if records.is_empty() => {
             eprintln!("no deployments in {} match", fleet.store.describe())
         }
-        Format::Text => print!("{}", render_table(&records)),
+        Format::Text => out(&render_table(&records)),
     }
     Ok(0)
 }
@@ -203,8 +202,11 @@ pub async fn history(fleet: &Fleet, opts: &HistoryOptions) -> Result<i32, Contro
 pub struct DoraOptions {
     /// Application and group (status and since are ignored: the window decides).
     pub filter: HistoryFilter,
-    /// Start of the window; it ends now.
+    /// Start of the window.
     pub since: DateTime<Utc>,
+    /// End of the window, and the time unrestored incidents are aged at (the `now` that
+    /// `since` was reckoned back from, so `--since 30d` is exactly 30 days).
+    pub now: DateTime<Utc>,
     /// Text or JSON.
     pub format: Format,
 }
@@ -218,7 +220,7 @@ pub async fn dora(fleet: &Fleet, opts: &DoraOptions) -> Result<i32, ControllerEr
         since: None,
         ..opts.filter.clone()
     };
-    let now = Utc::now();
+    let now = opts.now;
     if opts.since >= now {
         return Err(ControllerError::usage(
             "--since",
@@ -228,10 +230,9 @@ pub async fn dora(fleet: &Fleet, opts: &DoraOptions) -> Result<i32, ControllerEr
     let records = load_records(fleet.store.as_ref(), &filter).await?;
     let report = dora::compute(&records, opts.since, now, now);
     match opts.format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("the report serialises")
-        ),
+        Format::Json => {
+            out(&(serde_json::to_string_pretty(&report).expect("the report serialises") + "\n"))
+        }
         Format::Text => {
             let mut scope = Vec::new();
             if let Some(a) = &filter.application {
@@ -252,6 +253,12 @@ pub async fn dora(fleet: &Fleet, opts: &DoraOptions) -> Result<i32, ControllerEr
         }
     }
     Ok(0)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// A revision in a few characters: the archive's file name, or `owner/repo@commit`.

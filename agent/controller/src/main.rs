@@ -547,13 +547,15 @@ async fn history(a: HistoryArgs, aws: AwsOptions) -> Result<i32, ControllerError
 
 async fn dora(a: DoraArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
     use pier_controller::history::{self, DoraOptions, HistoryFilter};
+    let now = chrono::Utc::now();
     let opts = DoraOptions {
         filter: HistoryFilter {
             application: a.application,
             deployment_group: a.deployment_group,
             ..HistoryFilter::default()
         },
-        since: history::parse_since("--since", &a.since, chrono::Utc::now())?,
+        since: history::parse_since("--since", &a.since, now)?,
+        now,
         format: a.format.into(),
     };
     let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
