@@ -558,8 +558,8 @@ pub fn render_text(report: &DoraReport) -> String {
     }
     let d = &report.deployments;
     out.push_str(&format!(
-        "counted: {} succeeded, {} failed, {} stopped; not changes: {} rollbacks, {} rejected; \
-         {} unfinished (definitions: docs/dora.md)\n",
+        "finished in the window: {} succeeded, {} failed, {} stopped; not changes: {} \
+         rollbacks, {} rejected; not finished: {} (definitions: docs/dora.md)\n",
         d.succeeded, d.failed, d.stopped, d.rollbacks, d.rejected, d.unfinished
     ));
     out
