@@ -115,6 +115,14 @@ async fn push_to_s3_encrypts_and_records_sha256_and_commit() {
     let meta = head_obj.metadata().unwrap();
     assert_eq!(meta.get("sha256"), Some(&real_sha));
     assert_eq!(meta.get("commit"), Some(&head));
+    // The committer time, for lead time (DORA); the same instant git reports.
+    let committed = git(&src, &["show", "-s", "--format=%cI", "HEAD"]);
+    let committed = chrono::DateTime::parse_from_rfc3339(&committed).unwrap();
+    let recorded = meta.get("commit-time").expect("commit-time metadata");
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(recorded).unwrap(),
+        committed
+    );
     assert_eq!(meta.get("application").map(String::as_str), Some("web"));
 
     // stdout is the revision JSON, for scripts; the human line is on stderr.
@@ -125,6 +133,11 @@ async fn push_to_s3_encrypts_and_records_sha256_and_commit() {
     assert_eq!(printed["bundle_type"], "tgz");
     assert_eq!(printed["sha256"], real_sha.as_str());
     assert_eq!(printed["commit"], head.as_str());
+    let printed_time = printed["commit_time"].as_str().expect("commit_time");
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(printed_time).unwrap(),
+        committed
+    );
     assert!(printed.get("dirty").is_none(), "{printed}");
     assert!(run.stderr.contains(&location), "{}", run.stderr);
 

@@ -42,6 +42,36 @@ fn bundle(s: &Scratch) -> PathBuf {
     s.path().join("bundle")
 }
 
+/// When [`commit`] commits the bundle (its committer time, which push records for lead time).
+const COMMITTED_AT: &str = "2026-01-02T03:04:05Z";
+
+/// Makes `dir` a git checkout with everything committed at [`COMMITTED_AT`].
+fn commit(dir: &Path) {
+    for args in [
+        &["init", "-q"][..],
+        &["add", "-A"],
+        &[
+            "-c",
+            "user.name=pier tests",
+            "-c",
+            "user.email=tests@pier.invalid",
+            "commit",
+            "-qm",
+            "bundle",
+        ],
+    ] {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_COMMITTER_DATE", COMMITTED_AT)
+            .env("GIT_AUTHOR_DATE", COMMITTED_AT)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    }
+}
+
 /// A fleet of spool agents `h1..hN` under `s`.
 struct SpoolFleet {
     agents: Vec<RunningAgent>,
@@ -69,12 +99,14 @@ impl SpoolFleet {
             );
         }
         let revision = s.path().join("rev.tgz");
+        let source = bundle(s);
+        commit(&source);
         pier(&[
             "push",
             "--application",
             "shop",
             "--source",
-            bundle(s).to_str().unwrap(),
+            source.to_str().unwrap(),
             "--local-location",
             revision.to_str().unwrap(),
         ])
@@ -303,6 +335,23 @@ fn rollouts_follow_the_minimum_healthy_hosts_rules() {
     assert_eq!(batch_sizes(&rec), [5]);
     assert_eq!(rec.config_name, "AllAtOnce");
     assert_eq!(rec.status, RolloutStatus::Succeeded);
+    // The commit push recorded reaches the record, with its time.
+    assert_eq!(rec.commit_sha.as_ref().map(String::len), Some(40));
+    assert_eq!(rec.commit_time, Some(COMMITTED_AT.parse().unwrap()));
+
+    // The metrics of these five deployments, all of one commit: groups count and one
+    // failed (two incidents, neither restored: their groups never succeed); one-last and
+    // half succeeded, the first deployment of the commit to each (lead time measured); the
+    // AllAtOnce one deployed it to half again (a repeat). Change failure rate 2 of 5.
+    let run = pier(&["dora", "--format", "json", "--status-dir", fleet.status()]).success();
+    let r: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(r["deployments"]["succeeded"], 3, "{r}");
+    assert_eq!(r["deployments"]["failed"], 2, "{r}");
+    assert_eq!(r["lead_time"]["measured"], 2, "{r}");
+    assert_eq!(r["lead_time"]["repeats"], 1, "{r}");
+    assert_eq!(r["change_failure_rate"]["failures"], 2, "{r}");
+    assert_eq!(r["change_failure_rate"]["changes"], 5, "{r}");
+    assert_eq!(r["time_to_restore"]["unrestored"], 2, "{r}");
 }
 
 #[test]

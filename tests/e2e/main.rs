@@ -11,6 +11,7 @@ mod deploy_local;
 mod diagnostics;
 mod fault_proxy;
 mod fleet;
+mod history;
 mod hook_processes;
 mod install_atomic;
 mod registry;

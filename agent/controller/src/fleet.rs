@@ -327,6 +327,7 @@ pub async fn deploy_group(
         deployment_group: def.name.clone(),
         revision: info.revision.clone(),
         commit_sha: info.commit.clone(),
+        commit_time: info.commit_time,
         creator: creator(),
         config,
         hosts,
@@ -590,6 +591,7 @@ pub async fn rollback(
                 deployment_id: r.deployment_id,
                 revision: r.revision,
                 commit_sha: r.commit_sha,
+                commit_time: r.commit_time,
                 ended_at: r.ended_at.unwrap_or(r.created_at),
             }
         }

@@ -11,7 +11,8 @@
 //! arithmetic; [`rollout`] drives one deployment batch by batch with all state in a record in
 //! the shared store (conditional writes, a lease, resume, rollback); [`fleet`] is the
 //! commands over that store (`group`, `deploy` to a group, `stop`, `approve`, `reject`,
-//! `rollback`).
+//! `rollback`). [`history`] loads the deployment records (`pier history`) and [`dora`] computes the DORA
+//! metrics from them (`pier dora`, and the dashboard).
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -20,9 +21,11 @@
 //! failures), so the binary stays a thin layer of argument parsing.
 
 pub mod deploy;
+pub mod dora;
 pub mod fleet;
 pub mod group;
 mod health;
+pub mod history;
 pub mod hosts;
 pub mod push;
 pub mod revision;

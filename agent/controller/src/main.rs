@@ -67,6 +67,12 @@ enum Command {
     /// Write a new ed25519 key pair for signing commands: DIR/NAME.key (mode 0600) and
     /// DIR/NAME.pub; print the key's id on stdout.
     Keygen(KeygenArgs),
+    /// List fleet deployments, newest first: revision, commit, creator, status, duration,
+    /// rollback links.
+    History(HistoryArgs),
+    /// DORA metrics from the deployment records: deployment frequency, lead time for
+    /// changes, change failure rate, time to restore (definitions: docs/dora.md).
+    Dora(DoraArgs),
 }
 
 #[derive(Subcommand)]
@@ -349,6 +355,8 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::History(a) => history(a, aws).await,
+            Command::Dora(a) => dora(a, aws).await,
             Command::Approve(a) => decide(a, true, aws).await,
             Command::Reject(a) => decide(a, false, aws).await,
             Command::Hosts(a) => {
@@ -516,4 +524,102 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
         aws,
     })
     .await
+}
+
+#[derive(Clone, Copy, Default, ValueEnum)]
+enum FormatArg {
+    #[default]
+    Text,
+    Json,
+}
+
+impl From<FormatArg> for pier_controller::history::Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Text => pier_controller::history::Format::Text,
+            FormatArg::Json => pier_controller::history::Format::Json,
+        }
+    }
+}
+
+#[derive(Args)]
+struct HistoryArgs {
+    /// Only this application.
+    #[arg(long)]
+    application: Option<String>,
+    /// Only this deployment group.
+    #[arg(long)]
+    deployment_group: Option<String>,
+    /// Only this status: PendingApproval, InProgress, Succeeded, Failed or Stopped.
+    #[arg(long)]
+    status: Option<String>,
+    /// Only deployments created since: 30d, 12h, 90m (back from now) or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// At most this many (the newest).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// text (an aligned table) or json (an array of deployment records).
+    #[arg(long, value_enum, default_value_t = FormatArg::Text)]
+    format: FormatArg,
+    #[command(flatten)]
+    sink: SinkArgs,
+}
+
+#[derive(Args)]
+struct DoraArgs {
+    /// Only this application.
+    #[arg(long)]
+    application: Option<String>,
+    /// Only this deployment group.
+    #[arg(long)]
+    deployment_group: Option<String>,
+    /// The window, ending now: 30d, 12h, 90m or an RFC 3339 start time.
+    #[arg(long, default_value = "30d")]
+    since: String,
+    /// text or json (the report the dashboard also shows).
+    #[arg(long, value_enum, default_value_t = FormatArg::Text)]
+    format: FormatArg,
+    #[command(flatten)]
+    sink: SinkArgs,
+}
+
+async fn history(a: HistoryArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
+    use pier_controller::history::{self, HistoryFilter, HistoryOptions};
+    let now = chrono::Utc::now();
+    let opts = HistoryOptions {
+        filter: HistoryFilter {
+            application: a.application,
+            deployment_group: a.deployment_group,
+            status: a
+                .status
+                .map(|s| history::parse_status("--status", &s))
+                .transpose()?,
+            since: a
+                .since
+                .map(|s| history::parse_since("--since", &s, now))
+                .transpose()?,
+        },
+        limit: a.limit,
+        format: a.format.into(),
+    };
+    let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+    history::history(&fleet, &opts).await
+}
+
+async fn dora(a: DoraArgs, aws: AwsOptions) -> Result<i32, ControllerError> {
+    use pier_controller::history::{self, DoraOptions, HistoryFilter};
+    let now = chrono::Utc::now();
+    let opts = DoraOptions {
+        filter: HistoryFilter {
+            application: a.application,
+            deployment_group: a.deployment_group,
+            ..HistoryFilter::default()
+        },
+        since: history::parse_since("--since", &a.since, now)?,
+        now,
+        format: a.format.into(),
+    };
+    let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+    history::dora(&fleet, &opts).await
 }

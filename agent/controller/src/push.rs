@@ -3,7 +3,8 @@
 //! The archive (tgz by default, or tar or zip) holds the directory's entries in byte order of
 //! their paths, with fixed timestamps and owners, so the same tree always gives the same
 //! SHA-256; symlinks stay symlinks and `.git` is left out. Its SHA-256, the git commit of the
-//! directory (when it is a checkout, noting uncommitted changes) and the application name are
+//! directory (when it is a checkout: its SHA, its committer time for lead time, and whether
+//! there were uncommitted changes) and the application name are
 //! recorded with it: as S3 object metadata, written with server-side encryption (AES256
 //! unless told otherwise), or for a local location in a `PATH.pier.json` sidecar. The result
 //! is a [`RevisionInfo`], printed as JSON for scripts and read back by `pier deploy`.
@@ -15,9 +16,11 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use sha2::{Digest, Sha256};
 
+use chrono::{DateTime, Utc};
+
 use super::revision::{
-    sidecar_path, RevisionInfo, META_APPLICATION, META_BUNDLE_TYPE, META_COMMIT, META_DIRTY,
-    META_SHA256,
+    sidecar_path, RevisionInfo, META_APPLICATION, META_BUNDLE_TYPE, META_COMMIT, META_COMMIT_TIME,
+    META_DIRTY, META_SHA256,
 };
 use super::{parse_s3_url, progress_bar, AwsOptions, ControllerError};
 use pier_protocol::{BundleType, Revision};
@@ -122,7 +125,11 @@ pub async fn push(opts: &PushOptions) -> Result<Pushed, ControllerError> {
         ));
     }
 
-    let (commit, dirty) = git_commit(&source).await;
+    let GitCommit {
+        sha: commit,
+        time: commit_time,
+        dirty,
+    } = git_commit(&source).await;
     // The archive is built beside a local destination (renamed into place once whole), or in
     // the temp directory on its way to S3.
     let (tmp_dir, skip) = match &dest {
@@ -149,6 +156,7 @@ pub async fn push(opts: &PushOptions) -> Result<Pushed, ControllerError> {
             sha256: Some(sha256.clone()),
         },
         commit,
+        commit_time,
         dirty,
         application: Some(opts.application.clone()),
     };
@@ -177,6 +185,9 @@ pub async fn push(opts: &PushOptions) -> Result<Pushed, ControllerError> {
                 metadata.push((META_COMMIT, c.clone()));
                 metadata.push((META_DIRTY, info.dirty.to_string()));
             }
+            if let Some(t) = &info.commit_time {
+                metadata.push((META_COMMIT_TIME, t.to_rfc3339()));
+            }
             let clients = opts.aws.clients().await?;
             let upload = Upload {
                 client: &clients.s3,
@@ -204,10 +215,22 @@ pub async fn push(opts: &PushOptions) -> Result<Pushed, ControllerError> {
 /// filesystem or a lock must not hang a pipeline).
 const GIT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The commit SHA of `dir`'s checkout and whether `dir` has uncommitted changes; `(None,
-/// false)` when it is not a git checkout or git is not installed, or does not answer within
-/// [`GIT_TIME_LIMIT`] (then it is killed and a warning says so).
-async fn git_commit(dir: &Path) -> (Option<String>, bool) {
+/// What git says about the checkout a revision is pushed from.
+#[derive(Debug, Default)]
+struct GitCommit {
+    /// `HEAD`'s SHA.
+    sha: Option<String>,
+    /// `HEAD`'s committer time (`%cI`): when the change entered the branch, which is where
+    /// lead time for changes starts (the author time survives rebases and would overstate it).
+    time: Option<DateTime<Utc>>,
+    /// Uncommitted changes under the directory.
+    dirty: bool,
+}
+
+/// The commit of `dir`'s checkout; all empty when it is not a git checkout or git is not
+/// installed, or does not answer within [`GIT_TIME_LIMIT`] (then it is killed and a warning
+/// says so).
+async fn git_commit(dir: &Path) -> GitCommit {
     let git = |args: &'static [&'static str]| async move {
         let run = tokio::process::Command::new("git")
             .arg("-C")
@@ -231,18 +254,31 @@ async fn git_commit(dir: &Path) -> (Option<String>, bool) {
         }
     };
     let Ok(out) = git(&["rev-parse", "--verify", "--quiet", "HEAD"]).await else {
-        return (None, false);
+        return GitCommit::default();
     };
     let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || sha.is_empty() {
-        return (None, false);
+        return GitCommit::default();
     }
+    // Without a time the revision still deploys; lead time then counts it as unknown.
+    let time = match git(&["show", "-s", "--format=%cI", "HEAD"]).await {
+        Ok(o) if o.status.success() => {
+            DateTime::parse_from_rfc3339(String::from_utf8_lossy(&o.stdout).trim())
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+        }
+        _ => None,
+    };
     // Only changes under DIR count: the archive holds nothing else.
     let dirty = match git(&["status", "--porcelain", "--", "."]).await {
         Ok(o) => !o.status.success() || !o.stdout.is_empty(),
         Err(_) => true,
     };
-    (Some(sha), dirty)
+    GitCommit {
+        sha: Some(sha),
+        time,
+        dirty,
+    }
 }
 
 /// One entry of the source directory, relative to it.
@@ -620,6 +656,44 @@ mod tests {
         std::fs::write(p.join("b.txt"), "b").unwrap();
         std::os::unix::fs::symlink("a.txt", p.join("link")).unwrap();
         d
+    }
+
+    #[tokio::test]
+    async fn git_commit_gives_the_committer_time() {
+        let d = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(d.path())
+                .args(args)
+                .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00+00:00")
+                .env("GIT_COMMITTER_DATE", "2026-03-04T05:06:07+02:00")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(d.path().join("a.txt"), "a").unwrap();
+        git(&["add", "a.txt"]);
+        git(&[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            "a",
+        ]);
+        let c = git_commit(d.path()).await;
+        assert_eq!(c.sha.as_ref().map(String::len), Some(40));
+        // The committer's, not the author's, and in UTC.
+        assert_eq!(
+            c.time,
+            Some("2026-03-04T03:06:07Z".parse::<DateTime<Utc>>().unwrap())
+        );
+        assert!(!c.dirty);
+        let none = git_commit(tempfile::tempdir().unwrap().path()).await;
+        assert_eq!((none.sha, none.time), (None, None));
     }
 
     #[test]

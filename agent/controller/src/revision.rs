@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{parse_s3_url, AwsOptions, ControllerError};
@@ -16,6 +17,8 @@ use pier_protocol::{BundleType, Revision};
 pub(crate) const META_SHA256: &str = "sha256";
 /// S3 metadata key holding the git commit SHA of the pushed directory.
 pub(crate) const META_COMMIT: &str = "commit";
+/// S3 metadata key holding the commit's committer time (RFC 3339), for lead time (DORA).
+pub(crate) const META_COMMIT_TIME: &str = "commit-time";
 /// S3 metadata key, `true` when the checkout had uncommitted changes at push time.
 pub(crate) const META_DIRTY: &str = "commit-dirty";
 /// S3 metadata key holding the application name given to `pier push`.
@@ -34,6 +37,10 @@ pub struct RevisionInfo {
     /// The git commit SHA of the pushed directory, when it was a git checkout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) commit: Option<String>,
+    /// When that commit was made (its committer time), the start of lead time for changes.
+    /// Absent in revisions pushed before it was recorded, and outside a git checkout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) commit_time: Option<DateTime<Utc>>,
     /// Whether that checkout had uncommitted changes (the bundle is then not exactly
     /// `commit`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -196,6 +203,7 @@ fn from_http(url: &str, overrides: &RevisionOverrides) -> Result<RevisionInfo, C
             sha256,
         },
         commit: None,
+        commit_time: None,
         dirty: false,
         application: None,
     })
@@ -243,6 +251,7 @@ fn from_local(path: &Path, overrides: &RevisionOverrides) -> Result<RevisionInfo
             sha256: None,
         },
         commit: None,
+        commit_time: None,
         dirty: false,
         application: None,
     })
@@ -302,6 +311,11 @@ async fn from_s3(
             sha256,
         },
         commit: meta.get(META_COMMIT).cloned(),
+        // A malformed time is dropped, not fatal: it only feeds the metrics.
+        commit_time: meta
+            .get(META_COMMIT_TIME)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)),
         dirty: meta.get(META_DIRTY).is_some_and(|v| v == "true"),
         application: meta.get(META_APPLICATION).cloned(),
     })
@@ -323,6 +337,7 @@ mod tests {
                 sha256: "a".repeat(64),
             },
             commit: Some("c0ffee".into()),
+            commit_time: Some("2026-03-01T10:00:00Z".parse().unwrap()),
             dirty: true,
             application: Some("web".into()),
         };
@@ -331,7 +346,17 @@ mod tests {
         assert_eq!(v["type"], "s3");
         assert_eq!(v["sha256"], "a".repeat(64));
         assert_eq!(v["commit"], "c0ffee");
+        assert_eq!(v["commit_time"], "2026-03-01T10:00:00Z");
         assert_eq!(serde_json::from_str::<RevisionInfo>(&json).unwrap(), info);
+    }
+
+    #[test]
+    fn revision_json_from_before_commit_times_still_reads() {
+        let old = r#"{"type":"local","path":"/r.tgz","bundle_type":"tgz","commit":"c0ffee"}"#;
+        let info: RevisionInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(info.commit.as_deref(), Some("c0ffee"));
+        assert_eq!(info.commit_time, None);
+        assert!(!info.to_json().contains("commit_time"));
     }
 
     #[test]

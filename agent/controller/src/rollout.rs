@@ -122,6 +122,9 @@ pub struct LastSuccess {
     /// Its commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_sha: Option<String>,
+    /// When that commit was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<chrono::DateTime<Utc>>,
     /// When it ended.
     pub ended_at: chrono::DateTime<Utc>,
 }
@@ -168,6 +171,7 @@ async fn note_success(
         deployment_id: record.deployment_id.clone(),
         revision: record.revision.clone(),
         commit_sha: record.commit_sha.clone(),
+        commit_time: record.commit_time,
         ended_at: record.ended_at.unwrap_or_else(Utc::now),
     };
     let bytes = serde_json::to_vec_pretty(&entry).expect("serialises");
@@ -361,6 +365,7 @@ pub(crate) async fn create_rollback(
         deployment_group: record.deployment_group.clone(),
         revision: last.revision,
         commit_sha: last.commit_sha,
+        commit_time: last.commit_time,
         creator: record.creator.clone(),
         config,
         hosts,
@@ -405,6 +410,8 @@ pub struct NewRollout {
     pub revision: Revision,
     /// Its commit.
     pub commit_sha: Option<String>,
+    /// When that commit was made (lead time for changes starts there).
+    pub commit_time: Option<chrono::DateTime<Utc>>,
     /// Who asks.
     pub creator: String,
     /// The rules.
@@ -430,7 +437,7 @@ pub(crate) fn new_record(new: NewRollout) -> DeploymentRecord {
         deployment_group: new.deployment_group,
         revision: new.revision,
         commit_sha: new.commit_sha,
-        commit_time: None,
+        commit_time: new.commit_time,
         creator: new.creator,
         config_name: new.config.name(),
         minimum_healthy_hosts: new.config.minimum(total),
