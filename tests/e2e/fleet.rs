@@ -880,3 +880,88 @@ async fn a_cloudwatch_alarm_during_the_rollout_stops_and_rolls_it_back() {
         rec.batches.iter().map(|b| b.hosts.len()).sum::<usize>()
     );
 }
+
+#[test]
+fn zonal_rollouts_go_one_zone_at_a_time_and_bake_between_zones() {
+    let s = Scratch::new();
+    let dir = s.path().join("fleet");
+    let status = s.path().join("status");
+    let mut agents = Vec::new();
+    // Four hosts found by tag in two zones; they register in the controller's store.
+    for (host, zone) in [("a1", "z-a"), ("a2", "z-a"), ("b1", "z-b"), ("b2", "z-b")] {
+        let log = dir.join(format!("{host}.hooks"));
+        agents.push(
+            Agent::builder(dir.join(host))
+                .host(host)
+                .spool()
+                .hook_env("HOOK_LOG", &log.display().to_string())
+                .config(&format!(
+                    "availability_zone: {zone}\ntags:\n  role: web\nregistry:\n  dir: {}\n",
+                    status.display()
+                ))
+                .spawn(),
+        );
+    }
+    let st = status.to_str().unwrap().to_string();
+    wait_for("four registered hosts", || {
+        let run = pier(&["hosts", "--status-dir", &st, "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+        (v.as_array()?.len() == 4).then_some(())
+    });
+    let revision = s.path().join("rev.tgz");
+    push_local(&bundle(&s), &revision);
+    let group = s.write(
+        "zonal.yml",
+        &format!(
+            "name: zonal\napplication: shop\ntag_filters:\n  - {{key: role, value: web}}\n\
+             deployment_config: AllAtOnce\nzonal:\n  first_zone_monitor_seconds: 2\n  \
+             monitor_seconds: 1\ntransport:\n  type: spool\n  spool_dir: \"{}/{{host}}/root/spool\"\n",
+            dir.display()
+        ),
+    );
+    pier(&["group", "put", group.to_str().unwrap(), "--status-dir", &st]).success();
+    let listed = pier(&["hosts", "--deployment-group", "zonal", "--status-dir", &st]).success();
+    assert!(listed.stdout.contains("z-b"), "{}", listed.stdout);
+
+    let run = pier(&[
+        "deploy",
+        "--application",
+        "shop",
+        "--deployment-group",
+        "zonal",
+        "--revision",
+        revision.to_str().unwrap(),
+        "--status-dir",
+        &st,
+        "--poll-interval",
+        "0.2",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let id = deployment_id(&run);
+    let rec = DeploymentRecord::from_json(
+        &std::fs::read(status.join(format!("deployments/{id}/record.json"))).unwrap(),
+    )
+    .unwrap();
+    // AllAtOnce within each zone, one zone at a time.
+    let batches: Vec<Vec<String>> = rec.batches.iter().map(|b| b.hosts.clone()).collect();
+    assert_eq!(
+        batches,
+        [vec!["a1", "a2"], vec!["b1", "b2"]],
+        "{}",
+        run.all()
+    );
+    assert_eq!(rec.baked_zones, ["z-a", "z-b"]);
+    // Zone z-b started only after z-a's last host ended and the first zone's 2 s bake.
+    let a_end = ["a1", "a2"]
+        .iter()
+        .filter_map(|h| rec.hosts[*h].ended_at)
+        .max()
+        .unwrap();
+    let gap = rec.batches[1].started_at - a_end;
+    assert!(
+        gap >= chrono::Duration::milliseconds(1900),
+        "bake was {gap}"
+    );
+    assert!(rec.ended_at.unwrap() - rec.batches[1].started_at >= chrono::Duration::seconds(1));
+    drop(agents);
+}

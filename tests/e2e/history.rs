@@ -41,6 +41,8 @@ fn rec(
         status_reason: None,
         hosts: Default::default(),
         batches: Vec::new(),
+        baked_zones: Vec::new(),
+        bake_until: None,
         rollback_of: None,
         rolled_back_by: None,
         approval: None,

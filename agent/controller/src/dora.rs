@@ -608,6 +608,8 @@ pub(crate) mod tests {
             status_reason: None,
             hosts: Default::default(),
             batches: Vec::new(),
+            baked_zones: Vec::new(),
+            bake_until: None,
             rollback_of: None,
             rolled_back_by: None,
             approval: None,

@@ -320,6 +320,7 @@ pub async fn deploy_group(
         rollback_on_alarm: def.auto_rollback.on_alarm,
         alarms: def.alarms.clone(),
         health_url: opts.health_url.clone().or_else(|| def.health_url.clone()),
+        zonal: def.zonal,
     };
     let record = rollout::new_record(NewRollout {
         deployment_id: deployment_id.clone(),

@@ -17,10 +17,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use pier_protocol::quote::{bounded, quote};
+use pier_protocol::record::MinimumHealthyHosts;
 use pier_protocol::registry::RegistryEntry;
 use serde::{Deserialize, Serialize};
 
-use crate::rules::DeploymentConfig;
+use crate::rules::{DeploymentConfig, ZonalConfig};
 
 /// The group definition version this controller writes and reads.
 pub const GROUP_VERSION: u32 = 1;
@@ -121,6 +122,10 @@ pub struct GroupDefinition {
     /// Where deployment and host events are announced.
     #[serde(default)]
     pub notifications: Vec<Notification>,
+    /// One availability zone at a time, with a bake after each (CodeDeploy's zonal
+    /// configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zonal: Option<ZonalConfig>,
 }
 
 /// How a tag filter compares a host's tags (CodeDeploy's `EC2TagFilter` types).
@@ -381,6 +386,17 @@ struct RawGroup {
     ignore_application_stop_failures: Option<bool>,
     health_url: Option<String>,
     notifications: Option<Vec<RawNotification>>,
+    zonal: Option<RawZonal>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawZonal {
+    first_zone_monitor_seconds: Option<i64>,
+    monitor_seconds: Option<i64>,
+    /// Kept as YAML so a bad value is a problem under its key.
+    minimum_healthy_hosts_per_zone: Option<serde_yaml::Value>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -554,6 +570,8 @@ fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
         );
     }
 
+    let zonal = raw.zonal.map(|z| zonal(&mut p, z));
+
     let notifications = raw
         .notifications
         .unwrap_or_default()
@@ -579,7 +597,70 @@ fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
         ignore_application_stop_failures: raw.ignore_application_stop_failures.unwrap_or(false),
         health_url: raw.health_url,
         notifications,
+        zonal,
     })
+}
+
+/// The longest bake CodeDeploy allows after a zone: two days.
+const MAX_MONITOR_SECONDS: i64 = 2 * 24 * 3600;
+
+/// The zonal configuration, every problem under `zonal.`.
+fn zonal(p: &mut Problems, raw: RawZonal) -> ZonalConfig {
+    p.unknown("zonal", &raw.unknown);
+    let mut seconds = |key: &str, v: Option<i64>| match v {
+        None => 0,
+        Some(n) if (0..=MAX_MONITOR_SECONDS).contains(&n) => n as u64,
+        Some(n) => {
+            p.push(
+                format!("zonal.{key}"),
+                format!("{n} is not a number of seconds from 0 to {MAX_MONITOR_SECONDS}"),
+            );
+            0
+        }
+    };
+    let monitor = seconds("monitor_seconds", raw.monitor_seconds);
+    let first = match raw.first_zone_monitor_seconds {
+        None => monitor,
+        v => seconds("first_zone_monitor_seconds", v),
+    };
+    let per_zone = raw.minimum_healthy_hosts_per_zone.and_then(|v| {
+        // `{type: HOST_COUNT, value: 1}` (also the stored form), `HOST_COUNT:1`, or
+        // `{minimum_healthy_hosts: {type, value}}`.
+        let direct = serde_yaml::from_value::<MinimumHealthyHosts>(v.clone())
+            .map(DeploymentConfig::Custom)
+            .map_err(|e| e.to_string());
+        let parsed = direct
+            .or_else(|_| serde_yaml::from_value::<DeploymentConfig>(v).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(DeploymentConfig::Custom(MinimumHealthyHosts::FleetPercent(n))) if n >= 100 => {
+                p.push(
+                    "zonal.minimum_healthy_hosts_per_zone",
+                    format!("FLEET_PERCENT {n} leaves no host of a zone to deploy to"),
+                );
+                None
+            }
+            Ok(DeploymentConfig::Custom(m)) => Some(m),
+            Ok(other) => {
+                p.push(
+                    "zonal.minimum_healthy_hosts_per_zone",
+                    format!("{other} is not a minimum: write HOST_COUNT:N or FLEET_PERCENT:N"),
+                );
+                None
+            }
+            Err(e) => {
+                p.push(
+                    "zonal.minimum_healthy_hosts_per_zone",
+                    bounded(e.as_str(), MAX_PARSER_MESSAGE),
+                );
+                None
+            }
+        }
+    });
+    ZonalConfig {
+        first_zone_monitor_seconds: first,
+        monitor_seconds: monitor,
+        minimum_healthy_hosts_per_zone: per_zone,
+    }
 }
 
 /// One tag filter, its type inferred from the parts given when not written.

@@ -41,7 +41,7 @@ use pier_transport::store::{ObjectStore, Precondition, PutOutcome};
 use pier_transport::{Queue, StatusSink};
 
 use super::health::HealthWatch;
-use super::rules::{next_step, DeploymentConfig, Next, Tally};
+use super::rules::{next_step, DeploymentConfig, Next, Tally, ZonalConfig};
 use super::ControllerError;
 
 /// How long a lease holds without renewal by default: a controller killed mid-rollout delays
@@ -109,6 +109,9 @@ pub struct RolloutSettings {
     /// An HTTP(S) URL that must keep answering 2xx while the rollout runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_url: Option<String>,
+    /// One zone at a time, with a bake after each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zonal: Option<ZonalConfig>,
 }
 
 /// The last deployment of a group that succeeded: what a rollback goes back to. Stored at
@@ -352,6 +355,7 @@ pub(crate) async fn create_rollback(
     settings.health_url = None;
     settings.rollback_on_failure = false;
     settings.rollback_on_alarm = false;
+    settings.zonal = None;
     let hosts = hosts_reached(record);
     let same = DeploymentConfig::Custom(record.minimum_healthy_hosts);
     let config = if same.min_healthy(hosts.len()) < hosts.len() {
@@ -465,6 +469,8 @@ pub(crate) fn new_record(new: NewRollout) -> DeploymentRecord {
             })
             .collect(),
         batches: Vec::new(),
+        baked_zones: Vec::new(),
+        bake_until: None,
         rollback_of: new.rollback_of,
         rolled_back_by: None,
         approval: None,
@@ -786,14 +792,33 @@ impl Driver<'_> {
 
             // Decide.
             let by_alarm = unhealthy.is_some();
-            let decision = match unhealthy {
+            let mut decision = match unhealthy {
                 Some(why) => Next::Failed(format!("stopped: {why}")),
                 None => next_step(&config_of(&record), &tally(&record)),
             };
+            // Zonal: the rules' batch is cut to the current zone, and a finished zone bakes
+            // (alarms watched) before the next one starts, the last one included.
+            let mut zone_batch = None;
+            if let Some(z) = &settings.zonal {
+                if matches!(decision, Next::Dispatch(_) | Next::Succeeded) {
+                    let n = match decision {
+                        Next::Dispatch(n) => n,
+                        _ => 0,
+                    };
+                    match zone_step(&mut record, n, z, Utc::now()) {
+                        ZoneStep::Dispatch(hosts) => zone_batch = Some(hosts),
+                        ZoneStep::Wait { changed: c } => {
+                            changed |= c;
+                            decision = Next::Wait;
+                        }
+                        ZoneStep::AllBaked => {}
+                    }
+                }
+            }
             let mut to_send = Vec::new();
             match &decision {
                 Next::Dispatch(n) => {
-                    let batch = pick_batch(&record, *n);
+                    let batch = zone_batch.take().unwrap_or_else(|| pick_batch(&record, *n));
                     let index = record.batches.len() as u32;
                     let now = Utc::now();
                     for h in &batch {
@@ -1136,6 +1161,104 @@ fn failure_summary(r: &StatusRecord) -> String {
     }
 }
 
+/// What a zonal rollout does next, within what the rules allow.
+#[derive(Debug, PartialEq)]
+enum ZoneStep {
+    /// Send these hosts (all in the current zone).
+    Dispatch(Vec<String>),
+    /// The current zone has hosts in flight, or is baking; `changed` when a bake started or
+    /// ended (the record must be written).
+    Wait { changed: bool },
+    /// Every zone is done and baked.
+    AllBaked,
+}
+
+/// The zones of the rollout's hosts in the order they go: named zones sorted, then hosts
+/// without a zone (`""`).
+fn zones(record: &DeploymentRecord) -> Vec<String> {
+    let mut zones: Vec<String> = record
+        .hosts
+        .values()
+        .map(|h| h.availability_zone.clone().unwrap_or_default())
+        .collect();
+    zones.sort_by(|a, b| (a.is_empty(), a).cmp(&(b.is_empty(), b)));
+    zones.dedup();
+    zones
+}
+
+/// One step of a zonal rollout: the first zone not yet baked is current; up to `n` of its
+/// pending hosts (and no more than its per-zone minimum allows) go next; once all of its
+/// hosts are final it bakes for the monitor period, then the next zone starts.
+fn zone_step(
+    record: &mut DeploymentRecord,
+    n: usize,
+    z: &ZonalConfig,
+    now: chrono::DateTime<Utc>,
+) -> ZoneStep {
+    let mut changed = false;
+    loop {
+        let Some(zone) = zones(record)
+            .into_iter()
+            .find(|zone| !record.baked_zones.contains(zone))
+        else {
+            return if changed {
+                ZoneStep::Wait { changed }
+            } else {
+                ZoneStep::AllBaked
+            };
+        };
+        let in_zone = |h: &HostRollout| h.availability_zone.clone().unwrap_or_default() == zone;
+        let mut pending: Vec<&String> = Vec::new();
+        let (mut total, mut in_flight, mut succeeded) = (0, 0, 0);
+        for (id, h) in record.hosts.iter().filter(|(_, h)| in_zone(h)) {
+            total += 1;
+            match h.state {
+                HostRolloutState::Pending => pending.push(id),
+                HostRolloutState::Dispatched => in_flight += 1,
+                HostRolloutState::Succeeded => succeeded += 1,
+                _ => {}
+            }
+        }
+        if in_flight > 0 {
+            return ZoneStep::Wait { changed };
+        }
+        if !pending.is_empty() {
+            if n == 0 {
+                return ZoneStep::Wait { changed };
+            }
+            let cap = z.zone_capacity(total, pending.len() + succeeded);
+            let batch = pending
+                .into_iter()
+                .take(n.min(cap))
+                .cloned()
+                .collect::<Vec<_>>();
+            return ZoneStep::Dispatch(batch);
+        }
+        // The zone is done: bake, then move on.
+        match record.bake_until {
+            None => {
+                let secs = if record.baked_zones.is_empty() {
+                    z.first_zone_monitor_seconds
+                } else {
+                    z.monitor_seconds
+                };
+                record.bake_until = Some(now + chrono::Duration::seconds(secs as i64));
+                eprintln!(
+                    "zone {} done; monitoring for {secs} s before the next",
+                    if zone.is_empty() { "(none)" } else { &zone }
+                );
+                return ZoneStep::Wait { changed: true };
+            }
+            Some(until) if now < until => return ZoneStep::Wait { changed },
+            Some(_) => {
+                record.baked_zones.push(zone);
+                record.bake_until = None;
+                changed = true;
+            }
+        }
+    }
+}
+
 /// The next `n` pending hosts, zone by zone (hosts without a zone last), by id within a zone,
 /// so a batch drains one zone before touching the next.
 fn pick_batch(record: &DeploymentRecord, n: usize) -> Vec<String> {
@@ -1178,5 +1301,147 @@ pub(crate) fn describe_minimum(m: MinimumHealthyHosts) -> String {
     match m {
         MinimumHealthyHosts::HostCount(n) => format!("HOST_COUNT {n}"),
         MinimumHealthyHosts::FleetPercent(p) => format!("FLEET_PERCENT {p}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pier_protocol::BundleType;
+
+    fn record(hosts: &[(&str, Option<&str>)]) -> DeploymentRecord {
+        new_record(NewRollout {
+            deployment_id: "d-TEST00001".into(),
+            application: "shop".into(),
+            deployment_group: "web".into(),
+            revision: Revision::Local {
+                path: "/tmp/x.tgz".into(),
+                sha256: None,
+                bundle_type: BundleType::Tgz,
+            },
+            commit_sha: None,
+            commit_time: None,
+            creator: "t@h".into(),
+            config: DeploymentConfig::AllAtOnce,
+            hosts: hosts
+                .iter()
+                .map(|(h, z)| (h.to_string(), z.map(str::to_string)))
+                .collect(),
+            require_approval: false,
+            rollback_of: None,
+            settings: RolloutSettings {
+                deployment_group_id: "web".into(),
+                events: None,
+                file_exists_behavior: None,
+                delivery: Delivery::Spool {
+                    spool_dir: "/x/{host}".into(),
+                },
+                status: StatusSinkSpec::Local { dir: "/x".into() },
+                notify_queue_url: None,
+                host_timeout_seconds: 60,
+                signing_key_id: None,
+                rollback_on_failure: false,
+                rollback_on_alarm: false,
+                alarms: vec![],
+                health_url: None,
+                zonal: None,
+            },
+        })
+    }
+
+    fn set(rec: &mut DeploymentRecord, hosts: &[String], state: HostRolloutState) {
+        for h in hosts {
+            rec.hosts.get_mut(h).unwrap().state = state;
+        }
+    }
+
+    #[test]
+    fn zonal_rollouts_go_zone_by_zone_and_bake_after_each() {
+        let z = ZonalConfig {
+            first_zone_monitor_seconds: 60,
+            monitor_seconds: 10,
+            minimum_healthy_hosts_per_zone: Some(MinimumHealthyHosts::HostCount(1)),
+        };
+        let mut rec = record(&[
+            ("a1", Some("eu-1a")),
+            ("a2", Some("eu-1a")),
+            ("a3", Some("eu-1a")),
+            ("b1", Some("eu-1b")),
+            ("n1", None),
+        ]);
+        let t0 = Utc::now();
+        // Zone eu-1a first; its per-zone minimum of 1 healthy caps the batch at 2 of 3.
+        let ZoneStep::Dispatch(batch) = zone_step(&mut rec, 5, &z, t0) else {
+            panic!("expected a batch")
+        };
+        assert_eq!(batch, ["a1", "a2"]);
+        set(&mut rec, &batch, HostRolloutState::Dispatched);
+        assert_eq!(
+            zone_step(&mut rec, 5, &z, t0),
+            ZoneStep::Wait { changed: false }
+        );
+        set(&mut rec, &batch, HostRolloutState::Succeeded);
+        let ZoneStep::Dispatch(batch) = zone_step(&mut rec, 5, &z, t0) else {
+            panic!("expected a batch")
+        };
+        assert_eq!(batch, ["a3"]);
+        set(&mut rec, &batch, HostRolloutState::Failed);
+        // Zone done: the first zone's bake (60 s) starts, and nothing else goes meanwhile.
+        assert_eq!(
+            zone_step(&mut rec, 5, &z, t0),
+            ZoneStep::Wait { changed: true }
+        );
+        assert_eq!(rec.bake_until, Some(t0 + chrono::Duration::seconds(60)));
+        let t1 = t0 + chrono::Duration::seconds(59);
+        assert_eq!(
+            zone_step(&mut rec, 5, &z, t1),
+            ZoneStep::Wait { changed: false }
+        );
+        // After the bake, eu-1b goes (a one-host zone is never stuck on its minimum).
+        let t2 = t0 + chrono::Duration::seconds(61);
+        assert_eq!(
+            zone_step(&mut rec, 5, &z, t2),
+            ZoneStep::Dispatch(vec!["b1".to_string()])
+        );
+        assert_eq!(rec.baked_zones, ["eu-1a"]);
+        set(&mut rec, &["b1".to_string()], HostRolloutState::Succeeded);
+        // Later zones bake for monitor_seconds; hosts without a zone go last.
+        assert_eq!(
+            zone_step(&mut rec, 5, &z, t2),
+            ZoneStep::Wait { changed: true }
+        );
+        assert_eq!(rec.bake_until, Some(t2 + chrono::Duration::seconds(10)));
+        let t3 = t2 + chrono::Duration::seconds(11);
+        assert_eq!(
+            zone_step(&mut rec, 5, &z, t3),
+            ZoneStep::Dispatch(vec!["n1".to_string()])
+        );
+        set(&mut rec, &["n1".to_string()], HostRolloutState::Succeeded);
+        // The last zone bakes too before the deployment may end.
+        assert_eq!(
+            zone_step(&mut rec, 0, &z, t3),
+            ZoneStep::Wait { changed: true }
+        );
+        let t4 = t3 + chrono::Duration::seconds(11);
+        assert_eq!(
+            zone_step(&mut rec, 0, &z, t4),
+            ZoneStep::Wait { changed: true }
+        );
+        assert_eq!(zone_step(&mut rec, 0, &z, t4), ZoneStep::AllBaked);
+        assert_eq!(rec.baked_zones, ["eu-1a", "eu-1b", ""]);
+    }
+
+    #[test]
+    fn the_rules_cap_still_applies_inside_a_zone() {
+        let z = ZonalConfig {
+            first_zone_monitor_seconds: 0,
+            monitor_seconds: 0,
+            minimum_healthy_hosts_per_zone: None,
+        };
+        let mut rec = record(&[("a1", Some("z")), ("a2", Some("z")), ("a3", Some("z"))]);
+        let ZoneStep::Dispatch(batch) = zone_step(&mut rec, 1, &z, Utc::now()) else {
+            panic!()
+        };
+        assert_eq!(batch, ["a1"]);
     }
 }

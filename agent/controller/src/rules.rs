@@ -241,6 +241,34 @@ impl<'de> Visitor<'de> for ConfigVisitor {
     }
 }
 
+/// CodeDeploy's zonal configuration: one availability zone at a time, a monitor (bake)
+/// period after each zone (a separate one after the first), and optionally a minimum of
+/// healthy hosts within each zone, which caps how many of a zone's hosts go at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZonalConfig {
+    /// Seconds to watch alarms after the first zone completes.
+    pub first_zone_monitor_seconds: u64,
+    /// Seconds to watch alarms after each later zone completes.
+    pub monitor_seconds: u64,
+    /// Healthy hosts to keep within a zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_healthy_hosts_per_zone: Option<MinimumHealthyHosts>,
+}
+
+impl ZonalConfig {
+    /// How many of a zone's hosts may go in the next batch: the zone's healthy hosts above its
+    /// minimum, but always at least one, so a small zone is never stuck.
+    pub fn zone_capacity(&self, zone_total: usize, zone_healthy: usize) -> usize {
+        match self.minimum_healthy_hosts_per_zone {
+            None => usize::MAX,
+            Some(m) => {
+                let min = DeploymentConfig::Custom(m).min_healthy(zone_total);
+                zone_healthy.saturating_sub(min).max(1)
+            }
+        }
+    }
+}
+
 /// How the target hosts of a rollout stand. `total` is the sum of the other four.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {

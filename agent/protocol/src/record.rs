@@ -160,6 +160,13 @@ pub struct DeploymentRecord {
     /// Batches in the order they were dispatched.
     #[serde(default)]
     pub batches: Vec<Batch>,
+    /// Zonal rollouts: the zones whose hosts are done and whose monitor period has passed,
+    /// in order (a host with no zone is in the zone `""`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baked_zones: Vec<String>,
+    /// Zonal rollouts: the current zone's monitor period ends at this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_until: Option<DateTime<Utc>>,
     /// This deployment rolls back that one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_of: Option<String>,
