@@ -22,6 +22,7 @@
 
 pub mod deploy;
 pub mod dora;
+pub mod environments;
 pub mod fleet;
 pub mod group;
 mod health;
@@ -192,6 +193,8 @@ pub struct AwsOptions {
     pub endpoint_url: Option<String>,
     /// Named profile.
     pub profile: Option<String>,
+    /// A role to assume with the credentials found (another account's deployer role).
+    pub role_arn: Option<String>,
 }
 
 impl AwsOptions {
@@ -203,6 +206,7 @@ impl AwsOptions {
             endpoint_url: self.endpoint_url.clone(),
             profile: self.profile.clone(),
             credentials: None,
+            role_arn: self.role_arn.clone(),
         };
         aws_clients(&settings).await.map_err(|e| {
             ControllerError::transport(

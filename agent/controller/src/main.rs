@@ -39,6 +39,23 @@ struct AwsArgs {
     /// Named AWS profile.
     #[arg(long, global = true, env = "AWS_PROFILE")]
     profile: Option<String>,
+    /// An IAM role to assume with the credentials found (e.g. a deployer role in the
+    /// production account).
+    #[arg(long, global = true, env = "PIER_ROLE_ARN")]
+    role_arn: Option<String>,
+    /// Take defaults from this environment of the controller configuration (its profile or
+    /// role, region, store, queue template, signing key); flags still win.
+    #[arg(long = "env", global = true, env = "PIER_ENV", value_name = "NAME")]
+    environment: Option<String>,
+    /// The controller configuration file that names the environments.
+    #[arg(
+        long,
+        global = true,
+        env = "PIER_CONTROLLER_CONFIG",
+        value_name = "FILE",
+        default_value = pier_controller::environments::DEFAULT_CONTROLLER_CONFIG
+    )]
+    controller_config: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -316,8 +333,30 @@ struct HostsArgs {
     deployment_group: Option<String>,
 }
 
+/// Applies `--env NAME` before the arguments are parsed for real: its settings become the
+/// environment variables the flags fall back to, so a flag given still wins.
+fn apply_environment() -> Result<(), ControllerError> {
+    // A first, lenient parse only to find --env and --controller-config.
+    let Ok(first) = Cli::try_parse() else {
+        return Ok(());
+    };
+    let Some(name) = first.aws.environment else {
+        return Ok(());
+    };
+    let env = pier_controller::environments::select(&first.aws.controller_config, &name)?;
+    for (key, value) in env.variables() {
+        // Single-threaded here: no runtime has started yet.
+        std::env::set_var(key, value);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     pier_transport::aws::disable_imds_off_ec2();
+    if let Err(e) = apply_environment() {
+        eprintln!("pier: {e}");
+        return ExitCode::from(EXIT_USAGE as u8);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -333,6 +372,7 @@ fn main() -> ExitCode {
         region: cli.aws.region,
         endpoint_url: cli.aws.endpoint_url.filter(|e| !e.is_empty()),
         profile: cli.aws.profile,
+        role_arn: cli.aws.role_arn.filter(|r| !r.is_empty()),
     };
     let code = pier_controller::run(async move {
         match cli.command {

@@ -313,6 +313,7 @@ impl Daemon {
             endpoint_url: config.aws.endpoint_url.clone(),
             profile: None,
             credentials: None,
+            role_arn: None,
         };
         // AWS clients are built when the queue needs them, and otherwise tried so that S3
         // revisions and S3 status sinks work on a spool host too; a host with no region at all

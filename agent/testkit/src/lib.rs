@@ -123,6 +123,7 @@ pub async fn moto_clients() -> AwsClients {
         endpoint_url: Some(moto_endpoint().to_string()),
         profile: None,
         credentials: Some(Credentials::new("testing", "testing", None, None, "tests")),
+        role_arn: None,
     };
     aws_clients(&settings).await.expect("build AWS clients")
 }

@@ -26,6 +26,9 @@ pub struct AwsSettings {
     pub profile: Option<String>,
     /// Fixed credentials instead of the chain (tests, S3-compatible stores).
     pub credentials: Option<Credentials>,
+    /// A role to assume (STS AssumeRole) with the credentials found, e.g. a deployer role in
+    /// another account; the session is named `pier`.
+    pub role_arn: Option<String>,
 }
 
 /// The clients built from one [`AwsSettings`].
@@ -69,7 +72,18 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
             .read_timeout(std::time::Duration::from_secs(60))
             .build(),
     );
-    let config = loader.load().await;
+    let mut config = loader.load().await;
+    if let Some(role) = &settings.role_arn {
+        let provider = aws_config::sts::AssumeRoleProvider::builder(role)
+            .session_name("pier")
+            .configure(&config)
+            .build()
+            .await;
+        config = config
+            .into_builder()
+            .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
+            .build();
+    }
     config.region().ok_or_else(|| {
         TransportError::Config(
             "no AWS region found: set `region` in the agent config or AWS_REGION, or run \
