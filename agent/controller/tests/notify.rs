@@ -155,6 +155,33 @@ fn verify(secret: &str, got: &Received) {
         .expect("the signature verifies");
 }
 
+/// The receiver's check as `docs/protocol.md` ("Verifying a webhook") gives it in Python,
+/// run on what the server got, so the documented snippet cannot drift from what is sent.
+fn docs_snippet_accepts(secret: &str, got: &Received, body: &[u8]) -> bool {
+    let doc = std::fs::read_to_string(pier_testkit::repo_root().join("docs/protocol.md")).unwrap();
+    let section = &doc[doc.find("### Verifying a webhook").expect("the section")..];
+    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
+    let snippet = &section[start..start + section[start..].find("```").unwrap()];
+    let scratch = pier_testkit::Scratch::new();
+    let body_file = scratch.path().join("body.json");
+    std::fs::write(&body_file, body).unwrap();
+    let script = format!(
+        "{snippet}\nimport sys\n\
+         headers = {{'X-Pier-Timestamp': sys.argv[1], 'X-Pier-Signature-256': sys.argv[2]}}\n\
+         sys.exit(0 if verify(sys.argv[3].encode(), headers, open(sys.argv[4], 'rb').read()) else 1)\n"
+    );
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(got.header("x-pier-timestamp"))
+        .arg(got.header("x-pier-signature-256"))
+        .arg(secret)
+        .arg(&body_file)
+        .status()
+        .expect("run python3 (moto needs it too)");
+    status.success()
+}
+
 #[tokio::test]
 async fn webhook_retries_a_500_and_delivers_a_signed_document() {
     let (url, received) = webhook_server(vec![500, 200]).await;
@@ -186,6 +213,10 @@ async fn webhook_retries_a_500_and_delivers_a_signed_document() {
         "a retry is the same delivery"
     );
     assert_eq!(got[0].body, got[1].body, "a retry sends the same document");
+    assert!(docs_snippet_accepts(secret, &got[1], &got[1].body));
+    let mut tampered = got[1].body.clone();
+    tampered.extend_from_slice(b" ");
+    assert!(!docs_snippet_accepts(secret, &got[1], &tampered));
     let doc: Value = serde_json::from_slice(&got[1].body).unwrap();
     assert_eq!(doc["version"], 1);
     assert_eq!(doc["event"], "InstanceFailure");
