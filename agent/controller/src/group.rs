@@ -278,6 +278,16 @@ impl TriggerEvent {
     pub fn parse(s: &str) -> Option<TriggerEvent> {
         TriggerEvent::ALL.into_iter().find(|e| e.as_str() == s)
     }
+
+    /// Whether the event is about one host (`Instance*`) rather than the whole deployment.
+    pub fn is_instance(self) -> bool {
+        matches!(
+            self,
+            TriggerEvent::InstanceStart
+                | TriggerEvent::InstanceSuccess
+                | TriggerEvent::InstanceFailure
+        )
+    }
 }
 
 /// Where one set of notifications goes.

@@ -12,7 +12,8 @@
 //! the shared store (conditional writes, a lease, resume, rollback); [`fleet`] is the
 //! commands over that store (`group`, `deploy` to a group, `stop`, `approve`, `reject`,
 //! `rollback`). [`history`] loads the deployment records (`pier history`) and [`dora`] computes the DORA
-//! metrics from them (`pier dora`, and the dashboard).
+//! metrics from them (`pier dora`, and the dashboard). [`notify`] tells a group's SNS topics
+//! and webhooks about its deployments.
 //!
 //! The controller only speaks the wire protocol: it knows where a host's queue and status
 //! records are ([`pier_transport`]), never how the host runs a deployment. Errors are
@@ -28,6 +29,7 @@ pub mod group;
 mod health;
 pub mod history;
 pub mod hosts;
+pub mod notify;
 pub mod push;
 pub mod revision;
 pub mod rollout;
@@ -123,6 +125,9 @@ pub enum ControllerError {
         /// What is wrong.
         message: String,
     },
+    /// Notifications cannot be set up (the HTTP client webhooks are posted with).
+    #[error("cannot set up notifications: {0}")]
+    Notify(String),
     /// No host has written a status record for the deployment.
     #[error("no status records for deployment {deployment_id} in {sink}; check the deployment id and the status flags (--status-bucket/--status-prefix or --status-dir)")]
     NoStatus {

@@ -59,6 +59,29 @@ pub enum HostRolloutState {
     Skipped,
 }
 
+impl HostRolloutState {
+    /// Every state, in the order a host goes through them (for tables and counts that list
+    /// each state even when no host is in it).
+    pub const ALL: [HostRolloutState; 5] = [
+        HostRolloutState::Pending,
+        HostRolloutState::Dispatched,
+        HostRolloutState::Succeeded,
+        HostRolloutState::Failed,
+        HostRolloutState::Skipped,
+    ];
+
+    /// The state's name as it is written in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostRolloutState::Pending => "Pending",
+            HostRolloutState::Dispatched => "Dispatched",
+            HostRolloutState::Succeeded => "Succeeded",
+            HostRolloutState::Failed => "Failed",
+            HostRolloutState::Skipped => "Skipped",
+        }
+    }
+}
+
 /// One host in the record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostRollout {
@@ -215,5 +238,20 @@ impl DeploymentRecord {
     /// How many hosts are in `state`.
     pub fn count(&self, state: HostRolloutState) -> usize {
         self.hosts.values().filter(|h| h.state == state).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_state_names_are_the_serialised_ones() {
+        for state in HostRolloutState::ALL {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::Value::from(state.as_str())
+            );
+        }
     }
 }
