@@ -965,3 +965,141 @@ fn zonal_rollouts_go_one_zone_at_a_time_and_bake_between_zones() {
     assert!(rec.ended_at.unwrap() - rec.batches[1].started_at >= chrono::Duration::seconds(1));
     drop(agents);
 }
+
+/// A webhook receiver on 127.0.0.1 that keeps each request's headers and body.
+fn webhook_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut head = String::new();
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            sink.lock()
+                .unwrap()
+                .push((head, String::from_utf8_lossy(&body).into_owned()));
+            let mut conn = conn;
+            let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn a_webhook_hears_every_trigger_event_of_a_rollout_and_its_rollback() {
+    let s = Scratch::new();
+    let fleet = SpoolFleet::start(&s, 2, 0);
+    let (url, got) = webhook_receiver();
+    fleet.group(
+        &s,
+        "hooked",
+        "OneAtATime",
+        &[],
+        &format!(
+            "auto_rollback: {{on_failure: true}}\nnotifications:\n  - webhook: {{url: \"{url}\", \
+             secret_env: PIER_E2E_HOOK_SECRET}}\n"
+        ),
+    );
+    // Without the secret in the environment the deployment is refused before anything.
+    let run = pier(&fleet.deploy_args("hooked"));
+    assert_eq!(run.code, 64, "{}", run.all());
+    assert!(
+        run.stderr.contains("PIER_E2E_HOOK_SECRET"),
+        "{}",
+        run.stderr
+    );
+
+    let with_secret = |args: &[&str]| {
+        run_cmd(
+            Command::new(pier_bin())
+                .args(args)
+                .env("PIER_E2E_HOOK_SECRET", "s3cret")
+                .env_remove("PIER_STATUS_DIR"),
+        )
+    };
+    let good = with_secret(&fleet.deploy_args("hooked"));
+    assert_eq!(good.code, 0, "{}", good.all());
+    let v2 = s.path().join("rev-v2.tgz");
+    push_local(&bad_bundle(&s, &["h1"]), &v2);
+    let mut args = fleet.deploy_args("hooked");
+    let v2_arg = v2.to_str().unwrap().to_string();
+    let pos = args.iter().position(|a| *a == "--revision").unwrap();
+    args[pos + 1] = &v2_arg;
+    let bad = with_secret(&args);
+    assert_eq!(bad.code, 1, "{}", bad.all());
+    let bad_id = deployment_id(&bad);
+
+    let events: Vec<(String, serde_json::Value)> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(head, body)| {
+            let event = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("x-pier-event: ")
+                        .or(l.strip_prefix("X-Pier-Event: "))
+                })
+                .unwrap_or("?")
+                .trim()
+                .to_string();
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("x-pier-signature-256: sha256="),
+                "unsigned: {head}"
+            );
+            (event, serde_json::from_str(body).unwrap())
+        })
+        .collect();
+    let of = |id: &str| -> Vec<String> {
+        let mut v: Vec<String> = events
+            .iter()
+            .filter(|(_, d)| d["deployment_id"] == id)
+            .map(|(e, _)| e.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    // The failed deployment: it started, h1 (first, one at a time) failed, so it failed and
+    // was rolled back; the rollback announced its own start, host and success.
+    assert_eq!(
+        of(&bad_id),
+        [
+            "DeploymentFailure",
+            "DeploymentRollback",
+            "DeploymentStart",
+            "InstanceFailure",
+            "InstanceStart",
+        ],
+        "{events:?}"
+    );
+    let rb = fleet.record(&bad_id).rolled_back_by.unwrap();
+    assert!(
+        of(&rb).contains(&"DeploymentSuccess".to_string()),
+        "{events:?}"
+    );
+    let failure = events
+        .iter()
+        .find(|(e, d)| e == "InstanceFailure" && d["deployment_id"] == bad_id.as_str())
+        .unwrap();
+    assert!(failure.1.to_string().contains("h1"), "{}", failure.1);
+}

@@ -72,6 +72,13 @@ fn check_group_name(name: &str) -> Result<(), ControllerError> {
     }
 }
 
+/// Whether any notification target is an SNS topic (which needs AWS access).
+fn has_sns(targets: &[super::group::Notification]) -> bool {
+    targets
+        .iter()
+        .any(|n| matches!(n.target, super::group::NotificationTarget::Sns(_)))
+}
+
 /// `pier group put FILE`: checks the definition (every problem at once) and stores it.
 pub async fn group_put(fleet: &Fleet, file: &Path) -> Result<i32, ControllerError> {
     let text = std::fs::read_to_string(file).map_err(|e| ControllerError::io("read", file, e))?;
@@ -291,7 +298,9 @@ pub async fn deploy_group(
     let clients = match (&delivery, &fleet.clients) {
         (_, Some(c)) => Some(c.clone()),
         (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
-        (_, None) if !def.alarms.is_empty() => Some(aws.clients().await?),
+        (_, None) if !def.alarms.is_empty() || has_sns(&def.notifications) => {
+            Some(aws.clients().await?)
+        }
         (_, None) => None,
     };
     let notify_queue_url = match (&delivery, &clients) {
@@ -321,7 +330,15 @@ pub async fn deploy_group(
         alarms: def.alarms.clone(),
         health_url: opts.health_url.clone().or_else(|| def.health_url.clone()),
         zonal: def.zonal,
+        notifications: def.notifications.clone(),
     };
+    // A webhook secret missing from this environment is refused before anything is stored.
+    if !settings.notifications.is_empty() {
+        let sns = clients
+            .as_ref()
+            .map(|c| aws_sdk_sns::Client::new(&c.config));
+        super::notify::Notifier::new(&settings.notifications, sns)?;
+    }
     let record = rollout::new_record(NewRollout {
         deployment_id: deployment_id.clone(),
         application: def.application.clone(),
@@ -490,11 +507,13 @@ pub async fn stop(
 ) -> Result<i32, ControllerError> {
     let reason = format!("stopped by {}", creator());
     let store = fleet.store.as_ref();
+    let mut stopped_here = false;
     let rec = rollout::update(store, deployment_id, |rec| {
         if rec.status.is_final() {
             return Ok(false);
         }
         rollout::finish(rec, RolloutStatus::Stopped, Some(reason.clone()));
+        stopped_here = true;
         Ok(true)
     })
     .await?;
@@ -503,6 +522,11 @@ pub async fn stop(
         rec.status,
         rollout::summary(&rec)
     );
+    if stopped_here {
+        // The stop is this command's write, so its announcement is this command's too.
+        let clients = rollout_clients(fleet, &rec, aws).await?;
+        rollout::announce_stop(&rec, clients.as_ref()).await;
+    }
     if !rollback {
         return Ok(0);
     }
@@ -537,7 +561,9 @@ async fn rollout_clients(
     Ok(match (&settings.delivery, &fleet.clients) {
         (_, Some(c)) => Some(c.clone()),
         (Delivery::Sqs { .. }, None) => Some(aws.clients().await?),
-        (_, None) if !settings.alarms.is_empty() => Some(aws.clients().await?),
+        (_, None) if !settings.alarms.is_empty() || has_sns(&settings.notifications) => {
+            Some(aws.clients().await?)
+        }
         (_, None) => None,
     })
 }

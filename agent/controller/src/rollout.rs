@@ -19,6 +19,7 @@
 //! next turn and sends nothing more.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -40,7 +41,9 @@ use pier_transport::sqs::{QueueSpec, SqsQueue};
 use pier_transport::store::{ObjectStore, Precondition, PutOutcome};
 use pier_transport::{Queue, StatusSink};
 
+use super::group::{Notification, TriggerEvent};
 use super::health::HealthWatch;
+use super::notify::Notifier;
 use super::rules::{next_step, DeploymentConfig, Next, Tally, ZonalConfig};
 use super::ControllerError;
 
@@ -112,6 +115,9 @@ pub struct RolloutSettings {
     /// One zone at a time, with a bake after each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zonal: Option<ZonalConfig>,
+    /// Where deployment and host events are announced (SNS topics, webhooks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<Notification>,
 }
 
 /// The last deployment of a group that succeeded: what a rollback goes back to. Stored at
@@ -663,6 +669,10 @@ impl Driver<'_> {
     /// record.
     pub async fn drive(&self, deployment_id: &str) -> Result<DeploymentRecord, ControllerError> {
         let mut resent = false;
+        // Built at the first turn from the record's settings; deliveries run beside the
+        // rollout and are awaited (bounded by the notifier's deadline) before returning.
+        let mut notifier: Option<Option<Arc<Notifier>>> = None;
+        let mut announcements: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         let mut watch: Option<Option<HealthWatch>> = None;
         let mut notices: Option<SqsQueue> = None;
         let mut last_reconcile: Option<tokio::time::Instant> = None;
@@ -671,6 +681,7 @@ impl Driver<'_> {
         let mut news: HashSet<String> = HashSet::new();
         loop {
             let Loaded { mut record, etag } = load_existing(self.store, deployment_id).await?;
+            let before = record.clone();
             if record.status.is_final() {
                 self.release(&record, &etag).await;
                 if let Some(q) = &notices {
@@ -859,6 +870,9 @@ impl Driver<'_> {
                 if save(self.store, &mut record, &etag).await?.is_none() {
                     continue;
                 }
+                if let Some(n) = self.notifier(&settings, &mut notifier)? {
+                    announcements.extend(announce(n, &before, &record));
+                }
                 for (h, r) in &finished {
                     let word = if r.status == DeploymentStatus::Succeeded {
                         "Succeeded"
@@ -898,6 +912,9 @@ impl Driver<'_> {
                     }
                 }
                 ensure_rollback(self.store, &record, self.aws).await?;
+                for a in announcements {
+                    let _ = a.await;
+                }
                 return Ok(record);
             }
             // Wait for news: a notification, or the next poll.
@@ -926,6 +943,26 @@ impl Driver<'_> {
                 None => tokio::time::sleep(self.poll).await,
             }
         }
+    }
+
+    /// The rollout's notifier, built once from its settings (`None` when it has no
+    /// notification targets). A webhook secret missing from the environment is an error
+    /// here, before anything is sent.
+    fn notifier<'n>(
+        &self,
+        settings: &RolloutSettings,
+        slot: &'n mut Option<Option<Arc<Notifier>>>,
+    ) -> Result<Option<&'n Arc<Notifier>>, ControllerError> {
+        if slot.is_none() {
+            let built = if settings.notifications.is_empty() {
+                None
+            } else {
+                let sns = self.aws.map(|a| aws_sdk_sns::Client::new(&a.config));
+                Some(Arc::new(Notifier::new(&settings.notifications, sns)?))
+            };
+            *slot = Some(built);
+        }
+        Ok(slot.as_ref().and_then(|n| n.as_ref()))
     }
 
     /// Gives up the lease of a final record (best effort).
@@ -1058,6 +1095,73 @@ impl Driver<'_> {
                 Err(e) => return Err(ControllerError::transport(format!("host {host}"), e)),
             }
         }
+    }
+}
+
+/// Sends, beside the rollout, the CodeDeploy trigger events that the change from `before`
+/// to `after` (a write this controller just made) amounts to.
+fn announce(
+    notifier: &Arc<Notifier>,
+    before: &DeploymentRecord,
+    after: &DeploymentRecord,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut events: Vec<(TriggerEvent, Option<String>)> = Vec::new();
+    if before.started_at.is_none() && after.started_at.is_some() {
+        events.push((TriggerEvent::DeploymentStart, None));
+    }
+    for (h, host) in &after.hosts {
+        let was = before.hosts.get(h).map(|b| b.state);
+        if was == Some(host.state) {
+            continue;
+        }
+        let event = match host.state {
+            HostRolloutState::Dispatched => TriggerEvent::InstanceStart,
+            HostRolloutState::Succeeded => TriggerEvent::InstanceSuccess,
+            HostRolloutState::Failed => TriggerEvent::InstanceFailure,
+            _ => continue,
+        };
+        events.push((event, Some(h.clone())));
+    }
+    if !before.status.is_final() && after.status.is_final() {
+        events.push((
+            match after.status {
+                RolloutStatus::Succeeded => TriggerEvent::DeploymentSuccess,
+                RolloutStatus::Stopped => TriggerEvent::DeploymentStop,
+                _ => TriggerEvent::DeploymentFailure,
+            },
+            None,
+        ));
+    }
+    if before.rolled_back_by.is_none() && after.rolled_back_by.is_some() {
+        events.push((TriggerEvent::DeploymentRollback, None));
+    }
+    events
+        .into_iter()
+        .map(|(event, host)| {
+            let n = notifier.clone();
+            let rec = after.clone();
+            tokio::spawn(async move {
+                n.send(event, &rec, host.as_deref()).await;
+            })
+        })
+        .collect()
+}
+
+/// Announces `DeploymentStop` for a record an operator just stopped (best effort: a
+/// notifier that cannot be built is reported, not an error, since the stop is done).
+pub(crate) async fn announce_stop(record: &DeploymentRecord, aws: Option<&AwsClients>) {
+    let Ok(settings) = serde_json::from_value::<RolloutSettings>(record.settings.clone()) else {
+        return;
+    };
+    if settings.notifications.is_empty() {
+        return;
+    }
+    let sns = aws.map(|a| aws_sdk_sns::Client::new(&a.config));
+    match Notifier::new(&settings.notifications, sns) {
+        Ok(n) => {
+            n.send(TriggerEvent::DeploymentStop, record, None).await;
+        }
+        Err(e) => eprintln!("pier: cannot announce the stop: {e}"),
     }
 }
 
