@@ -520,11 +520,51 @@ async fn sqs_fleet_learns_results_from_the_notification_queue() {
     ])
     .success();
     let rev = s.write("rev.json", &push.stdout);
+    // Deployment events go to an SNS topic, read back through a queue subscribed to it.
+    let sns = aws_sdk_sns::Client::new(&aws.config);
+    let topic = sns
+        .create_topic()
+        .name(format!("{prefix}-events"))
+        .send()
+        .await
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_string();
+    let inbox = aws
+        .sqs
+        .create_queue()
+        .queue_name(format!("{prefix}-inbox"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let inbox_arn = aws
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&inbox)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    sns.subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint(&inbox_arn)
+        .send()
+        .await
+        .unwrap();
     let group = s.write(
         "g.yml",
         &format!(
             "name: {prefix}\napplication: shop\nhosts: [{p}-h1, {p}-h2, {p}-h3]\n\
-             deployment_config: HOST_COUNT:1\n",
+             deployment_config: HOST_COUNT:1\nnotifications:\n  - sns_topic_arn: {topic}\n    \
+             events: [DeploymentStart, DeploymentSuccess]\n",
             p = prefix
         ),
     );
@@ -598,6 +638,29 @@ async fn sqs_fleet_learns_results_from_the_notification_queue() {
         .send()
         .await;
     assert!(gone.is_err(), "notification queue left behind");
+    // SNS got DeploymentStart and DeploymentSuccess for it.
+    let mut heard = Vec::new();
+    let t = Instant::now();
+    while heard.len() < 2 && t.elapsed() < Duration::from_secs(30) {
+        let out = aws
+            .sqs
+            .receive_message()
+            .queue_url(&inbox)
+            .wait_time_seconds(1)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .unwrap();
+        for m in out.messages() {
+            let envelope: serde_json::Value = serde_json::from_str(m.body().unwrap()).unwrap();
+            let doc: serde_json::Value =
+                serde_json::from_str(envelope["Message"].as_str().unwrap()).unwrap();
+            assert_eq!(doc["deployment_id"], id.as_str(), "{doc}");
+            heard.push(doc["event"].as_str().unwrap().to_string());
+        }
+    }
+    heard.sort();
+    assert_eq!(heard, ["DeploymentStart", "DeploymentSuccess"]);
     drop(agents);
 }
 
