@@ -327,11 +327,15 @@ fn rollouts_follow_the_minimum_healthy_hosts_rules() {
     assert_eq!(rec.status, RolloutStatus::Succeeded, "{}", run.all());
     assert_eq!(run.code, 0);
 
-    // --deployment-config overrides the group: AllAtOnce sends all five in one batch.
+    // --deployment-config overrides the group: AllAtOnce sends all five in one batch; with
+    // --format json stdout is the final record, for pipelines.
     let mut args = fleet.deploy_args("half");
-    args.extend(["--deployment-config", "AllAtOnce"]);
+    args.extend(["--deployment-config", "AllAtOnce", "--format", "json"]);
     let run = pier(&args);
-    let rec = fleet.record(&deployment_id(&run));
+    assert_eq!(run.code, 0, "{}", run.all());
+    let printed = DeploymentRecord::from_json(run.stdout.as_bytes()).expect("a record on stdout");
+    let rec = fleet.record(&printed.deployment_id);
+    assert_eq!(printed.status, rec.status);
     assert_eq!(batch_sizes(&rec), [5]);
     assert_eq!(rec.config_name, "AllAtOnce");
     assert_eq!(rec.status, RolloutStatus::Succeeded);

@@ -208,6 +208,8 @@ pub struct GroupDeployOptions {
     pub lease: Duration,
     /// `--health-url`, overriding the group's.
     pub health_url: Option<String>,
+    /// `--format json`: the final record on stdout instead of the id.
+    pub json: bool,
 }
 
 /// `pier deploy` to a stored group: builds the rollout record, stores it, and drives it to
@@ -359,7 +361,9 @@ pub async fn deploy_group(
     )?;
     rollout::create(fleet.store.as_ref(), &record).await?;
     note_latest(fleet.store.as_ref(), &def.name, &deployment_id).await;
-    println!("{deployment_id}");
+    if !opts.json {
+        println!("{deployment_id}");
+    }
     eprintln!(
         "deployment {deployment_id} of {} to group {} ({} host(s), {}, minimum {})",
         super::revision::describe(&info),
@@ -375,6 +379,7 @@ pub async fn deploy_group(
         &deployment_id,
         opts.poll,
         opts.lease,
+        opts.json,
     )
     .await
 }
@@ -401,6 +406,7 @@ async fn drive(
     deployment_id: &str,
     poll: Duration,
     lease: Duration,
+    json: bool,
 ) -> Result<i32, ControllerError> {
     let sink_target = pier_protocol::StatusTarget {
         sink: fleet.spec.clone(),
@@ -408,6 +414,7 @@ async fn drive(
     };
     let sink = pier_transport::open_status_sink(&sink_target, clients)
         .map_err(|e| ControllerError::transport("cannot open the status store", e))?;
+    let progress = live_line();
     let driver = Driver {
         store: fleet.store.as_ref(),
         sink: sink.as_ref(),
@@ -417,6 +424,7 @@ async fn drive(
         poll,
         reconcile_every: Duration::from_secs(30),
         lease,
+        progress: progress.clone(),
     };
     let mut current = deployment_id.to_string();
     let mut code = None;
@@ -432,13 +440,34 @@ async fn drive(
                 return Ok(130);
             }
         };
+        progress.finish_and_clear();
         let this = report(&record);
+        if code.is_none() && json {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&record.to_json());
+            let _ = writeln!(out);
+        }
         code.get_or_insert(this);
         match &record.rolled_back_by {
             Some(next) if record.rollback_of.is_none() => current = next.clone(),
             _ => return Ok(code.unwrap_or(this)),
         }
     }
+}
+
+/// On a terminal, a live line under the rollout's log: batch and hosts per state. Hidden
+/// otherwise, so CI logs get plain lines.
+fn live_line() -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .expect("the template is valid"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 /// Prints the end of a rollout on stderr; 0 only when it succeeded.
@@ -478,6 +507,7 @@ pub async fn resume(
     aws: &AwsOptions,
     poll: Duration,
     lease: Duration,
+    json: bool,
 ) -> Result<i32, ControllerError> {
     let loaded = rollout::load_existing(fleet.store.as_ref(), deployment_id).await?;
     let key = signing_key
@@ -491,6 +521,7 @@ pub async fn resume(
         deployment_id,
         poll,
         lease,
+        json,
     )
     .await
 }
@@ -543,6 +574,7 @@ pub async fn stop(
         &id,
         poll,
         rollout::DEFAULT_LEASE,
+        false,
     )
     .await
 }
@@ -648,6 +680,7 @@ pub async fn rollback(
         &id,
         poll,
         rollout::DEFAULT_LEASE,
+        false,
     )
     .await
 }

@@ -195,6 +195,12 @@ struct PushArgs {
     bundle_type: Option<String>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum TransportArg {
     Sqs,
@@ -270,6 +276,10 @@ struct DeployArgs {
     /// renewal (a controller killed mid-rollout delays the next by at most this).
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     lease: u64,
+    /// For a stored group: `json` prints the deployment's final record on stdout (instead of
+    /// its id), for pipelines.
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
     /// Carry on a stored group deployment whose controller stopped (once its lease runs out).
     #[arg(long, value_name = "DEPLOYMENT_ID", conflicts_with_all = ["hosts", "revision"])]
     resume: Option<String>,
@@ -504,6 +514,7 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
             &aws,
             poll,
             lease,
+            a.format == OutputFormat::Json,
         )
         .await;
     }
@@ -533,6 +544,7 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
                 poll,
                 lease,
                 health_url: a.health_url,
+                json: a.format == OutputFormat::Json,
             },
             &aws,
         )

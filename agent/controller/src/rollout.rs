@@ -47,6 +47,11 @@ use super::notify::Notifier;
 use super::rules::{next_step, DeploymentConfig, Next, Tally, ZonalConfig};
 use super::ControllerError;
 
+/// `eprintln!` for the driver: above its live progress line when it has one.
+macro_rules! sayln {
+    ($driver:expr, $($arg:tt)*) => { $driver.say(format!($($arg)*)) };
+}
+
 /// How long a lease holds without renewal by default: a controller killed mid-rollout delays
 /// the next one by at most this.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(20);
@@ -649,6 +654,8 @@ pub struct Driver<'a> {
     pub reconcile_every: Duration,
     /// How long this controller's lease holds without renewal.
     pub lease: Duration,
+    /// A live line of hosts per state on a terminal (hidden otherwise).
+    pub progress: indicatif::ProgressBar,
 }
 
 /// A unique lease owner id for this process.
@@ -692,7 +699,8 @@ impl Driver<'_> {
             }
             if record.status == RolloutStatus::PendingApproval {
                 if !waiting_reported {
-                    eprintln!(
+                    sayln!(
+                        self,
                         "deployment {deployment_id} waits for approval: pier approve {deployment_id}"
                     );
                     waiting_reported = true;
@@ -729,9 +737,11 @@ impl Driver<'_> {
                 .filter(|l| l.owner != self.owner && l.until > now);
             if let Some(lease) = held_by_other {
                 if !waiting_reported {
-                    eprintln!(
+                    sayln!(
+                        self,
                         "deployment {deployment_id} is driven by {} until {}; waiting to take over",
-                        lease.owner, lease.until
+                        lease.owner,
+                        lease.until
                     );
                     waiting_reported = true;
                 }
@@ -755,7 +765,8 @@ impl Driver<'_> {
                     continue;
                 }
                 if !mine {
-                    eprintln!(
+                    sayln!(
+                        self,
                         "deployment {deployment_id}: driving ({})",
                         record.config_name
                     );
@@ -800,6 +811,13 @@ impl Driver<'_> {
                 Some(w) => w.check().await,
                 None => None,
             };
+
+            self.progress.set_message(format!(
+                "{deployment_id}: batch {}, {}",
+                record.batches.len(),
+                summary(&record)
+            ));
+            self.progress.tick();
 
             // Decide.
             let by_alarm = unhealthy.is_some();
@@ -879,12 +897,13 @@ impl Driver<'_> {
                     } else {
                         "Failed"
                     };
-                    eprintln!("{h}: {word}");
+                    sayln!(self, "{h}: {word}");
                 }
             }
             if !to_send.is_empty() {
                 let index = record.batches.len() - 1;
-                eprintln!(
+                sayln!(
+                    self,
                     "batch {} of {deployment_id}: {} host(s): {}",
                     index + 1,
                     to_send.len(),
@@ -897,7 +916,8 @@ impl Driver<'_> {
                 if record.status == RolloutStatus::Succeeded {
                     note_success(self.store, &record).await?;
                 }
-                eprintln!(
+                sayln!(
+                    self,
                     "deployment {deployment_id} {:?}{}",
                     record.status,
                     record
@@ -942,6 +962,15 @@ impl Driver<'_> {
                 }
                 None => tokio::time::sleep(self.poll).await,
             }
+        }
+    }
+
+    /// Prints a line on stderr, above the live progress line when there is one.
+    fn say(&self, line: String) {
+        if self.progress.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.progress.println(line);
         }
     }
 
