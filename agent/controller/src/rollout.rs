@@ -1478,6 +1478,7 @@ mod tests {
                 alarms: vec![],
                 health_url: None,
                 zonal: None,
+                notifications: vec![],
             },
         })
     }
