@@ -1034,10 +1034,10 @@ fn zonal_rollouts_go_one_zone_at_a_time_and_bake_between_zones() {
 }
 
 /// A webhook receiver on 127.0.0.1 that keeps each request's headers and body.
-fn webhook_receiver() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-) {
+/// The requests a [`webhook_receiver`] got: (headers, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+fn webhook_receiver() -> (String, Received) {
     use std::io::{BufRead, BufReader, Read, Write};
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
