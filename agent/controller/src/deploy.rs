@@ -266,6 +266,7 @@ pub(crate) fn build_command(
         is_rollback: false,
         creator: Some(creator()),
         commit_sha: info.commit.clone(),
+        ignore_application_stop_failures: false,
         status,
         created_at: chrono::Utc::now(),
     };

@@ -1065,6 +1065,7 @@ pub(crate) fn command_for(
         is_rollback: record.rollback_of.is_some(),
         creator: Some(record.creator.clone()),
         commit_sha: record.commit_sha.clone(),
+        ignore_application_stop_failures: false,
         status: StatusTarget {
             sink: settings.status.clone(),
             notify_queue_url: settings.notify_queue_url.clone(),

@@ -341,6 +341,7 @@ mod tests {
             failing_script: None,
             log_tail: None,
             diagnostics: None,
+            ignored: false,
         }
     }
 

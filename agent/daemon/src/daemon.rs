@@ -1273,6 +1273,7 @@ pub(crate) fn status_record(host_id: &str, journal: &Journal) -> StatusRecord {
             failing_script: e.script.clone(),
             log_tail: e.tail.clone(),
             diagnostics: e.diagnostics(),
+            ignored: false,
         })
         .collect();
     rec
