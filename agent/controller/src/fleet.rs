@@ -191,6 +191,8 @@ pub struct GroupDeployOptions {
     pub file_exists_behavior: Option<String>,
     /// `--require-approval` (or the group's setting).
     pub require_approval: bool,
+    /// `--ignore-application-stop-failures` (or the group's setting).
+    pub ignore_application_stop_failures: bool,
     /// `--host-timeout`.
     pub host_timeout: Duration,
     /// `--signing-key`.
@@ -320,6 +322,8 @@ pub async fn deploy_group(
         rollback_on_alarm: def.auto_rollback.on_alarm,
         alarms: def.alarms.clone(),
         health_url: opts.health_url.clone().or_else(|| def.health_url.clone()),
+        ignore_application_stop_failures: opts.ignore_application_stop_failures
+            || def.ignore_application_stop_failures,
     };
     let record = rollout::new_record(NewRollout {
         deployment_id: deployment_id.clone(),

@@ -109,6 +109,9 @@ pub struct RolloutSettings {
     /// An HTTP(S) URL that must keep answering 2xx while the rollout runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_url: Option<String>,
+    /// Hosts let a failing ApplicationStop of the previous revision pass (CodeDeploy's option).
+    #[serde(default)]
+    pub ignore_application_stop_failures: bool,
 }
 
 /// The last deployment of a group that succeeded: what a rollback goes back to. Stored at
@@ -1065,7 +1068,7 @@ pub(crate) fn command_for(
         is_rollback: record.rollback_of.is_some(),
         creator: Some(record.creator.clone()),
         commit_sha: record.commit_sha.clone(),
-        ignore_application_stop_failures: false,
+        ignore_application_stop_failures: settings.ignore_application_stop_failures,
         status: StatusTarget {
             sink: settings.status.clone(),
             notify_queue_url: settings.notify_queue_url.clone(),
