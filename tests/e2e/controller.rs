@@ -577,6 +577,7 @@ fn event(name: &str, status: EventState, code: Option<i32>) -> EventStatus {
         failing_script: None,
         log_tail: None,
         diagnostics: None,
+        ignored: false,
     }
 }
 

@@ -63,6 +63,7 @@ pub(crate) fn command(id: &str, revision: Revision, sink: StatusSinkSpec) -> Com
         is_rollback: false,
         creator: Some("e2e".into()),
         commit_sha: Some("0123456789abcdef0123456789abcdef01234567".into()),
+        ignore_application_stop_failures: false,
         status: StatusTarget {
             sink,
             notify_queue_url: None,

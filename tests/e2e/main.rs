@@ -13,6 +13,7 @@ mod fault_proxy;
 mod fleet;
 mod history;
 mod hook_processes;
+mod ignore_stop;
 mod install_atomic;
 mod registry;
 mod signing;

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::revision::{resolve, RevisionInfo, RevisionOverrides};
-use super::status::{describe_sink, duration, failure_report, open_sink, state_word, SinkOptions};
+use super::status::{describe_sink, duration, event_word, failure_report, open_sink, SinkOptions};
 use super::{AwsOptions, ControllerError, EXIT_FAILURE};
 use pier_protocol::{
     is_valid_id, parse_events, Command, DeploymentStatus, EventState, FileExistsBehavior,
@@ -76,6 +76,8 @@ pub struct DeployOptions {
     pub events: Option<Vec<String>>,
     /// `--file-exists-behavior`.
     pub file_exists_behavior: Option<String>,
+    /// `--ignore-application-stop-failures`.
+    pub ignore_application_stop_failures: bool,
     /// `--signing-key` (or `PIER_SIGNING_KEY`): sign each command with this secret key file.
     pub signing_key: Option<PathBuf>,
     /// `--wait`: follow the deployment to its end.
@@ -266,6 +268,7 @@ pub(crate) fn build_command(
         is_rollback: false,
         creator: Some(creator()),
         commit_sha: info.commit.clone(),
+        ignore_application_stop_failures: opts.ignore_application_stop_failures,
         status,
         created_at: chrono::Utc::now(),
     };
@@ -479,7 +482,7 @@ fn print_changes(rec: &StatusRecord, shown: &mut HashMap<(String, String), Event
             "{}: {:<18} {}{took}{code}",
             rec.host_id,
             e.name,
-            state_word(e.status)
+            event_word(e)
         );
         shown.insert(key, e.status);
     }

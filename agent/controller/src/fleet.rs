@@ -198,6 +198,8 @@ pub struct GroupDeployOptions {
     pub file_exists_behavior: Option<String>,
     /// `--require-approval` (or the group's setting).
     pub require_approval: bool,
+    /// `--ignore-application-stop-failures` (or the group's setting).
+    pub ignore_application_stop_failures: bool,
     /// `--host-timeout`.
     pub host_timeout: Duration,
     /// `--signing-key`.
@@ -333,6 +335,8 @@ pub async fn deploy_group(
         health_url: opts.health_url.clone().or_else(|| def.health_url.clone()),
         zonal: def.zonal,
         notifications: def.notifications.clone(),
+        ignore_application_stop_failures: opts.ignore_application_stop_failures
+            || def.ignore_application_stop_failures,
     };
     // A webhook secret missing from this environment is refused before anything is stored.
     if !settings.notifications.is_empty() {

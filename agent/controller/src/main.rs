@@ -302,6 +302,10 @@ struct DeployArgs {
     /// DISALLOW, OVERWRITE or RETAIN, when the AppSpec does not say.
     #[arg(long)]
     file_exists_behavior: Option<String>,
+    /// A failing ApplicationStop (or BeforeBlockTraffic, AfterBlockTraffic) script of the
+    /// previous revision does not fail a host; the deployment goes on (as CodeDeploy's option).
+    #[arg(long)]
+    ignore_application_stop_failures: bool,
     /// Sign each command with this secret key file (from `pier keygen`, mode 0600); agents
     /// with `trusted_keys` accept only signed commands.
     #[arg(long, value_name = "FILE", env = "PIER_SIGNING_KEY")]
@@ -539,6 +543,7 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
                 events: a.events,
                 file_exists_behavior: a.file_exists_behavior,
                 require_approval: a.require_approval,
+                ignore_application_stop_failures: a.ignore_application_stop_failures,
                 host_timeout: Duration::from_secs(a.host_timeout),
                 signing_key,
                 poll,
@@ -569,6 +574,7 @@ async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> 
         sink: a.sink.into_options(),
         events: a.events,
         file_exists_behavior: a.file_exists_behavior,
+        ignore_application_stop_failures: a.ignore_application_stop_failures,
         signing_key,
         wait: a.wait,
         timeout: a.timeout.map(Duration::from_secs),

@@ -123,6 +123,9 @@ pub struct RolloutSettings {
     /// Where deployment and host events are announced (SNS topics, webhooks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<Notification>,
+    /// Hosts let a failing ApplicationStop of the previous revision pass (CodeDeploy's option).
+    #[serde(default)]
+    pub ignore_application_stop_failures: bool,
 }
 
 /// The last deployment of a group that succeeded: what a rollback goes back to. Stored at
@@ -1223,6 +1226,7 @@ pub(crate) fn command_for(
         is_rollback: record.rollback_of.is_some(),
         creator: Some(record.creator.clone()),
         commit_sha: record.commit_sha.clone(),
+        ignore_application_stop_failures: settings.ignore_application_stop_failures,
         status: StatusTarget {
             sink: settings.status.clone(),
             notify_queue_url: settings.notify_queue_url.clone(),
@@ -1479,6 +1483,7 @@ mod tests {
                 health_url: None,
                 zonal: None,
                 notifications: vec![],
+                ignore_application_stop_failures: false,
             },
         })
     }

@@ -181,7 +181,7 @@ pub(crate) fn render(rows: &[(String, Option<StatusRecord>)]) -> String {
             table.push([
                 host.clone(),
                 e.name.clone(),
-                state_word(e.status).to_string(),
+                event_word(e),
                 duration(e.started, e.ended).unwrap_or_else(|| "-".into()),
                 e.exit_code
                     .map(|c| c.to_string())
@@ -241,6 +241,16 @@ pub(crate) fn state_word(s: EventState) -> &'static str {
     }
 }
 
+/// How an event's state is shown: its word, and `Failed (ignored)` (or `TimedOut
+/// (ignored)`) for a failure the deployment was asked to let pass.
+pub(crate) fn event_word(e: &EventStatus) -> String {
+    if e.ignored {
+        format!("{} (ignored)", state_word(e.status))
+    } else {
+        state_word(e.status).to_string()
+    }
+}
+
 /// The word shown for a host's overall state.
 pub(crate) fn overall_word(s: DeploymentStatus) -> &'static str {
     match s {
@@ -265,11 +275,9 @@ pub(crate) fn duration(
     })
 }
 
-/// The event that failed or timed out on a host, if any.
+/// The event that failed the deployment on a host, if any (not a failure it ignored).
 pub(crate) fn failing_event(rec: &StatusRecord) -> Option<&EventStatus> {
-    rec.events
-        .iter()
-        .find(|e| matches!(e.status, EventState::Failed | EventState::TimedOut))
+    rec.events.iter().find(|e| e.failed_deployment())
 }
 
 /// A failed event's machine-readable cause in one line, when its record has one:
@@ -341,6 +349,7 @@ mod tests {
             failing_script: None,
             log_tail: None,
             diagnostics: None,
+            ignored: false,
         }
     }
 
@@ -407,5 +416,39 @@ mod tests {
             "AfterInstall timed out [ScriptTimedOut] scripts/slow.sh exit 137"
         );
         assert!(text.contains("  | one\n  | two\n"));
+    }
+
+    #[test]
+    fn an_ignored_stop_failure_shows_as_such_and_is_not_the_cause() {
+        let mut stop = ev("ApplicationStop", EventState::Failed, 40, Some(1));
+        stop.ignored = true;
+        stop.diagnostics = Some(pier_protocol::Diagnostics {
+            error_code: pier_protocol::ErrorCode::ScriptFailed,
+            script_name: Some("scripts/stop.sh".into()),
+            message: "script scripts/stop.sh exited with code 1".into(),
+            log_tail: None,
+        });
+        let ok = rec(
+            "h1",
+            DeploymentStatus::Succeeded,
+            vec![stop.clone(), ev("Install", EventState::Succeeded, 10, None)],
+        );
+        let text = render(&[("h1".into(), Some(ok))]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "h1    ApplicationStop  Failed (ignored)  0.04s     1"
+        );
+        assert!(text.contains("h1: Succeeded\n"), "{text}");
+        assert!(!text.contains("[ScriptFailed]"), "{text}");
+
+        // A later failure is the one reported, not the ignored one before it.
+        let bad = rec(
+            "h1",
+            DeploymentStatus::Failed,
+            vec![stop, ev("ValidateService", EventState::Failed, 10, Some(3))],
+        );
+        assert_eq!(failing_event(&bad).unwrap().name, "ValidateService");
+        assert!(failure_report(&bad).starts_with("h1: deployment failed in ValidateService"));
     }
 }

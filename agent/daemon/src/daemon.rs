@@ -1115,6 +1115,7 @@ impl Daemon {
             file_exists_behavior,
             appspec_filename: None,
             bundle_env: bundle_env(&cmd.revision),
+            ignore_application_stop_failures: cmd.ignore_application_stop_failures,
         })
     }
 
@@ -1274,6 +1275,7 @@ pub(crate) fn status_record(host_id: &str, journal: &Journal) -> StatusRecord {
             failing_script: e.script.clone(),
             log_tail: e.tail.clone(),
             diagnostics: e.diagnostics(),
+            ignored: e.ignored,
         })
         .collect();
     rec
@@ -1487,5 +1489,13 @@ mod tests {
         assert_eq!(rec.events[0].log_tail.as_deref(), Some("boom"));
         // A record the controller can parse back.
         StatusRecord::from_json(&rec.to_json()).unwrap();
+        assert!(!rec.events[0].ignored);
+
+        // A failure the deployment asked to ignore keeps its cause and says it was ignored.
+        j.events[0].ignored = true;
+        let rec = status_record("h1", &j);
+        assert!(rec.events[0].ignored && !rec.events[0].failed_deployment());
+        assert!(rec.events[0].diagnostics.is_some());
+        assert_eq!(StatusRecord::from_json(&rec.to_json()).unwrap(), rec);
     }
 }

@@ -173,6 +173,8 @@ pub fn run(args: &Args) -> i32 {
         file_exists_behavior: args.file_exists_behavior,
         appspec_filename: args.appspec_filename.clone(),
         bundle_env: Vec::new(),
+        // codedeploy-local has no such option; a stop script that fails here fails the run.
+        ignore_application_stop_failures: false,
     };
 
     let runtime = match tokio::runtime::Runtime::new() {

@@ -203,6 +203,7 @@ impl Fixture {
             is_rollback: false,
             creator: None,
             commit_sha: None,
+            ignore_application_stop_failures: false,
             status: StatusTarget {
                 sink: StatusSinkSpec::Local {
                     dir: self.status.display().to_string(),

@@ -72,6 +72,9 @@ pub struct Request {
     pub appspec_filename: Option<String>,
     /// `BUNDLE_*` variables describing the revision, given to every hook.
     pub bundle_env: Vec<(String, String)>,
+    /// CodeDeploy's `ignoreApplicationStopFailures`: a failure of an event that runs the
+    /// previous revision's scripts is recorded as ignored, and the deployment goes on.
+    pub ignore_application_stop_failures: bool,
 }
 
 /// Why a deployment could not even start (as opposed to a deployment that ran and failed,
@@ -482,6 +485,25 @@ impl Engine {
                     rec.exit_code = failure.exit_code;
                     rec.message = Some(failure.message.clone());
                     rec.tail = tail;
+                    if self.ignores(req, event, &failure) {
+                        rec.ignored = true;
+                        log::warn!(
+                            DEPLOYMENT_ID = req.deployment_id.as_str(),
+                            DEPLOYMENT_GROUP = req.deployment_group_id.as_str(),
+                            LIFECYCLE_EVENT = event.as_str(),
+                            SCRIPT = failure.script.as_deref().unwrap_or(""),
+                            ERROR_CODE = failure.code.as_str();
+                            "deployment {} group {}: {} failed [{}], ignored as the deployment \
+                             asks: {}",
+                            req.deployment_id,
+                            req.deployment_group_id,
+                            event,
+                            failure.code,
+                            failure.message
+                        );
+                        run.save().await?;
+                        continue;
+                    }
                     for later in run.journal.events[i + 1..].iter_mut() {
                         later.status = EventState::Skipped;
                     }
@@ -644,6 +666,17 @@ fn prune_group(keep: usize, group: &Group, current: &str) {
 }
 
 impl Engine {
+    /// Whether `failure` of `event` is let pass: the deployment asked to ignore application
+    /// stop failures and the event ran the previous revision's scripts (CodeDeploy's rule:
+    /// ApplicationStop, BeforeBlockTraffic, AfterBlockTraffic). A script stopped because the
+    /// agent is shutting down is not a failure of the script, and ends the deployment as ever.
+    fn ignores(&self, req: &Request, event: LifecycleEvent, failure: &EventFailure) -> bool {
+        req.ignore_application_stop_failures
+            && runs_from_previous_revision(event)
+            && failure.code != ErrorCode::AgentInterrupted
+            && !self.cancel.is_cancelled()
+    }
+
     /// Runs one event. Ok: (status, output tail, note); Err: (failure, output tail).
     async fn run_event(
         &self,
@@ -1012,6 +1045,11 @@ mod tests {
 
     /// Runs one deployment of the directory `bundle` under `root` and returns its journal.
     async fn deploy_dir(root: &Path, id: &str, bundle: &Path) -> Journal {
+        deploy_dir_with(root, id, bundle, false).await
+    }
+
+    /// [`deploy_dir`], asking to ignore application stop failures or not.
+    async fn deploy_dir_with(root: &Path, id: &str, bundle: &Path, ignore_stop: bool) -> Journal {
         let settings = Config {
             root_dir: root.to_path_buf(),
             max_revisions: 5,
@@ -1041,6 +1079,7 @@ mod tests {
             file_exists_behavior: None,
             appspec_filename: None,
             bundle_env: vec![],
+            ignore_application_stop_failures: ignore_stop,
         };
         engine.deploy(&req, &NoObserver).await.unwrap()
     }
@@ -1176,6 +1215,111 @@ mod tests {
             (event.as_str(), code),
             ("Install", Some(ErrorCode::FileExists))
         );
+    }
+
+    #[tokio::test]
+    async fn a_failing_stop_script_of_the_previous_revision_is_ignored_when_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, dest) = (d.path().join("root"), d.path().join("dest"));
+        let bundle = |name: &str, hooks: &str| {
+            let b = d.path().join(name);
+            write(&b.join("app/f"), name, 0o644);
+            write(
+                &b.join("s/stop.sh"),
+                "#!/bin/sh\necho cannot stop\nexit 1\n",
+                0o755,
+            );
+            write(&b.join("s/slow.sh"), "#!/bin/sh\nsleep 30\n", 0o755);
+            write(
+                &b.join("appspec.yml"),
+                &format!(
+                    "version: 0.0\nos: linux\nfiles:\n  - source: app\n    destination: {}\n{hooks}",
+                    dest.display()
+                ),
+                0o644,
+            );
+            b
+        };
+        let stop_fails = "hooks:\n  ApplicationStop:\n    - location: s/stop.sh\n";
+        let a = bundle("a", stop_fails);
+        let b = bundle("b", "");
+        let event = |j: &Journal, name: &str| j.events.iter().find(|e| e.event == name).cloned();
+
+        // A's stop script only runs when the next revision is deployed.
+        let j = deploy_dir(&root, "d-a", &a).await;
+        assert_eq!(j.status, DeploymentStatus::Succeeded);
+
+        // Without the option, B stops at A's ApplicationStop and installs nothing.
+        let j = deploy_dir(&root, "d-b1", &b).await;
+        assert_eq!(j.status, DeploymentStatus::Failed);
+        let stop = event(&j, "ApplicationStop").unwrap();
+        assert_eq!(
+            (stop.status, stop.code, stop.ignored),
+            (EventState::Failed, Some(ErrorCode::ScriptFailed), false)
+        );
+        assert_eq!(event(&j, "Install").unwrap().status, EventState::Skipped);
+        assert_eq!(std::fs::read_to_string(dest.join("f")).unwrap(), "a");
+
+        // With it, the failure is journaled as ignored, with its cause, and B goes on.
+        let j = deploy_dir_with(&root, "d-b2", &b, true).await;
+        assert_eq!(j.status, DeploymentStatus::Succeeded, "{:?}", j.error);
+        assert_eq!(j.error, None);
+        let stop = event(&j, "ApplicationStop").unwrap();
+        assert_eq!(
+            (
+                stop.status,
+                stop.code,
+                stop.exit_code,
+                stop.script.as_deref()
+            ),
+            (
+                EventState::Failed,
+                Some(ErrorCode::ScriptFailed),
+                Some(1),
+                Some("s/stop.sh")
+            )
+        );
+        assert!(stop.ignored);
+        assert!(stop.tail.as_deref().unwrap_or("").contains("cannot stop"));
+        assert!(stop.diagnostics().is_some());
+        for e in &j.events[1..] {
+            assert!(!e.ignored && e.code.is_none(), "{e:?}");
+        }
+        assert_eq!(event(&j, "Install").unwrap().status, EventState::Succeeded);
+        assert_eq!(std::fs::read_to_string(dest.join("f")).unwrap(), "b");
+
+        // B is now the last successful revision: its (absent) stop scripts run next.
+        let j = deploy_dir(&root, "d-c", &a).await;
+        assert_eq!(j.status, DeploymentStatus::Succeeded);
+        assert_eq!(
+            event(&j, "ApplicationStop").unwrap().status,
+            EventState::Skipped
+        );
+
+        // A stop script that times out is ignored too; the new revision's own failures still
+        // fail the deployment.
+        let slow_stop = bundle(
+            "slow-stop",
+            "hooks:\n  ApplicationStop:\n    - location: s/slow.sh\n      timeout: 1\n",
+        );
+        let j = deploy_dir_with(&root, "d-d", &slow_stop, true).await;
+        assert_eq!(j.status, DeploymentStatus::Succeeded, "{:?}", j.error);
+        assert!(event(&j, "ApplicationStop").unwrap().ignored);
+        let fails_before = bundle(
+            "fails-before",
+            "hooks:\n  BeforeInstall:\n    - location: s/stop.sh\n",
+        );
+        let j = deploy_dir_with(&root, "d-e", &fails_before, true).await;
+        let stop = event(&j, "ApplicationStop").unwrap();
+        assert_eq!((stop.status, stop.ignored), (EventState::TimedOut, true));
+        let before = event(&j, "BeforeInstall").unwrap();
+        assert_eq!((before.status, before.ignored), (EventState::Failed, false));
+        assert!(
+            j.error.as_deref().unwrap().starts_with("BeforeInstall"),
+            "{:?}",
+            j.error
+        );
+        assert_eq!(j.status, DeploymentStatus::Failed);
     }
 
     #[test]

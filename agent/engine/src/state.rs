@@ -115,6 +115,10 @@ pub struct EventRecord {
     /// timed-out events only. Journals written before it existed read as `None`.
     #[serde(default)]
     pub code: Option<ErrorCode>,
+    /// The event failed but the deployment went on (the deployment asked to ignore
+    /// application stop failures). Journals written before it existed read as `false`.
+    #[serde(default)]
+    pub ignored: bool,
 }
 
 impl EventRecord {
@@ -129,6 +133,7 @@ impl EventRecord {
             message: None,
             tail: None,
             code: None,
+            ignored: false,
         }
     }
 

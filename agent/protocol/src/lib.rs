@@ -124,6 +124,12 @@ pub struct Command {
     /// The git commit the revision was built from, for history and DORA lead time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_sha: Option<String>,
+    /// CodeDeploy's `ignoreApplicationStopFailures`: a failure of an event that runs the
+    /// previous revision's scripts (ApplicationStop, BeforeBlockTraffic, AfterBlockTraffic)
+    /// is recorded as ignored and the deployment goes on. Left out when false, so a command
+    /// without it is what every agent already reads.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_application_stop_failures: bool,
     /// Where to write this deployment's status records.
     pub status: StatusTarget,
     /// When the controller created the command.
@@ -335,6 +341,18 @@ pub struct EventStatus {
     /// Why the event failed, for a program to act on; set on failed and timed-out events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnostics: Option<Diagnostics>,
+    /// The event failed or timed out but the deployment went on, because the command asked
+    /// to ignore application stop failures. Left out when false, so records without it (all
+    /// records of older agents) read as not ignored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignored: bool,
+}
+
+impl EventStatus {
+    /// Whether this event failed the deployment: it failed or timed out, and was not ignored.
+    pub fn failed_deployment(&self) -> bool {
+        matches!(self.status, EventState::Failed | EventState::TimedOut) && !self.ignored
+    }
 }
 
 /// The status of one deployment on one host, rewritten at each event.
@@ -660,6 +678,7 @@ mod tests {
                 message: "scripts/x.sh timed out after 5s".into(),
                 log_tail: Some("boom".into()),
             }),
+            ignored: false,
         });
         let back = StatusRecord::from_json(&r.to_json()).unwrap();
         assert_eq!(back, r);
@@ -669,5 +688,44 @@ mod tests {
             json.contains("\"error_code\": \"ScriptTimedOut\""),
             "{json}"
         );
+    }
+
+    #[test]
+    fn ignore_application_stop_failures_is_left_out_unless_set() {
+        let cmd = parse(&sample()).unwrap();
+        assert!(!cmd.ignore_application_stop_failures);
+        let json = String::from_utf8(cmd.to_json()).unwrap();
+        assert!(!json.contains("ignore_application_stop_failures"), "{json}");
+        let mut v = sample();
+        v["ignore_application_stop_failures"] = serde_json::json!(true);
+        let cmd = parse(&v).unwrap();
+        assert!(cmd.ignore_application_stop_failures);
+        assert_eq!(Command::from_json(&cmd.to_json()).unwrap(), cmd);
+        v["ignore_application_stop_failures"] = serde_json::json!("yes");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("ignore_application_stop_failures"), "{e}");
+    }
+
+    #[test]
+    fn an_ignored_failure_does_not_fail_the_deployment() {
+        // A record written before `ignored` existed reads as not ignored.
+        let old = br#"{"version": 1, "host_id": "h1", "deployment_id": "d-1",
+            "status": "Failed", "updated_at": "2026-01-02T03:04:05Z",
+            "events": [{"name": "ApplicationStop", "status": "Failed"}]}"#;
+        let rec = StatusRecord::from_json(old).unwrap();
+        assert!(!rec.events[0].ignored);
+        assert!(rec.events[0].failed_deployment());
+
+        let mut e = rec.events[0].clone();
+        e.ignored = true;
+        assert!(!e.failed_deployment());
+        let mut r = StatusRecord::new("h1", "d-1");
+        r.events.push(e);
+        let json = String::from_utf8(r.to_json()).unwrap();
+        assert!(json.contains("\"ignored\": true"), "{json}");
+        assert_eq!(StatusRecord::from_json(&r.to_json()).unwrap(), r);
+        r.events[0].ignored = false;
+        let json = String::from_utf8(r.to_json()).unwrap();
+        assert!(!json.contains("ignored"), "{json}");
     }
 }

@@ -33,6 +33,7 @@ fn command(created_at: DateTime<Utc>) -> Command {
         is_rollback: false,
         creator: None,
         commit_sha: None,
+        ignore_application_stop_failures: false,
         status: StatusTarget {
             sink: StatusSinkSpec::Local {
                 dir: "/var/lib/pier/status".into(),

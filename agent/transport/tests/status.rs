@@ -27,6 +27,7 @@ fn record(deployment: &str, host: &str, status: DeploymentStatus) -> StatusRecor
         failing_script: Some("scripts/check.sh".into()),
         log_tail: Some("curl: connection refused\n".into()),
         diagnostics: None,
+        ignored: false,
     });
     r
 }

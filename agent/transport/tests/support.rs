@@ -24,6 +24,7 @@ pub fn command(id: &str, revision: Revision, status_dir: &Path) -> Command {
         is_rollback: false,
         creator: Some("tests".into()),
         commit_sha: Some("0123456789abcdef".into()),
+        ignore_application_stop_failures: false,
         status: StatusTarget {
             sink: StatusSinkSpec::Local {
                 dir: status_dir.display().to_string(),
