@@ -433,6 +433,10 @@ fn main() -> ExitCode {
             }
         }
     });
+    // What the command asked of S3, SQS or the local store, for benchmarks and cost checks.
+    if std::env::var_os("PIER_REQUEST_STATS").is_some_and(|v| v == "1") {
+        eprintln!("{}", pier_transport::requests::summary());
+    }
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

@@ -5,11 +5,13 @@
 //! path-style addressing whenever the endpoint is overridden (such services rarely serve
 //! virtual-hosted buckets). HTTPS proxy variables (`HTTPS_PROXY`, `NO_PROXY`) are honoured by
 //! the SDK's default client under the latest behavior version used here. Also turns SDK
-//! errors into [`TransportError`]s.
+//! errors into [`TransportError`]s. Every S3 and SQS client built here counts its requests
+//! ([`crate::requests`]).
 
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
 
+use super::requests::CountRequests;
 use super::TransportError;
 
 /// Static credentials, for an S3-compatible store with fixed keys or a test service.
@@ -91,12 +93,18 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
                 .to_string(),
         )
     })?;
+    // Every request is counted (`requests`); the SdkConfig cannot carry an interceptor, so
+    // each client gets its own.
     let s3_config = aws_sdk_s3::config::Builder::from(&config)
         .force_path_style(endpoint_url.is_some())
+        .interceptor(CountRequests)
+        .build();
+    let sqs_config = aws_sdk_sqs::config::Builder::from(&config)
+        .interceptor(CountRequests)
         .build();
     Ok(AwsClients {
         s3: aws_sdk_s3::Client::from_conf(s3_config),
-        sqs: aws_sdk_sqs::Client::new(&config),
+        sqs: aws_sdk_sqs::Client::from_conf(sqs_config),
         config,
     })
 }

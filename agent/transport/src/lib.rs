@@ -5,6 +5,7 @@
 //! A [`StatusSink`] is where each deployment's [`StatusRecord`] is durably written:
 //! [`s3::S3StatusSink`] or [`local::LocalStatusSink`], optionally wrapped in
 //! [`notify::NotifyingSink`] to tell a queue after each write, and [`aws::aws_clients`] builds the AWS clients from the standard credential chain.
+//! [`requests`] counts what this process asked of them, by operation.
 //!
 //! The rules the daemon follows with these parts: extend a message's visibility while its
 //! deployment runs, [`Queue::ack`] only once the final status is written, and
@@ -30,6 +31,7 @@ pub mod aws;
 pub use pier_sys::backoff;
 pub mod local;
 pub(crate) mod notify;
+pub mod requests;
 pub mod s3;
 pub mod spool;
 pub mod sqs;

@@ -6,7 +6,9 @@
 
 use std::path::PathBuf;
 
-use super::{atomic_write, blocking, status_record_path, BoxFuture, StatusSink, TransportError};
+use super::{
+    atomic_write, blocking, requests, status_record_path, BoxFuture, StatusSink, TransportError,
+};
 use pier_protocol::StatusRecord;
 
 /// Status records under a directory.
@@ -29,6 +31,7 @@ impl LocalStatusSink {
 
 impl StatusSink for LocalStatusSink {
     fn write<'a>(&'a self, record: &'a StatusRecord) -> BoxFuture<'a, ()> {
+        requests::record("LocalStatus.Write");
         let path = self.path(&record.deployment_id, &record.host_id);
         let bytes = record.to_json();
         Box::pin(blocking(move || atomic_write(&path, &bytes)))
@@ -39,6 +42,7 @@ impl StatusSink for LocalStatusSink {
         deployment_id: &'a str,
         host_id: &'a str,
     ) -> BoxFuture<'a, Option<StatusRecord>> {
+        requests::record("LocalStatus.Read");
         let path = self.path(deployment_id, host_id);
         Box::pin(blocking(move || {
             let bytes = match std::fs::read(&path) {
@@ -56,6 +60,7 @@ impl StatusSink for LocalStatusSink {
     }
 
     fn list_hosts<'a>(&'a self, deployment_id: &'a str) -> BoxFuture<'a, Vec<String>> {
+        requests::record("LocalStatus.ListHosts");
         let dir = self
             .dir
             .join("deployments")

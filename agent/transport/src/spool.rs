@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{atomic_write, blocking, sync_dir, BoxFuture, Queue, Received, TransportError};
+use super::{
+    atomic_write, blocking, requests, sync_dir, BoxFuture, Queue, Received, TransportError,
+};
 
 /// How often the spool directory is scanned while a receive waits.
 const POLL: Duration = Duration::from_millis(200);
@@ -63,6 +65,7 @@ impl Spool {
                 "spool file name must be ID.json with a valid id: {e}"
             )));
         }
+        requests::record("Spool.Submit");
         let path = dir.join(name);
         atomic_write(&path, body)?;
         Ok(path)

@@ -16,7 +16,7 @@ use aws_sdk_s3::types::ServerSideEncryption;
 use sha2::{Digest, Sha256};
 
 use super::aws::aws_error;
-use super::{atomic_write, blocking, BoxFuture, TransportError};
+use super::{atomic_write, blocking, requests, BoxFuture, TransportError};
 
 /// An object as read, with the version a conditional write must name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +277,7 @@ fn read_versioned(path: &Path) -> Result<Option<Versioned>, TransportError> {
 
 impl ObjectStore for DirStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Versioned>> {
+        requests::record("DirStore.Get");
         let path = self.path(key);
         Box::pin(blocking(move || read_versioned(&path?)))
     }
@@ -287,6 +288,7 @@ impl ObjectStore for DirStore {
         bytes: Vec<u8>,
         when: Precondition,
     ) -> BoxFuture<'a, PutOutcome> {
+        requests::record("DirStore.Put");
         let path = self.path(key);
         let dir = self.dir.clone();
         Box::pin(blocking(move || {
@@ -324,6 +326,7 @@ impl ObjectStore for DirStore {
         after: Option<&'a str>,
         limit: Option<usize>,
     ) -> BoxFuture<'a, Vec<String>> {
+        requests::record("DirStore.List");
         let root = self.dir.clone();
         let prefix = prefix.to_string();
         let after = after.map(str::to_string);
@@ -379,6 +382,7 @@ impl ObjectStore for DirStore {
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        requests::record("DirStore.Delete");
         let path = self.path(key);
         Box::pin(blocking(move || {
             let path = path?;
