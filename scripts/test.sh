@@ -50,6 +50,17 @@ else
   rc=1
 fi
 
+# A small fleet, both ways (three agents on SQS/S3 in moto, three on the spool): one rollout
+# each, checked for its result and the controller's requests per host, never for time.
+fleet_passed=0
+fleet_failed=0
+if scripts/fleet-bench --quick --sizes 3 --bin-dir "${CARGO_TARGET_DIR:-target}/debug"; then
+  fleet_passed=1
+else
+  fleet_failed=1
+  rc=1
+fi
+
 # One closing line for the whole run, summed over every test binary; a skipped test is
 # counted as skipped, never as passed. (--no-fail-fast above: a failing binary does not hide
 # how the others fare.)
@@ -62,8 +73,8 @@ if [ "$skipped" -gt 0 ]; then
   sed 's/^/  /' "$skips"
 fi
 passed=$((passed > skipped ? passed - skipped : 0))
-passed=$((passed + soak_passed))
-failed=$((failed + soak_failed))
+passed=$((passed + soak_passed + fleet_passed))
+failed=$((failed + soak_failed + fleet_failed))
 rm -f "$out" "$skips"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"
