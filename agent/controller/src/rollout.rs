@@ -509,10 +509,14 @@ pub(crate) async fn create(
     record: &DeploymentRecord,
 ) -> Result<(), ControllerError> {
     let key = record_key(&record.deployment_id);
-    match store
-        .put(&key, record.to_json(), Precondition::Absent)
-        .await
-        .map_err(|e| ControllerError::transport("cannot store the deployment record", e))?
+    match put_retrying(
+        store,
+        &key,
+        record.to_json(),
+        Precondition::Absent,
+        "cannot store the deployment record",
+    )
+    .await?
     {
         PutOutcome::Written(_) => Ok(()),
         PutOutcome::Conflict => Err(ControllerError::usage(
@@ -532,11 +536,32 @@ pub(crate) async fn load(
     deployment_id: &str,
 ) -> Result<Option<Loaded>, ControllerError> {
     let key = record_key(deployment_id);
-    let Some(v) = store
-        .get(&key)
-        .await
-        .map_err(|e| ControllerError::transport("cannot read the deployment record", e))?
-    else {
+    let mut backoff = Backoff::network();
+    let got = loop {
+        match store.get(&key).await {
+            Ok(v) => break v,
+            // A network blip or a 5xx must not end a rollout: the record is read again.
+            Err(e) if e.is_transient() => match backoff.next_delay() {
+                Some(d) => {
+                    log::warn!("reading {key}: {e}; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                None => {
+                    return Err(ControllerError::transport(
+                        "cannot read the deployment record",
+                        e,
+                    ))
+                }
+            },
+            Err(e) => {
+                return Err(ControllerError::transport(
+                    "cannot read the deployment record",
+                    e,
+                ))
+            }
+        }
+    };
+    let Some(v) = got else {
         return Ok(None);
     };
     let record = DeploymentRecord::from_json(&v.bytes).map_err(|e| ControllerError::Record {
@@ -547,6 +572,45 @@ pub(crate) async fn load(
         record,
         etag: v.etag,
     }))
+}
+
+/// A conditional write that rides out transient failures. When a retried write is refused,
+/// the write before it may have landed with its answer lost: if the stored object is exactly
+/// what was written, it was this write, and it counts as written (so a controller never
+/// mistakes its own batch claim for someone else's and leaves the batch unsent).
+async fn put_retrying(
+    store: &dyn ObjectStore,
+    key: &str,
+    bytes: Vec<u8>,
+    when: Precondition,
+    what: &str,
+) -> Result<PutOutcome, ControllerError> {
+    let mut backoff = Backoff::network();
+    let mut retried = false;
+    loop {
+        match store.put(key, bytes.clone(), when.clone()).await {
+            Ok(PutOutcome::Written(etag)) => return Ok(PutOutcome::Written(etag)),
+            Ok(PutOutcome::Conflict) => {
+                if retried {
+                    if let Ok(Some(cur)) = store.get(key).await {
+                        if cur.bytes == bytes {
+                            return Ok(PutOutcome::Written(cur.etag));
+                        }
+                    }
+                }
+                return Ok(PutOutcome::Conflict);
+            }
+            Err(e) if e.is_transient() => match backoff.next_delay() {
+                Some(d) => {
+                    log::warn!("{what}: {e}; retrying");
+                    retried = true;
+                    tokio::time::sleep(d).await;
+                }
+                None => return Err(ControllerError::transport(what.to_string(), e)),
+            },
+            Err(e) => return Err(ControllerError::transport(what.to_string(), e)),
+        }
+    }
 }
 
 /// Reads a record that must exist.
@@ -572,14 +636,14 @@ async fn save(
     etag: &str,
 ) -> Result<Option<String>, ControllerError> {
     record.updated_at = Utc::now();
-    match store
-        .put(
-            &record_key(&record.deployment_id),
-            record.to_json(),
-            Precondition::Matches(etag.to_string()),
-        )
-        .await
-        .map_err(|e| ControllerError::transport("cannot update the deployment record", e))?
+    match put_retrying(
+        store,
+        &record_key(&record.deployment_id),
+        record.to_json(),
+        Precondition::Matches(etag.to_string()),
+        "cannot update the deployment record",
+    )
+    .await?
     {
         PutOutcome::Written(etag) => Ok(Some(etag)),
         PutOutcome::Conflict => Ok(None),
@@ -1042,13 +1106,12 @@ impl Driver<'_> {
         let mut silent = Vec::new();
         for (h, host) in &record.hosts {
             if host.state == HostRolloutState::Dispatched {
-                let status = self
-                    .sink
-                    .read(&record.deployment_id, h)
-                    .await
-                    .map_err(|e| ControllerError::transport(format!("status of {h}"), e))?;
-                if status.is_none() {
-                    silent.push(h.clone());
+                match self.sink.read(&record.deployment_id, h).await {
+                    Ok(None) => silent.push(h.clone()),
+                    Ok(Some(_)) => {}
+                    // Unknown: sending again is harmless (the agent runs an id once).
+                    Err(e) if e.is_transient() => silent.push(h.clone()),
+                    Err(e) => return Err(ControllerError::transport(format!("status of {h}"), e)),
                 }
             }
         }
