@@ -1646,4 +1646,77 @@ mod tests {
         };
         assert_eq!(batch, ["a1"]);
     }
+
+    /// A store whose first conditional write lands but loses its answer (as a connection
+    /// reset after the server wrote would), then behaves.
+    struct LostAnswer {
+        inner: pier_transport::store::DirStore,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    impl ObjectStore for LostAnswer {
+        fn get<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> pier_transport::BoxFuture<'a, Option<pier_transport::store::Versioned>> {
+            self.inner.get(key)
+        }
+        fn put<'a>(
+            &'a self,
+            key: &'a str,
+            bytes: Vec<u8>,
+            when: Precondition,
+        ) -> pier_transport::BoxFuture<'a, PutOutcome> {
+            Box::pin(async move {
+                let out = self.inner.put(key, bytes, when).await?;
+                if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return Err(pier_transport::TransportError::Aws {
+                        op: "PutObject",
+                        target: key.to_string(),
+                        message: "connection reset".into(),
+                        transient: true,
+                    });
+                }
+                Ok(out)
+            })
+        }
+        fn list<'a>(
+            &'a self,
+            prefix: &'a str,
+            after: Option<&'a str>,
+            limit: Option<usize>,
+        ) -> pier_transport::BoxFuture<'a, Vec<String>> {
+            self.inner.list(prefix, after, limit)
+        }
+        fn delete<'a>(&'a self, key: &'a str) -> pier_transport::BoxFuture<'a, ()> {
+            self.inner.delete(key)
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_answer_was_lost_counts_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = pier_transport::store::DirStore::new(dir.path());
+        let rec = record(&[("a1", None), ("a2", None)]);
+        create(&plain, &rec).await.unwrap();
+        let store = LostAnswer {
+            inner: plain,
+            lost: std::sync::atomic::AtomicBool::new(false),
+        };
+        let Loaded { mut record, etag } = load_existing(&store, &rec.deployment_id).await.unwrap();
+        record.hosts.get_mut("a1").unwrap().state = HostRolloutState::Dispatched;
+        // The first try lands but errs; the retry is refused (the version moved on); the
+        // stored record is ours, so the claim stands.
+        let written = save(&store, &mut record, &etag).await.unwrap();
+        assert!(written.is_some(), "own write taken for a conflict");
+        let now = load_existing(&store, &rec.deployment_id).await.unwrap();
+        assert_eq!(now.record, record);
+        // A real conflict (someone else's write) is still one.
+        let mut stale = record.clone();
+        stale.hosts.get_mut("a2").unwrap().state = HostRolloutState::Dispatched;
+        assert_eq!(save(&store, &mut stale, &etag).await.unwrap(), None);
+    }
 }
