@@ -946,6 +946,45 @@ async fn a_cloudwatch_alarm_during_the_rollout_stops_and_rolls_it_back() {
         rb.hosts.len(),
         rec.batches.iter().map(|b| b.hosts.len()).sum::<usize>()
     );
+
+    // An alarm during a zone's bake (every host done, the monitor period running) stops the
+    // deployment and rolls back every host that got it. (The hosts have no zone: one zone.)
+    set(StateValue::Ok).await;
+    fleet.group(
+        &s,
+        "cw",
+        "AllAtOnce",
+        &[],
+        &format!(
+            "alarms: [{alarm}]\nauto_rollback:\n  on_alarm: true\nzonal:\n  \
+             first_zone_monitor_seconds: 120\n"
+        ),
+    );
+    let log = s.path().join("deploy-bake.log");
+    let mut child = spawn_pier(&args, &log);
+    let id = first_line(&log);
+    wait_for("the bake", || fleet.record(&id).bake_until.map(|_| ()));
+    let baking = fleet.record(&id);
+    assert_eq!(
+        baking.count(HostRolloutState::Succeeded),
+        3,
+        "{:?}",
+        states(&baking)
+    );
+    assert!(!baking.status.is_final());
+    set(StateValue::Alarm).await;
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(60)), 1);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Failed);
+    assert!(
+        rec.status_reason.as_deref().unwrap_or("").contains(&alarm),
+        "{:?}",
+        rec.status_reason
+    );
+    let rb = fleet.record(rec.rolled_back_by.as_deref().expect("rolled back on alarm"));
+    assert_eq!(rb.hosts.len(), 3);
+    assert_eq!(rb.status, RolloutStatus::Succeeded);
+    set(StateValue::Ok).await;
 }
 
 #[test]
@@ -1169,4 +1208,111 @@ fn a_webhook_hears_every_trigger_event_of_a_rollout_and_its_rollback() {
         .find(|(e, d)| e == "InstanceFailure" && d["deployment_id"] == bad_id.as_str())
         .unwrap();
     assert!(failure.1.to_string().contains("h1"), "{}", failure.1);
+}
+
+#[test]
+fn a_failure_mid_half_at_a_time_rolls_back_only_the_hosts_that_got_it() {
+    let s = Scratch::new();
+    let fleet = SpoolFleet::start(&s, 4, 0);
+    fleet.group(
+        &s,
+        "half-rb",
+        "HalfAtATime",
+        &[],
+        "auto_rollback: {on_failure: true}\n",
+    );
+    let good = pier(&fleet.deploy_args("half-rb"));
+    assert_eq!(good.code, 0, "{}", good.all());
+    // v2 fails on h1 and h2, the first batch (two of four: the minimum is two healthy): no
+    // host can be taken out of service any more, so h3 and h4 never get v2.
+    let v2 = s.path().join("rev-v2.tgz");
+    push_local(&bad_bundle(&s, &["h1", "h2"]), &v2);
+    let mut args = fleet.deploy_args("half-rb");
+    let v2_arg = v2.to_str().unwrap().to_string();
+    let pos = args.iter().position(|a| *a == "--revision").unwrap();
+    args[pos + 1] = &v2_arg;
+    let bad = pier(&args);
+    assert_eq!(bad.code, 1, "{}", bad.all());
+    let id = deployment_id(&bad);
+    let rec = fleet.record(&id);
+    assert_eq!(batch_sizes(&rec), [2]);
+    for h in ["h3", "h4"] {
+        assert_eq!(rec.hosts[h].state, HostRolloutState::Skipped);
+        assert_eq!(fleet.runs(h, &id), 0);
+    }
+    let rb_id = rec.rolled_back_by.clone().expect("rolled back");
+    let rb = fleet.record(&rb_id);
+    assert_eq!(rb.hosts.keys().cloned().collect::<Vec<_>>(), ["h1", "h2"]);
+    assert_eq!(rb.status, RolloutStatus::Succeeded, "{}", bad.all());
+    for h in ["h3", "h4"] {
+        assert_eq!(fleet.runs(h, &rb_id), 0, "{h} was never touched");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environments_choose_the_store_and_can_assume_a_role() {
+    let aws = moto_clients().await;
+    let bucket = new_bucket(&aws).await;
+    let s = Scratch::new();
+    let group = s.write(
+        "g.yml",
+        "name: envs\napplication: shop\nhosts: [h1]\ntransport: {type: spool, spool_dir: /nonexistent}\n",
+    );
+    let config = s.write(
+        "controller.yml",
+        &format!(
+            "environments:\n  local:\n    status_dir: {}\n  cloud:\n    region: us-east-1\n    \
+             endpoint_url: {}\n    role_arn: arn:aws:iam::123456789012:role/pier-deployer\n    \
+             status_bucket: {bucket}\n",
+            s.path().join("local-store").display(),
+            moto_endpoint()
+        ),
+    );
+    let cfg = config.to_str().unwrap().to_string();
+    let g = group.to_str().unwrap().to_string();
+    let run_env = move |env: &'static str, args: &[&str]| {
+        let mut all = vec![
+            "--controller-config".to_string(),
+            cfg.clone(),
+            "--env".into(),
+            env.into(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        run_cmd(
+            Command::new(pier_bin())
+                .args(&all)
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env_remove("AWS_ENDPOINT_URL")
+                .env_remove("PIER_STATUS_BUCKET")
+                .env_remove("PIER_STATUS_DIR"),
+        )
+    };
+    let (re, g2) = (run_env.clone(), g.clone());
+    tokio::task::spawn_blocking(move || {
+        // The local environment's store is a directory...
+        re("local", &["group", "put", &g2]).success();
+        // ...the cloud one's a bucket, reached with credentials from STS AssumeRole (moto).
+        re("cloud", &["group", "put", &g2]).success();
+        let list = re("cloud", &["group", "list"]).success();
+        assert!(list.stdout.contains("envs"), "{}", list.all());
+        let bad = re("nowhere", &["group", "list"]);
+        assert_eq!(bad.code, 64, "{}", bad.all());
+        assert!(
+            bad.stderr.contains("local, cloud") || bad.stderr.contains("cloud, local"),
+            "{}",
+            bad.stderr
+        );
+    })
+    .await
+    .unwrap();
+    assert!(s.path().join("local-store/groups/envs.json").exists());
+    let obj = aws
+        .s3
+        .head_object()
+        .bucket(&bucket)
+        .key("pier/groups/envs.json")
+        .send()
+        .await;
+    assert!(obj.is_ok(), "the cloud environment wrote to its bucket");
 }
