@@ -378,6 +378,11 @@ fn approval_holds_dispatch_and_a_killed_controller_is_resumed_without_repeats() 
     for h in ["h1", "h2", "h3"] {
         assert_eq!(fleet.runs(h, &id), 0);
     }
+    // One deployment per group at a time: a second one is refused while this one is open.
+    let second = pier(&args);
+    assert_eq!(second.code, 64, "{}", second.all());
+    assert!(second.stderr.contains(&id), "{}", second.stderr);
+    assert!(second.stderr.contains("--resume"), "{}", second.stderr);
     pier(&[
         "approve",
         &id,
@@ -738,7 +743,10 @@ fn failures_and_a_failing_health_check_roll_back_to_the_last_success() {
         "rb",
         "OneAtATime",
         &[],
-        &format!("auto_rollback:\n  on_failure: true\n  on_alarm: true\nhealth_url: \"{url}\"\n"),
+        &format!(
+            "auto_rollback:\n  on_failure: true\n  on_alarm: true\nhealth_url: \"{url}\"\n\
+             health_grace_seconds: 1\n"
+        ),
     );
 
     // v1 succeeds everywhere: the group's last success.

@@ -307,6 +307,15 @@ pub async fn deploy_group(
         }
         (_, None) => None,
     };
+    // A webhook secret missing from this environment is refused before anything is made.
+    if !def.notifications.is_empty() {
+        let sns = clients
+            .as_ref()
+            .map(|c| aws_sdk_sns::Client::new(&c.config));
+        super::notify::Notifier::new(&def.notifications, sns)?;
+    }
+    // One deployment per group at a time: the slot is taken before anything is created.
+    rollout::claim_active(fleet.store.as_ref(), &def.name, &deployment_id).await?;
     let notify_queue_url = match (&delivery, &clients) {
         (Delivery::Sqs { .. }, Some(c)) => {
             let name = format!("pier-status-{deployment_id}");
@@ -333,18 +342,12 @@ pub async fn deploy_group(
         rollback_on_alarm: def.auto_rollback.on_alarm,
         alarms: def.alarms.clone(),
         health_url: opts.health_url.clone().or_else(|| def.health_url.clone()),
+        health_grace_seconds: def.health_grace_seconds,
         zonal: def.zonal,
         notifications: def.notifications.clone(),
         ignore_application_stop_failures: opts.ignore_application_stop_failures
             || def.ignore_application_stop_failures,
     };
-    // A webhook secret missing from this environment is refused before anything is stored.
-    if !settings.notifications.is_empty() {
-        let sns = clients
-            .as_ref()
-            .map(|c| aws_sdk_sns::Client::new(&c.config));
-        super::notify::Notifier::new(&settings.notifications, sns)?;
-    }
     let record = rollout::new_record(NewRollout {
         deployment_id: deployment_id.clone(),
         application: def.application.clone(),
@@ -537,9 +540,13 @@ pub async fn stop(
     fleet: &Fleet,
     deployment_id: &str,
     rollback: bool,
+    signing_key: Option<&Path>,
     aws: &AwsOptions,
     poll: Duration,
 ) -> Result<i32, ControllerError> {
+    let key = signing_key
+        .map(super::signing::load_signing_key)
+        .transpose()?;
     let reason = format!("stopped by {}", creator());
     let store = fleet.store.as_ref();
     let mut stopped_here = false;
@@ -574,7 +581,7 @@ pub async fn stop(
     drive(
         fleet,
         clients.as_ref(),
-        None,
+        key.as_ref(),
         &id,
         poll,
         rollout::DEFAULT_LEASE,
@@ -610,9 +617,13 @@ pub async fn rollback(
     fleet: &Fleet,
     group: &str,
     to: Option<&str>,
+    signing_key: Option<&Path>,
     aws: &AwsOptions,
     poll: Duration,
 ) -> Result<i32, ControllerError> {
+    let key = signing_key
+        .map(super::signing::load_signing_key)
+        .transpose()?;
     let store = fleet.store.as_ref();
     check_group_name(group)?;
     let latest = store
@@ -680,7 +691,7 @@ pub async fn rollback(
     drive(
         fleet,
         clients.as_ref(),
-        None,
+        key.as_ref(),
         &id,
         poll,
         rollout::DEFAULT_LEASE,

@@ -122,6 +122,10 @@ pub struct GroupDefinition {
     /// Where deployment and host events are announced.
     #[serde(default)]
     pub notifications: Vec<Notification>,
+    /// How long `health_url` must keep failing (three checks in a row at least) before the
+    /// rollout stops: a restart that takes the service down for a moment is not a failure.
+    #[serde(default = "default_health_grace")]
+    pub health_grace_seconds: u64,
     /// One availability zone at a time, with a bake after each (CodeDeploy's zonal
     /// configuration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -395,6 +399,7 @@ struct RawGroup {
     require_approval: Option<bool>,
     ignore_application_stop_failures: Option<bool>,
     health_url: Option<String>,
+    health_grace_seconds: Option<i64>,
     notifications: Option<Vec<RawNotification>>,
     zonal: Option<RawZonal>,
     #[serde(flatten)]
@@ -581,6 +586,17 @@ fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
     }
 
     let zonal = raw.zonal.map(|z| zonal(&mut p, z));
+    let health_grace_seconds = match raw.health_grace_seconds {
+        None => default_health_grace(),
+        Some(n) if (0..=3600).contains(&n) => n as u64,
+        Some(n) => {
+            p.push(
+                "health_grace_seconds",
+                format!("{n} is not a number of seconds from 0 to 3600"),
+            );
+            0
+        }
+    };
 
     let notifications = raw
         .notifications
@@ -607,8 +623,14 @@ fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
         ignore_application_stop_failures: raw.ignore_application_stop_failures.unwrap_or(false),
         health_url: raw.health_url,
         notifications,
+        health_grace_seconds,
         zonal,
     })
+}
+
+/// 30 s: longer than a service restart, short enough to catch a broken release early.
+fn default_health_grace() -> u64 {
+    30
 }
 
 /// The longest bake CodeDeploy allows after a zone: two days.

@@ -3,9 +3,10 @@
 //!
 //! The rollout driver asks [`HealthWatch::check`] between batches and while hosts deploy; an
 //! answer of `Some(reason)` stops the rollout (and rolls it back when the group says so). An
-//! alarm counts as soon as it is in `ALARM`; the health URL counts after
+//! alarm counts as soon as it is in `ALARM`; the health URL counts after at least
 //! [`URL_FAILURES`] failed checks in a row (a non-2xx answer, a timeout, a refused
-//! connection), so one dropped request does not roll a fleet back. A CloudWatch call that
+//! connection) spanning the group's `health_grace_seconds`, so one dropped request, or a
+//! service restarting for a moment, does not roll a fleet back. A CloudWatch call that
 //! fails is reported and retried at the next check, never taken as an alarm.
 
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub(crate) struct HealthWatch {
     alarms: Option<(aws_sdk_cloudwatch::Client, Vec<String>)>,
     url: Option<(reqwest::Client, String)>,
     url_failures: u32,
+    first_failure: Option<tokio::time::Instant>,
+    grace: Duration,
     every: Duration,
     last: Option<tokio::time::Instant>,
 }
@@ -33,6 +36,7 @@ impl HealthWatch {
     pub(crate) fn new(
         alarms: &[String],
         health_url: Option<&str>,
+        grace: Duration,
         aws: Option<&AwsClients>,
         every: Duration,
     ) -> Result<Option<HealthWatch>, ControllerError> {
@@ -68,6 +72,8 @@ impl HealthWatch {
             alarms,
             url,
             url_failures: 0,
+            first_failure: None,
+            grace,
             every,
             last: None,
         }))
@@ -116,16 +122,25 @@ impl HealthWatch {
                 Err(e) => Some(e.to_string()),
             };
             match failure {
-                None => self.url_failures = 0,
+                None => {
+                    self.url_failures = 0;
+                    self.first_failure = None;
+                }
                 Some(why) => {
                     self.url_failures += 1;
+                    let since = *self
+                        .first_failure
+                        .get_or_insert_with(tokio::time::Instant::now);
                     eprintln!(
-                        "health check {url} failed ({why}), {} of {URL_FAILURES}",
-                        self.url_failures
+                        "health check {url} failed ({why}), {} in a row over {} s",
+                        self.url_failures,
+                        since.elapsed().as_secs()
                     );
-                    if self.url_failures >= URL_FAILURES {
+                    if self.url_failures >= URL_FAILURES && since.elapsed() >= self.grace {
                         return Some(format!(
-                            "health check {url} failed {URL_FAILURES} times in a row (last: {why})"
+                            "health check {url} failed {} times in a row over {} s (last: {why})",
+                            self.url_failures,
+                            since.elapsed().as_secs()
                         ));
                     }
                 }

@@ -129,6 +129,10 @@ struct StopArgs {
     /// Also roll back the hosts that got it to the group's last successful revision.
     #[arg(long)]
     rollback: bool,
+    /// The key the deployment's commands are signed with (a rollback is signed like the
+    /// deployment it undoes).
+    #[arg(long, value_name = "FILE", env = "PIER_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
     #[command(flatten)]
     sink: SinkArgs,
 }
@@ -141,6 +145,10 @@ struct RollbackArgs {
     /// The deployment whose revision to go back to (default: the group's last success).
     #[arg(long, value_name = "DEPLOYMENT_ID")]
     to: Option<String>,
+    /// The key the deployment's commands are signed with (a rollback is signed like the
+    /// deployment it undoes).
+    #[arg(long, value_name = "FILE", env = "PIER_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
     #[command(flatten)]
     sink: SinkArgs,
 }
@@ -396,14 +404,25 @@ fn main() -> ExitCode {
             Command::Group(g) => group(g, aws).await,
             Command::Stop(a) => {
                 let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
-                pier_controller::fleet::stop(&fleet, &a.deployment_id, a.rollback, &aws, POLL).await
+                let key = a.signing_key.filter(|p| !p.as_os_str().is_empty());
+                pier_controller::fleet::stop(
+                    &fleet,
+                    &a.deployment_id,
+                    a.rollback,
+                    key.as_deref(),
+                    &aws,
+                    POLL,
+                )
+                .await
             }
             Command::Rollback(a) => {
                 let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
+                let key = a.signing_key.filter(|p| !p.as_os_str().is_empty());
                 pier_controller::fleet::rollback(
                     &fleet,
                     &a.deployment_group,
                     a.to.as_deref(),
+                    key.as_deref(),
                     &aws,
                     POLL,
                 )

@@ -52,6 +52,9 @@ macro_rules! sayln {
     ($driver:expr, $($arg:tt)*) => { $driver.say(format!($($arg)*)) };
 }
 
+/// A dispatched host silent this long (no status record at all) is sent the command again.
+const RESEND_AFTER: Duration = Duration::from_secs(60);
+
 /// How long a lease holds without renewal by default: a controller killed mid-rollout delays
 /// the next one by at most this.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(20);
@@ -117,6 +120,9 @@ pub struct RolloutSettings {
     /// An HTTP(S) URL that must keep answering 2xx while the rollout runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_url: Option<String>,
+    /// How long the health URL must keep failing before it stops the rollout.
+    #[serde(default)]
+    pub health_grace_seconds: u64,
     /// One zone at a time, with a bake after each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zonal: Option<ZonalConfig>,
@@ -150,6 +156,93 @@ fn last_success_key(group: &str) -> String {
     format!("state/groups/{group}/last-success.json")
 }
 
+/// The key naming the group's one deployment in progress (`{"deployment_id": ...}`): as in
+/// CodeDeploy, a group runs one deployment at a time, or two rollouts would each count only
+/// their own hosts against the minimum healthy.
+fn active_key(group: &str) -> String {
+    format!("state/groups/{group}/active.json")
+}
+
+/// Takes the group's active slot for `deployment_id`, or says which deployment holds it. A
+/// slot naming a deployment that is final (or was never stored) is free.
+pub(crate) async fn claim_active(
+    store: &dyn ObjectStore,
+    group: &str,
+    deployment_id: &str,
+) -> Result<(), ControllerError> {
+    let key = active_key(group);
+    let body =
+        serde_json::to_vec(&serde_json::json!({ "deployment_id": deployment_id })).expect("json");
+    loop {
+        let cur = get_retrying(store, &key, "cannot read the group's active deployment").await?;
+        let when = match &cur {
+            None => Precondition::Absent,
+            Some(v) => {
+                let holder = serde_json::from_slice::<serde_json::Value>(&v.bytes)
+                    .ok()
+                    .and_then(|j| j["deployment_id"].as_str().map(str::to_string));
+                if let Some(holder) = holder.filter(|h| h != deployment_id) {
+                    if let Some(l) = load(store, &holder).await? {
+                        if !l.record.status.is_final() {
+                            return Err(ControllerError::usage(
+                                "--deployment-group",
+                                format!(
+                                    "group {group} has deployment {holder} {:?}: one deployment \
+                                     runs per group at a time; wait for it, carry it on with \
+                                     pier deploy --resume {holder}, or stop it with pier stop \
+                                     {holder}",
+                                    l.record.status
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Precondition::Matches(v.etag.clone())
+            }
+        };
+        match put_retrying(store, &key, body.clone(), when, "cannot claim the group").await? {
+            PutOutcome::Written(_) => return Ok(()),
+            PutOutcome::Conflict => continue,
+        }
+    }
+}
+
+/// Frees the group's active slot if `deployment_id` holds it (best effort: a slot naming a
+/// final deployment is free anyway).
+pub(crate) async fn release_active(store: &dyn ObjectStore, group: &str, deployment_id: &str) {
+    let key = active_key(group);
+    if let Ok(Some(v)) = store.get(&key).await {
+        let holder = serde_json::from_slice::<serde_json::Value>(&v.bytes)
+            .ok()
+            .and_then(|j| j["deployment_id"].as_str().map(str::to_string));
+        if holder.as_deref() == Some(deployment_id) {
+            let _ = store.delete(&key).await;
+        }
+    }
+}
+
+/// A read that rides out transient failures with the one backoff.
+async fn get_retrying(
+    store: &dyn ObjectStore,
+    key: &str,
+    what: &str,
+) -> Result<Option<pier_transport::store::Versioned>, ControllerError> {
+    let mut backoff = Backoff::network();
+    loop {
+        match store.get(key).await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() => match backoff.next_delay() {
+                Some(d) => {
+                    log::warn!("{what}: {e}; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                None => return Err(ControllerError::transport(what.to_string(), e)),
+            },
+            Err(e) => return Err(ControllerError::transport(what.to_string(), e)),
+        }
+    }
+}
+
 /// The key naming a group's most recent deployment (`{"deployment_id": ...}`), which
 /// `pier rollback` starts from.
 pub(crate) fn latest_key(group: &str) -> String {
@@ -162,11 +255,7 @@ pub(crate) async fn last_success(
     group: &str,
 ) -> Result<Option<LastSuccess>, ControllerError> {
     let key = last_success_key(group);
-    let Some(v) = store
-        .get(&key)
-        .await
-        .map_err(|e| ControllerError::transport("cannot read the group's last success", e))?
-    else {
+    let Some(v) = get_retrying(store, &key, "cannot read the group's last success").await? else {
         return Ok(None);
     };
     serde_json::from_slice(&v.bytes)
@@ -193,10 +282,7 @@ async fn note_success(
     };
     let bytes = serde_json::to_vec_pretty(&entry).expect("serialises");
     loop {
-        let cur = store
-            .get(&key)
-            .await
-            .map_err(|e| ControllerError::transport("cannot read the group's last success", e))?;
+        let cur = get_retrying(store, &key, "cannot read the group's last success").await?;
         let when = match &cur {
             None => Precondition::Absent,
             Some(v) => {
@@ -209,10 +295,14 @@ async fn note_success(
                 Precondition::Matches(v.etag.clone())
             }
         };
-        match store
-            .put(&key, bytes.clone(), when)
-            .await
-            .map_err(|e| ControllerError::transport("cannot record the group's last success", e))?
+        match put_retrying(
+            store,
+            &key,
+            bytes.clone(),
+            when,
+            "cannot record the group's last success",
+        )
+        .await?
         {
             PutOutcome::Written(_) => return Ok(()),
             PutOutcome::Conflict => continue,
@@ -392,13 +482,25 @@ pub(crate) async fn create_rollback(
         settings,
     });
     rollback.config_name = format!("{} (rollback)", rollback.config_name);
-    match store
-        .put(&record_key(id), rollback.to_json(), Precondition::Absent)
-        .await
-        .map_err(|e| ControllerError::transport("cannot store the rollback", e))?
+    match put_retrying(
+        store,
+        &record_key(id),
+        rollback.to_json(),
+        Precondition::Absent,
+        "cannot store the rollback",
+    )
+    .await?
     {
         PutOutcome::Written(_) | PutOutcome::Conflict => {}
     }
+    // The rollback is the group's deployment in progress now.
+    let _ = store
+        .put(
+            &active_key(&record.deployment_group),
+            serde_json::to_vec(&serde_json::json!({ "deployment_id": id })).expect("json"),
+            Precondition::None,
+        )
+        .await;
     let _ = store
         .put(
             &latest_key(&record.deployment_group),
@@ -743,6 +845,7 @@ impl Driver<'_> {
     /// record.
     pub async fn drive(&self, deployment_id: &str) -> Result<DeploymentRecord, ControllerError> {
         let mut resent = false;
+        let mut last_resend: Option<tokio::time::Instant> = None;
         // Built at the first turn from the record's settings; deliveries run beside the
         // rollout and are awaited (bounded by the notifier's deadline) before returning.
         let mut notifier: Option<Option<Arc<Notifier>>> = None;
@@ -757,11 +860,15 @@ impl Driver<'_> {
             let Loaded { mut record, etag } = load_existing(self.store, deployment_id).await?;
             let before = record.clone();
             if record.status.is_final() {
+                // Whoever finds a deployment final finishes its bookkeeping (each step is
+                // idempotent), so a controller that died right after the final write loses
+                // nothing: the group's last success, its active slot, the notification
+                // queue, the rollback it claimed.
                 self.release(&record, &etag).await;
-                if let Some(q) = &notices {
-                    let _ = q.delete_queue().await;
+                self.wrap_up(&record).await?;
+                for a in announcements {
+                    let _ = a.await;
                 }
-                ensure_rollback(self.store, &record, self.aws).await?;
                 return Ok(record);
             }
             if record.status == RolloutStatus::PendingApproval {
@@ -794,6 +901,10 @@ impl Driver<'_> {
                     }
                 }
             }
+
+            // A notifier that cannot be built (a webhook secret missing here) stops this
+            // controller before it writes anything.
+            self.notifier(&settings, &mut notifier)?;
 
             // The lease: hold it, or wait for another controller's to run out.
             let now = Utc::now();
@@ -837,14 +948,25 @@ impl Driver<'_> {
                         "deployment {deployment_id}: driving ({})",
                         record.config_name
                     );
+                    // Taking over (again): what another controller claimed may be unsent.
+                    resent = false;
                 }
                 continue;
             }
 
-            // A controller taking over re-sends to dispatched hosts that never reported.
-            if !resent {
+            // Dispatched hosts with no status at all get the command again: at once when this
+            // controller takes over, then at each full reconciliation for those silent for a
+            // minute (a send that failed, a claim whose answer was lost). Agents run an id
+            // once, however often it arrives.
+            let due_resend =
+                !resent || last_resend.is_none_or(|t| t.elapsed() >= self.reconcile_every);
+            if due_resend {
+                let grace = if resent { RESEND_AFTER } else { Duration::ZERO };
                 resent = true;
-                self.resend_unreported(&record, &settings).await?;
+                last_resend = Some(tokio::time::Instant::now());
+                self.resend_unreported(deployment_id, &record, &settings, grace)
+                    .await?;
+                continue;
             }
             if notices.is_none() {
                 if let (Some(url), Some(aws)) = (&settings.notify_queue_url, self.aws) {
@@ -870,6 +992,7 @@ impl Driver<'_> {
                 None => watch.insert(HealthWatch::new(
                     &settings.alarms,
                     settings.health_url.as_deref(),
+                    Duration::from_secs(settings.health_grace_seconds),
                     self.aws,
                     self.poll.max(Duration::from_secs(1)),
                 )?),
@@ -980,9 +1103,6 @@ impl Driver<'_> {
                 continue;
             }
             if record.status.is_final() {
-                if record.status == RolloutStatus::Succeeded {
-                    note_success(self.store, &record).await?;
-                }
                 sayln!(
                     self,
                     "deployment {deployment_id} {:?}{}",
@@ -993,12 +1113,7 @@ impl Driver<'_> {
                         .map(|r| format!(": {r}"))
                         .unwrap_or_default()
                 );
-                if let Some(q) = &notices {
-                    if let Err(e) = q.delete_queue().await {
-                        log::warn!("cannot delete notification queue {}: {e}", q.url());
-                    }
-                }
-                ensure_rollback(self.store, &record, self.aws).await?;
+                self.wrap_up(&record).await?;
                 for a in announcements {
                     let _ = a.await;
                 }
@@ -1085,44 +1200,89 @@ impl Driver<'_> {
             match self.sink.read(&record.deployment_id, h).await {
                 Ok(Some(r)) if r.status.is_final() => out.push((h.clone(), r)),
                 Ok(_) => {}
-                Err(e) if e.is_transient() => log::warn!("status of {h}: {e}"),
-                Err(e) => {
-                    return Err(ControllerError::transport(
-                        format!("cannot read the status of {h}"),
-                        e,
-                    ))
-                }
+                // One unreadable record (a newer agent's version, a denied key) must not stop
+                // the rollout: the host stays in flight and times out if it never reads.
+                Err(e) => log::warn!("status of {h}: {e}"),
             }
         }
         Ok(out)
     }
 
-    /// Re-sends the command to dispatched hosts with no status record at all.
+    /// Re-sends the command to dispatched hosts with no status record at all that were
+    /// (last) sent more than `grace` ago, and restarts their host timeout from now (so a
+    /// controller resumed long after a crash does not fail the hosts it has just sent to).
     async fn resend_unreported(
         &self,
+        deployment_id: &str,
         record: &DeploymentRecord,
         settings: &RolloutSettings,
+        grace: Duration,
     ) -> Result<(), ControllerError> {
+        let now = Utc::now();
+        let grace = chrono::Duration::from_std(grace).unwrap_or_default();
         let mut silent = Vec::new();
         for (h, host) in &record.hosts {
-            if host.state == HostRolloutState::Dispatched {
-                match self.sink.read(&record.deployment_id, h).await {
-                    Ok(None) => silent.push(h.clone()),
-                    Ok(Some(_)) => {}
-                    // Unknown: sending again is harmless (the agent runs an id once).
-                    Err(e) if e.is_transient() => silent.push(h.clone()),
-                    Err(e) => return Err(ControllerError::transport(format!("status of {h}"), e)),
+            if host.state != HostRolloutState::Dispatched
+                || host.dispatched_at.is_some_and(|t| now - t < grace)
+            {
+                continue;
+            }
+            match self.sink.read(&record.deployment_id, h).await {
+                Ok(None) => silent.push(h.clone()),
+                Ok(Some(_)) => {}
+                // Unknown: sending again is harmless (the agent runs an id once).
+                Err(e) if e.is_transient() => silent.push(h.clone()),
+                Err(e) => log::warn!("status of {h}: {e}"),
+            }
+        }
+        if silent.is_empty() {
+            return Ok(());
+        }
+        // The new dispatch time is written before sending, like a claim.
+        let stamped = update(self.store, deployment_id, |rec| {
+            let mut changed = false;
+            for h in &silent {
+                if let Some(host) = rec.hosts.get_mut(h) {
+                    if host.state == HostRolloutState::Dispatched {
+                        host.dispatched_at = Some(now);
+                        changed = true;
+                    }
+                }
+            }
+            Ok(changed && !rec.status.is_final())
+        })
+        .await?;
+        if stamped.status.is_final() {
+            return Ok(());
+        }
+        sayln!(
+            self,
+            "sending again to {} dispatched host(s) with no status yet: {}",
+            silent.len(),
+            silent.join(", ")
+        );
+        self.send(&stamped, settings, &silent).await
+    }
+
+    /// The bookkeeping of a final deployment, idempotent so that any controller that finds
+    /// it final can do it: record the group's last success, free the group's active slot,
+    /// delete the notification queue, create the rollback it claimed.
+    async fn wrap_up(&self, record: &DeploymentRecord) -> Result<(), ControllerError> {
+        if record.status == RolloutStatus::Succeeded {
+            note_success(self.store, record).await?;
+        }
+        release_active(self.store, &record.deployment_group, &record.deployment_id).await;
+        if let Ok(settings) = serde_json::from_value::<RolloutSettings>(record.settings.clone()) {
+            if let (Some(url), Some(aws)) = (&settings.notify_queue_url, self.aws) {
+                if let Err(e) = SqsQueue::new(aws.sqs.clone(), url.clone())
+                    .delete_queue()
+                    .await
+                {
+                    log::warn!("cannot delete notification queue {url}: {e}");
                 }
             }
         }
-        if !silent.is_empty() {
-            eprintln!(
-                "re-sending to {} dispatched host(s) with no status yet: {}",
-                silent.len(),
-                silent.join(", ")
-            );
-            self.send(record, settings, &silent).await?;
-        }
+        ensure_rollback(self.store, record, self.aws).await?;
         Ok(())
     }
 
@@ -1544,6 +1704,7 @@ mod tests {
                 rollback_on_alarm: false,
                 alarms: vec![],
                 health_url: None,
+                health_grace_seconds: 30,
                 zonal: None,
                 notifications: vec![],
                 ignore_application_stop_failures: false,
