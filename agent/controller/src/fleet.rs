@@ -438,7 +438,7 @@ async fn drive(
     loop {
         let ctrl_c = tokio::signal::ctrl_c();
         let record = tokio::select! {
-            r = driver.drive(&current) => r?,
+            r = drive_riding_out(&driver, &current) => r?,
             _ = ctrl_c => {
                 eprintln!(
                     "interrupted: deployment {current} is left as recorded; carry on with \
@@ -458,6 +458,38 @@ async fn drive(
         match &record.rolled_back_by {
             Some(next) if record.rollback_of.is_none() => current = next.clone(),
             _ => return Ok(code.unwrap_or(this)),
+        }
+    }
+}
+
+/// Drives `deployment_id`, starting the driver again after a transient failure (the store
+/// or a queue unreachable for longer than one call's retries) for up to ten minutes: the
+/// record holds everything, so a restarted driver carries on where it was. A failure that
+/// lasts says how to carry on later.
+async fn drive_riding_out(
+    driver: &Driver<'_>,
+    deployment_id: &str,
+) -> Result<DeploymentRecord, ControllerError> {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(600);
+    let mut backoff = pier_sys::backoff::Backoff::network();
+    loop {
+        match driver.drive(deployment_id).await {
+            Ok(r) => return Ok(r),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < give_up => {
+                let delay = backoff.next_delay().unwrap_or(Duration::from_secs(10));
+                eprintln!(
+                    "deployment {deployment_id}: {e}; carrying on in {} s",
+                    delay.as_secs().max(1)
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                eprintln!(
+                    "deployment {deployment_id} is left as recorded; carry it on with pier \
+                     deploy --resume {deployment_id} once this is fixed"
+                );
+                return Err(e);
+            }
         }
     }
 }
@@ -572,7 +604,7 @@ pub async fn stop(
     if !rollback {
         return Ok(0);
     }
-    let Some(id) = rollout::claim_rollback_of(store, deployment_id, None).await? else {
+    let Some(id) = rollout::claim_rollback_of(store, deployment_id).await? else {
         return Ok(EXIT_FAILURE);
     };
     let rec = rollout::load_existing(store, deployment_id).await?.record;
@@ -682,12 +714,36 @@ pub async fn rollback(
             format!("{latest} is the group's latest deployment already; name an earlier one"),
         ));
     }
-    let Some(id) = rollout::claim_rollback_of(store, &latest, Some(&target)).await? else {
+    if rollout::hosts_reached(&latest_rec).is_empty() {
+        eprintln!("nothing to roll back: {latest} reached no host");
         return Ok(EXIT_FAILURE);
-    };
-    let rec = rollout::load_existing(store, &latest).await?.record;
-    let clients = rollout_clients(fleet, &rec, aws).await?;
-    rollout::create_rollback(store, &rec, &id, target, clients.as_ref()).await?;
+    }
+    if let Some(by) = &latest_rec.rolled_back_by {
+        eprintln!("{latest} is already rolled back by {by}");
+        return Ok(EXIT_FAILURE);
+    }
+    // The rollback (with its target) is stored first and linked second, so that a command
+    // that dies in between leaves an unlinked record, never a link to a record that would
+    // later be made to another revision.
+    let id = pier_protocol::new_deployment_id();
+    let clients = rollout_clients(fleet, &latest_rec, aws).await?;
+    rollout::create_rollback(store, &latest_rec, &id, target, clients.as_ref()).await?;
+    let linked = rollout::update(store, &latest, |r| {
+        if r.rolled_back_by.is_some() {
+            return Ok(false);
+        }
+        r.rolled_back_by = Some(id.clone());
+        Ok(true)
+    })
+    .await?;
+    if linked.rolled_back_by.as_deref() != Some(id.as_str()) {
+        let _ = store.delete(&rollout::record_key(&id)).await;
+        eprintln!(
+            "{latest} was rolled back by {} meanwhile",
+            linked.rolled_back_by.unwrap_or_default()
+        );
+        return Ok(EXIT_FAILURE);
+    }
     drive(
         fleet,
         clients.as_ref(),

@@ -358,14 +358,12 @@ pub(crate) async fn claim_rollback(
     }
 }
 
-/// Claims a rollback of the final deployment `deployment_id` for an operator (`pier stop
-/// --rollback`, `pier rollback`): writes `rolled_back_by` with a conditional write. With a
-/// `target`, any deployment that reached hosts can be rolled back to it; without, the group's
-/// last success is the target. `None` (said on stderr) when there is nothing to roll back.
+/// Claims a rollback of the final deployment `deployment_id` to the group's last success for
+/// an operator (`pier stop --rollback`): writes `rolled_back_by` with a conditional write.
+/// `None` (said on stderr) when there is nothing to roll back.
 pub(crate) async fn claim_rollback_of(
     store: &dyn ObjectStore,
     deployment_id: &str,
-    target: Option<&LastSuccess>,
 ) -> Result<Option<String>, ControllerError> {
     loop {
         let Loaded { mut record, etag } = load_existing(store, deployment_id).await?;
@@ -373,29 +371,14 @@ pub(crate) async fn claim_rollback_of(
             eprintln!("{deployment_id} is already rolled back by {by}");
             return Ok(Some(by.clone()));
         }
-        let claimed = match target {
-            Some(_) if !hosts_reached(&record).is_empty() => {
-                let id = pier_protocol::new_deployment_id();
-                record.rolled_back_by = Some(id.clone());
-                Some(id)
-            }
-            Some(_) => None,
-            None => {
-                // claim_rollback refuses a rollback of a rollback; an operator may want one.
-                let of = record.rollback_of.take();
-                let id = claim_rollback(store, &mut record).await?;
-                record.rollback_of = of;
-                id
-            }
-        };
+        // claim_rollback refuses a rollback of a rollback; an operator may want one.
+        let of = record.rollback_of.take();
+        let claimed = claim_rollback(store, &mut record).await?;
+        record.rollback_of = of;
         let Some(id) = claimed else {
             eprintln!(
                 "nothing to roll back for {deployment_id}: {}",
-                record
-                    .status_reason
-                    .as_deref()
-                    .filter(|_| target.is_none())
-                    .unwrap_or("no host got it")
+                record.status_reason.as_deref().unwrap_or("no host got it")
             );
             return Ok(None);
         };
