@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use pier_protocol::problems::{ProblemList, Problems};
 use serde::Deserialize;
 
 use super::ControllerError;
@@ -73,26 +74,27 @@ impl Environment {
         .collect()
     }
 
-    fn problems(&self, name: &str) -> Vec<String> {
-        let mut out = Vec::new();
+    fn problems(&self, name: &str, out: &mut Problems) {
         if self.status_bucket.is_some() && self.status_dir.is_some() {
-            out.push(format!(
-                "environments.{name}: give status_bucket or status_dir, not both"
-            ));
+            out.push(
+                format!("environments.{name}"),
+                "give status_bucket or status_dir, not both",
+            );
         }
         if let Some(role) = &self.role_arn {
             if !role.starts_with("arn:") || !role.contains(":role/") {
-                out.push(format!(
-                    "environments.{name}.role_arn: `{role}` is not an IAM role ARN \
-                     (arn:aws:iam::ACCOUNT:role/NAME)"
-                ));
+                out.push(
+                    format!("environments.{name}.role_arn"),
+                    format!("`{role}` is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"),
+                );
             }
         }
         if let Some(url) = &self.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                out.push(format!(
-                    "environments.{name}.endpoint_url: `{url}` is not an http(s) URL"
-                ));
+                out.push(
+                    format!("environments.{name}.endpoint_url"),
+                    format!("`{url}` is not an http(s) URL"),
+                );
             }
         }
         for (key, p) in [
@@ -100,19 +102,20 @@ impl Environment {
             ("signing_key", &self.signing_key),
         ] {
             if p.as_ref().is_some_and(|p| !p.is_absolute()) {
-                out.push(format!(
-                    "environments.{name}.{key}: must be an absolute path"
-                ));
+                out.push(
+                    format!("environments.{name}.{key}"),
+                    "must be an absolute path",
+                );
             }
         }
         if let Some(t) = &self.queue_url_template {
             if !t.contains("{host}") {
-                out.push(format!(
-                    "environments.{name}.queue_url_template: must contain {{host}}"
-                ));
+                out.push(
+                    format!("environments.{name}.queue_url_template"),
+                    "must contain {host}",
+                );
             }
         }
-        out
     }
 }
 
@@ -131,23 +134,20 @@ pub fn parse(source: &str, text: &str) -> Result<BTreeMap<String, Environment>, 
             .unwrap_or_else(|| source.to_string());
         ControllerError::usage(at, pier_protocol::quote::bounded(&e.to_string(), 300))
     })?;
-    let mut problems = Vec::new();
+    let mut problems = Problems::default();
     for (name, env) in &raw.environments {
         if !pier_protocol::is_valid_id(name) {
-            problems.push(format!(
-                "environments.{name}: not an environment name (letters, digits, `.`, `_`, `-`)"
-            ));
+            problems.push(
+                format!("environments.{name}"),
+                "not an environment name (letters, digits, `.`, `_`, `-`)",
+            );
         }
-        problems.extend(env.problems(name));
+        env.problems(name, &mut problems);
     }
-    if !problems.is_empty() {
+    if let Err(list) = problems.into_result() {
         return Err(ControllerError::usage(
             source,
-            format!(
-                "{} problem(s):\n  - {}",
-                problems.len(),
-                problems.join("\n  - ")
-            ),
+            format!("{} problem(s):\n{}", list.len(), ProblemList(&list)),
         ));
     }
     Ok(raw.environments)

@@ -14,7 +14,6 @@
 //! rollout, is the rollout's business, not this module's.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
 use pier_protocol::quote::{bounded, quote};
 use pier_protocol::record::MinimumHealthyHosts;
@@ -32,14 +31,10 @@ const MAX_ALARM_NAME: usize = 255;
 /// How much of a YAML parser's message (which may echo the input) reaches an error.
 const MAX_PARSER_MESSAGE: usize = 300;
 
-/// One problem found in a group definition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupProblem {
-    /// The key concerned (`tag_filters[1].type`), or empty for the group as a whole.
-    pub key: String,
-    /// What is wrong and what to write instead.
-    pub message: String,
-}
+/// One problem found in a group definition, under its key (`tag_filters[1].type`), or empty
+/// for the group as a whole.
+pub use pier_protocol::problems::Problem as GroupProblem;
+use pier_protocol::problems::{ProblemList, Problems};
 
 /// Why a group definition cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -64,24 +59,6 @@ pub enum GroupError {
         /// Every problem, in the order of the document.
         problems: Vec<GroupProblem>,
     },
-}
-
-struct ProblemList<'a>(&'a [GroupProblem]);
-
-impl fmt::Display for ProblemList<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            if p.key.is_empty() {
-                write!(f, "  - {}", p.message)?;
-            } else {
-                write!(f, "  - {}: {}", p.key, p.message)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A deployment group, checked.
@@ -463,9 +440,24 @@ struct RawWebhook {
 }
 
 /// Builds the checked definition, collecting every problem.
+/// Unknown keys, with where the known ones are shown.
+trait UnknownKeys {
+    fn unknown_key(&mut self, section: &str, keys: &Unknown);
+}
+
+impl UnknownKeys for Problems {
+    fn unknown_key(&mut self, section: &str, keys: &Unknown) {
+        self.unknown(
+            section,
+            keys.keys(),
+            "see docs/examples/groups/web.yml for the keys a group has",
+        );
+    }
+}
+
 fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
     let mut p = Problems::default();
-    p.unknown("", &raw.unknown);
+    p.unknown_key("", &raw.unknown);
 
     if let Some(v) = raw.version {
         if v != i64::from(GROUP_VERSION) {
@@ -573,7 +565,7 @@ fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
     }
 
     let rollback_raw = raw.auto_rollback.unwrap_or_default();
-    p.unknown("auto_rollback", &rollback_raw.unknown);
+    p.unknown_key("auto_rollback", &rollback_raw.unknown);
     let auto_rollback = AutoRollback {
         on_failure: rollback_raw.on_failure.unwrap_or(false),
         on_alarm: rollback_raw.on_alarm.unwrap_or(false),
@@ -606,9 +598,7 @@ fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
         .filter_map(|(i, n)| notification(&mut p, &format!("notifications[{i}]"), n))
         .collect();
 
-    if !p.0.is_empty() {
-        return Err(p.0);
-    }
+    p.into_result()?;
     Ok(GroupDefinition {
         version: GROUP_VERSION,
         name,
@@ -638,7 +628,7 @@ const MAX_MONITOR_SECONDS: i64 = 2 * 24 * 3600;
 
 /// The zonal configuration, every problem under `zonal.`.
 fn zonal(p: &mut Problems, raw: RawZonal) -> ZonalConfig {
-    p.unknown("zonal", &raw.unknown);
+    p.unknown_key("zonal", &raw.unknown);
     let mut seconds = |key: &str, v: Option<i64>| match v {
         None => 0,
         Some(n) if (0..=MAX_MONITOR_SECONDS).contains(&n) => n as u64,
@@ -697,8 +687,8 @@ fn zonal(p: &mut Problems, raw: RawZonal) -> ZonalConfig {
 
 /// One tag filter, its type inferred from the parts given when not written.
 fn tag_filter(p: &mut Problems, at: &str, raw: RawTagFilter) -> Option<TagFilter> {
-    let before = p.0.len();
-    p.unknown(at, &raw.unknown);
+    let before = p.len();
+    p.unknown_key(at, &raw.unknown);
     let key = scalar(p, &format!("{at}.key"), raw.key);
     let value = scalar(p, &format!("{at}.value"), raw.value);
     let kind = match raw.kind.as_deref() {
@@ -745,7 +735,7 @@ fn tag_filter(p: &mut Problems, at: &str, raw: RawTagFilter) -> Option<TagFilter
             }
         }
     }
-    if p.0.len() > before {
+    if p.len() > before {
         return None;
     }
     Some(TagFilter {
@@ -774,7 +764,7 @@ fn transport(p: &mut Problems, raw: Option<RawTransport>, shared: bool) -> Group
     let Some(raw) = raw else {
         return GroupTransport::default();
     };
-    p.unknown("transport", &raw.unknown);
+    p.unknown_key("transport", &raw.unknown);
     match raw.kind.as_deref().unwrap_or("sqs") {
         "sqs" => {
             if raw.spool_dir.is_some() {
@@ -838,8 +828,8 @@ fn transport(p: &mut Problems, raw: Option<RawTransport>, shared: bool) -> Group
 
 /// One notification entry.
 fn notification(p: &mut Problems, at: &str, raw: RawNotification) -> Option<Notification> {
-    let before = p.0.len();
-    p.unknown(at, &raw.unknown);
+    let before = p.len();
+    p.unknown_key(at, &raw.unknown);
     let target = match (raw.sns_topic_arn, raw.webhook) {
         (Some(arn), None) => {
             if !is_sns_arn(&arn) {
@@ -855,7 +845,7 @@ fn notification(p: &mut Problems, at: &str, raw: RawNotification) -> Option<Noti
         }
         (None, Some(hook)) => {
             let at = format!("{at}.webhook");
-            p.unknown(&at, &hook.unknown);
+            p.unknown_key(&at, &hook.unknown);
             let url = hook.url.unwrap_or_default();
             if url.is_empty() {
                 p.push(format!("{at}.url"), "is required");
@@ -924,7 +914,7 @@ fn notification(p: &mut Problems, at: &str, raw: RawNotification) -> Option<Noti
             events
         }
     };
-    if p.0.len() > before {
+    if p.len() > before {
         return None;
     }
     Some(Notification {
@@ -968,38 +958,6 @@ fn is_env_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with(|c: char| c.is_ascii_digit())
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-#[derive(Default)]
-struct Problems(Vec<GroupProblem>);
-
-impl Problems {
-    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.0.push(GroupProblem {
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-
-    fn unknown(&mut self, section: &str, keys: &Unknown) {
-        for k in keys.keys() {
-            let key = if section.is_empty() {
-                k.clone()
-            } else {
-                format!("{section}.{k}")
-            };
-            self.push(
-                key,
-                "unknown key (see docs/examples/groups/web.yml for the keys a group has)",
-            );
-        }
-    }
-
-    /// Whether a problem was already reported under `prefix` (so a consequence of it is not
-    /// reported again).
-    fn any_under(&self, prefix: &str) -> bool {
-        self.0.iter().any(|p| p.key.starts_with(prefix))
-    }
 }
 
 #[cfg(test)]

@@ -36,13 +36,10 @@ const MAX_KEY_FILE: u64 = 4096;
 /// own credentials and the knobs that would point a script's AWS tools at them.
 const NEVER_PASSED_PREFIXES: &[&str] = &["AWS_", "PIER_AGENT_"];
 
-/// One problem found in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// The dotted key the problem concerns (`hooks.kill_grace_seconds`), or empty for the file.
-    pub(crate) key: String,
-    pub(crate) message: String,
-}
+/// One problem found in the configuration, under its dotted key
+/// (`hooks.kill_grace_seconds`), or empty for the file.
+pub use pier_protocol::problems::Problem as ConfigProblem;
+use pier_protocol::problems::ProblemList;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -65,24 +62,6 @@ pub enum ConfigError {
         path: PathBuf,
         problems: Vec<ConfigProblem>,
     },
-}
-
-struct ProblemList<'a>(&'a [ConfigProblem]);
-
-impl fmt::Display for ProblemList<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            if p.key.is_empty() {
-                write!(f, "  - {}", p.message)?;
-            } else {
-                write!(f, "  - {}: {}", p.key, p.message)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The file as written: every field optional, unknown keys kept so they can be reported.
@@ -593,9 +572,7 @@ impl Config {
             raw.signature_max_age_seconds,
         );
 
-        if !p.0.is_empty() {
-            return Err(p.0);
-        }
+        p.0.into_result()?;
         Ok(Config {
             root_dir,
             max_revisions,
@@ -852,29 +829,21 @@ fn read_public_key(path: &Path) -> Result<PublicKey, String> {
     PublicKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The shared problem list, with the checks this file's values need.
 #[derive(Default)]
-struct Problems(Vec<ConfigProblem>);
+struct Problems(pier_protocol::problems::Problems);
 
 impl Problems {
     fn push(&mut self, key: &str, message: &str) {
-        self.0.push(ConfigProblem {
-            key: key.to_string(),
-            message: message.to_string(),
-        });
+        self.0.push(key, message);
     }
 
     fn unknown(&mut self, section: &str, keys: &BTreeMap<String, serde_yaml::Value>) {
-        for k in keys.keys() {
-            let key = if section.is_empty() {
-                k.clone()
-            } else {
-                format!("{section}.{k}")
-            };
-            self.push(
-                &key,
-                "unknown key (see docs/configuration.md for the keys pier reads)",
-            );
-        }
+        self.0.unknown(
+            section,
+            keys.keys(),
+            "see docs/configuration.md for the keys pier reads",
+        );
     }
 
     /// A cap that is off unless set; when set it must be a positive integer.

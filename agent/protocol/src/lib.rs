@@ -19,6 +19,7 @@ mod bundle;
 mod diagnostics;
 mod event;
 mod id;
+pub mod problems;
 pub mod quote;
 pub mod record;
 pub mod registry;
