@@ -7,7 +7,6 @@
 //! commands use. One that cannot be parsed is named on stderr and skipped, so one damaged
 //! record does not hide the rest of the history; a store that cannot be read is an error.
 
-use std::collections::HashMap;
 
 use chrono::{DateTime, Duration, Utc};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -331,31 +330,7 @@ pub fn render_table(records: &[DeploymentRecord]) -> String {
             links.join(", "),
         ]);
     }
-    let mut widths: HashMap<usize, usize> = HashMap::new();
-    for row in &rows {
-        for (i, cell) in row.iter().enumerate() {
-            let w = widths.entry(i).or_default();
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in rows {
-        let last = row.len() - 1;
-        let line: Vec<String> = row
-            .into_iter()
-            .enumerate()
-            .map(|(i, cell)| {
-                if i == last {
-                    cell
-                } else {
-                    format!("{cell:<w$}", w = widths[&i])
-                }
-            })
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::aligned(&rows)
 }
 
 /// Parses a `--status` value: a [`RolloutStatus`] name in any case, with or without `-`/`_`

@@ -263,25 +263,7 @@ pub(crate) fn render(entries: &[RegistryEntry], now: DateTime<Utc>) -> String {
             cell(e.queue.as_deref().unwrap_or("")),
         ]);
     }
-    let mut widths = [0usize; COLUMNS.len()];
-    for row in &table {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &table {
-        let mut line = String::new();
-        for (i, (w, cell)) in widths.iter().zip(row).enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = super::aligned(&table);
     let _ = write!(
         out,
         "{} host(s): {healthy} healthy, {stale} stale, {stopped} stopped",

@@ -285,6 +285,35 @@ pub(crate) fn progress_bar(len: u64, message: &str, bytes: bool) -> indicatif::P
     bar
 }
 
+/// Rows as text columns, each but the last padded to its widest cell and two spaces apart,
+/// one line a row (trailing spaces trimmed): the tables of `status`, `hosts` and `history`.
+pub(crate) fn aligned<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, cell) in row.as_ref().iter().enumerate() {
+            if widths.len() <= i {
+                widths.push(0);
+            }
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let row = row.as_ref();
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Runs a controller future on a fresh runtime and turns its result into an exit code,
 /// printing the error (prefixed `pier: `) on stderr. The binary's `main` is this call.
 pub fn run<F>(work: F) -> i32

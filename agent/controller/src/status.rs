@@ -189,25 +189,7 @@ pub(crate) fn render(rows: &[(String, Option<StatusRecord>)]) -> String {
             ]);
         }
     }
-    let mut widths = [0usize; 5];
-    for row in &table {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &table {
-        let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = super::aligned(&table);
     out.push('\n');
     for (host, rec) in rows {
         match rec {
