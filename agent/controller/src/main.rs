@@ -62,7 +62,8 @@ struct AwsArgs {
 enum Command {
     /// Archive a directory, upload it as a revision, print the revision JSON on stdout.
     Push(PushArgs),
-    /// Send a deployment to hosts; with --wait, follow it until every host is done.
+    /// Deploy a revision: to a stored group, rolled out batch by batch to the end; or with
+    /// --hosts, to those hosts at once (with --wait, followed until every host is done).
     Deploy(Box<DeployArgs>),
     /// Show a deployment's per-host, per-event status.
     Status(StatusArgs),
@@ -277,7 +278,8 @@ struct DeployArgs {
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     host_timeout: u64,
     /// For a stored group: an http(s) URL that must keep answering 2xx during the rollout
-    /// (three failures in a row stop it, and roll it back when the group says so).
+    /// (failures spanning the group's health_grace_seconds stop it, and roll it back when the
+    /// group says so).
     #[arg(long, value_name = "URL", conflicts_with = "hosts")]
     health_url: Option<String>,
     /// For a stored group: seconds this controller's claim on the rollout holds without
