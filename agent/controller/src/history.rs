@@ -7,7 +7,6 @@
 //! commands use. One that cannot be parsed is named on stderr and skipped, so one damaged
 //! record does not hide the rest of the history; a store that cannot be read is an error.
 
-
 use chrono::{DateTime, Duration, Utc};
 use futures::stream::{self, StreamExt, TryStreamExt};
 
