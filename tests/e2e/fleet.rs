@@ -1216,6 +1216,32 @@ fn a_webhook_hears_every_trigger_event_of_a_rollout_and_its_rollback() {
         .find(|(e, d)| e == "InstanceFailure" && d["deployment_id"] == bad_id.as_str())
         .unwrap();
     assert!(failure.1.to_string().contains("h1"), "{}", failure.1);
+
+    // A rejection is announced as a failure, by the command that rejected it.
+    let log = s.path().join("held.log");
+    let mut args = fleet.deploy_args("hooked");
+    args.push("--require-approval");
+    let mut held = Command::new(pier_bin())
+        .args(&args)
+        .env("PIER_E2E_HOOK_SECRET", "s3cret")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let held_id = first_line(&log);
+    let rejected = run_cmd(
+        Command::new(pier_bin())
+            .args(["reject", &held_id, "--status-dir", fleet.status()])
+            .env("PIER_E2E_HOOK_SECRET", "s3cret"),
+    );
+    assert_eq!(rejected.code, 0, "{}", rejected.all());
+    assert_eq!(wait_exit(&mut held, Duration::from_secs(30)), 1);
+    let heard = got.lock().unwrap().iter().any(|(head, body)| {
+        head.to_ascii_lowercase()
+            .contains("x-pier-event: deploymentfailure")
+            && body.contains(&held_id)
+    });
+    assert!(heard, "no DeploymentFailure for the rejected {held_id}");
 }
 
 #[test]

@@ -22,7 +22,7 @@ use pier_transport::sqs::SqsQueue;
 use pier_transport::store::{ObjectStore, Precondition};
 
 use super::deploy::{check_events, creator, with_retries};
-use super::group::{parse_group, GroupDefinition, GroupTransport};
+use super::group::{parse_group, GroupDefinition, GroupTransport, TriggerEvent};
 use super::revision::{resolve, RevisionOverrides};
 use super::rollout::{self, Delivery, Driver, NewRollout, RolloutSettings};
 use super::rules::DeploymentConfig;
@@ -599,7 +599,7 @@ pub async fn stop(
     if stopped_here {
         // The stop is this command's write, so its announcement is this command's too.
         let clients = rollout_clients(fleet, &rec, aws).await?;
-        rollout::announce_stop(&rec, clients.as_ref()).await;
+        rollout::announce_event(&rec, TriggerEvent::DeploymentStop, clients.as_ref()).await;
     }
     if !rollback {
         return Ok(0);
@@ -610,6 +610,7 @@ pub async fn stop(
     let rec = rollout::load_existing(store, deployment_id).await?.record;
     let clients = rollout_clients(fleet, &rec, aws).await?;
     rollout::ensure_rollback(store, &rec, clients.as_ref()).await?;
+    rollout::announce_event(&rec, TriggerEvent::DeploymentRollback, clients.as_ref()).await;
     drive(
         fleet,
         clients.as_ref(),
@@ -744,6 +745,7 @@ pub async fn rollback(
         );
         return Ok(EXIT_FAILURE);
     }
+    rollout::announce_event(&linked, TriggerEvent::DeploymentRollback, clients.as_ref()).await;
     drive(
         fleet,
         clients.as_ref(),
@@ -763,6 +765,7 @@ pub async fn decide(
     deployment_id: &str,
     approved: bool,
     comment: Option<String>,
+    aws: &AwsOptions,
 ) -> Result<i32, ControllerError> {
     let who = creator();
     let rec = rollout::update(fleet.store.as_ref(), deployment_id, |rec| {
@@ -795,5 +798,9 @@ pub async fn decide(
     })
     .await?;
     eprintln!("deployment {deployment_id} {:?}", rec.status);
+    if !approved {
+        let clients = rollout_clients(fleet, &rec, aws).await?;
+        rollout::announce_event(&rec, TriggerEvent::DeploymentFailure, clients.as_ref()).await;
+    }
     Ok(0)
 }

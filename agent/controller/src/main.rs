@@ -516,7 +516,7 @@ async fn group(g: GroupCommand, aws: AwsOptions) -> Result<i32, ControllerError>
 
 async fn decide(a: DecideArgs, approved: bool, aws: AwsOptions) -> Result<i32, ControllerError> {
     let fleet = Fleet::open(&a.sink.into_options(), &aws).await?;
-    pier_controller::fleet::decide(&fleet, &a.deployment_id, approved, a.comment).await
+    pier_controller::fleet::decide(&fleet, &a.deployment_id, approved, a.comment, &aws).await
 }
 
 async fn deploy(a: DeployArgs, aws: AwsOptions) -> Result<i32, ControllerError> {

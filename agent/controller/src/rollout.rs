@@ -1385,9 +1385,14 @@ fn announce(
         .collect()
 }
 
-/// Announces `DeploymentStop` for a record an operator just stopped (best effort: a
-/// notifier that cannot be built is reported, not an error, since the stop is done).
-pub(crate) async fn announce_stop(record: &DeploymentRecord, aws: Option<&AwsClients>) {
+/// Announces `event` for a change an operator's command just wrote (a stop, a rejection, a
+/// manual rollback), best effort: a notifier that cannot be built is reported, not an
+/// error, since the change is done.
+pub(crate) async fn announce_event(
+    record: &DeploymentRecord,
+    event: TriggerEvent,
+    aws: Option<&AwsClients>,
+) {
     let Ok(settings) = serde_json::from_value::<RolloutSettings>(record.settings.clone()) else {
         return;
     };
@@ -1397,9 +1402,9 @@ pub(crate) async fn announce_stop(record: &DeploymentRecord, aws: Option<&AwsCli
     let sns = aws.map(|a| aws_sdk_sns::Client::new(&a.config));
     match Notifier::new(&settings.notifications, sns) {
         Ok(n) => {
-            n.send(TriggerEvent::DeploymentStop, record, None).await;
+            n.send(event, record, None).await;
         }
-        Err(e) => eprintln!("pier: cannot announce the stop: {e}"),
+        Err(e) => eprintln!("pier: cannot announce {}: {e}", event.as_str()),
     }
 }
 
