@@ -20,26 +20,33 @@ use pier_protocol::record::{DeploymentRecord, HostRolloutState, RolloutStatus};
 
 use crate::support::*;
 
-/// A bundle with no files: AfterInstall appends `$DEPLOYMENT_ID` to `$HOOK_LOG` after
-/// sleeping `$HOOK_SLEEP` seconds (2 more while the file `$FAIL_DIR/slow` exists); ValidateService fails when `$PIER_HOST` is listed in
-/// `$FAIL_DIR/GROUP` (see [`SpoolFleet::group`]), else exits `$FAIL`.
-fn bundle(s: &Scratch) -> PathBuf {
+/// A bundle with no files in `rel`: AfterInstall appends `$DEPLOYMENT_ID` to `$HOOK_LOG` after
+/// sleeping `$HOOK_SLEEP` seconds (2 more while the file `$FAIL_DIR/slow` exists);
+/// ValidateService is `validate` (a shell script).
+fn hook_bundle(s: &Scratch, rel: &str, validate: &str) -> PathBuf {
     s.write(
-        "bundle/appspec.yml",
+        &format!("{rel}/appspec.yml"),
         "version: 0.0\nos: linux\nhooks:\n  AfterInstall:\n    - location: record.sh\n      \
          timeout: 60\n  ValidateService:\n    - location: validate.sh\n      timeout: 60\n",
     );
     s.script(
-        "bundle/record.sh",
+        &format!("{rel}/record.sh"),
         "#!/bin/sh\nsleep \"${HOOK_SLEEP:-0}\"\n[ -f \"$FAIL_DIR/slow\" ] && sleep 2\n\
          echo \"$DEPLOYMENT_ID\" >> \"$HOOK_LOG\"\n",
     );
-    s.script(
-        "bundle/validate.sh",
+    s.script(&format!("{rel}/validate.sh"), validate);
+    s.path().join(rel)
+}
+
+/// The fleet's usual bundle ([`hook_bundle`]): ValidateService fails when `$PIER_HOST` is
+/// listed in `$FAIL_DIR/GROUP` (see [`SpoolFleet::group`]), else exits `$FAIL`.
+fn bundle(s: &Scratch) -> PathBuf {
+    hook_bundle(
+        s,
+        "bundle",
         "#!/bin/sh\ngrep -qx \"$PIER_HOST\" \"$FAIL_DIR/$DEPLOYMENT_GROUP_NAME\" 2>/dev/null \
          && exit 1\nexit \"${FAIL:-0}\"\n",
-    );
-    s.path().join("bundle")
+    )
 }
 
 /// When [`commit`] commits the bundle (its committer time, which push records for lead time).
@@ -673,25 +680,15 @@ async fn sqs_fleet_learns_results_from_the_notification_queue() {
     drop(agents);
 }
 
-/// A second bundle, `v2`: as [`bundle`], but ValidateService also fails on the hosts listed
-/// in the bundle's own `failhosts` (so the revision is bad, not the host).
+/// A second bundle, `v2` ([`hook_bundle`]): ValidateService fails on the hosts listed in the
+/// bundle's own `failhosts` (so the revision is bad, not the host).
 fn bad_bundle(s: &Scratch, failing: &[&str]) -> PathBuf {
-    let dir = s.path().join("bundle-v2");
-    s.write(
-        "bundle-v2/appspec.yml",
-        "version: 0.0\nos: linux\nhooks:\n  AfterInstall:\n    - location: record.sh\n      \
-         timeout: 60\n  ValidateService:\n    - location: validate.sh\n      timeout: 60\n",
-    );
-    s.script(
-        "bundle-v2/record.sh",
-        "#!/bin/sh\nsleep \"${HOOK_SLEEP:-0}\"\necho \"$DEPLOYMENT_ID\" >> \"$HOOK_LOG\"\n",
-    );
-    s.script(
-        "bundle-v2/validate.sh",
-        "#!/bin/sh\ngrep -qx \"$PIER_HOST\" \"$(dirname \"$0\")/failhosts\" && exit 1\nexit 0\n",
-    );
     s.write("bundle-v2/failhosts", &(failing.join("\n") + "\n"));
-    dir
+    hook_bundle(
+        s,
+        "bundle-v2",
+        "#!/bin/sh\ngrep -qx \"$PIER_HOST\" \"$(dirname \"$0\")/failhosts\" && exit 1\nexit 0\n",
+    )
 }
 
 fn push_local(bundle: &Path, to: &Path) {
@@ -1349,4 +1346,48 @@ async fn environments_choose_the_store_and_can_assume_a_role() {
         .send()
         .await;
     assert!(obj.is_ok(), "the cloud environment wrote to its bucket");
+}
+
+#[test]
+fn two_controllers_resuming_one_rollout_at_once_run_no_host_twice() {
+    let s = Scratch::new();
+    let fleet = SpoolFleet::start(&s, 4, 1);
+    fleet.group(&s, "race", "OneAtATime", &[], "");
+    let log = s.path().join("first.log");
+    let mut args = fleet.deploy_args("race");
+    args.extend(["--lease", "3"]);
+    let mut first = spawn_pier(&args, &log);
+    let id = first_line(&log);
+    wait_for("the first batch", || {
+        (!fleet.record(&id).batches.is_empty()).then_some(())
+    });
+    first.kill().unwrap();
+    let _ = first.wait();
+    // Two controllers take it up at the same moment: the lease and the conditional writes
+    // let one drive while the other waits, and whichever finishes reports the same end.
+    let resume = |n: u32| {
+        spawn_pier(
+            &[
+                "deploy",
+                "--resume",
+                &id,
+                "--status-dir",
+                fleet.status(),
+                "--poll-interval",
+                "0.2",
+                "--lease",
+                "3",
+            ],
+            &s.path().join(format!("resume-{n}.log")),
+        )
+    };
+    let (mut a, mut b) = (resume(1), resume(2));
+    assert_eq!(wait_exit(&mut a, Duration::from_secs(90)), 0);
+    assert_eq!(wait_exit(&mut b, Duration::from_secs(90)), 0);
+    let rec = fleet.record(&id);
+    assert_eq!(rec.status, RolloutStatus::Succeeded);
+    assert_eq!(batch_sizes(&rec), [1, 1, 1, 1]);
+    for h in ["h1", "h2", "h3", "h4"] {
+        assert_eq!(fleet.runs(h, &id), 1, "{h} ran {id} exactly once");
+    }
 }
