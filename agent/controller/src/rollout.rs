@@ -221,26 +221,20 @@ pub(crate) async fn release_active(store: &dyn ObjectStore, group: &str, deploym
     }
 }
 
-/// A read that rides out transient failures with the one backoff.
+/// A read that rides out transient failures (the controller's one retry loop, with the one
+/// backoff).
 async fn get_retrying(
     store: &dyn ObjectStore,
     key: &str,
     what: &str,
 ) -> Result<Option<pier_transport::store::Versioned>, ControllerError> {
-    let mut backoff = Backoff::network();
-    loop {
-        match store.get(key).await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() => match backoff.next_delay() {
-                Some(d) => {
-                    log::warn!("{what}: {e}; retrying");
-                    tokio::time::sleep(d).await;
-                }
-                None => return Err(ControllerError::transport(what.to_string(), e)),
-            },
-            Err(e) => return Err(ControllerError::transport(what.to_string(), e)),
-        }
-    }
+    super::deploy::with_retries(what, || async {
+        store
+            .get(key)
+            .await
+            .map_err(|e| ControllerError::transport(what.to_string(), e))
+    })
+    .await
 }
 
 /// The key naming a group's most recent deployment (`{"deployment_id": ...}`), which
@@ -621,31 +615,7 @@ pub(crate) async fn load(
     deployment_id: &str,
 ) -> Result<Option<Loaded>, ControllerError> {
     let key = record_key(deployment_id);
-    let mut backoff = Backoff::network();
-    let got = loop {
-        match store.get(&key).await {
-            Ok(v) => break v,
-            // A network blip or a 5xx must not end a rollout: the record is read again.
-            Err(e) if e.is_transient() => match backoff.next_delay() {
-                Some(d) => {
-                    log::warn!("reading {key}: {e}; retrying");
-                    tokio::time::sleep(d).await;
-                }
-                None => {
-                    return Err(ControllerError::transport(
-                        "cannot read the deployment record",
-                        e,
-                    ))
-                }
-            },
-            Err(e) => {
-                return Err(ControllerError::transport(
-                    "cannot read the deployment record",
-                    e,
-                ))
-            }
-        }
-    };
+    let got = get_retrying(store, &key, "cannot read the deployment record").await?;
     let Some(v) = got else {
         return Ok(None);
     };
