@@ -345,14 +345,19 @@ pub fn parse_group(source_name: &str, text: &str) -> Result<GroupDefinition, Gro
     })
 }
 
-/// The group's target hosts: the explicit hosts (registered or not) and every registered host
-/// matching any tag filter, sorted, each once. Whether they are healthy is for the caller.
+/// The group's target hosts: the explicit hosts (registered or not), every registered host
+/// matching any tag filter, and every registered host that names the group among its own
+/// (`daemon.deployment_groups`, which `scripts/install.sh --group` writes), sorted, each once.
+/// Whether they are healthy is for the caller.
 pub fn select_hosts(def: &GroupDefinition, registry: &[RegistryEntry]) -> Vec<String> {
     let mut hosts: BTreeSet<String> = def.hosts.iter().cloned().collect();
     hosts.extend(
         registry
             .iter()
-            .filter(|entry| def.tag_filters.iter().any(|f| f.matches(&entry.tags)))
+            .filter(|entry| {
+                def.tag_filters.iter().any(|f| f.matches(&entry.tags))
+                    || entry.deployment_groups.iter().any(|g| *g == def.name)
+            })
             .map(|entry| entry.host_id.clone()),
     );
     hosts.into_iter().collect()
@@ -511,12 +516,9 @@ fn from_raw(raw: RawGroup) -> Result<GroupDefinition, Vec<GroupProblem>> {
         .enumerate()
         .filter_map(|(i, f)| tag_filter(&mut p, &format!("tag_filters[{i}]"), f))
         .collect();
-    if hosts.is_empty() && tag_filters.is_empty() && !p.any_under("tag_filters") {
-        p.push(
-            "",
-            "the group selects no hosts: give `hosts`, `tag_filters` or both",
-        );
-    }
+    // Neither `hosts` nor `tag_filters` is fine: the group is then the registered hosts that
+    // name it themselves (`daemon.deployment_groups`); a rollout that finds none fails with
+    // "no hosts match the deployment group".
 
     let deployment_config = match raw.deployment_config {
         None => DeploymentConfig::OneAtATime,
@@ -1106,20 +1108,25 @@ notifications:
             panic!("expected problems, got {err}")
         };
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["name", "application", ""]);
-        assert!(
-            problems[2].message.contains("selects no hosts"),
-            "{problems:?}"
-        );
+        assert_eq!(keys, ["name", "application"]);
     }
 
     #[test]
-    fn a_group_must_select_hosts() {
-        assert_eq!(
-            problem_keys("name: web\napplication: shop\nhosts: []\ntag_filters: []\n"),
-            [""]
-        );
-        // A broken filter is reported once, not also as "selects no hosts".
+    fn a_group_without_selectors_is_the_hosts_that_name_it() {
+        let g = parse("name: web\napplication: shop\n").unwrap();
+        let mut member = entry("h-2", &[]);
+        member.deployment_groups = vec!["api".into(), "web".into()];
+        let mut other = entry("h-3", &[]);
+        other.deployment_groups = vec!["api".into()];
+        let registry = [entry("h-1", &[("role", "web")]), member, other];
+        assert_eq!(select_hosts(&g, &registry), ["h-2"]);
+
+        // With selectors, a host that names the group is still one of it.
+        let g = parse(
+            "name: web\napplication: shop\nhosts: [h-9]\ntag_filters: [{key: role, value: web, type: KEY_AND_VALUE}]\n",
+        )
+        .unwrap();
+        assert_eq!(select_hosts(&g, &registry), ["h-1", "h-2", "h-9"]);
         assert_eq!(
             problem_keys("name: web\napplication: shop\ntag_filters: [{type: KEY_ONLY}]\n"),
             ["tag_filters[0].key"]
