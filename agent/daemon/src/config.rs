@@ -193,7 +193,8 @@ pub(crate) enum TransportConfig {
 /// Daemon settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DaemonSettings {
-    /// Deployment group names this host belongs to (informational, announced in the registry).
+    /// Deployment group names this host belongs to (announced in the registry; groups select
+    /// the hosts that name them).
     pub(crate) deployment_groups: Vec<String>,
     /// How many deployments (of different groups) may run at once.
     pub(crate) concurrency: usize,
@@ -280,6 +281,71 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `pier-agent check-config`: loads the file (which must exist) and prints what the agent
+    /// would run with, or every problem; 0 when valid, 78 (EX_CONFIG) when not.
+    pub fn check(path: &Path) -> i32 {
+        match Config::load(path, true) {
+            Ok(config) => {
+                print!("{}", config.summary(path));
+                0
+            }
+            Err(e) => {
+                eprintln!("pier-agent: {e}");
+                78
+            }
+        }
+    }
+
+    /// A few lines saying what matters most of this configuration, for an operator checking
+    /// what an installer or a hand edit produced.
+    fn summary(&self, path: &Path) -> String {
+        let transport = match &self.transport {
+            TransportConfig::Spool { spool_dir } => format!("spool {}", spool_dir.display()),
+            TransportConfig::Sqs {
+                queue_url,
+                queue_name,
+                ..
+            } => format!(
+                "sqs {}",
+                queue_url
+                    .as_deref()
+                    .or(queue_name.as_deref())
+                    .unwrap_or("(queue named after the host id)")
+            ),
+        };
+        let list = |items: Vec<String>| {
+            if items.is_empty() {
+                "none".to_string()
+            } else {
+                items.join(", ")
+            }
+        };
+        let tags = list(self.tags.iter().map(|(k, v)| format!("{k}={v}")).collect());
+        let groups = list(self.daemon.deployment_groups.clone());
+        let keys = self.signing.key_ids().len();
+        let signing = if keys == 0 {
+            "none: the agent runs OPEN (any command is run)".to_string()
+        } else {
+            format!("{keys} trusted key(s)")
+        };
+        let registry = match &self.registry {
+            RegistryConfig::Announce(pier_protocol::StatusSinkSpec::S3 { bucket, prefix }) => {
+                format!("s3://{bucket}/{prefix}")
+            }
+            RegistryConfig::Announce(pier_protocol::StatusSinkSpec::Local { dir }) => dir.clone(),
+            RegistryConfig::Disabled => "disabled".to_string(),
+            RegistryConfig::NotConfigured => {
+                "not configured (pier hosts will not list this host)".to_string()
+            }
+        };
+        format!(
+            "{}: valid\n  root_dir: {}\n  transport: {transport}\n  region: {}\n  tags: {tags}\n  deployment groups: {groups}\n  registry: {registry}\n  signing: {signing}\n",
+            path.display(),
+            self.root_dir.display(),
+            self.aws.region.as_deref().unwrap_or("(from the environment or instance metadata)"),
+        )
+    }
+
     /// What the engine is told of this configuration.
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {

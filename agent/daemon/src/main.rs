@@ -34,6 +34,13 @@ enum Command {
     DeployLocal(pier_agent::deploy_local::Args),
     /// Run the agent: poll this host's queue and deploy what arrives, until SIGTERM.
     Run(pier_agent::daemon::Args),
+    /// Check the agent configuration file and print what the agent would run with (exit 78
+    /// and every problem when it is not valid). Run it before a restart or `systemctl reload`.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(short = 'c', long = "config", default_value = "/etc/pier/agent.yml")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +64,7 @@ fn main() -> ExitCode {
             pier_agent::deploy_local::run(&args)
         }
         Command::Run(args) => pier_agent::daemon::run(&args),
+        Command::CheckConfig { config } => pier_agent::config::Config::check(&config),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
