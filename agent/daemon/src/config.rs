@@ -592,6 +592,19 @@ impl Config {
                          finds or creates `queue_name`, default pier-HOST_ID)",
                     );
                 }
+                if let Some(url) = &t.queue_url {
+                    let scheme_ok = ["https://", "http://"].iter().any(|scheme| {
+                        url.strip_prefix(scheme).is_some_and(|rest| {
+                            !rest.is_empty() && !rest.contains(char::is_whitespace)
+                        })
+                    });
+                    if !scheme_ok {
+                        p.push(
+                            "transport.queue_url",
+                            "must be an SQS queue URL, https://sqs.REGION.amazonaws.com/ACCOUNT/NAME                              (http:// for a local test endpoint)",
+                        );
+                    }
+                }
                 TransportConfig::Sqs {
                     queue_url: t.queue_url,
                     queue_name: t.queue_name,
@@ -672,6 +685,7 @@ fn host_tags(
     for (key, value) in raw {
         let at = format!("tags.{key}");
         let bad_key = key.is_empty()
+            || key.trim() != key
             || key.chars().count() > MAX_TAG_KEY_LEN
             || key.contains('=')
             || key.chars().any(char::is_control);
@@ -679,7 +693,8 @@ fn host_tags(
             p.push(
                 &at,
                 &format!(
-                    "a tag key must be 1 to {MAX_TAG_KEY_LEN} characters, without `=` or control                      characters"
+                    "a tag key must be 1 to {MAX_TAG_KEY_LEN} characters, without `=`, control \
+                     characters or spaces at either end"
                 ),
             );
             continue;
@@ -698,7 +713,8 @@ fn host_tags(
             p.push(
                 &at,
                 &format!(
-                    "a tag value must be 1 to {MAX_TAG_VALUE_LEN} characters, without control                      characters"
+                    "a tag value must be 1 to {MAX_TAG_VALUE_LEN} characters, without control \
+                     characters"
                 ),
             );
             continue;
@@ -1160,6 +1176,39 @@ mod tests {
             c.registry,
             RegistryConfig::Announce(pier_protocol::StatusSinkSpec::Local { dir: "/reg".into() })
         );
+    }
+
+    #[test]
+    fn a_queue_url_must_be_http_and_tag_keys_untrimmed_are_refused() {
+        for bad in [
+            "ftp://nowhere/q",
+            "sqs.eu-west-1.amazonaws.com/1/q",
+            "https://",
+            "https://a b",
+        ] {
+            let err =
+                parse(&format!("transport: {{type: sqs, queue_url: '{bad}'}}\n")).unwrap_err();
+            let ConfigError::Invalid { problems, .. } = err else {
+                panic!("expected Invalid for {bad}, got {err}")
+            };
+            assert_eq!(
+                problems[0].key, "transport.queue_url",
+                "{bad}: {problems:?}"
+            );
+        }
+        for good in [
+            "https://sqs.eu-west-1.amazonaws.com/1/q",
+            "http://127.0.0.1:5000/1/q",
+        ] {
+            parse(&format!("transport: {{type: sqs, queue_url: '{good}'}}\n")).unwrap();
+        }
+        let err = parse("tags:\n  ' role': web\n  ' ': x\n").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["tags. ", "tags. role"], "{problems:?}");
+        assert!(problems[0].message.contains("spaces at either end"));
     }
 
     #[test]
