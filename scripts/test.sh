@@ -61,6 +61,23 @@ else
   rc=1
 fi
 
+# The packages, for real: the .deb and .rpm built from the debug binaries above, the .deb
+# installed with scripts/install.sh and dpkg (no systemd running), upgraded during a
+# deployment, removed and purged; the .rpm inspected (scripts/package-test; needs root).
+package_passed=0
+package_failed=0
+package_skipped=""
+if [ "$(id -u)" -ne 0 ]; then
+  package_skipped="scripts/package-test: needs root to install the package"
+elif ! command -v dpkg >/dev/null; then
+  package_skipped="scripts/package-test: this machine has no dpkg"
+elif scripts/package-test; then
+  package_passed=1
+else
+  package_failed=1
+  rc=1
+fi
+
 # One closing line for the whole run, summed over every test binary; a skipped test is
 # counted as skipped, never as passed. (--no-fail-fast above: a failing binary does not hide
 # how the others fare.)
@@ -68,13 +85,18 @@ passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$out" | grep -Eo '[0-9]+ p
 failed=$(grep -Eo '^test result: .* ([0-9]+) failed' "$out" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 skipped=$(wc -l <"$skips")
 skipped=$((skipped + 0))
+cargo_skipped=$skipped
+if [ -n "$package_skipped" ]; then
+  echo "$package_skipped" >>"$skips"
+  skipped=$((skipped + 1))
+fi
 if [ "$skipped" -gt 0 ]; then
   echo "skipped:"
   sed 's/^/  /' "$skips"
 fi
-passed=$((passed > skipped ? passed - skipped : 0))
-passed=$((passed + soak_passed + fleet_passed))
-failed=$((failed + soak_failed + fleet_failed))
+passed=$((passed > cargo_skipped ? passed - cargo_skipped : 0))
+passed=$((passed + soak_passed + fleet_passed + package_passed))
+failed=$((failed + soak_failed + fleet_failed + package_failed))
 rm -f "$out" "$skips"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"

@@ -809,3 +809,56 @@ fn usage_errors_exit_2() {
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(v["usage_error"].as_str().unwrap().contains("no such file"));
 }
+
+// --- `pier-agent check-config` -----------------------------------------------------------
+
+/// A valid configuration is summarised (what an installer wrote can be read back); an invalid
+/// one exits 78 with every problem named under its key; a missing file is an error, not the
+/// defaults (unlike `run` without `--config`).
+#[test]
+fn check_config_summarises_or_names_every_problem() {
+    let s = Scratch::new();
+    let good = s.write(
+        "agent.yml",
+        "transport:\n  type: sqs\n  queue_url: https://sqs.eu-west-1.amazonaws.com/1/pier-web-1\n\
+         aws: {region: eu-west-1}\ntags: {role: web}\ndaemon: {deployment_groups: [web-prod]}\n\
+         registry: {bucket: fleet, prefix: p}\n",
+    );
+    let out = run(
+        &agent_bin(),
+        &["check-config", "-c", good.to_str().unwrap()],
+    )
+    .success();
+    for want in [
+        "valid",
+        "transport: sqs https://sqs.eu-west-1.amazonaws.com/1/pier-web-1",
+        "region: eu-west-1",
+        "tags: role=web",
+        "deployment groups: web-prod",
+        "registry: s3://fleet/p",
+        "signing: none: the agent runs OPEN",
+    ] {
+        assert!(out.stdout.contains(want), "no `{want}` in:\n{}", out.stdout);
+    }
+
+    let bad = s.write(
+        "bad.yml",
+        "colour: blue\nmax_revisions: -1\ntransport: {type: sqs, queue_url: 'ftp://q'}\n",
+    );
+    let out = run(&agent_bin(), &["check-config", "-c", bad.to_str().unwrap()]).code(78);
+    for key in ["colour", "max_revisions", "transport.queue_url"] {
+        assert!(
+            out.stderr.contains(&format!("  - {key}:")),
+            "no problem under `{key}` in:\n{}",
+            out.stderr
+        );
+    }
+
+    let missing = s.path().join("none.yml");
+    let out = run(
+        &agent_bin(),
+        &["check-config", "-c", missing.to_str().unwrap()],
+    )
+    .code(78);
+    assert!(out.stderr.contains("cannot read config"), "{}", out.stderr);
+}
