@@ -61,6 +61,18 @@ else
   rc=1
 fi
 
+# The pipeline examples (docs/pipelines.md): the workflow's schema, cfn-lint on the
+# templates, the buildspecs' structure, and every `pier` command in them parsed by the
+# real binary (PIER_PARSE_ONLY=1). Needs no AWS and no network once its tools are installed.
+examples_passed=0
+examples_failed=0
+if scripts/check-examples --bin "${CARGO_TARGET_DIR:-target}/debug/pier"; then
+  examples_passed=1
+else
+  examples_failed=1
+  rc=1
+fi
+
 # One closing line for the whole run, summed over every test binary; a skipped test is
 # counted as skipped, never as passed. (--no-fail-fast above: a failing binary does not hide
 # how the others fare.)
@@ -73,8 +85,8 @@ if [ "$skipped" -gt 0 ]; then
   sed 's/^/  /' "$skips"
 fi
 passed=$((passed > skipped ? passed - skipped : 0))
-passed=$((passed + soak_passed + fleet_passed))
-failed=$((failed + soak_failed + fleet_failed))
+passed=$((passed + soak_passed + fleet_passed + examples_passed))
+failed=$((failed + soak_failed + fleet_failed + examples_failed))
 rm -f "$out" "$skips"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"
