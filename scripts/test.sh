@@ -61,6 +61,18 @@ else
   rc=1
 fi
 
+# The pipeline examples (docs/pipelines.md): the workflow's schema, cfn-lint on the
+# templates, the buildspecs' structure, and every `pier` command in them parsed by the
+# real binary (PIER_PARSE_ONLY=1). Needs no AWS and no network once its tools are installed.
+examples_passed=0
+examples_failed=0
+if scripts/check-examples --bin "${CARGO_TARGET_DIR:-target}/debug/pier"; then
+  examples_passed=1
+else
+  examples_failed=1
+  rc=1
+fi
+
 # The packages, for real: the .deb and .rpm built from the debug binaries above, the .deb
 # installed with scripts/install.sh and dpkg (no systemd running), upgraded during a
 # deployment, removed and purged; the .rpm inspected (scripts/package-test; needs root).
@@ -95,8 +107,8 @@ if [ "$skipped" -gt 0 ]; then
   sed 's/^/  /' "$skips"
 fi
 passed=$((passed > cargo_skipped ? passed - cargo_skipped : 0))
-passed=$((passed + soak_passed + fleet_passed + package_passed))
-failed=$((failed + soak_failed + fleet_failed + package_failed))
+passed=$((passed + soak_passed + fleet_passed + examples_passed + package_passed))
+failed=$((failed + soak_failed + fleet_failed + examples_failed + package_failed))
 rm -f "$out" "$skips"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"

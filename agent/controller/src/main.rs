@@ -1,11 +1,16 @@
 //! `pier`: the deployment controller and operator CLI. Parses arguments and hands off to
 //! `pier_controller`; usage errors exit 64, failures 1.
+//!
+//! With `PIER_PARSE_ONLY=1` in its environment, `pier` only parses its arguments (the same
+//! parser, so the same flags and errors), prints `parsed: SUBCOMMAND` and exits 0, before it
+//! reads a file, the controller configuration or the network: how `scripts/check-examples`
+//! checks the `pier` invocations in `docs/examples/` against the real CLI.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use pier_controller::deploy::{DeployOptions, TransportKind};
 use pier_controller::fleet::{Fleet, GroupDeployOptions};
 use pier_controller::hosts::HostsOptions;
@@ -375,21 +380,54 @@ fn apply_environment() -> Result<(), ControllerError> {
     Ok(())
 }
 
+/// The environment variable that makes `pier` stop after parsing its arguments (see the
+/// module's documentation). Deliberately not a flag: it stays out of `--help`.
+const PARSE_ONLY: &str = "PIER_PARSE_ONLY";
+
+/// Parses the command line. On an error, or on `--help` / `--version`, prints what clap says
+/// and returns the exit code: 0 for help and version, 64 (a usage error, like the rest of
+/// pier's) for anything else.
+fn parse_args() -> Result<(Cli, ArgMatches), ExitCode> {
+    let fail = |e: clap::Error| {
+        let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+        let _ = e.print();
+        ExitCode::from(code as u8)
+    };
+    let matches = Cli::command().try_get_matches().map_err(fail)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| fail(e.format(&mut Cli::command())))?;
+    Ok((cli, matches))
+}
+
+/// `PIER_PARSE_ONLY=1`: the parse and nothing else. Prints the (sub)command parsed, e.g.
+/// `parsed: deploy` or `parsed: group put`.
+fn parse_only() -> ExitCode {
+    let (_, matches) = match parse_args() {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
+    let mut names = Vec::new();
+    let mut m = &matches;
+    while let Some((name, sub)) = m.subcommand() {
+        names.push(name);
+        m = sub;
+    }
+    println!("parsed: {}", names.join(" "));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    // Before anything reads a file, the environment's configuration or the network.
+    if std::env::var_os(PARSE_ONLY).is_some_and(|v| v == "1") {
+        return parse_only();
+    }
     pier_transport::aws::disable_imds_off_ec2();
     if let Err(e) = apply_environment() {
         eprintln!("pier: {e}");
         return ExitCode::from(EXIT_USAGE as u8);
     }
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            // --help and --version are not errors; every other parse failure is a usage
-            // error, exit 64 like the rest of pier's usage errors.
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code as u8);
-        }
+    let cli = match parse_args() {
+        Ok((cli, _)) => cli,
+        Err(code) => return code,
     };
     pier_sys::logging::init(log::LevelFilter::Warn);
     let aws = AwsOptions {
