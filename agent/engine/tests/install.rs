@@ -411,7 +411,7 @@ fn acls_are_set_with_setfacl() {
 
     // The next install drops the ACL from appspec.yml; the file itself is unchanged and not
     // rewritten, yet it must not keep the old grant.
-    install(
+    let m2 = install(
         &rev,
         &[map("", &dest)],
         &[],
@@ -424,6 +424,30 @@ fn acls_are_set_with_setfacl() {
         "{}",
         getfacl("shared.txt")
     );
+
+    // An ACL granted behind pier's back on a file pier leaves unchanged goes too, as a fresh
+    // copy would not have it; a file without one is left alone (no setfacl run for it).
+    let granted = Command::new("setfacl")
+        .args(["-m", &format!("u:{WEB_USER}:rw")])
+        .arg(dest.join("private.txt"))
+        .status()
+        .unwrap();
+    assert!(granted.success());
+    assert!(getfacl("private.txt").contains(&want));
+    install(
+        &rev,
+        &[map("", &dest)],
+        &[],
+        Some(&m2),
+        FileExistsBehavior::Disallow,
+    )
+    .unwrap();
+    assert!(
+        !getfacl("private.txt").contains(&want),
+        "{}",
+        getfacl("private.txt")
+    );
+    assert!(!getfacl("shared.txt").contains(&want));
 }
 
 #[test]

@@ -1416,23 +1416,53 @@ fn in_parallel<T: Send>(
     })
 }
 
-/// Drops ACLs an earlier install may have set on files it now leaves in place, as a fresh copy
-/// would not have them; `permissions` sets this install's ACLs afterwards. One setfacl run per
-/// batch of files keeps the skip of unchanged files cheap. Best effort: a filesystem without
-/// ACL support has none to drop.
+/// Drops ACLs an earlier install (or anyone since) set on files it now leaves in place, as a
+/// fresh copy would not have them; `permissions` sets this install's ACLs afterwards. Best
+/// effort: a filesystem without ACL support has none to drop.
 ///
-/// Each file is opened without following a symlink (like every other permission change,
-/// [`permissions::open_no_follow`]) and setfacl gets `/proc/PID/fd/N`, so a file swapped for a
-/// symlink since the install is skipped, not followed; each run is time-limited.
+/// Only files that carry an extended ACL (the `system.posix_acl_access` attribute, read with one
+/// `fgetxattr` each) are handed to setfacl, in batches, so an unchanged file with no ACL, the
+/// usual case, costs one syscall and no process. Each file is opened without following a
+/// symlink (like every other permission change, [`permissions::open_no_follow`]) and setfacl
+/// gets `/proc/PID/fd/N`, so a file swapped for a symlink since the install is skipped, not
+/// followed; each run is time-limited.
 fn reset_acls(paths: &[PathBuf]) {
     use std::os::fd::AsRawFd;
+    use xattr::FileExt;
     if paths.is_empty() {
         return;
     }
+    let mut with_acl = Vec::new();
+    for path in paths {
+        let file = match permissions::open_no_follow(path) {
+            Ok(file) => file,
+            Err(e) => {
+                log::warn!("not dropping ACLs of {}: {e}", path.display());
+                continue;
+            }
+        };
+        match file.get_xattr(ACL_XATTR) {
+            Ok(Some(_)) => with_acl.push(path),
+            Ok(None) => {}
+            // No xattrs or no ACLs on this filesystem: nothing to drop.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) => return,
+            Err(e) => log::warn!("not dropping ACLs of {}: {e}", path.display()),
+        }
+    }
+    if with_acl.is_empty() {
+        return;
+    }
     let Some(setfacl) = permissions::find_tool("setfacl") else {
+        log::warn!(
+            "{} unchanged file(s) keep an ACL an earlier install left ({} first): setfacl is \
+             not installed",
+            with_acl.len(),
+            with_acl[0].display()
+        );
         return;
     };
-    for chunk in paths.chunks(256) {
+    // Reopened per batch: at most 256 descriptors held at once.
+    for chunk in with_acl.chunks(256) {
         let mut open = Vec::with_capacity(chunk.len());
         for path in chunk {
             match permissions::open_no_follow(path) {
@@ -1457,6 +1487,10 @@ fn reset_acls(paths: &[PathBuf]) {
         }
     }
 }
+
+/// The extended attribute that holds a file's POSIX access ACL (present only when the ACL has
+/// more than the owner/group/other entries of the mode).
+const ACL_XATTR: &str = "system.posix_acl_access";
 
 fn dir_entry(path: &Path, created: bool) -> ManifestEntry {
     ManifestEntry {
