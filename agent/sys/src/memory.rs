@@ -5,8 +5,8 @@
 //! at start; [`release_free_memory`] hands freed memory back to the kernel once a burst of
 //! work is over. Elsewhere than glibc (musl, other allocators) both do nothing.
 //!
-//! These are the only calls into the C library pier makes by hand: the workspace denies
-//! `unsafe_code`, and this module allows it for them alone.
+//! Both are C calls, so `unsafe`: the workspace denies `unsafe_code`, and this module allows
+//! it for those two calls alone.
 
 /// Caps glibc's malloc arenas at `n` (at least 1), like `MALLOC_ARENA_MAX=n` in the
 /// environment; an explicit `MALLOC_ARENA_MAX` wins. Call it early, before other threads
