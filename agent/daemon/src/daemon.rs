@@ -25,7 +25,11 @@
 //! [`Timings`]): [`Daemon::start`] builds them from `agent.yml`, a test builds its own and
 //! calls [`Daemon::from_parts`]. Every task it spawns is tracked, so the drain (grace, then
 //! hooks stopped, then [`Timings::drain_bound`], then whatever is left dropped) ends with
-//! nothing of the daemon running. Blocking file work runs on tokio's blocking pool.
+//! nothing of the daemon running. Blocking file work runs on tokio's blocking pool; the rest
+//! runs on one thread ([`runtime`]), so an idle agent has one thread for the kernel to wake:
+//! at the end of each long poll (SQS) or receive wait (spool), at each registry heartbeat,
+//! and at each watchdog ping under systemd. glibc's malloc arenas are capped and what a
+//! deployment freed is handed back once no other runs ([`pier_sys::memory`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -193,7 +197,9 @@ pub fn run(args: &Args) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Few arenas: the heap of a burst of deployment work is not kept per thread for ever.
+    pier_sys::memory::limit_arenas(MALLOC_ARENAS);
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pier-agent: cannot start the runtime: {e}");
@@ -231,6 +237,20 @@ pub fn run(args: &Args) -> i32 {
 
 /// How long the runtime's own shutdown may wait for blocking work left after the drain.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// glibc malloc arenas the agent may use (`MALLOC_ARENA_MAX` in its environment wins).
+const MALLOC_ARENAS: usize = 2;
+
+/// The agent's runtime. The agent mostly waits, so one thread runs its loop, its timers and
+/// its sockets: an idle agent has one thread to wake, once per long poll, and no worker
+/// threads to wake one another. What takes time in a deployment (file work, unpacking,
+/// hashing, fsyncs, the blocking parts of hooks) runs on tokio's blocking pool, which
+/// grows while a deployment needs it and lets its threads go 10 s after.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
 
 /// SIGTERM/SIGINT fire `shutdown`; a second one fires `force` (stop hooks now, no grace).
 /// SIGHUP wakes `reload`.
@@ -488,6 +508,8 @@ impl Daemon {
             this.queue.describe()
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        // What starting took (configuration, AWS set-up, recovery) is not kept while idle.
+        blocking(pier_sys::memory::release_free_memory).await;
         if let Some(registry) = &this.registry {
             helpers.spawn(registry.clone().run());
         }
@@ -946,6 +968,7 @@ impl Daemon {
                     DEPLOYMENT_ID = id.as_str();
                     "deployment {id} finished: {status:?}"
                 );
+                self.release_memory_if_idle().await;
             }
             Outcome::Left(why) => {
                 log::warn!(DEPLOYMENT_ID = id.as_str(); "deployment {id}: {why}; message left in the queue");
@@ -1002,6 +1025,15 @@ impl Daemon {
                 }
             }
         });
+    }
+
+    /// Hands the heap a deployment used back to the kernel once no other deployment runs
+    /// here: an agent waits far longer than it works.
+    async fn release_memory_if_idle(&self) {
+        let idle = self.running.lock().unwrap_or_else(|e| e.into_inner()).len() <= 1;
+        if idle {
+            blocking(pier_sys::memory::release_free_memory).await;
+        }
     }
 
     /// Drops the retry schedule of `id` (its deployment finished or was given up here).

@@ -1,11 +1,14 @@
 //! What every pier layer needs from the operating system and nothing else: durable atomic file
 //! writes ([`atomic_write`]), logging to journald or stderr ([`logging`]), and the one retry
-//! schedule every loop uses ([`backoff::Backoff`]). The engine, the
+//! schedule every loop uses ([`backoff::Backoff`]), how much freed heap a long-running
+//! process keeps ([`memory`]), and an inotify instance a task can wait on ([`inotify`]). The engine, the
 //! transports, the agent and the controller all write state through [`atomic_write`], so there
 //! is one definition of "written".
 
 pub mod backoff;
+pub mod inotify;
 pub mod logging;
+pub mod memory;
 
 use std::fs::File;
 use std::io::{self, Write};

@@ -99,7 +99,12 @@ pub async fn aws_clients(settings: &AwsSettings) -> Result<AwsClients, Transport
         .force_path_style(endpoint_url.is_some())
         .interceptor(CountRequests)
         .build();
+    // No stalled-stream protection on SQS: its messages are a few KiB, and its watch of the
+    // request body ticks every 100 ms for as long as a 20 s long poll waits for an answer,
+    // waking an idle agent 10 times a second. The read timeout above still bounds a poll
+    // that hangs; S3, whose bundles are large, keeps the protection.
     let sqs_config = aws_sdk_sqs::config::Builder::from(&config)
+        .stalled_stream_protection(aws_sdk_sqs::config::StalledStreamProtectionConfig::disabled())
         .interceptor(CountRequests)
         .build();
     Ok(AwsClients {

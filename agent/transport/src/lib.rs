@@ -26,6 +26,7 @@
 //! ```
 
 pub mod aws;
+pub(crate) mod dirwatch;
 /// The one retry schedule, defined in `pier-sys` so the engine (which knows no transport) uses
 /// it too.
 pub use pier_sys::backoff;

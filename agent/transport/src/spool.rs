@@ -6,22 +6,37 @@
 //! Every regular file in the spool directory that is not a dotfile or `*.tmp` is a command,
 //! taken oldest first. Taking one renames it into `processing/` (atomic, so two agents cannot
 //! both take it, and a restarted agent finds it again); [`Queue::ack`] moves it to `done/`,
-//! [`Queue::reject`] to `rejected/` beside a `NAME.reason` file saying why. The directory is
-//! polled every 200 ms, which is prompt enough for a human and costs nothing.
+//! [`Queue::reject`] to `rejected/` beside a `NAME.reason` file saying why.
+//!
+//! A receive that finds nothing waits for the kernel to say the directory changed (inotify,
+//! through [`crate::dirwatch`]), not for a timer: an idle agent on a spool does nothing
+//! until a command arrives, and takes it the moment it is renamed in. The watch is armed
+//! before the directory is scanned, so a command that arrives in between is not missed; it
+//! also covers `processing/`, so that a command waiting for a same-named one to finish is
+//! taken when that one leaves; and a spool directory deleted or replaced under its path is
+//! recreated and watched again. Every receive starts with a scan, so a change inotify cannot
+//! see (a spool on a network filesystem written from another machine) is still found within
+//! one receive's wait. Where inotify is unavailable (no kernel support, the user's limit of
+//! instances or watches reached) the spool says so once and scans every
+//! [`FALLBACK_POLL`] instead.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use super::dirwatch::{may_be_command, Change, DirWatch};
 use super::{
     atomic_write, blocking, requests, sync_dir, BoxFuture, Queue, Received, TransportError,
 };
 
-/// How often the spool directory is scanned while a receive waits.
-const POLL: Duration = Duration::from_millis(200);
+/// How often the spool directory is scanned while a receive waits, when inotify is
+/// unavailable.
+pub const FALLBACK_POLL: Duration = Duration::from_secs(5);
 /// At most this many commands per receive, like SQS.
 const MAX_MESSAGES: usize = 10;
+/// The spool's subdirectories.
+const SUBDIRS: [&str; 3] = ["processing", "done", "rejected"];
 
 /// A spool directory and its `processing/`, `done/` and `rejected/` subdirectories.
 #[derive(Debug)]
@@ -29,6 +44,23 @@ pub struct Spool {
     dir: PathBuf,
     /// Files found in `processing/` at open: taken before a restart, handed out again first.
     recovered: Mutex<VecDeque<PathBuf>>,
+    /// What wakes a receive that found nothing. An async lock: a receive holds it while it
+    /// waits (the daemon has one receive at a time; a second waits its turn).
+    waker: tokio::sync::Mutex<Waker>,
+    /// How often to scan when inotify cannot be used.
+    fallback_poll: Duration,
+}
+
+/// How a waiting receive learns that the spool changed.
+#[derive(Debug)]
+enum Waker {
+    /// No watch yet (one is armed by the next receive, inside the runtime), or the last one
+    /// was lost with its directory.
+    Unarmed,
+    /// The kernel tells.
+    Watching(DirWatch),
+    /// A timer: inotify is unavailable, or turned off ([`Spool::without_inotify`]).
+    Polling,
 }
 
 impl Spool {
@@ -36,10 +68,7 @@ impl Spool {
     /// earlier run are returned by the first [`Queue::receive`] calls.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Spool, TransportError> {
         let dir = dir.into();
-        for sub in ["", "processing", "done", "rejected"] {
-            let d = dir.join(sub);
-            std::fs::create_dir_all(&d).map_err(|e| TransportError::io("create", &d, e))?;
-        }
+        create_dirs(&dir)?;
         let recovered = commands_in(&dir.join("processing"))?;
         if !recovered.is_empty() {
             log::warn!(
@@ -52,7 +81,25 @@ impl Spool {
         Ok(Spool {
             dir,
             recovered: Mutex::new(recovered.into()),
+            waker: tokio::sync::Mutex::new(Waker::Unarmed),
+            fallback_poll: FALLBACK_POLL,
         })
+    }
+
+    /// Sets how often a waiting receive scans when inotify is unavailable (default
+    /// [`FALLBACK_POLL`]).
+    pub fn with_fallback_poll(mut self, every: Duration) -> Spool {
+        self.fallback_poll = every;
+        self
+    }
+
+    /// Never uses inotify: a waiting receive scans every fallback interval, as it does where
+    /// inotify is unavailable. For tests of that path.
+    pub fn without_inotify(self) -> Spool {
+        Spool {
+            waker: tokio::sync::Mutex::new(Waker::Polling),
+            ..self
+        }
     }
 
     /// Drops a command into the spool at `dir` as `NAME` (a temp file renamed in, so the agent
@@ -93,6 +140,72 @@ impl Spool {
         std::fs::rename(&from, &to).map_err(|e| TransportError::io("move", &from, e))?;
         sync_dir(&to_dir)?;
         Ok(to)
+    }
+}
+
+/// Creates the spool directory and its subdirectories where missing.
+fn create_dirs(dir: &Path) -> Result<(), TransportError> {
+    std::fs::create_dir_all(dir).map_err(|e| TransportError::io("create", dir, e))?;
+    for sub in SUBDIRS {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| TransportError::io("create", &d, e))?;
+    }
+    Ok(())
+}
+
+impl Spool {
+    /// Makes `waker` ready for a scan: a watch armed on the directory that is at the spool's
+    /// path now (recreating the directories when they were deleted), or the timer when
+    /// inotify cannot be used. Events already queued are dropped: the scan that follows sees
+    /// what they were about.
+    fn arm(&self, waker: &mut Waker) -> Result<(), TransportError> {
+        if let Waker::Watching(watch) = waker {
+            let lost = !watch.is_current()
+                || watch
+                    .drain()
+                    .map_err(|e| TransportError::io("read inotify events of", &self.dir, e))?
+                    == Some(Change::Lost);
+            if !lost {
+                return Ok(());
+            }
+            log::warn!(
+                "spool {}: the directory was removed or replaced; watching the one there now",
+                self.dir.display()
+            );
+            *waker = Waker::Unarmed;
+        }
+        if !matches!(waker, Waker::Unarmed) {
+            return Ok(());
+        }
+        // A missing spool directory is not made again here: whoever removed it may be about
+        // to put another in its place. Until then a receive fails (the daemon retries it).
+        std::fs::metadata(&self.dir).map_err(|e| TransportError::io("find", &self.dir, e))?;
+        create_dirs(&self.dir)?;
+        match DirWatch::arm(&self.dir, &[self.dir.join("processing")]) {
+            Ok(watch) => *waker = Waker::Watching(watch),
+            Err(e) => {
+                log::warn!(
+                    "spool {}: cannot watch it with inotify ({e}); scanning it every {}s instead",
+                    self.dir.display(),
+                    self.fallback_poll.as_secs_f64()
+                );
+                *waker = Waker::Polling;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Spool {
+    /// Takes the commands ready in the spool. Listing an empty directory is a few system
+    /// calls, made here; taking what it found (renames, an fsync) goes to the blocking pool,
+    /// so an idle receive starts no thread.
+    async fn scan(&self) -> Result<Vec<Received>, TransportError> {
+        if commands_in(&self.dir)?.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.dir.clone();
+        blocking(move || take_new(&dir)).await
     }
 }
 
@@ -160,9 +273,7 @@ fn commands_in(dir: &Path) -> Result<Vec<PathBuf>, TransportError> {
     let mut found: Vec<(SystemTime, PathBuf)> = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| TransportError::io("list", dir, e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') || name.ends_with(".tmp") {
+        if !may_be_command(&entry.file_name()) {
             continue;
         }
         let Ok(meta) = entry.metadata() else { continue };
@@ -186,13 +297,45 @@ impl Queue for Spool {
                 return Ok(recovered);
             }
             let deadline = tokio::time::Instant::now() + wait;
+            let mut waker = self.waker.lock().await;
             loop {
-                let dir = self.dir.clone();
-                let found = blocking(move || take_new(&dir)).await?;
-                if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+                // Arm, then scan: a command renamed in after the scan wakes the wait below.
+                self.arm(&mut waker)?;
+                let found = self.scan().await?;
+                if !found.is_empty() {
                     return Ok(found);
                 }
-                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + POLL)).await;
+                let woken = match &*waker {
+                    Waker::Watching(watch) => tokio::select! {
+                        change = watch.wait() => Some(change),
+                        _ = tokio::time::sleep_until(deadline) => None,
+                    },
+                    Waker::Polling => {
+                        let next = tokio::time::Instant::now() + self.fallback_poll;
+                        tokio::time::sleep_until(deadline.min(next)).await;
+                        Some(Ok(Change::Changed))
+                    }
+                    Waker::Unarmed => Some(Ok(Change::Lost)),
+                };
+                match woken {
+                    // Nothing arrived in time; the next receive starts with a scan.
+                    None => return Ok(Vec::new()),
+                    Some(Ok(Change::Lost)) => *waker = Waker::Unarmed,
+                    Some(Ok(Change::Changed)) => {}
+                    Some(Err(e)) => {
+                        // The watch is unusable: a new one is armed after a pause (a
+                        // failing one must not make this loop spin).
+                        log::warn!("spool {}: inotify: {e}", self.dir.display());
+                        *waker = Waker::Unarmed;
+                        let next = tokio::time::Instant::now() + self.fallback_poll;
+                        tokio::time::sleep_until(deadline.min(next)).await;
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    // One more scan at the deadline, for what the wake-up was about.
+                    self.arm(&mut waker)?;
+                    return self.scan().await;
+                }
             }
         })
     }
