@@ -121,6 +121,11 @@ if [ -n "$package" ]; then
         ;;
     *.rpm)
         command -v rpm >/dev/null 2>&1 || die "$file is an .rpm but this host has no rpm (use the .deb)"
+        # Debian's `rpm` package installs into a database dpkg knows nothing of: a host whose
+        # packages dpkg manages gets the .deb.
+        if command -v dpkg >/dev/null 2>&1 && ! command -v dnf >/dev/null 2>&1 && ! command -v yum >/dev/null 2>&1; then
+            die "$file is an .rpm but dpkg manages this host's packages (use the .deb)"
+        fi
         if command -v dnf >/dev/null 2>&1; then
             dnf install -y "$file"
         elif command -v yum >/dev/null 2>&1; then
