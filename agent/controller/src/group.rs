@@ -356,7 +356,7 @@ pub fn select_hosts(def: &GroupDefinition, registry: &[RegistryEntry]) -> Vec<St
             .iter()
             .filter(|entry| {
                 def.tag_filters.iter().any(|f| f.matches(&entry.tags))
-                    || entry.deployment_groups.iter().any(|g| *g == def.name)
+                    || entry.deployment_groups.contains(&def.name)
             })
             .map(|entry| entry.host_id.clone()),
     );
