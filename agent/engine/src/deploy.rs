@@ -272,6 +272,11 @@ struct Run<'a> {
     previous_note: Option<String>,
     new: Option<Revision>,
     setid_entries: Vec<(String, u32)>,
+    /// The cgroup the deployment's hooks run in, one after another.
+    hooks: hooks::HookSlot,
+    /// What the journal records of the running hooks (`running_hook`), kept by every save
+    /// until the hooks are over.
+    hook_trace: Arc<std::sync::Mutex<Option<hooks::HookTrace>>>,
 }
 
 impl Engine {
@@ -450,6 +455,8 @@ impl Engine {
             previous_note: None,
             new: None,
             setid_entries: Vec::new(),
+            hooks: hooks::HookSlot::new(),
+            hook_trace: Arc::default(),
         };
         run.save().await?;
         run.load_previous().await;
@@ -507,6 +514,7 @@ impl Engine {
                     for later in run.journal.events[i + 1..].iter_mut() {
                         later.status = EventState::Skipped;
                     }
+                    run.end_hooks();
                     run.journal.status = DeploymentStatus::Failed;
                     run.journal.ended_at = Some(Utc::now());
                     run.journal.error = Some(format!("{event}: {}", failure.message));
@@ -531,6 +539,7 @@ impl Engine {
             }
         }
 
+        run.end_hooks();
         // Success: this revision's scripts stop the application next time.
         let new = run.new.as_ref().expect("DownloadBundle always runs");
         group.set_last_successful(&LastSuccessful {
@@ -729,16 +738,24 @@ impl Engine {
                         limits: run.config.hooks.limits,
                         containment: hooks::Containment::host(),
                     };
-                    // The journal as saved when the event began, with the running hook in it
-                    // (or not): nothing else changes it while a hook runs.
-                    let (group, snapshot) = (run.group.clone(), run.journal.clone());
+                    // The journal as saved when the event began, with the running hooks' record
+                    // in it (or not): nothing else changes it while a hook runs. Later saves
+                    // keep the record until the hooks are over.
+                    let (group, snapshot, current) = (
+                        run.group.clone(),
+                        run.journal.clone(),
+                        run.hook_trace.clone(),
+                    );
                     let sink: hooks::TraceSink = Arc::new(move |trace| {
                         let mut j = snapshot.clone();
-                        j.running_hook = trace;
-                        group.write_journal(&j)
+                        j.running_hook = trace.clone();
+                        group.write_journal(&j)?;
+                        *current.lock().unwrap_or_else(|e| e.into_inner()) = trace;
+                        Ok(())
                     });
                     let outcome =
-                        hooks::run_traced(&spec, &run.log, &self.cancel, Some(sink)).await;
+                        hooks::run_in(&mut run.hooks, &spec, &run.log, &self.cancel, Some(&sink))
+                            .await;
                     let outcome = match outcome {
                         Ok(o) => o,
                         Err(e) => {
@@ -864,8 +881,20 @@ impl Engine {
 }
 
 impl Run<'_> {
+    /// The deployment runs no more hooks: their cgroup is removed (if empty) and the journal's
+    /// next save no longer records it.
+    fn end_hooks(&mut self) {
+        self.hooks.close();
+        *self.hook_trace.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Writes the journal (fsyncs: off the async worker threads), then tells the observer.
     async fn save(&mut self) -> Result<(), DeployError> {
+        self.journal.running_hook = self
+            .hook_trace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let (group, journal) = (self.group.clone(), self.journal.clone());
         blocking(move || group.write_journal(&journal).map_err(DeployError::from)).await?;
         self.observer.update(&self.journal);
