@@ -462,6 +462,18 @@ impl Engine {
         run.load_previous().await;
 
         for (i, event) in events.iter().copied().enumerate() {
+            // An event with nothing to run changes nothing on the host: it is recorded as
+            // skipped by the next write of the journal (and told to the observer then), not by
+            // two writes of its own.
+            if let Some(note) = run.nothing_to_run(event) {
+                let rec = &mut run.journal.events[i];
+                let now = Utc::now();
+                rec.started_at = Some(now);
+                rec.ended_at = Some(now);
+                rec.status = EventState::Skipped;
+                rec.message = Some(note);
+                continue;
+            }
             run.journal.events[i].status = EventState::InProgress;
             run.journal.events[i].started_at = Some(Utc::now());
             run.save().await?;
@@ -881,6 +893,37 @@ impl Engine {
 }
 
 impl Run<'_> {
+    /// Why `event` has nothing to run, when it has nothing (the note its skipped record
+    /// carries): a hook event without scripts, or one that runs the previous revision's when
+    /// there is none. DownloadBundle and Install always run.
+    fn nothing_to_run(&self, event: LifecycleEvent) -> Option<String> {
+        if matches!(
+            event,
+            LifecycleEvent::DownloadBundle | LifecycleEvent::Install
+        ) {
+            return None;
+        }
+        let revision = if runs_from_previous_revision(event) {
+            match &self.previous {
+                Some(r) => r,
+                None => {
+                    return Some(
+                        self.previous_note
+                            .clone()
+                            .unwrap_or_else(|| "no previous successful revision".into()),
+                    )
+                }
+            }
+        } else {
+            self.new.as_ref()?
+        };
+        revision
+            .spec
+            .hooks_for(event)
+            .is_empty()
+            .then(|| "no scripts".into())
+    }
+
     /// The deployment runs no more hooks: their cgroup is removed (if empty) and the journal's
     /// next save no longer records it.
     fn end_hooks(&mut self) {
