@@ -283,8 +283,9 @@ impl Engine {
     /// Opens the deployment root named by `config`.
     pub fn new(config: Arc<Config>, cancel: CancellationToken) -> Result<Engine, DeployError> {
         let root = Root::open(&config.root_dir)?;
-        // Detected (and logged) once, before any recovery or hook needs it.
-        let _ = hooks::Containment::host();
+        // Hook containment is detected (and logged) by the first hook that needs it, or by a
+        // daemon at start (`hooks::Containment::host`): a deployment without hooks, and
+        // recovery, never need it.
         Ok(Engine {
             config: std::sync::RwLock::new(config),
             root,
