@@ -403,6 +403,8 @@ impl Daemon {
         let hook_cancel = CancellationToken::new();
         let engine = Engine::new(Arc::new(config.engine_settings()), hook_cancel.clone())
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        // Detected and logged at start, so the log says what hooks will get before any runs.
+        let _ = pier_engine::hooks::Containment::host();
         let timings = Timings::from_config(&config);
         let mut daemon = Daemon::from_parts(Parts {
             host_id,

@@ -177,7 +177,12 @@ pub fn run(args: &Args) -> i32 {
         ignore_application_stop_failures: false,
     };
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One deployment, one thread: hooks, their output and the journal's writes hand work to
+    // no worker thread (file work still goes to the blocking pool), and no workers are made.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("deploy-local: cannot start the runtime: {e}");

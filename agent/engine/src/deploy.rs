@@ -272,14 +272,20 @@ struct Run<'a> {
     previous_note: Option<String>,
     new: Option<Revision>,
     setid_entries: Vec<(String, u32)>,
+    /// The cgroup the deployment's hooks run in, one after another.
+    hooks: hooks::HookSlot,
+    /// What the journal records of the running hooks (`running_hook`), kept by every save
+    /// until the hooks are over.
+    hook_trace: Arc<std::sync::Mutex<Option<hooks::HookTrace>>>,
 }
 
 impl Engine {
     /// Opens the deployment root named by `config`.
     pub fn new(config: Arc<Config>, cancel: CancellationToken) -> Result<Engine, DeployError> {
         let root = Root::open(&config.root_dir)?;
-        // Detected (and logged) once, before any recovery or hook needs it.
-        let _ = hooks::Containment::host();
+        // Hook containment is detected (and logged) by the first hook that needs it, or by a
+        // daemon at start (`hooks::Containment::host`): a deployment without hooks, and
+        // recovery, never need it.
         Ok(Engine {
             config: std::sync::RwLock::new(config),
             root,
@@ -450,11 +456,25 @@ impl Engine {
             previous_note: None,
             new: None,
             setid_entries: Vec::new(),
+            hooks: hooks::HookSlot::new(),
+            hook_trace: Arc::default(),
         };
         run.save().await?;
         run.load_previous().await;
 
         for (i, event) in events.iter().copied().enumerate() {
+            // An event with nothing to run changes nothing on the host: it is recorded as
+            // skipped by the next write of the journal (and told to the observer then), not by
+            // two writes of its own.
+            if let Some(note) = run.nothing_to_run(event) {
+                let rec = &mut run.journal.events[i];
+                let now = Utc::now();
+                rec.started_at = Some(now);
+                rec.ended_at = Some(now);
+                rec.status = EventState::Skipped;
+                rec.message = Some(note);
+                continue;
+            }
             run.journal.events[i].status = EventState::InProgress;
             run.journal.events[i].started_at = Some(Utc::now());
             run.save().await?;
@@ -507,6 +527,7 @@ impl Engine {
                     for later in run.journal.events[i + 1..].iter_mut() {
                         later.status = EventState::Skipped;
                     }
+                    run.end_hooks();
                     run.journal.status = DeploymentStatus::Failed;
                     run.journal.ended_at = Some(Utc::now());
                     run.journal.error = Some(format!("{event}: {}", failure.message));
@@ -531,6 +552,7 @@ impl Engine {
             }
         }
 
+        run.end_hooks();
         // Success: this revision's scripts stop the application next time.
         let new = run.new.as_ref().expect("DownloadBundle always runs");
         group.set_last_successful(&LastSuccessful {
@@ -729,16 +751,24 @@ impl Engine {
                         limits: run.config.hooks.limits,
                         containment: hooks::Containment::host(),
                     };
-                    // The journal as saved when the event began, with the running hook in it
-                    // (or not): nothing else changes it while a hook runs.
-                    let (group, snapshot) = (run.group.clone(), run.journal.clone());
+                    // The journal as saved when the event began, with the running hooks' record
+                    // in it (or not): nothing else changes it while a hook runs. Later saves
+                    // keep the record until the hooks are over.
+                    let (group, snapshot, current) = (
+                        run.group.clone(),
+                        run.journal.clone(),
+                        run.hook_trace.clone(),
+                    );
                     let sink: hooks::TraceSink = Arc::new(move |trace| {
                         let mut j = snapshot.clone();
-                        j.running_hook = trace;
-                        group.write_journal(&j)
+                        j.running_hook = trace.clone();
+                        group.write_journal(&j)?;
+                        *current.lock().unwrap_or_else(|e| e.into_inner()) = trace;
+                        Ok(())
                     });
                     let outcome =
-                        hooks::run_traced(&spec, &run.log, &self.cancel, Some(sink)).await;
+                        hooks::run_in(&mut run.hooks, &spec, &run.log, &self.cancel, Some(&sink))
+                            .await;
                     let outcome = match outcome {
                         Ok(o) => o,
                         Err(e) => {
@@ -864,8 +894,51 @@ impl Engine {
 }
 
 impl Run<'_> {
+    /// Why `event` has nothing to run, when it has nothing (the note its skipped record
+    /// carries): a hook event without scripts, or one that runs the previous revision's when
+    /// there is none. DownloadBundle and Install always run.
+    fn nothing_to_run(&self, event: LifecycleEvent) -> Option<String> {
+        if matches!(
+            event,
+            LifecycleEvent::DownloadBundle | LifecycleEvent::Install
+        ) {
+            return None;
+        }
+        let revision = if runs_from_previous_revision(event) {
+            match &self.previous {
+                Some(r) => r,
+                None => {
+                    return Some(
+                        self.previous_note
+                            .clone()
+                            .unwrap_or_else(|| "no previous successful revision".into()),
+                    )
+                }
+            }
+        } else {
+            self.new.as_ref()?
+        };
+        revision
+            .spec
+            .hooks_for(event)
+            .is_empty()
+            .then(|| "no scripts".into())
+    }
+
+    /// The deployment runs no more hooks: their cgroup is removed (if empty) and the journal's
+    /// next save no longer records it.
+    fn end_hooks(&mut self) {
+        self.hooks.close();
+        *self.hook_trace.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Writes the journal (fsyncs: off the async worker threads), then tells the observer.
     async fn save(&mut self) -> Result<(), DeployError> {
+        self.journal.running_hook = self
+            .hook_trace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let (group, journal) = (self.group.clone(), self.journal.clone());
         blocking(move || group.write_journal(&journal).map_err(DeployError::from)).await?;
         self.observer.update(&self.journal);

@@ -403,7 +403,7 @@ impl Group {
                 let n = stop_leftovers(&trace);
                 if n > 0 {
                     log::warn!(
-                        "deployment {} of group {}: killed {n} process(es) the interrupted hook {} left running",
+                        "deployment {} of group {}: killed {n} process(es) its interrupted hooks left running (recorded with {})",
                         j.deployment_id, self.id, trace.script
                     );
                 }

@@ -804,7 +804,7 @@ async fn leftovers_of_an_interrupted_hook_are_stopped_from_its_trace() {
             &format!("#!/bin/sh\n{detach}sleep 300 >/dev/null 2>&1 &\necho $! > left.pid\n"),
         );
         let mut run = hook(&s, "leave.sh");
-        run.containment = containment;
+        run.containment = containment.clone();
         let seen: std::sync::Arc<std::sync::Mutex<Vec<Option<HookTrace>>>> = Default::default();
         let record = seen.clone();
         let sink: TraceSink = std::sync::Arc::new(move |t| {
@@ -818,14 +818,25 @@ async fn leftovers_of_an_interrupted_hook_are_stopped_from_its_trace() {
         let left = pid_from(&s.path().join("left.pid")).await;
         let _cleanup = KillPids(vec![left]);
         let traces = seen.lock().unwrap().clone();
-        // Recorded before it started, again with its pid, cleared when it ended.
-        assert_eq!(traces.len(), 3, "{mode}: {traces:?}");
-        assert!(traces[2].is_none(), "{mode}: {traces:?}");
-        let trace = traces[1].clone().unwrap();
-        assert!(
-            trace.pgid.is_some() && trace.start_ticks.is_some(),
-            "{trace:?}"
-        );
+        // In a cgroup: the cgroup recorded before it started, cleared when it ended (it left
+        // something running there). In the fallback: recorded before it started, again with
+        // its pid, cleared when it ended.
+        let expected = if containment.cgroup_mode().is_some() {
+            2
+        } else {
+            3
+        };
+        assert_eq!(traces.len(), expected, "{mode}: {traces:?}");
+        assert!(traces[expected - 1].is_none(), "{mode}: {traces:?}");
+        let trace = traces[expected - 2].clone().unwrap();
+        if containment.cgroup_mode().is_some() {
+            assert!(!trace.cgroups.is_empty(), "{trace:?}");
+        } else {
+            assert!(
+                trace.pgid.is_some() && trace.start_ticks.is_some(),
+                "{trace:?}"
+            );
+        }
 
         // A trace whose hook started after the process cannot be its: left alone.
         if trace.cgroups.is_empty() {
@@ -977,5 +988,130 @@ fn cgroup_modes_this_host_cannot_offer() {
             missing.join(", "),
             host.describe()
         ));
+    }
+}
+
+/// The hooks of one deployment share one cgroup, recorded in the journal once, while each
+/// leaves it empty. A hook that leaves a process running keeps that cgroup for it; the next
+/// hook gets a new one, recorded before it starts, so the leftover is neither counted in nor
+/// stopped with the next hook's processes.
+#[tokio::test]
+async fn a_deployments_hooks_share_a_cgroup_until_one_leaves_something() {
+    let host = Containment::host();
+    if host.cgroup_mode().is_none() {
+        skip(&format!("no hook cgroups here: {}", host.describe()));
+        return;
+    }
+    for (mode, containment) in [
+        ("cgroup", host.clone()),
+        ("cgroup, freeze and kill", host.without_cgroup_kill()),
+    ] {
+        let s = Scratch::new();
+        let own = |name: &str| format!("grep '^0::' /proc/self/cgroup > {name}.cg\n");
+        s.script("a.sh", &format!("#!/bin/sh\n{}exit 0\n", own("a")));
+        s.script("b.sh", &format!("#!/bin/sh\n{}exit 0\n", own("b")));
+        s.script(
+            "c.sh",
+            &format!(
+                "#!/bin/sh\n{}setsid sleep 300 >/dev/null 2>&1 &\necho $! > left.pid\nexit 0\n",
+                own("c")
+            ),
+        );
+        s.script("d.sh", &format!("#!/bin/sh\n{}exec sleep 300\n", own("d")));
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<Option<HookTrace>>>> = Default::default();
+        let record = seen.clone();
+        let sink: TraceSink = std::sync::Arc::new(move |t| {
+            record.lock().unwrap().push(t);
+            Ok(())
+        });
+        let traces = || seen.lock().unwrap().clone();
+        let cgroup_of = |name: &str| {
+            std::fs::read_to_string(s.path().join(format!("{name}.cg")))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let log = log_in(&s);
+        let cancel = CancellationToken::new();
+        let mut slot = hooks::HookSlot::new();
+        let run_one = |rel: &str, timeout: Duration| {
+            let mut run = hook(&s, rel);
+            run.containment = containment.clone();
+            run.timeout = timeout;
+            run.kill_grace = Duration::from_millis(300);
+            run
+        };
+        let long = Duration::from_secs(60);
+
+        for rel in ["a.sh", "b.sh"] {
+            let out = hooks::run_in(&mut slot, &run_one(rel, long), &log, &cancel, Some(&sink))
+                .await
+                .unwrap();
+            assert_eq!(out.result, HookResult::Succeeded, "{mode} {rel}");
+        }
+        assert_eq!(cgroup_of("a"), cgroup_of("b"), "{mode}: not reused");
+        assert!(cgroup_of("a").contains("/pier-hooks/hook-"), "{mode}");
+        let t = traces();
+        assert_eq!(t.len(), 1, "{mode}: recorded once for both hooks: {t:?}");
+        let first = t[0].clone().unwrap();
+        assert!(first.cgroups[0].ends_with(cgroup_of("a").rsplit('/').next().unwrap()));
+
+        // c leaves a process in the shared cgroup: the cgroup is handed to it and cleared
+        // from the journal.
+        let out = hooks::run_in(
+            &mut slot,
+            &run_one("c.sh", long),
+            &log,
+            &cancel,
+            Some(&sink),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.result, HookResult::Succeeded, "{mode}");
+        assert_eq!(cgroup_of("c"), cgroup_of("a"), "{mode}");
+        let left = pid_from(&s.path().join("left.pid")).await;
+        let _cleanup = KillPids(vec![left]);
+        let t = traces();
+        assert_eq!(t.len(), 2, "{mode}: {t:?}");
+        assert!(t[1].is_none(), "{mode}: not cleared: {t:?}");
+
+        // d runs in a new cgroup, recorded before it started; its timeout stops d only.
+        let out = hooks::run_in(
+            &mut slot,
+            &run_one("d.sh", Duration::from_millis(500)),
+            &log,
+            &cancel,
+            Some(&sink),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.result, HookResult::TimedOut, "{mode}");
+        assert_ne!(
+            cgroup_of("d"),
+            cgroup_of("c"),
+            "{mode}: reused a busy cgroup"
+        );
+        let t = traces();
+        assert_eq!(t.len(), 3, "{mode}: {t:?}");
+        let second = t[2].clone().unwrap();
+        assert_ne!(second.cgroups, first.cgroups, "{mode}");
+        assert!(
+            alive(left),
+            "{mode}: the next hook's timeout killed what an earlier hook left"
+        );
+        let left_in = std::fs::read_to_string(format!("/proc/{left}/cgroup")).unwrap();
+        assert!(
+            left_in.lines().any(|l| l == cgroup_of("c")),
+            "{mode}: {left_in}"
+        );
+
+        // The slot's (now empty) cgroup goes with it; c's stays for what it holds.
+        assert!(slot.close(), "{mode}");
+        assert!(!second.cgroups[0].exists(), "{mode}: empty cgroup left");
+        assert!(
+            first.cgroups[0].exists(),
+            "{mode}: the leftover's cgroup removed"
+        );
+        hooks::stop_leftovers(&first);
     }
 }

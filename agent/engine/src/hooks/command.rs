@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid, User};
 use tokio::process::Command;
 
+use super::spawn;
 use super::{HookError, HookRun};
 use crate::bundle::confined::{self, Confined, ConfinedError};
 
@@ -36,7 +37,11 @@ struct Switch {
 
 /// A command ready to spawn, and what it will run as (for the log).
 pub(crate) struct Prepared {
+    /// For the fork path: std/tokio's spawn, the child joining its cgroups before exec.
     pub(crate) command: Command,
+    /// For `clone3` into the hook's cgroup (see `spawn`); `None` when the program must be
+    /// looked up in PATH, which only the fork path does.
+    pub(crate) exec: Option<spawn::Exec>,
     /// The user name the script runs as, when known.
     pub(crate) user: Option<String>,
     /// True when the script itself is exec'd (not its `#!` interpreter).
@@ -57,16 +62,14 @@ pub(crate) fn prepare(
     let direct = args.is_empty();
     let (switch, user) = resolve_user(run)?;
 
-    let mut command = Command::new(&program);
-    command
-        .args(&args)
-        .current_dir(&run.working_dir)
-        .env_clear();
-    for (k, v) in &run.env {
-        command.env(k, v);
-    }
+    // The environment, in the order it is set: later entries win, as with Command::env.
+    let mut env: Vec<(OsString, OsString)> = run
+        .env
+        .iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .collect();
     if !run.env.iter().any(|(k, _)| k == "PATH") {
-        command.env("PATH", DEFAULT_PATH);
+        env.push(("PATH".into(), DEFAULT_PATH.into()));
     }
     // The identity must describe the user the script really runs as, so it wins over `env`.
     let name = user.as_ref().map(|u| u.name.clone());
@@ -76,17 +79,70 @@ pub(crate) fn prepare(
         } else {
             u.shell
         };
-        command
-            .env("HOME", u.dir)
-            .env("USER", &u.name)
-            .env("LOGNAME", &u.name)
-            .env("SHELL", shell);
+        env.push(("HOME".into(), u.dir.into_os_string()));
+        env.push(("USER".into(), u.name.clone().into()));
+        env.push(("LOGNAME".into(), u.name.into()));
+        env.push(("SHELL".into(), shell.into_os_string()));
+    }
+
+    let exec = raw_exec(run, &program, &args, &env, switch.as_ref());
+    let mut command = Command::new(&program);
+    command
+        .args(&args)
+        .current_dir(&run.working_dir)
+        .env_clear();
+    for (k, v) in &env {
+        command.env(k, v);
     }
     isolate(&mut command, switch, join);
     Ok(Prepared {
         command,
+        exec,
         user: name,
         direct,
+    })
+}
+
+/// The same command for `clone3`: C strings, the environment deduplicated (last wins), the
+/// program's own path as argv[0]. `None` when the program has no `/` (a PATH lookup) or a
+/// string holds a NUL (the fork path reports that).
+fn raw_exec(
+    run: &HookRun,
+    program: &Path,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+    switch: Option<&Switch>,
+) -> Option<spawn::Exec> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |b: &[u8]| CString::new(b).ok();
+    let program_bytes = program.as_os_str().as_bytes();
+    if !program_bytes.contains(&b'/') {
+        return None;
+    }
+    let mut argv = vec![c(program_bytes)?];
+    for a in args {
+        argv.push(c(a.as_bytes())?);
+    }
+    let mut envp: Vec<CString> = Vec::with_capacity(env.len());
+    for (i, (k, v)) in env.iter().enumerate() {
+        if env[i + 1..].iter().any(|(later, _)| later == k) {
+            continue;
+        }
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        envp.push(CString::new(kv).ok()?);
+    }
+    Some(spawn::Exec {
+        program: c(program_bytes)?,
+        argv,
+        envp,
+        cwd: c(run.working_dir.as_os_str().as_bytes())?,
+        creds: switch.map(|s| spawn::Creds {
+            uid: s.uid.as_raw(),
+            gid: s.gid.as_raw(),
+            groups: s.groups.iter().map(|g| g.as_raw()).collect(),
+        }),
     })
 }
 
@@ -181,7 +237,13 @@ fn resolve_user(run: &HookRun) -> Result<(Option<Switch>, Option<User>), HookErr
     let me = Uid::effective();
     let Some(name) = &run.runas else {
         // Unknown to passwd (e.g. a bare uid in a container): run without identity variables.
-        return Ok((None, User::from_uid(me).ok().flatten()));
+        // Looked up once per process: the agent's own account does not change under it.
+        static OWN: std::sync::OnceLock<Option<User>> = std::sync::OnceLock::new();
+        return Ok((
+            None,
+            OWN.get_or_init(|| User::from_uid(me).ok().flatten())
+                .clone(),
+        ));
     };
     let user = match User::from_name(name) {
         Ok(Some(u)) => u,

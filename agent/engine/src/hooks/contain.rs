@@ -360,12 +360,17 @@ pub struct HookTrace {
     pub boot_id: String,
 }
 
-/// A hook run's cgroups, made before the script starts.
+/// The cgroups hooks run in, made before the first script starts (see `HookSlot`: one cell
+/// serves the hooks of a deployment one after another while each leaves it empty).
 pub(crate) struct Cell {
     cgroups: Arc<Cgroups>,
+    /// The caps it was made with.
+    limits: HookLimits,
     /// The hook's cgroup directories, v2 first.
     dirs: Vec<PathBuf>,
-    /// `cgroup.procs` of each, open for the child to join with `0`.
+    /// The v2 directory, open for `clone3` to create the script inside it.
+    dir: File,
+    /// `cgroup.procs` of each, open for a forked child to join with `0`.
     procs: Vec<File>,
 }
 
@@ -387,13 +392,16 @@ impl Cell {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let mut cell = Cell {
-            cgroups: cgroups.clone(),
-            dirs: Vec::new(),
-            procs: Vec::new(),
-        };
         let v2 = cgroups.base.join(&name);
         make_dir(&v2)?;
+        let dir = File::open(&v2)?;
+        let mut cell = Cell {
+            cgroups: cgroups.clone(),
+            limits,
+            dirs: Vec::new(),
+            dir,
+            procs: Vec::new(),
+        };
         cell.add(v2.clone())?;
         if let Some(n) = limits.pids_max {
             if cgroups.v2_pids {
@@ -435,14 +443,20 @@ impl Cell {
         &self.dirs
     }
 
-    /// The descriptors the child writes `0` to before exec.
+    /// The descriptors a forked child writes `0` to before exec (v2 first).
     pub(crate) fn join_fds(&self) -> Vec<RawFd> {
         self.procs.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
-    /// Closes the descriptors once the child has started.
-    pub(crate) fn started(&mut self) {
-        self.procs.clear();
+    /// The v2 directory, for `clone3(CLONE_INTO_CGROUP)`.
+    pub(crate) fn dir_fd(&self) -> RawFd {
+        self.dir.as_raw_fd()
+    }
+
+    /// Whether this cell was made for the same cgroup set-up and caps (so a hook with other
+    /// caps never runs under this one's).
+    pub(crate) fn serves(&self, cgroups: &Arc<Cgroups>, limits: HookLimits) -> bool {
+        Arc::ptr_eq(&self.cgroups, cgroups) && self.limits == limits
     }
 
     fn v2(&self) -> &Path {
@@ -644,10 +658,15 @@ fn all_procs() -> Vec<ProcInfo> {
         .collect()
 }
 
+/// The kernel's boot id (read once: it cannot change while this process lives).
 pub(crate) fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// The process-group fallback's view of one hook: every descendant seen so far, by pid and

@@ -33,6 +33,7 @@ mod command;
 mod contain;
 mod output;
 mod scriptlog;
+mod spawn;
 
 use std::fmt;
 use std::io;
@@ -263,75 +264,158 @@ pub async fn run(
     run_traced(run, log, cancel, None).await
 }
 
-/// [`run`], recording the hook through `trace` first (see [`TraceSink`]).
+/// [`run`], recording the hook through `trace` first (see [`TraceSink`]), in a cgroup of its
+/// own that is removed (if empty) and cleared from the trace when it ends.
 pub async fn run_traced(
     run: &HookRun,
     log: &ScriptLog,
     cancel: &CancellationToken,
     trace: Option<TraceSink>,
 ) -> Result<HookOutcome, HookError> {
-    // The hook's cgroups exist before the script does: the child joins them before exec.
-    let cell = match &run.containment {
-        Containment::Cgroup(cgroups) => match Cell::create(cgroups, run.limits) {
-            Ok(cell) => Some(cell),
-            Err(e) => {
-                log::warn!(
+    let mut slot = HookSlot::new();
+    let outcome = run_in(&mut slot, run, log, cancel, trace.as_ref()).await;
+    if slot.close() {
+        clear_trace(&trace);
+    }
+    outcome
+}
+
+/// Where the hooks of one deployment run, one after another: one cgroup, made for the first
+/// hook and reused by the next as long as each leaves it empty, so a hook costs no cgroup to
+/// make and remove and no journal write (the cgroup is recorded once, before the first hook
+/// starts). A hook that leaves something running (a service ApplicationStart starts in the
+/// background) keeps that cgroup for what it left; the next hook gets a new one, recorded
+/// before it starts. So one hook's leftovers are never counted in, or stopped with, another
+/// hook's processes. In the process-group fallback every hook is recorded on its own.
+pub struct HookSlot {
+    cell: Option<(Cell, Active)>,
+    /// The cell's trace is in the journal (cgroup modes).
+    recorded: bool,
+}
+
+impl Default for HookSlot {
+    fn default() -> Self {
+        HookSlot::new()
+    }
+}
+
+impl HookSlot {
+    /// A slot with no cgroup yet (made by the first hook that needs one).
+    pub fn new() -> HookSlot {
+        HookSlot {
+            cell: None,
+            recorded: false,
+        }
+    }
+
+    /// Removes the slot's cgroup if it is empty (the hooks are over). Returns true when a
+    /// trace was recorded for it, which the caller clears with its next journal write.
+    pub fn close(&mut self) -> bool {
+        if let Some((cell, _active)) = self.cell.take() {
+            cell.release();
+        }
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// Hands the cgroup to what a hook left in it: kept (removed by a later sweep once empty),
+    /// no longer used by this slot.
+    fn retire(&mut self) {
+        if let Some((cell, _active)) = self.cell.take() {
+            cell.release();
+        }
+    }
+
+    /// The cell the next hook runs in: the current one if it is empty and made for the same
+    /// set-up, else a new one (`None` in the process-group fallback, or if making it failed).
+    fn cell_for(&mut self, run: &HookRun) -> Option<&Cell> {
+        let Containment::Cgroup(cgroups) = &run.containment else {
+            self.retire();
+            return None;
+        };
+        let reusable = self
+            .cell
+            .as_ref()
+            .is_some_and(|(c, _)| c.serves(cgroups, run.limits) && c.is_empty());
+        if !reusable {
+            self.retire();
+            self.recorded = false;
+            match Cell::create(cgroups, run.limits) {
+                Ok(cell) => {
+                    let active = Active::hold(&cell);
+                    self.cell = Some((cell, active));
+                }
+                Err(e) => log::warn!(
                     "hook {}: cannot create its cgroup ({e}); it runs in its process group only",
                     run.location
-                );
-                None
+                ),
             }
-        },
-        Containment::ProcessGroup { .. } => None,
-    };
-    let join = cell.as_ref().map(Cell::join_fds).unwrap_or_default();
-    let _active = cell.as_ref().map(Active::hold);
-    let boot_id = contain::boot_id();
+        }
+        self.cell.as_ref().map(|(c, _)| c)
+    }
+}
+
+impl Drop for HookSlot {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// [`run_traced`] for one hook of a deployment, in `slot` (see [`HookSlot`]). `trace` is
+/// written only when what it must say changes: in the cgroup modes when the hook gets a new
+/// cgroup (before it starts) and when a hook leaves something running (cleared, after it
+/// ended); in the process-group fallback before and after each hook starts and once it ended.
+pub async fn run_in(
+    slot: &mut HookSlot,
+    run: &HookRun,
+    log: &ScriptLog,
+    cancel: &CancellationToken,
+    trace: Option<&TraceSink>,
+) -> Result<HookOutcome, HookError> {
+    // The hook's cgroups exist before the script does: it is created inside them.
+    let cell = slot.cell_for(run);
+    let join = cell.map(Cell::join_fds).unwrap_or_default();
     let mut record = HookTrace {
         script: run.location.clone(),
-        cgroups: cell.as_ref().map(|c| c.dirs().to_vec()).unwrap_or_default(),
+        cgroups: cell.map(|c| c.dirs().to_vec()).unwrap_or_default(),
         pgid: None,
         start_ticks: None,
-        boot_id,
+        boot_id: contain::boot_id(),
     };
-    let release = |cell: Option<Cell>| {
-        if let Some(c) = cell {
-            c.release();
-        }
-    };
+    let in_cell = cell.is_some();
 
-    // Preparing reads the script's head and looks its user up (NSS may go to the network):
-    // both on the blocking pool.
-    let mut prepared = match prepare(run, false, join.clone()).await {
-        Ok(p) => p,
-        Err(e) => {
-            release(cell);
-            return Err(e);
-        }
-    };
-    if let Some(sink) = &trace {
+    // Preparing reads the script's head and looks its user up. A runas user may take NSS to
+    // the network: that lookup goes to the blocking pool; the agent's own user is cached.
+    let mut prepared = prepare(run, false, join.clone()).await?;
+    // What a crash must find is durable before the script exists: the cgroup (once per
+    // cell), or in the fallback that a hook is starting.
+    let wrote_before = if in_cell { !slot.recorded } else { true };
+    if let (Some(sink), true) = (trace, wrote_before) {
         if let Err(source) = write_trace(sink, Some(record.clone())).await {
-            release(cell);
             return Err(HookError::Trace {
                 location: run.location.clone(),
                 source,
             });
         }
+        if in_cell {
+            slot.recorded = true;
+        }
     }
+    let cell = slot.cell.as_ref().map(|(c, _)| c);
     let started = Utc::now();
-    let spawned = match spawn(&mut prepared) {
+    let spawned = match start(&mut prepared, cell) {
         // The executable bit is not for this user, or the revision sits on a noexec mount:
         // run it the way a script without the bit runs, through its `#!` line, if it has one.
         Err(e) if prepared.direct && e.kind() == io::ErrorKind::PermissionDenied => {
             match prepare(run, true, join).await {
                 Ok(retry) => {
                     prepared = retry;
-                    spawn(&mut prepared)
+                    start(&mut prepared, cell)
                 }
                 Err(HookError::NotExecutable { .. }) => Err(e),
                 Err(other) => {
-                    release(cell);
-                    clear_trace(&trace).await;
+                    if !in_cell {
+                        clear_trace_ref(trace).await;
+                    }
                     return Err(other);
                 }
             }
@@ -341,8 +425,9 @@ pub async fn run_traced(
     let mut child = match spawned {
         Ok(c) => c,
         Err(source) => {
-            release(cell);
-            clear_trace(&trace).await;
+            if !in_cell {
+                clear_trace_ref(trace).await;
+            }
             return Err(HookError::Spawn {
                 location: run.location.clone(),
                 script: run.script.clone(),
@@ -350,25 +435,12 @@ pub async fn run_traced(
             });
         }
     };
-    let mut cell = cell;
-    if let Some(c) = &mut cell {
-        c.started();
-    }
-    // The child is its own session leader, so its pid is its process group id. (A pid is
-    // always there before the first wait; never fall back to 0, which would mean our group.)
-    let Some(pid) = child.id() else {
-        release(cell);
-        clear_trace(&trace).await;
-        return Err(HookError::Spawn {
-            location: run.location.clone(),
-            script: run.script.clone(),
-            source: io::Error::other("the started process has no pid"),
-        });
-    };
+    // The child is its own session leader, so its pid is its process group id.
+    let pid = child.id();
     let pgid = Pid::from_raw(pid as i32);
     let mut guard = GroupGuard {
         pgid,
-        cgroup: cell.as_ref().map(Cell::kill_handle),
+        cgroup: cell.map(Cell::kill_handle),
         armed: true,
     };
     let mut tracked = match cell {
@@ -379,7 +451,8 @@ pub async fn run_traced(
             None => Tracked::Group,
         },
     };
-    if let Some(sink) = &trace {
+    // In the fallback the process group is all a crash can find: recorded as soon as known.
+    if let (Some(sink), false) = (trace, in_cell) {
         record.pgid = Some(pgid.as_raw());
         record.start_ticks = contain::proc_info(pgid.as_raw()).map(|p| p.start);
         if let Err(e) = write_trace(sink, Some(record)).await {
@@ -399,9 +472,8 @@ pub async fn run_traced(
         .unwrap_or_default();
     write_log(
         log,
-        format!("[{event}] [pier] {location}: started{as_user}, pid {pgid}"),
-    )
-    .await;
+        &format!("[{event}] [pier] {location}: started{as_user}, pid {pgid}"),
+    );
 
     let tail = Arc::new(Mutex::new(Tail::default()));
     let attached = Arc::new(AtomicBool::new(true));
@@ -414,11 +486,23 @@ pub async fn run_traced(
         attached: attached.clone(),
     };
     let mut readers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(pump(Stream::Stdout).run(out)));
-    }
-    if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(pump(Stream::Stderr).run(err)));
+    match &mut child {
+        Started::Forked(c) => {
+            if let Some(out) = c.stdout.take() {
+                readers.push(tokio::spawn(pump(Stream::Stdout).run(out)));
+            }
+            if let Some(err) = c.stderr.take() {
+                readers.push(tokio::spawn(pump(Stream::Stderr).run(err)));
+            }
+        }
+        Started::Cloned(c) => {
+            if let Some(out) = c.stdout.take() {
+                readers.push(tokio::spawn(pump(Stream::Stdout).run(out)));
+            }
+            if let Some(err) = c.stderr.take() {
+                readers.push(tokio::spawn(pump(Stream::Stderr).run(err)));
+            }
+        }
     }
 
     let result = supervise(
@@ -431,10 +515,30 @@ pub async fn run_traced(
     )
     .await;
     guard.armed = false;
+    let stopped = !matches!(result, HookResult::Succeeded | HookResult::Failed { .. });
     // A script that ended on its own keeps what it left running (a service started in the
     // background); a stopped one has nothing left by now.
-    tracked.release();
-    clear_trace(&trace).await;
+    let left_something = match tracked {
+        Tracked::Cell(c) => {
+            if stopped {
+                c.thaw();
+            }
+            !c.is_empty()
+        }
+        other => {
+            other.release();
+            true
+        }
+    };
+    if in_cell && left_something {
+        // The cgroup now belongs to what the hook left: out of the journal, out of the slot.
+        slot.retire();
+        if std::mem::take(&mut slot.recorded) {
+            clear_trace_ref(trace).await;
+        }
+    } else if !in_cell {
+        clear_trace_ref(trace).await;
+    }
 
     // Take what is already buffered, but never wait for EOF: a background child may hold the
     // pipes for as long as it lives. Readers still running are detached, not aborted.
@@ -455,9 +559,8 @@ pub async fn run_traced(
     };
     write_log(
         log,
-        format!("[{event}] [pier] {location}: {result} after {took:.1?}{note}"),
-    )
-    .await;
+        &format!("[{event}] [pier] {location}: {result} after {took:.1?}{note}"),
+    );
     let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).render();
     Ok(HookOutcome {
         result,
@@ -479,12 +582,61 @@ async fn write_trace(
 }
 
 /// Records that the hook is over, so a later recovery leaves what it started alone.
-async fn clear_trace(trace: &Option<TraceSink>) {
+async fn clear_trace_ref(trace: Option<&TraceSink>) {
     if let Some(sink) = trace {
         if let Err(e) = write_trace(sink, None).await {
             log::warn!("cannot record in the journal that a hook ended: {e}");
         }
     }
+}
+
+/// [`clear_trace_ref`] from a synchronous context (a slot closed after its last hook).
+fn clear_trace(trace: &Option<TraceSink>) {
+    if let Some(sink) = trace {
+        if let Err(e) = sink(None) {
+            log::warn!("cannot record in the journal that a hook ended: {e}");
+        }
+    }
+}
+
+/// The script process, started by `clone3` into its cgroup or by the fork path.
+enum Started {
+    Cloned(spawn::Script),
+    Forked(Child),
+}
+
+impl Started {
+    fn id(&self) -> u32 {
+        match self {
+            Started::Cloned(s) => s.id(),
+            // A pid is always there before the first wait.
+            Started::Forked(c) => c.id().unwrap_or(0),
+        }
+    }
+
+    async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        match self {
+            Started::Cloned(s) => s.wait().await,
+            Started::Forked(c) => c.wait().await,
+        }
+    }
+}
+
+/// Starts the prepared script: created inside the cell's cgroup by `clone3` where the kernel
+/// allows it, else forked, joining the cell (if any) before exec.
+fn start(prepared: &mut command::Prepared, cell: Option<&Cell>) -> io::Result<Started> {
+    if let (Some(cell), Some(exec), false) = (cell, &prepared.exec, spawn::unavailable()) {
+        match spawn::spawn(exec, cell.dir_fd(), &cell.join_fds()[1..]) {
+            Ok(s) => return Ok(Started::Cloned(s)),
+            Err(spawn::SpawnError::Failed(e)) => return Err(e),
+            Err(spawn::SpawnError::Unsupported) => {}
+        }
+    }
+    let child = spawn(prepared)?;
+    if child.id().is_none() {
+        return Err(io::Error::other("the started process has no pid"));
+    }
+    Ok(Started::Forked(child))
 }
 
 fn spawn(prepared: &mut command::Prepared) -> io::Result<Child> {
@@ -498,13 +650,13 @@ fn spawn(prepared: &mut command::Prepared) -> io::Result<Child> {
 
 /// Where the hook's processes are kept: its cgroup, the fallback's /proc watch, or (a script
 /// already gone when the watch began) its process group alone.
-enum Tracked {
-    Cell(Cell),
+enum Tracked<'a> {
+    Cell(&'a Cell),
     Watch(Watch),
     Group,
 }
 
-impl Tracked {
+impl Tracked<'_> {
     fn signal_all(&mut self, pgid: Pid, signal: Signal) {
         signal_group(pgid, signal);
         match self {
@@ -529,14 +681,10 @@ impl Tracked {
         }
     }
 
+    /// The fallback's end of a hook: what is still running is adopted (reaped later).
     fn release(self) {
-        match self {
-            Tracked::Cell(c) => {
-                c.thaw();
-                c.release();
-            }
-            Tracked::Watch(w) => w.release(),
-            Tracked::Group => {}
+        if let Tracked::Watch(w) = self {
+            w.release();
         }
     }
 }
@@ -545,9 +693,9 @@ impl Tracked {
 /// last two cases stops every process of the hook. Returns once the script has been reaped
 /// (or, if even SIGKILL did not end it in time, once it has been given up on).
 async fn supervise(
-    child: &mut Child,
+    child: &mut Started,
     pgid: Pid,
-    tracked: &mut Tracked,
+    tracked: &mut Tracked<'_>,
     timeout: Duration,
     grace: Duration,
     cancel: &CancellationToken,
@@ -576,7 +724,7 @@ async fn supervise(
 /// SIGTERM to every process of the hook; wait until the script has exited and nothing of the
 /// hook is left, at most `grace`; then SIGKILL to all of them (again until none is left,
 /// bounded) and reap the script.
-async fn stop_all(child: &mut Child, pgid: Pid, tracked: &mut Tracked, grace: Duration) {
+async fn stop_all(child: &mut Started, pgid: Pid, tracked: &mut Tracked<'_>, grace: Duration) {
     tracked.signal_all(pgid, Signal::SIGTERM);
     // A grace too large to add is as good as "a year".
     let deadline = Instant::now()
@@ -646,6 +794,10 @@ async fn prepare(
     via_shebang: bool,
     join: Vec<std::os::fd::RawFd>,
 ) -> Result<command::Prepared, HookError> {
+    if run.runas.is_none() {
+        // A local open and read of the script, and the agent's own user from a cache.
+        return command::prepare(run, via_shebang, join);
+    }
     let run = run.clone();
     match tokio::task::spawn_blocking(move || command::prepare(&run, via_shebang, join)).await {
         Ok(prepared) => prepared,
@@ -653,12 +805,9 @@ async fn prepare(
     }
 }
 
-async fn write_log(log: &ScriptLog, line: String) {
-    let writer = log.clone();
-    let written = tokio::task::spawn_blocking(move || writer.line(&line))
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
-    if let Err(e) = written {
+/// One line to the script log, written in place: an append of a short line to a local file.
+fn write_log(log: &ScriptLog, line: &str) {
+    if let Err(e) = log.line(line) {
         log::warn!("cannot write to script log {}: {e}", log.path().display());
     }
 }
