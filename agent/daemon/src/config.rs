@@ -72,6 +72,7 @@ pub(crate) struct RawConfig {
     pub(crate) host_id: Option<String>,
     pub(crate) hooks: Option<RawHooks>,
     pub(crate) bundle: Option<RawBundle>,
+    pub(crate) install: Option<RawInstall>,
     pub(crate) daemon: Option<RawDaemon>,
     pub(crate) transport: Option<RawTransport>,
     pub(crate) aws: Option<RawAws>,
@@ -131,6 +132,14 @@ pub(crate) struct RawHookEnv {
 pub(crate) struct RawBundle {
     pub(crate) max_bytes: Option<i64>,
     pub(crate) max_entries: Option<i64>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `install:` as written.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawInstall {
+    pub(crate) verify: Option<String>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
@@ -261,6 +270,8 @@ pub struct Config {
     pub(crate) host_id: Option<String>,
     pub(crate) hooks: HookSettings,
     pub(crate) bundle: BundleLimits,
+    /// How Install recognises a file it placed before as unchanged.
+    pub(crate) install_verify: pier_engine::install::Verify,
     pub(crate) daemon: DaemonSettings,
     pub(crate) transport: TransportConfig,
     pub(crate) aws: AwsSettings,
@@ -353,6 +364,7 @@ impl Config {
             max_revisions: self.max_revisions,
             hooks: self.hooks.clone(),
             bundle: self.bundle,
+            install_verify: self.install_verify,
         }
     }
 
@@ -484,6 +496,25 @@ impl Config {
         let bundle = BundleLimits {
             max_bytes: p.positive("bundle.max_bytes", bundle_raw.max_bytes, 4 << 30) as u64,
             max_entries: p.positive("bundle.max_entries", bundle_raw.max_entries, 1_000_000) as u64,
+        };
+
+        let install_raw = raw.install.unwrap_or_default();
+        p.unknown("install", &install_raw.unknown);
+        let install_verify = match install_raw.verify.as_deref() {
+            None | Some("metadata") => pier_engine::install::Verify::Metadata,
+            Some("content") => pier_engine::install::Verify::Content,
+            Some(other) => {
+                p.push(
+                    "install.verify",
+                    &format!(
+                        "must be metadata (trust a file pier placed while its inode, size, \
+                         mtime and ctime are unchanged) or content (hash both sides of every \
+                         unchanged file), not {:?}",
+                        pier_protocol::quote::bounded(other, 64)
+                    ),
+                );
+                pier_engine::install::Verify::Metadata
+            }
         };
 
         let daemon_raw = raw.daemon.unwrap_or_default();
@@ -658,6 +689,7 @@ impl Config {
             host_id: raw.host_id,
             hooks,
             bundle,
+            install_verify,
             daemon,
             transport,
             aws,

@@ -9,6 +9,7 @@
 //! scripts. The journal is rewritten after every change and handed to an [`Observer`] (the
 //! daemon turns it into status records).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -272,6 +273,8 @@ struct Run<'a> {
     previous_note: Option<String>,
     new: Option<Revision>,
     setid_entries: Vec<(String, u32)>,
+    /// The unpack's digests of the revision's files (Install trusts them while they hold).
+    digests: Arc<HashMap<PathBuf, unpack::Digest>>,
     /// The cgroup the deployment's hooks run in, one after another.
     hooks: hooks::HookSlot,
     /// What the journal records of the running hooks (`running_hook`), kept by every save
@@ -456,6 +459,7 @@ impl Engine {
             previous_note: None,
             new: None,
             setid_entries: Vec::new(),
+            digests: Arc::default(),
             hooks: hooks::HookSlot::new(),
             hook_trace: Arc::default(),
         };
@@ -615,6 +619,8 @@ impl Engine {
             permissions: &spec.permissions,
             previous: previous.as_ref(),
             file_exists_behavior: behavior,
+            source_digests: Some(&unpacked.digests),
+            verify: config.install_verify,
         })?;
         Ok(plan.to_string())
     }
@@ -822,6 +828,7 @@ impl Engine {
         }
         let unpacked = unpacked?;
         run.setid_entries = unpacked.setid_entries;
+        run.digests = Arc::new(unpacked.digests);
 
         let name = appspec_file_name(run.req, &revision_dir);
         let spec = read_appspec_off_thread(&revision_dir, &name, true)
@@ -852,6 +859,8 @@ impl Engine {
         let previous: Option<install::Manifest> =
             state::read_json(&manifest_path).map_err(|e| EventFailure::unknown(e.to_string()))?;
         let revision_root = new.dir.clone();
+        let digests = run.digests.clone();
+        let verify = run.config.install_verify;
         let files = new.spec.files.clone();
         let permissions = new.spec.permissions.clone();
         let (manifest, summary) = tokio::task::spawn_blocking(move || {
@@ -861,6 +870,8 @@ impl Engine {
                 permissions: &permissions,
                 previous: previous.as_ref(),
                 file_exists_behavior: behavior,
+                source_digests: Some(&digests),
+                verify,
             };
             let installing =
                 |e: install::InstallError| EventFailure::new(e.error_code(), e.to_string());
@@ -1137,6 +1148,7 @@ mod tests {
                 max_bytes: 1 << 30,
                 max_entries: 10_000,
             },
+            install_verify: Default::default(),
         };
         let engine = Engine::new(Arc::new(settings), CancellationToken::new()).unwrap();
         let req = Request {

@@ -16,6 +16,8 @@ pub struct EngineSettings {
     pub max_revisions: usize,
     pub hooks: HookSettings,
     pub bundle: BundleLimits,
+    /// How Install recognises a file it placed before as unchanged.
+    pub install_verify: crate::install::Verify,
 }
 
 /// What reaches a hook's environment besides the CodeDeploy variables.

@@ -211,6 +211,8 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         permissions: &[],
         previous: None,
         file_exists_behavior: FileExistsBehavior::Disallow,
+        source_digests: None,
+        verify: Default::default(),
     })
     .unwrap_err();
     assert!(matches!(refused, InstallError::Refused { .. }), "{refused}");
@@ -225,6 +227,8 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         permissions: &[],
         previous: None,
         file_exists_behavior: FileExistsBehavior::Disallow,
+        source_digests: None,
+        verify: Default::default(),
     })
     .unwrap();
     apply(&p).unwrap();

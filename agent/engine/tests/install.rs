@@ -62,6 +62,8 @@ fn install(
         permissions,
         previous,
         file_exists_behavior: behavior,
+        source_digests: None,
+        verify: Default::default(),
     })?;
     apply(&p)
 }
@@ -249,6 +251,8 @@ fn an_unchanged_file_is_not_rewritten_and_the_dry_run_says_so() {
         permissions: &[],
         previous: Some(&m1),
         file_exists_behavior: FileExistsBehavior::Disallow,
+        source_digests: None,
+        verify: Default::default(),
     })
     .unwrap();
     let shown = p.to_string();
@@ -596,6 +600,8 @@ fn after_a_failed_install_the_next_one_cleans_up_what_it_left() {
         permissions: &[],
         previous: None,
         file_exists_behavior: FileExistsBehavior::Disallow,
+        source_digests: None,
+        verify: Default::default(),
     })
     .unwrap();
     // What the deploy engine records before applying, and keeps if the apply fails.
@@ -694,6 +700,8 @@ fn a_failed_overwrite_does_not_hand_the_operators_file_to_cleanup() {
         permissions: &[],
         previous: None,
         file_exists_behavior: FileExistsBehavior::Overwrite,
+        source_digests: None,
+        verify: Default::default(),
     })
     .unwrap();
     let pending = p.pending_manifest();

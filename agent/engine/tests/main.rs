@@ -8,4 +8,5 @@ mod archive_caps;
 mod bundle;
 mod confined;
 mod hooks;
+mod incremental;
 mod install;

@@ -10,7 +10,7 @@
 //! Directory bundles are reproduced by hard-linking each file (copying across filesystems), so a
 //! directory bundle's data is written once, by Install, on its way to its destination.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use pier_protocol::quote::quote_bytes;
 use pier_protocol::ErrorCode;
+use sha2::{Digest as _, Sha256};
 
 use super::tar_stream::{self, TarError, MAX_NAME_BYTES};
 
@@ -164,6 +165,69 @@ pub struct Unpacked {
     /// mode as the bundle gave it, file-type bits included (`S_IFREG | 0o4755`), so a reader
     /// can tell files from directories.
     pub setid_entries: Vec<(String, u32)>,
+    /// The sha256 of every regular file the unpack wrote itself (extracted or copied, not
+    /// hard-linked from a directory bundle), computed while it was written, keyed by its path
+    /// relative to the bundle root, with what the file looked like once written. Install
+    /// trusts a digest only while the file still looks so (a hook may edit the revision).
+    pub digests: HashMap<PathBuf, Digest>,
+}
+
+/// A file's content hash and the on-disk identity it was taken at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    /// Hex sha256 of the content.
+    pub sha256: String,
+    /// The file when hashed.
+    pub ident: FileIdent,
+}
+
+/// Who a file is on disk and when it last changed: equal identities mean the same inode,
+/// not written (mtime) and not touched at all (ctime, which no system call can set back)
+/// since the first was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(from = "IdentRecord", into = "IdentRecord")]
+pub struct FileIdent {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
+/// [`FileIdent`] as stored: `[dev, ino, size, mtime s, mtime ns, ctime s, ctime ns]`.
+type IdentRecord = (u64, u64, u64, i64, i64, i64, i64);
+
+impl From<IdentRecord> for FileIdent {
+    fn from((dev, ino, size, ms, mns, cs, cns): IdentRecord) -> Self {
+        FileIdent {
+            dev,
+            ino,
+            size,
+            mtime: (ms, mns),
+            ctime: (cs, cns),
+        }
+    }
+}
+
+impl From<FileIdent> for IdentRecord {
+    fn from(i: FileIdent) -> Self {
+        (
+            i.dev, i.ino, i.size, i.mtime.0, i.mtime.1, i.ctime.0, i.ctime.1,
+        )
+    }
+}
+
+impl FileIdent {
+    /// The identity of what `meta` describes.
+    pub fn of(meta: &fs::Metadata) -> FileIdent {
+        FileIdent {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 /// Why a bundle was refused or could not be unpacked.
@@ -437,7 +501,13 @@ pub fn unpack(
     }
     .and_then(|()| x.finish_dirs());
     match result {
-        Ok(()) => Ok(x.out),
+        Ok(()) => {
+            // A digest vouches for a file only while its times say it is untouched, and times
+            // read within a clock tick of a change cannot say so (install::Settled).
+            let settled = crate::install::Settled::now();
+            x.out.digests.retain(|_, d| settled.before(d.ident.ctime));
+            Ok(x.out)
+        }
         Err(e) => {
             // Best effort: the refusal is what the caller needs to see, not a cleanup hiccup.
             if let Err(rm) = fs::remove_dir_all(dest) {
@@ -529,6 +599,12 @@ struct Extractor<'a> {
     /// Directories with their modes, set once everything is in (a read-only directory in the
     /// bundle must not stop its own contents from being written).
     dirs: Vec<(PathBuf, u32)>,
+    /// Every path this unpack has placed something at. `dest` was made empty by this unpack
+    /// and nothing else writes beneath it, so a path not in here is free without a look.
+    placed: HashSet<PathBuf>,
+    /// Directories known to be real directories (made or checked), whose contents need no
+    /// second check of the way to them: a directory is never replaced (`clear_slot`).
+    known_dirs: HashSet<PathBuf>,
 }
 
 impl<'a> Extractor<'a> {
@@ -543,6 +619,8 @@ impl<'a> Extractor<'a> {
             declared: 0,
             files: HashSet::new(),
             dirs: Vec::new(),
+            placed: HashSet::new(),
+            known_dirs: HashSet::new(),
         }
     }
 
@@ -595,6 +673,20 @@ impl<'a> Extractor<'a> {
         for c in &comps[..comps.len().saturating_sub(1)] {
             at.push(c);
             sofar.push(c);
+            if self.known_dirs.contains(&sofar) {
+                continue;
+            }
+            if !self.placed.contains(&sofar) {
+                // Nothing was put here yet: make it.
+                fs::create_dir(&at).map_err(|source| UnpackError::Write {
+                    path: at.clone(),
+                    source,
+                })?;
+                self.dirs.push((at.clone(), 0o755));
+                self.placed.insert(sofar.clone());
+                self.known_dirs.insert(sofar.clone());
+                continue;
+            }
             match fs::symlink_metadata(&at) {
                 Ok(m) if m.file_type().is_dir() => {}
                 Ok(m) if m.file_type().is_symlink() => {
@@ -618,6 +710,7 @@ impl<'a> Extractor<'a> {
                 }
                 Err(source) => return Err(UnpackError::Write { path: at, source }),
             }
+            self.known_dirs.insert(sofar.clone());
         }
         Ok(self.dest.join(rel))
     }
@@ -632,6 +725,10 @@ impl<'a> Extractor<'a> {
         entry: &str,
         want_dir: bool,
     ) -> Result<bool, UnpackError> {
+        // The caller places `rel` next.
+        if self.placed.insert(rel.to_path_buf()) {
+            return Ok(false);
+        }
         match fs::symlink_metadata(full) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(source) => Err(UnpackError::Write {
@@ -649,6 +746,7 @@ impl<'a> Extractor<'a> {
                     source,
                 })?;
                 self.files.remove(rel);
+                self.out.digests.remove(rel);
                 Ok(false)
             }
         }
@@ -675,6 +773,7 @@ impl<'a> Extractor<'a> {
         }
         let mode = self.strip_setid(rel, mode, S_IFDIR);
         self.dirs.push((full, mode));
+        self.known_dirs.insert(rel.to_path_buf());
         Ok(())
     }
 
@@ -724,6 +823,14 @@ impl<'a> Extractor<'a> {
         })?;
         self.files.insert(rel.to_path_buf());
         self.out.files += 1;
+        // The link changed the inode's ctime: both names get the identity it has now.
+        if let Some(mut d) = self.out.digests.get(&trel).cloned() {
+            if let Ok(m) = fs::symlink_metadata(&full) {
+                d.ident = FileIdent::of(&m);
+                self.out.digests.insert(trel, d.clone());
+                self.out.digests.insert(rel.to_path_buf(), d);
+            }
+        }
         Ok(())
     }
 
@@ -751,6 +858,7 @@ impl<'a> Extractor<'a> {
             .open(&full)
             .map_err(werr)?;
         let mut buf = vec![0u8; 64 * 1024];
+        let mut hash = Sha256::new();
         loop {
             let n = match data.read(&mut buf) {
                 Ok(0) => break,
@@ -767,10 +875,19 @@ impl<'a> Extractor<'a> {
                 });
             }
             f.write_all(&buf[..n]).map_err(werr)?;
+            hash.update(&buf[..n]);
         }
         let mode = self.strip_setid(rel, mode, S_IFREG);
         f.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(werr)?;
+        let meta = f.metadata().map_err(werr)?;
+        self.out.digests.insert(
+            rel.to_path_buf(),
+            Digest {
+                sha256: hex::encode(hash.finalize()),
+                ident: FileIdent::of(&meta),
+            },
+        );
         self.files.insert(rel.to_path_buf());
         self.out.files += 1;
         Ok(())

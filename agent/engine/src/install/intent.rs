@@ -86,7 +86,8 @@ fn record_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
 
 /// Writes a JSON state file atomically (temp, fsync, rename, fsync of the directory).
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), InstallError> {
-    let bytes = serde_json::to_vec_pretty(value).expect("install records always serialize");
+    // Compact: a manifest holds a line per placed file, and is written several times an install.
+    let bytes = serde_json::to_vec(value).expect("install records always serialize");
     pier_sys::atomic_write(path, &bytes).map_err(record_err(path))
 }
 
@@ -136,6 +137,10 @@ pub(crate) fn reconcile(primary: &Manifest, secondary: Option<&Manifest>) -> Man
     }
     Manifest {
         entries: out.into_values().collect(),
+        revision: primary
+            .revision
+            .clone()
+            .or_else(|| secondary.and_then(|m| m.revision.clone())),
     }
 }
 

@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::appspec::{FileExistsBehavior, FileMapping, Permission};
 use crate::bundle::confined::{self, Confined, ConfinedError};
+use crate::bundle::unpack::{Digest as SourceDigest, FileIdent};
 
 pub(crate) use intent::{recover as recover_intent, InstallLog, Intent, Outcome};
 pub use permissions::check_setid;
@@ -48,6 +49,10 @@ const IMPLICIT_DIR_MODE: u32 = 0o755;
 pub struct Manifest {
     /// Everything placed, parents before children.
     pub entries: Vec<ManifestEntry>,
+    /// The revision directory the install read its files from (canonical), whose hard links
+    /// to a directory bundle's files keep those inodes alive: see [`SourceStat`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<PathBuf>,
 }
 
 /// The kind of a placed object.
@@ -70,15 +75,168 @@ pub struct ManifestEntry {
     /// What it is.
     pub kind: EntryKind,
     /// Size in bytes (files only; 0 otherwise).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) size: u64,
     /// Permission bits on disk once the install finished (after `permissions`).
     pub(crate) mode: u32,
     /// Hex sha256 of the content (files only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) sha256: Option<String>,
     /// The link's target (symlinks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) link_target: Option<PathBuf>,
     /// true when this install created the directory (so cleanup may remove it if empty)
+    #[serde(default, skip_serializing_if = "is_false")]
     pub created: bool,
+    /// The file as the install left it (files only): what lets the next install trust it
+    /// unchanged without reading it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) disk: Option<DiskStat>,
+    /// The revision file it came from (files only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) source: Option<SourceStat>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A placed file as the install that placed or kept it left it, permissions applied. Equal
+/// to what is on disk now (same inode, size, mtime and ctime, which every write, rename,
+/// chmod, chown and ACL change moves forward and nothing can set back), the file is still
+/// exactly what the manifest says: its content need not be read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "DiskStatRecord", into = "DiskStatRecord")]
+pub(crate) struct DiskStat {
+    pub(crate) ident: FileIdent,
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    /// Whether the install's `permissions` gave it an ACL (else it has none: setting one
+    /// since would have moved the ctime).
+    pub(crate) acl: bool,
+}
+
+/// [`DiskStat`] as stored: an array, as a manifest holds one per file.
+type DiskStatRecord = (FileIdent, u32, u32, u32, bool);
+
+impl From<DiskStatRecord> for DiskStat {
+    fn from((ident, mode, uid, gid, acl): DiskStatRecord) -> Self {
+        DiskStat {
+            ident,
+            mode,
+            uid,
+            gid,
+            acl,
+        }
+    }
+}
+
+impl From<DiskStat> for DiskStatRecord {
+    fn from(d: DiskStat) -> Self {
+        (d.ident, d.mode, d.uid, d.gid, d.acl)
+    }
+}
+
+/// Which revision file a placed file was copied from, by path beneath the revision root and
+/// inode. A directory bundle's files are hard-linked into the revision, so the next
+/// revision of the same bundle holds the very same inode while the file is unchanged; the
+/// previous revision's link to it (checked, not assumed) proves the inode was never freed
+/// and reused in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SourceStatRecord", into = "SourceStatRecord")]
+pub(crate) struct SourceStat {
+    pub(crate) rel: PathBuf,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) size: u64,
+    pub(crate) mtime: (i64, i64),
+}
+
+/// [`SourceStat`] as stored: an array.
+type SourceStatRecord = (PathBuf, u64, u64, u64, (i64, i64));
+
+impl From<SourceStatRecord> for SourceStat {
+    fn from((rel, dev, ino, size, mtime): SourceStatRecord) -> Self {
+        SourceStat {
+            rel,
+            dev,
+            ino,
+            size,
+            mtime,
+        }
+    }
+}
+
+impl From<SourceStat> for SourceStatRecord {
+    fn from(s: SourceStat) -> Self {
+        (s.rel, s.dev, s.ino, s.size, s.mtime)
+    }
+}
+
+impl SourceStat {
+    fn of(rel: PathBuf, ident: &FileIdent) -> SourceStat {
+        SourceStat {
+            rel,
+            dev: ident.dev,
+            ino: ident.ino,
+            size: ident.size,
+            mtime: ident.mtime,
+        }
+    }
+}
+
+/// File times come from the kernel's coarse clock: a file changed within a tick of the moment
+/// its times were read may change again without its times moving (Git's "racy" entries). A
+/// time is settled when it lies safely before such a moment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settled {
+    /// Times strictly before this (seconds, nanoseconds) are settled.
+    limit: (i64, i64),
+}
+
+impl Settled {
+    /// Settled relative to now: two ticks of the coarse clock back (at least 2 ms, at most 100).
+    pub(crate) fn now() -> Settled {
+        use std::sync::OnceLock;
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        static MARGIN: OnceLock<Duration> = OnceLock::new();
+        let margin = *MARGIN.get_or_init(|| {
+            let tick = nix::time::clock_getres(nix::time::ClockId::CLOCK_REALTIME_COARSE)
+                .map(Duration::from)
+                .unwrap_or(Duration::from_millis(10));
+            (tick * 2).clamp(Duration::from_millis(2), Duration::from_millis(100))
+        });
+        let limit = SystemTime::now()
+            .checked_sub(margin)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        Settled {
+            limit: (limit.as_secs() as i64, i64::from(limit.subsec_nanos())),
+        }
+    }
+
+    /// Whether a file time is settled.
+    pub(crate) fn before(&self, t: (i64, i64)) -> bool {
+        t < self.limit
+    }
+}
+
+/// How an install decides that a file it placed before is unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// Trust what the manifest recorded while the disk still matches it (inode, size, mtime,
+    /// ctime); read and hash a file only when it does not.
+    #[default]
+    Metadata,
+    /// Hash the revision's file and the destination every time (for the paranoid; costs a
+    /// read of both sides of every unchanged file).
+    Content,
 }
 
 /// Everything [`plan`] needs.
@@ -94,6 +252,10 @@ pub struct InstallInput<'a> {
     pub previous: Option<&'a Manifest>,
     /// The effective behavior (AppSpec value first, then the command's).
     pub file_exists_behavior: FileExistsBehavior,
+    /// The digests the unpack took while it wrote the revision's files (relative paths).
+    pub source_digests: Option<&'a HashMap<PathBuf, SourceDigest>>,
+    /// How unchanged files are recognised.
+    pub verify: Verify,
 }
 
 /// Why an install was refused or failed.
@@ -402,9 +564,12 @@ pub(crate) enum Action {
     /// Same size and sha256 in the revision, the previous manifest and on disk: not rewritten.
     Unchanged {
         /// The previous manifest's entry.
-        previous: ManifestEntry,
+        previous: Box<ManifestEntry>,
         /// The bundle's mode, set again in case only the mode changed.
         mode: u32,
+        /// The destination still matches the previous manifest's [`DiskStat`]: its mode,
+        /// owner and ACLs are the ones recorded there.
+        trusted: bool,
     },
     /// RETAIN: the existing file is kept, and is not part of this install.
     Retain,
@@ -436,6 +601,10 @@ pub struct Plan {
     pub(crate) steps: Vec<Step>,
     /// Permissions to set once everything is placed.
     pub(crate) permissions: Vec<PermissionStep>,
+    /// The revision's file behind each file destination.
+    pub(crate) sources: HashMap<PathBuf, SourceStat>,
+    /// The revision root, canonical.
+    pub(crate) revision: Option<PathBuf>,
 }
 
 impl Plan {
@@ -472,8 +641,10 @@ impl Plan {
                     sha256: None,
                     link_target: None,
                     created: false,
+                    disk: None,
+                    source: None,
                 },
-                Action::Unchanged { previous, .. } => previous.clone(),
+                Action::Unchanged { previous, .. } => (**previous).clone(),
                 Action::Link { .. } => ManifestEntry {
                     path: s.dest.clone(),
                     kind: EntryKind::Symlink,
@@ -483,6 +654,8 @@ impl Plan {
                     // Unknown until placed: a half-made link must not pass for unchanged.
                     link_target: None,
                     created: false,
+                    disk: None,
+                    source: None,
                 },
                 Action::Retain => continue,
             };
@@ -490,6 +663,7 @@ impl Plan {
         }
         Manifest {
             entries: entries.into_values().collect(),
+            revision: None,
         }
     }
 }
@@ -547,6 +721,8 @@ enum Want {
         source: PathBuf,
         size: u64,
         mode: u32,
+        /// The revision file as the layout saw it.
+        ident: FileIdent,
     },
     Link {
         target: PathBuf,
@@ -726,6 +902,7 @@ fn want_of(src: &Path, meta: &fs::Metadata) -> Result<Want, InstallError> {
             source: src.to_path_buf(),
             size: meta.len(),
             mode: meta.mode() & 0o7777,
+            ident: FileIdent::of(meta),
         })
     } else {
         Err(InstallError::Unplaceable {
@@ -749,34 +926,115 @@ fn sha256_file(path: &Path) -> Result<String, InstallError> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// What an unchanged check may rely on besides the disk.
+struct Evidence<'a> {
+    verify: Verify,
+    /// The unpack's digests, by path beneath the revision root.
+    digests: Option<&'a HashMap<PathBuf, SourceDigest>>,
+    /// The revision root as given and canonical, to turn a source into its relative path.
+    roots: [&'a Path; 2],
+    /// The previous install's revision root (holding its hard links to the bundle's inodes).
+    previous_revision: Option<&'a Path>,
+}
+
+impl Evidence<'_> {
+    fn rel<'p>(&self, source: &'p Path) -> Option<&'p Path> {
+        self.roots.iter().find_map(|r| source.strip_prefix(r).ok())
+    }
+
+    /// Whether the revision's `source` holds the content `prev` recorded, read only when
+    /// neither the unpack's digest nor the inode the previous revision shares with it says.
+    fn source_is(
+        &self,
+        prev: &ManifestEntry,
+        prev_sha: &str,
+        source: &Path,
+        ident: &FileIdent,
+    ) -> Result<bool, InstallError> {
+        if self.verify == Verify::Metadata {
+            if let Some(rel) = self.rel(source) {
+                // Extracted or copied by the unpack: its digest, while the file is as it was
+                // then (a BeforeInstall hook may have edited the revision since).
+                if let Some(d) = self.digests.and_then(|m| m.get(rel)) {
+                    if d.ident == *ident {
+                        return Ok(d.sha256 == prev_sha);
+                    }
+                }
+                // Hard-linked from a directory bundle: the same inode, unwritten, that the
+                // previous revision still links (so it cannot have been freed and reused).
+                if let (Some(ps), Some(prev_root)) = (&prev.source, self.previous_revision) {
+                    if ps.rel == rel && *ps == SourceStat::of(rel.to_path_buf(), ident) {
+                        let linked = fs::symlink_metadata(prev_root.join(rel))
+                            .is_ok_and(|m| m.dev() == ident.dev && m.ino() == ident.ino);
+                        if linked {
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(sha256_file(source)? == prev_sha)
+    }
+}
+
 /// Whether `dest` can be left as the previous install put it: same size and content in the
-/// revision, the previous manifest and on disk.
-fn unchanged(prev: &ManifestEntry, want: &Want, dest: &Path) -> Result<bool, InstallError> {
+/// revision, the previous manifest and on disk. `Some(true)` when the destination also still
+/// matches the manifest's record of it (mode, owner and ACLs as recorded, content not read).
+fn unchanged(
+    prev: &ManifestEntry,
+    want: &Want,
+    dest: &Path,
+    ev: &Evidence,
+) -> Result<Option<bool>, InstallError> {
     match (prev.kind, want) {
-        (EntryKind::File, Want::File { source, size, .. }) => {
+        (
+            EntryKind::File,
+            Want::File {
+                source,
+                size,
+                ident,
+                ..
+            },
+        ) => {
             let Some(prev_sha) = prev.sha256.as_deref() else {
-                return Ok(false);
+                return Ok(None);
             };
             if prev.size != *size {
-                return Ok(false);
+                return Ok(None);
             }
-            match fs::symlink_metadata(dest) {
-                Ok(m) if m.file_type().is_file() && m.len() == *size => {}
-                _ => return Ok(false),
-            }
+            let on_disk = match fs::symlink_metadata(dest) {
+                Ok(m) if m.file_type().is_file() && m.len() == *size => m,
+                _ => return Ok(None),
+            };
+            let trusted = ev.verify == Verify::Metadata
+                && prev.disk.is_some_and(|d| {
+                    d.ident == FileIdent::of(&on_disk)
+                        && d.mode == on_disk.mode() & 0o7777
+                        && d.uid == on_disk.uid()
+                        && d.gid == on_disk.gid()
+                });
             // Cheap checks passed: now the content, revision side first.
-            Ok(sha256_file(source)? == prev_sha && sha256_file(dest)? == prev_sha)
+            if !ev.source_is(prev, prev_sha, source, ident)? {
+                return Ok(None);
+            }
+            if trusted || sha256_file(dest)? == prev_sha {
+                Ok(Some(trusted))
+            } else {
+                Ok(None)
+            }
         }
-        (EntryKind::Symlink, Want::Link { target }) => Ok(prev.link_target.as_ref()
+        (EntryKind::Symlink, Want::Link { target }) => Ok((prev.link_target.as_ref()
             == Some(target)
-            && fs::read_link(dest).ok().as_ref() == Some(target)),
-        _ => Ok(false),
+            && fs::read_link(dest).ok().as_ref() == Some(target))
+        .then_some(false)),
+        _ => Ok(None),
     }
 }
 
 /// Decides everything an install will do, changing nothing.
 pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     let prev_entries: &[ManifestEntry] = input.previous.map_or(&[], |m| &m.entries);
+    let canonical_root = fs::canonicalize(input.revision_root).ok();
     let mut layout = Layout {
         root: input.revision_root,
         revision: Confined::open(input.revision_root).map_err(read_err(input.revision_root))?,
@@ -795,7 +1053,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     // Cleanup of the previous install, except what would be placed again unchanged.
     let mut plan = Plan::default();
     let mut removed: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut kept: HashMap<PathBuf, ManifestEntry> = HashMap::new();
+    let mut kept: HashMap<PathBuf, (ManifestEntry, bool)> = HashMap::new();
     let mut carried_dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let mut dirs_to_remove = Vec::new();
     // Which of the previous install's files would be placed again unchanged: the content
@@ -806,19 +1064,28 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                 && wanted.contains_key(&prev_entries[i].path)
         })
         .collect();
-    let same: BTreeSet<usize> = in_parallel(&candidates, |i| {
+    let evidence = Evidence {
+        verify: input.verify,
+        digests: input.source_digests,
+        roots: [
+            input.revision_root,
+            canonical_root.as_deref().unwrap_or(input.revision_root),
+        ],
+        previous_revision: input.previous.and_then(|m| m.revision.as_deref()),
+    };
+    let same: HashMap<usize, bool> = in_parallel(&candidates, |i| {
         let e = &prev_entries[i];
-        unchanged(e, &wanted[&e.path].want, &e.path)
+        unchanged(e, &wanted[&e.path].want, &e.path, &evidence)
     })?
     .into_iter()
-    .filter_map(|(i, same)| same.then_some(i))
+    .filter_map(|(i, same)| same.map(|trusted| (i, trusted)))
     .collect();
     for (i, e) in prev_entries.iter().enumerate() {
         let want = wanted.get(&e.path).map(|w| &w.want);
         match e.kind {
             EntryKind::File | EntryKind::Symlink => {
-                if same.contains(&i) {
-                    kept.insert(e.path.clone(), e.clone());
+                if let Some(&trusted) = same.get(&i) {
+                    kept.insert(e.path.clone(), (e.clone(), trusted));
                     continue;
                 }
                 match fs::symlink_metadata(&e.path) {
@@ -869,7 +1136,8 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
         // Nothing is in the way of a path the cleanup removes, nor of one beneath it (a file
         // or link of the last revision that this one turns into a directory); a path beneath
         // a file (ENOTDIR) does not exist either.
-        let existing = if dest.ancestors().any(|a| removed.contains(a)) {
+        let existing = if dest.ancestors().any(|a| removed.contains(a)) || kept.contains_key(dest) {
+            // Removed by the cleanup, or kept as it is (then not looked at again).
             None
         } else {
             match fs::symlink_metadata(dest) {
@@ -904,11 +1172,21 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                     }
                 },
             },
-            Want::File { source, mode, .. } => {
-                if let Some(previous) = kept.get(dest) {
+            Want::File {
+                source,
+                mode,
+                ident,
+                ..
+            } => {
+                if let Some(rel) = evidence.rel(source) {
+                    plan.sources
+                        .insert(dest.clone(), SourceStat::of(rel.to_path_buf(), ident));
+                }
+                if let Some((previous, trusted)) = kept.get(dest) {
                     Action::Unchanged {
-                        previous: previous.clone(),
+                        previous: Box::new(previous.clone()),
                         mode: *mode,
+                        trusted: *trusted,
                     }
                 } else {
                     match existing {
@@ -934,10 +1212,11 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                 }
             }
             Want::Link { target } => {
-                if let Some(previous) = kept.get(dest) {
+                if let Some((previous, _)) = kept.get(dest) {
                     Action::Unchanged {
-                        previous: previous.clone(),
+                        previous: Box::new(previous.clone()),
                         mode: previous.mode,
+                        trusted: false,
                     }
                 } else {
                     match existing {
@@ -972,6 +1251,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
         return Err(InstallError::Disallowed { paths: disallowed });
     }
     plan.permissions = permissions::plan(input.permissions, &plan.steps)?;
+    plan.revision = canonical_root;
     Ok(plan)
 }
 
@@ -1008,7 +1288,20 @@ pub(crate) fn apply_logged(
     log: Option<InstallLog>,
 ) -> Result<Manifest, InstallError> {
     use intent::{Phase, Rename};
-    let record = |i: &Intent| log.map_or(Ok(()), |l| intent::write_json(l.intent, i));
+    // An install that writes, renames, makes and removes nothing (a redeploy of an unchanged
+    // revision: at most modes and owners set again, which a rerun repeats) has nothing a stop
+    // could leave half done, so it records no intent; only its manifest at the end.
+    let quiet = plan.removals.is_empty()
+        && plan.steps.iter().all(|s| {
+            matches!(
+                s.action,
+                Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
+            )
+        });
+    let record = |i: &Intent| match log {
+        Some(l) if !quiet => intent::write_json(l.intent, i),
+        _ => Ok(()),
+    };
     let save_manifest = |m: &Manifest| log.map_or(Ok(()), |l| intent::write_json(l.manifest, m));
     let clear = || log.map_or(Ok(()), |l| intent::clear(l.intent));
     // The test hook only fires in a logged install (the deploy engine's), never in unit tests.
@@ -1017,7 +1310,11 @@ pub(crate) fn apply_logged(
             intent::failpoint(phase, n)
         }
     };
-    let pending = plan.pending_manifest();
+    let pending = if quiet {
+        Manifest::default()
+    } else {
+        plan.pending_manifest()
+    };
     let no_manifest = Manifest::default();
     // What describes the disk if the install stops before the switch: the previous install,
     // plus the directories this one made.
@@ -1141,6 +1438,7 @@ pub(crate) fn apply_logged(
                 })
             })
             .collect(),
+        revision: None,
     };
     record(&intent)?;
     fp("switch", 0);
@@ -1184,6 +1482,7 @@ pub(crate) fn apply_logged(
         intent::sweep(&tag, &intent.temp_dirs);
         let done = Manifest {
             entries: switched.into_iter().flatten().collect(),
+            revision: None,
         };
         save_manifest(&intent::reconcile(&done, Some(&rolled_back())))?;
         clear()?;
@@ -1193,6 +1492,7 @@ pub(crate) fn apply_logged(
     // 3. Removing what the new revision no longer has.
     let mut manifest = Manifest {
         entries: switched.into_iter().flatten().collect(),
+        revision: None,
     };
     intent.phase = Phase::Removing;
     intent.renames = Vec::new();
@@ -1209,27 +1509,98 @@ pub(crate) fn apply_logged(
         clear()?;
         return Err(e);
     }
-    save_manifest(&manifest)?;
+    if !quiet {
+        // (A quiet install's manifest on disk is the previous one, which still holds.)
+        save_manifest(&manifest)?;
+    }
     clear()?;
 
-    let unchanged_files: Vec<PathBuf> = plan
+    let unchanged_files: Vec<(PathBuf, u32)> = plan
         .steps
         .iter()
-        .filter(|s| {
-            matches!(&s.action, Action::Unchanged { previous, .. } if previous.kind == EntryKind::File)
+        .filter(|s| match &s.action {
+            // A trusted file has exactly the ACLs the manifest recorded.
+            Action::Unchanged {
+                previous, trusted, ..
+            } => {
+                previous.kind == EntryKind::File
+                    && !(*trusted && previous.disk.is_some_and(|d| !d.acl))
+            }
+            _ => false,
         })
-        .map(|s| s.dest.clone())
+        .filter_map(|s| match &s.action {
+            Action::Unchanged { mode, .. } => Some((s.dest.clone(), *mode)),
+            _ => None,
+        })
         .collect();
     reset_acls(&unchanged_files);
 
     permissions::apply(&plan.permissions)?;
 
-    // Record the modes as they ended up, so the manifest describes the disk.
-    for e in &mut manifest.entries {
-        if e.kind != EntryKind::Symlink {
-            if let Ok(m) = fs::symlink_metadata(&e.path) {
-                e.mode = m.mode() & 0o7777;
+    // Record the files as they ended up, so the manifest describes the disk and the next
+    // install can trust what still looks so.
+    let with_acl: BTreeSet<&Path> = plan
+        .permissions
+        .iter()
+        .filter(|p| !p.acls.is_empty() && !p.is_link)
+        .map(|p| p.path.as_path())
+        .collect();
+    manifest.revision = plan.revision.clone();
+    // Files left exactly as recorded (trusted, not reset, no permission touching them) keep
+    // their record without a second look.
+    let permitted: BTreeSet<&Path> = plan.permissions.iter().map(|p| p.path.as_path()).collect();
+    let as_recorded: HashMap<&Path, &ManifestEntry> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match &s.action {
+            Action::Unchanged {
+                previous,
+                mode,
+                trusted: true,
+            } if previous.kind == EntryKind::File
+                && !permitted.contains(s.dest.as_path())
+                && previous
+                    .disk
+                    .is_some_and(|d| d.mode == *mode && (d.uid, d.gid) == agent_ids()) =>
+            {
+                Some((s.dest.as_path(), &**previous))
             }
+            _ => None,
+        })
+        .collect();
+    for e in &mut manifest.entries {
+        if e.kind == EntryKind::Symlink {
+            continue;
+        }
+        if let Some(prev) = as_recorded.get(e.path.as_path()) {
+            e.disk = prev.disk;
+            e.source = plan.sources.get(&e.path).cloned();
+            continue;
+        }
+        let Ok(m) = fs::symlink_metadata(&e.path) else {
+            continue;
+        };
+        e.mode = m.mode() & 0o7777;
+        if e.kind == EntryKind::File && m.file_type().is_file() {
+            e.disk = Some(DiskStat {
+                ident: FileIdent::of(&m),
+                mode: e.mode,
+                uid: m.uid(),
+                gid: m.gid(),
+                acl: with_acl.contains(e.path.as_path()),
+            });
+            e.source = plan.sources.get(&e.path).cloned();
+        }
+    }
+    // A record taken within a clock tick of the file's last change cannot vouch for it: a
+    // change in the same tick would leave the times as recorded. Such files are read next time.
+    let settled = Settled::now();
+    for e in &mut manifest.entries {
+        if e.disk.is_some_and(|d| !settled.before(d.ident.ctime)) {
+            e.disk = None;
+        }
+        if e.source.as_ref().is_some_and(|s| !settled.before(s.mtime)) {
+            e.source = None;
         }
     }
     save_manifest(&manifest)?;
@@ -1322,10 +1693,22 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                 sha256: Some(sha),
                 link_target: None,
                 created: false,
+                disk: None,
+                source: None,
             })
         }
-        Action::Unchanged { previous, mode } => {
-            if previous.kind == EntryKind::File {
+        Action::Unchanged {
+            previous,
+            mode,
+            trusted,
+        } => {
+            // Trusted and recorded with the bundle's mode and the agent's ownership: already
+            // what a fresh copy would have.
+            let fresh = *trusted
+                && previous
+                    .disk
+                    .is_some_and(|d| d.mode == *mode && (d.uid, d.gid) == agent_ids());
+            if previous.kind == EntryKind::File && !fresh {
                 // Not rewritten, but reset to what a fresh copy would have: the bundle's mode
                 // and the agent's ownership (permissions set theirs again afterwards).
                 // Through a descriptor opened without following links: the file sits where
@@ -1340,7 +1723,7 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                 file.set_permissions(fs::Permissions::from_mode(*mode))
                     .map_err(write_err("change the mode of", dest))?;
             }
-            Some(previous.clone())
+            Some((**previous).clone())
         }
         Action::Retain => None,
         Action::Link { target, replace } => {
@@ -1353,8 +1736,21 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                 sha256: None,
                 link_target: Some(target.clone()),
                 created: false,
+                disk: None,
+                source: None,
             })
         }
+    })
+}
+
+/// The agent's effective uid and gid: what a freshly copied file belongs to.
+fn agent_ids() -> (u32, u32) {
+    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
     })
 }
 
@@ -1425,15 +1821,16 @@ fn in_parallel<T: Send>(
 /// usual case, costs one syscall and no process. Each file is opened without following a
 /// symlink (like every other permission change, [`permissions::open_no_follow`]) and setfacl
 /// gets `/proc/PID/fd/N`, so a file swapped for a symlink since the install is skipped, not
-/// followed; each run is time-limited.
-fn reset_acls(paths: &[PathBuf]) {
+/// followed; each run is time-limited. Dropping an ACL leaves the group bits at the ACL's
+/// group entry, not at the mask a chmod set, so each file gets its `mode` again afterwards.
+fn reset_acls(files: &[(PathBuf, u32)]) {
     use std::os::fd::AsRawFd;
     use xattr::FileExt;
-    if paths.is_empty() {
+    if files.is_empty() {
         return;
     }
     let mut with_acl = Vec::new();
-    for path in paths {
+    for (path, mode) in files {
         let file = match permissions::open_no_follow(path) {
             Ok(file) => file,
             Err(e) => {
@@ -1442,7 +1839,7 @@ fn reset_acls(paths: &[PathBuf]) {
             }
         };
         match file.get_xattr(ACL_XATTR) {
-            Ok(Some(_)) => with_acl.push(path),
+            Ok(Some(_)) => with_acl.push((path, *mode)),
             Ok(None) => {}
             // No xattrs or no ACLs on this filesystem: nothing to drop.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) => return,
@@ -1457,16 +1854,16 @@ fn reset_acls(paths: &[PathBuf]) {
             "{} unchanged file(s) keep an ACL an earlier install left ({} first): setfacl is \
              not installed",
             with_acl.len(),
-            with_acl[0].display()
+            with_acl[0].0.display()
         );
         return;
     };
     // Reopened per batch: at most 256 descriptors held at once.
     for chunk in with_acl.chunks(256) {
         let mut open = Vec::with_capacity(chunk.len());
-        for path in chunk {
+        for (path, mode) in chunk {
             match permissions::open_no_follow(path) {
-                Ok(file) => open.push(file),
+                Ok(file) => open.push((file, *mode, path)),
                 Err(e) => log::warn!("not dropping ACLs of {}: {e}", path.display()),
             }
         }
@@ -1476,14 +1873,19 @@ fn reset_acls(paths: &[PathBuf]) {
         let pid = std::process::id();
         let mut cmd = std::process::Command::new(&setfacl);
         cmd.arg("-b").arg("--");
-        for file in &open {
+        for (file, _, _) in &open {
             cmd.arg(format!("/proc/{pid}/fd/{}", file.as_raw_fd()));
         }
         if let Err(e) = crate::tool::run(&mut cmd, crate::tool::TOOL_TIME_LIMIT) {
             log::warn!(
                 "dropping ACLs of unchanged files ({} first): {e}",
-                chunk[0].display()
+                chunk[0].0.display()
             );
+        }
+        for (file, mode, path) in &open {
+            if let Err(e) = file.set_permissions(fs::Permissions::from_mode(*mode)) {
+                log::warn!("setting the mode of {} again: {e}", path.display());
+            }
         }
     }
 }
@@ -1501,6 +1903,8 @@ fn dir_entry(path: &Path, created: bool) -> ManifestEntry {
         sha256: None,
         link_target: None,
         created,
+        disk: None,
+        source: None,
     }
 }
 
@@ -1591,6 +1995,8 @@ fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBu
                 sha256: Some(sha),
                 link_target: None,
                 created: false,
+                disk: None,
+                source: None,
             }
         }
         Action::Link { target, .. } => {
@@ -1603,6 +2009,8 @@ fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBu
                 sha256: None,
                 link_target: Some(target.clone()),
                 created: false,
+                disk: None,
+                source: None,
             }
         }
         _ => unreachable!("only steps that is_staged_action admits are staged"),

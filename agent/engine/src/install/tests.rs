@@ -51,6 +51,8 @@ fn input<'a>(
         permissions,
         previous,
         file_exists_behavior: b,
+        source_digests: None,
+        verify: Verify::default(),
     }
 }
 
@@ -384,6 +386,8 @@ fn file_entry(path: &Path, body: &str) -> ManifestEntry {
         sha256: Some(hex::encode(Sha256::digest(body.as_bytes()))),
         link_target: None,
         created: false,
+        disk: None,
+        source: None,
     }
 }
 
@@ -404,6 +408,7 @@ fn interrupted(phase: intent::Phase) -> (tempfile::TempDir, Intent) {
             file_entry(&p.join("a"), "old a"),
             file_entry(&p.join("gone"), "old gone"),
         ],
+        revision: None,
     };
     let mut new_dir = dir_entry(&p.join("new"), true);
     new_dir.mode = 0o755;
@@ -432,6 +437,7 @@ fn interrupted(phase: intent::Phase) -> (tempfile::TempDir, Intent) {
                 new_dir,
                 file_entry(&p.join("new/b"), "new b"),
             ],
+            revision: None,
         },
     };
     (d, intent)
