@@ -23,6 +23,21 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     persist(tmp, path)
 }
 
+/// [`atomic_write`] of what `write` produces, streamed through a buffer into the temp file
+/// rather than held whole in memory first.
+pub fn atomic_write_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut tmp = temp_beside(path)?;
+    {
+        let mut w = io::BufWriter::with_capacity(64 * 1024, tmp.as_file_mut());
+        write(&mut w)?;
+        w.flush()?;
+    }
+    persist(tmp, path)
+}
+
 /// A temp file in `path`'s directory (created when missing), named after it, for a caller
 /// that writes a large file in pieces and then [`persist`]s it. Dropped unpersisted, it is
 /// removed.

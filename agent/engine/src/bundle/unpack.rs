@@ -1112,7 +1112,7 @@ impl<'a> Extractor<'a> {
                 // run later.
                 let linkable = mode & SETID_BITS == 0
                     && mode & 0o022 == 0
-                    && m.uid() == nix::unistd::geteuid().as_raw();
+                    && m.uid() == crate::install::agent_ids().0;
                 if !linkable {
                     let mut f = open_same_file(&path, &m)?;
                     self.make_file(&rel, &name, mode, &mut f)?;

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -86,9 +87,12 @@ fn record_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
 
 /// Writes a JSON state file atomically (temp, fsync, rename, fsync of the directory).
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), InstallError> {
-    // Compact: a manifest holds a line per placed file, and is written several times an install.
-    let bytes = serde_json::to_vec(value).expect("install records always serialize");
-    pier_sys::atomic_write(path, &bytes).map_err(record_err(path))
+    // Compact and streamed: a manifest holds a line per placed file, and is written several
+    // times an install.
+    pier_sys::atomic_write_with(path, |w| {
+        serde_json::to_writer(w, value).map_err(io::Error::other)
+    })
+    .map_err(record_err(path))
 }
 
 /// Removes the intent file once the install is finished or undone (durably: the directory is

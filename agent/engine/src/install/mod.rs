@@ -1509,11 +1509,9 @@ pub(crate) fn apply_logged(
         clear()?;
         return Err(e);
     }
-    if !quiet {
-        // (A quiet install's manifest on disk is the previous one, which still holds.)
-        save_manifest(&manifest)?;
-    }
-    clear()?;
+    // The removing intent stays until the final manifest is saved: a stop while permissions
+    // are set rolls forward to this manifest (its removals are done again, harmlessly), as a
+    // saved manifest would, with one manifest write fewer.
 
     let unchanged_files: Vec<(PathBuf, u32)> = plan
         .steps
@@ -1535,7 +1533,11 @@ pub(crate) fn apply_logged(
         .collect();
     reset_acls(&unchanged_files);
 
-    permissions::apply(&plan.permissions)?;
+    if let Err(e) = permissions::apply(&plan.permissions) {
+        save_manifest(&manifest)?;
+        clear()?;
+        return Err(e);
+    }
 
     // Record the files as they ended up, so the manifest describes the disk and the next
     // install can trust what still looks so.
@@ -1604,6 +1606,7 @@ pub(crate) fn apply_logged(
         }
     }
     save_manifest(&manifest)?;
+    clear()?;
     Ok(manifest)
 }
 
@@ -1744,7 +1747,7 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
 }
 
 /// The agent's effective uid and gid: what a freshly copied file belongs to.
-fn agent_ids() -> (u32, u32) {
+pub(crate) fn agent_ids() -> (u32, u32) {
     static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
     *IDS.get_or_init(|| {
         (
