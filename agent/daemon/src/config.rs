@@ -1022,6 +1022,22 @@ mod tests {
     }
 
     #[test]
+    fn install_verify_is_metadata_by_default_and_takes_content() {
+        use pier_engine::install::Verify;
+        assert_eq!(parse("").unwrap().install_verify, Verify::Metadata);
+        let c = parse("install:\n  verify: content\n").unwrap();
+        assert_eq!(c.install_verify, Verify::Content);
+        assert_eq!(c.engine_settings().install_verify, Verify::Content);
+        let err = parse("install:\n  verify: sometimes\n  colour: red\n").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"install.verify"), "{keys:?}");
+        assert!(keys.iter().any(|k| k.contains("colour")), "{keys:?}");
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let err = parse(
             "root_dir: relative\nmax_revisions: 0\nbogus: 1\nhooks:\n  kill_grace_seconds: -1\n  env:\n    pass: [AWS_SECRET_ACCESS_KEY]\n",

@@ -239,7 +239,7 @@ pub fn run(args: &Args) -> i32 {
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// glibc malloc arenas the agent may use (`MALLOC_ARENA_MAX` in its environment wins).
-const MALLOC_ARENAS: usize = 2;
+pub(crate) const MALLOC_ARENAS: usize = 2;
 
 /// The agent's runtime. The agent mostly waits, so one thread runs its loop, its timers and
 /// its sockets: an idle agent has one thread to wake, once per long poll, and no worker

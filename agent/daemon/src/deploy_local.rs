@@ -177,6 +177,9 @@ pub fn run(args: &Args) -> i32 {
         ignore_application_stop_failures: false,
     };
 
+    // The install's worker threads would each get a malloc arena of their own; two keep the
+    // peak of a large install down (the daemon does the same).
+    pier_sys::memory::limit_arenas(crate::daemon::MALLOC_ARENAS);
     // One deployment, one thread: hooks, their output and the journal's writes hand work to
     // no worker thread (file work still goes to the blocking pool), and no workers are made.
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -224,6 +224,7 @@ fn deploy(
     rev: &Revision,
     dest: &Path,
     previous: Option<&Manifest>,
+    verify: Verify,
 ) -> Manifest {
     sync_bundle(bundle, rev);
     let (root, out) = unpacked(bundle, rev.tgz, work);
@@ -236,7 +237,7 @@ fn deploy(
         previous,
         file_exists_behavior: FileExistsBehavior::Overwrite,
         source_digests: Some(&out.digests),
-        verify: Verify::Metadata,
+        verify,
     })
     .unwrap();
     apply(&p).unwrap()
@@ -336,7 +337,10 @@ proptest! {
         meddling in meddling(),
         settle in any::<bool>(),
         again in any::<bool>(),
+        paranoid in any::<bool>(),
     ) {
+        // install.verify: content reads every unchanged file; it must end in the same place.
+        let verify = if paranoid { Verify::Content } else { Verify::Metadata };
         if !nix::unistd::geteuid().is_root() {
             crate::support::skip("changing owners at the destination needs root");
             return Ok(());
@@ -344,21 +348,21 @@ proptest! {
         let s = Scratch::new();
         let dest = s.path().join("dest/app");
         let (bundle, work) = (s.path().join("bundle"), |n: &str| s.path().join(n));
-        let m1 = deploy(&bundle, &work("r1"), &first, &dest, None);
+        let m1 = deploy(&bundle, &work("r1"), &first, &dest, None, verify);
         // Some changes land within a clock tick of the install, some well after: the first
         // kind must not slip past the recorded times, the second must be seen by them.
         if settle {
             std::thread::sleep(Duration::from_millis(25));
         }
         meddle(&dest, &meddling);
-        let m2 = deploy(&bundle, &work("r2"), &second, &dest, Some(&m1));
+        let m2 = deploy(&bundle, &work("r2"), &second, &dest, Some(&m1), verify);
         let fresh = s.path().join("fresh/app");
-        deploy(&s.path().join("fresh-bundle"), &work("f"), &second, &fresh, None);
+        deploy(&s.path().join("fresh-bundle"), &work("f"), &second, &fresh, None, verify);
         prop_assert_eq!(snapshot(&dest), snapshot(&fresh));
         if again {
             // The same revision once more, nothing changed: every file trusted as it is.
             std::thread::sleep(Duration::from_millis(25));
-            deploy(&bundle, &work("r3"), &second, &dest, Some(&m2));
+            deploy(&bundle, &work("r3"), &second, &dest, Some(&m2), verify);
             prop_assert_eq!(snapshot(&dest), snapshot(&fresh));
         }
     }

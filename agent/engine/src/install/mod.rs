@@ -91,10 +91,10 @@ pub struct ManifestEntry {
     /// The file as the install left it (files only): what lets the next install trust it
     /// unchanged without reading it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) disk: Option<DiskStat>,
+    pub(crate) disk: Option<Box<DiskStat>>,
     /// The revision file it came from (files only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) source: Option<SourceStat>,
+    pub(crate) source: Option<Box<SourceStat>>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -963,7 +963,7 @@ impl Evidence<'_> {
                 // Hard-linked from a directory bundle: the same inode, unwritten, that the
                 // previous revision still links (so it cannot have been freed and reused).
                 if let (Some(ps), Some(prev_root)) = (&prev.source, self.previous_revision) {
-                    if ps.rel == rel && *ps == SourceStat::of(rel.to_path_buf(), ident) {
+                    if ps.rel == rel && **ps == SourceStat::of(rel.to_path_buf(), ident) {
                         let linked = fs::symlink_metadata(prev_root.join(rel))
                             .is_ok_and(|m| m.dev() == ident.dev && m.ino() == ident.ino);
                         if linked {
@@ -1007,7 +1007,7 @@ fn unchanged(
                 _ => return Ok(None),
             };
             let trusted = ev.verify == Verify::Metadata
-                && prev.disk.is_some_and(|d| {
+                && prev.disk.as_deref().is_some_and(|d| {
                     d.ident == FileIdent::of(&on_disk)
                         && d.mode == on_disk.mode() & 0o7777
                         && d.uid == on_disk.uid()
@@ -1522,7 +1522,7 @@ pub(crate) fn apply_logged(
                 previous, trusted, ..
             } => {
                 previous.kind == EntryKind::File
-                    && !(*trusted && previous.disk.is_some_and(|d| !d.acl))
+                    && !(*trusted && previous.disk.as_deref().is_some_and(|d| !d.acl))
             }
             _ => false,
         })
@@ -1563,6 +1563,7 @@ pub(crate) fn apply_logged(
                 && !permitted.contains(s.dest.as_path())
                 && previous
                     .disk
+                    .as_deref()
                     .is_some_and(|d| d.mode == *mode && (d.uid, d.gid) == agent_ids()) =>
             {
                 Some((s.dest.as_path(), &**previous))
@@ -1575,8 +1576,8 @@ pub(crate) fn apply_logged(
             continue;
         }
         if let Some(prev) = as_recorded.get(e.path.as_path()) {
-            e.disk = prev.disk;
-            e.source = plan.sources.get(&e.path).cloned();
+            e.disk = prev.disk.clone();
+            e.source = plan.sources.get(&e.path).cloned().map(Box::new);
             continue;
         }
         let Ok(m) = fs::symlink_metadata(&e.path) else {
@@ -1584,21 +1585,24 @@ pub(crate) fn apply_logged(
         };
         e.mode = m.mode() & 0o7777;
         if e.kind == EntryKind::File && m.file_type().is_file() {
-            e.disk = Some(DiskStat {
+            e.disk = Some(Box::new(DiskStat {
                 ident: FileIdent::of(&m),
                 mode: e.mode,
                 uid: m.uid(),
                 gid: m.gid(),
                 acl: with_acl.contains(e.path.as_path()),
-            });
-            e.source = plan.sources.get(&e.path).cloned();
+            }));
+            e.source = plan.sources.get(&e.path).cloned().map(Box::new);
         }
     }
     // A record taken within a clock tick of the file's last change cannot vouch for it: a
     // change in the same tick would leave the times as recorded. Such files are read next time.
     let settled = Settled::now();
     for e in &mut manifest.entries {
-        if e.disk.is_some_and(|d| !settled.before(d.ident.ctime)) {
+        if e.disk
+            .as_deref()
+            .is_some_and(|d| !settled.before(d.ident.ctime))
+        {
             e.disk = None;
         }
         if e.source.as_ref().is_some_and(|s| !settled.before(s.mtime)) {
@@ -1710,6 +1714,7 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
             let fresh = *trusted
                 && previous
                     .disk
+                    .as_deref()
                     .is_some_and(|d| d.mode == *mode && (d.uid, d.gid) == agent_ids());
             if previous.kind == EntryKind::File && !fresh {
                 // Not rewritten, but reset to what a fresh copy would have: the bundle's mode
