@@ -1072,10 +1072,61 @@ impl<'a> Extractor<'a> {
         if !meta.is_dir() {
             return Err(self.corrupt("not a directory"));
         }
-        self.walk(PathBuf::new())
+        let mut links = Vec::new();
+        self.walk(PathBuf::new(), &mut links)?;
+        self.link_all(links)
     }
 
-    fn walk(&mut self, rel_dir: PathBuf) -> Result<(), UnpackError> {
+    /// Makes the hard links the walk collected (their directories exist), on a few threads when
+    /// there are many: each is one `linkat`, independent of the others. A file that cannot be
+    /// linked (another filesystem) is copied instead, here, after the others.
+    fn link_all(&mut self, links: Vec<(PathBuf, fs::Metadata)>) -> Result<(), UnpackError> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const PER_WORKER: usize = 256;
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4)
+            .min(links.len() / PER_WORKER + 1);
+        let (src, dest) = (self.src, self.dest);
+        let link = |(rel, _): &(PathBuf, fs::Metadata)| {
+            fs::hard_link(src.join(rel), dest.join(rel)).is_ok()
+        };
+        let linked: Vec<bool> = if workers <= 1 {
+            links.iter().map(link).collect()
+        } else {
+            let next = AtomicUsize::new(0);
+            let done: Vec<std::sync::atomic::AtomicBool> =
+                links.iter().map(|_| Default::default()).collect();
+            std::thread::scope(|scope| {
+                for _ in 0..workers {
+                    scope.spawn(|| loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(l) = links.get(k) else { break };
+                        done[k].store(link(l), Ordering::Relaxed);
+                    });
+                }
+            });
+            done.into_iter().map(|d| d.into_inner()).collect()
+        };
+        for ((rel, m), ok) in links.into_iter().zip(linked) {
+            if !ok {
+                let name = display(&rel);
+                let mut f = open_same_file(&self.src.join(&rel), &m)?;
+                // The walk claimed the slot and counted the file; the copy does both again.
+                self.placed.remove(&rel);
+                self.out.bytes -= m.len();
+                self.out.files -= 1;
+                self.make_file(&rel, &name, m.mode() & 0o7777, &mut f)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn walk(
+        &mut self,
+        rel_dir: PathBuf,
+        links: &mut Vec<(PathBuf, fs::Metadata)>,
+    ) -> Result<(), UnpackError> {
         let dir = self.src.join(&rel_dir);
         let rerr = |path: &Path| {
             let path = path.to_path_buf();
@@ -1100,7 +1151,7 @@ impl<'a> Extractor<'a> {
             let mode = m.mode() & 0o7777;
             if ft.is_dir() {
                 self.make_dir(&rel, &name, mode)?;
-                self.walk(rel)?;
+                self.walk(rel, links)?;
             } else if ft.is_symlink() {
                 let target = fs::read_link(&path).map_err(rerr(&path))?;
                 self.make_symlink(&rel, &name, target.as_os_str().as_bytes())?;
@@ -1117,23 +1168,21 @@ impl<'a> Extractor<'a> {
                     let mut f = open_same_file(&path, &m)?;
                     self.make_file(&rel, &name, mode, &mut f)?;
                 } else {
+                    // Linked once the walk is done (link_all); counted now, so the caps hold
+                    // before anything is linked.
                     let full = self.parents(&rel, &name)?;
                     self.clear_slot(&full, &rel, &name, false)?;
-                    if fs::hard_link(&path, &full).is_ok() {
-                        self.out.bytes += m.len();
-                        if self.out.bytes > self.policy.max_total_bytes {
-                            return Err(UnpackError::TooLarge {
-                                entry: name,
-                                total: self.out.bytes,
-                                limit: self.policy.max_total_bytes,
-                            });
-                        }
-                        self.files.insert(rel);
-                        self.out.files += 1;
-                    } else {
-                        let mut f = open_same_file(&path, &m)?;
-                        self.make_file(&rel, &name, mode, &mut f)?;
+                    self.out.bytes += m.len();
+                    if self.out.bytes > self.policy.max_total_bytes {
+                        return Err(UnpackError::TooLarge {
+                            entry: name,
+                            total: self.out.bytes,
+                            limit: self.policy.max_total_bytes,
+                        });
                     }
+                    self.files.insert(rel.clone());
+                    self.out.files += 1;
+                    links.push((rel, m));
                 }
             } else {
                 let what = match m.mode() & S_IFMT {

@@ -63,9 +63,75 @@ pub(crate) struct Intent {
     /// Switching and removing: what of the previous install goes once the switch is done.
     pub(crate) removals: Vec<Removal>,
     /// The manifest before this install.
+    #[serde(serialize_with = "lean_previous")]
     pub(crate) previous: Option<Manifest>,
     /// Staging: everything this install may place; later: what it placed.
+    #[serde(serialize_with = "lean")]
     pub(crate) manifest: Manifest,
+}
+
+/// An intent's manifests without what each file looked like on disk ([`ManifestEntry`]'s
+/// `disk` and `source`): all a recovery needs is which paths are whose, and an intent is
+/// written three times an install. A manifest rebuilt by a recovery therefore trusts none of
+/// its files unread, which is what it should do after a crash.
+fn lean<S: serde::Serializer>(m: &Manifest, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::{SerializeSeq, SerializeStruct};
+    /// A [`ManifestEntry`] as serialized, borrowed, without `disk` and `source`.
+    #[derive(Serialize)]
+    struct LeanEntry<'a> {
+        path: &'a Path,
+        kind: EntryKind,
+        #[serde(skip_serializing_if = "is_zero")]
+        size: u64,
+        mode: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sha256: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        link_target: Option<&'a Path>,
+        #[serde(skip_serializing_if = "is_false")]
+        created: bool,
+    }
+    fn is_zero(n: &u64) -> bool {
+        *n == 0
+    }
+    fn is_false(b: &bool) -> bool {
+        !*b
+    }
+    struct Entries<'a>(&'a [ManifestEntry]);
+    impl Serialize for Entries<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(self.0.len()))?;
+            for e in self.0 {
+                seq.serialize_element(&LeanEntry {
+                    path: &e.path,
+                    kind: e.kind,
+                    size: e.size,
+                    mode: e.mode,
+                    sha256: e.sha256.as_deref(),
+                    link_target: e.link_target.as_deref(),
+                    created: e.created,
+                })?;
+            }
+            seq.end()
+        }
+    }
+    let mut st = s.serialize_struct("Manifest", 2)?;
+    st.serialize_field("entries", &Entries(&m.entries))?;
+    st.serialize_field("revision", &m.revision)?;
+    st.end()
+}
+
+fn lean_previous<S: serde::Serializer>(m: &Option<Manifest>, s: S) -> Result<S::Ok, S::Error> {
+    struct Lean<'a>(&'a Manifest);
+    impl Serialize for Lean<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            lean(self.0, s)
+        }
+    }
+    match m {
+        Some(m) => s.serialize_some(&Lean(m)),
+        None => s.serialize_none(),
+    }
 }
 
 /// Where an install records its progress: the group's intent and manifest files.

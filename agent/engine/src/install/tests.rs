@@ -488,3 +488,49 @@ fn recovery_of_a_stop_while_removing_finishes_the_removals() {
     // The manifest lists what is on disk: `gone` is not in it.
     assert_eq!(m, intent.manifest);
 }
+
+#[test]
+fn an_intent_carries_its_manifests_without_the_disk_records() {
+    let (d, mut intent) = interrupted(intent::Phase::Switching);
+    let a = d.path().join("a");
+    let ident = crate::bundle::unpack::FileIdent::of(&fs::metadata(&a).unwrap());
+    let disk = DiskStat {
+        ident,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        acl: false,
+    };
+    for m in [intent.previous.as_mut().unwrap(), &mut intent.manifest] {
+        m.revision = Some("/rev".into());
+        m.entries[0].disk = Some(Box::new(disk));
+        m.entries[0].source = Some(Box::new(SourceStat::of("app/a".into(), &ident)));
+    }
+    let back: Intent = serde_json::from_slice(&serde_json::to_vec(&intent).unwrap()).unwrap();
+    for (sent, got) in [
+        (
+            intent.previous.as_ref().unwrap(),
+            back.previous.as_ref().unwrap(),
+        ),
+        (&intent.manifest, &back.manifest),
+    ] {
+        assert_eq!(got.revision, sent.revision);
+        assert_eq!(got.entries.len(), sent.entries.len());
+        for (s, g) in sent.entries.iter().zip(&got.entries) {
+            // Everything but the records, which a recovered manifest must not trust.
+            assert_eq!(
+                (&g.path, g.kind, g.size, &g.sha256),
+                (&s.path, s.kind, s.size, &s.sha256)
+            );
+            assert_eq!(
+                (g.mode, &g.link_target, g.created),
+                (s.mode, &s.link_target, s.created)
+            );
+            assert!(g.disk.is_none() && g.source.is_none());
+        }
+    }
+    // The manifest itself keeps them.
+    let m: Manifest =
+        serde_json::from_slice(&serde_json::to_vec(&intent.manifest).unwrap()).unwrap();
+    assert_eq!(m.entries[0].disk.as_deref(), Some(&disk));
+}
