@@ -4,10 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Host tools the end-to-end tests use for real: setfacl/getfacl (AppSpec acls), useradd.
+# Host tools the end-to-end tests use for real: setfacl/getfacl (AppSpec acls), useradd, and
+# headless Chromium with its WebDriver for the dashboard's browser tests (Debian's packages;
+# tests/e2e/dashboard.rs skips, counted, where they are missing); curl for demo.sh.
 need=()
 command -v setfacl >/dev/null || need+=(acl)
 command -v useradd >/dev/null || need+=(passwd)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
