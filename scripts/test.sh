@@ -66,6 +66,19 @@ else
   rc=1
 fi
 
+# The dashboard with a history (300 deployments, in a status directory and in moto's S3):
+# every page answers with what it should, the list's cursor goes on where the page ended;
+# checked for results only, never for time (the 10,000-deployment timing is manual,
+# scripts/dashboard-bench --write).
+dashboard_passed=0
+dashboard_failed=0
+if scripts/dashboard-bench --quick --bin-dir "${CARGO_TARGET_DIR:-target}/debug" --no-build; then
+  dashboard_passed=1
+else
+  dashboard_failed=1
+  rc=1
+fi
+
 # The pipeline examples (docs/pipelines.md): the workflow's schema, cfn-lint on the
 # templates, the buildspecs' structure, and every `pier` command in them parsed by the
 # real binary (PIER_PARSE_ONLY=1). Needs no AWS and no network once its tools are installed.
@@ -112,8 +125,8 @@ if [ "$skipped" -gt 0 ]; then
   sed 's/^/  /' "$skips"
 fi
 passed=$((passed > cargo_skipped ? passed - cargo_skipped : 0))
-passed=$((passed + soak_passed + fleet_passed + examples_passed + package_passed))
-failed=$((failed + soak_failed + fleet_failed + examples_failed + package_failed))
+passed=$((passed + soak_passed + fleet_passed + dashboard_passed + examples_passed + package_passed))
+failed=$((failed + soak_failed + fleet_failed + dashboard_failed + examples_failed + package_failed))
 rm -f "$out" "$skips"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"

@@ -118,7 +118,7 @@ pub struct HostDeployment {
 }
 
 /// How many of the newest deployments the hosts page looks through for each host's last one.
-pub const LAST_DEPLOYMENT_SCAN: usize = 100;
+pub const LAST_DEPLOYMENT_SCAN: usize = 50;
 
 /// Where commit links point when the revision does not say (`--repo-url`).
 #[derive(Debug, Clone, Default)]
@@ -428,7 +428,9 @@ pub async fn hosts(
                 for h in r.hosts.keys() {
                     hosts.insert(h.clone(), None);
                 }
+                return (e, hosts);
             }
+            // A `--hosts` deployment: its hosts are those that reported.
             let reported: BTreeSet<String> = store
                 .list(&hosts_prefix(&e.deployment_id), None, None)
                 .await

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
-use pier_protocol::record::{DeploymentRecord, RolloutStatus};
+use pier_protocol::record::{DeploymentRecord, MinimumHealthyHosts, RolloutStatus};
 use pier_protocol::registry::HostHealth;
 use pier_protocol::{EventState, EventStatus, StatusRecord};
 
@@ -290,11 +290,14 @@ pub fn deployment_live(v: &DeploymentView) -> String {
 }
 
 fn config_facts(b: &mut String, r: &DeploymentRecord) {
+    let minimum = match r.minimum_healthy_hosts {
+        MinimumHealthyHosts::HostCount(n) => format!("{n} host(s)"),
+        MinimumHealthyHosts::FleetPercent(p) => format!("{p} % of the fleet"),
+    };
     let _ = write!(
         b,
-        "<dt>Configuration</dt><dd>{} (minimum healthy: {})</dd>",
+        "<dt>Configuration</dt><dd>{} (minimum healthy: {minimum})</dd>",
         esc(&r.config_name),
-        esc(&serde_json::to_string(&r.minimum_healthy_hosts).unwrap_or_default())
     );
     if let Some(reason) = &r.status_reason {
         let _ = write!(b, "<dt>Reason</dt><dd>{}</dd>", esc(reason));
@@ -650,12 +653,14 @@ fn figure(
     label: &str,
     shown: &str,
     raw: &serde_json::Value,
-    met: Option<bool>,
+    met: Option<Option<bool>>,
 ) {
+    // `None`: a figure with no target of its own (a count beside the metric).
     let (class, mark) = match met {
-        Some(true) => ("met", "target met"),
-        Some(false) => ("missed", "target missed"),
-        None => ("none", "nothing to judge"),
+        Some(Some(true)) => ("met", "target met"),
+        Some(Some(false)) => ("missed", "target missed"),
+        Some(None) => ("none", "nothing to judge"),
+        None => ("count", ""),
     };
     let _ = write!(
         b,
@@ -720,7 +725,7 @@ pub fn dora(r: &DoraReport, since: &str, application: Option<&str>, group: Optio
             .map(|x| format!("{x:.2}"))
             .unwrap_or_else(|| "-".into()),
         &json(&f.per_day),
-        f.target.met,
+        Some(f.target.met),
     );
     figure(
         &mut b,
@@ -746,7 +751,7 @@ pub fn dora(r: &DoraReport, since: &str, application: Option<&str>, group: Optio
         "median",
         &secs(l.median_seconds),
         &json(&l.median_seconds),
-        l.target.met,
+        Some(l.target.met),
     );
     figure(
         &mut b,
@@ -780,7 +785,7 @@ pub fn dora(r: &DoraReport, since: &str, application: Option<&str>, group: Optio
             .map(|x| format!("{:.1} %", x * 100.0))
             .unwrap_or_else(|| "-".into()),
         &json(&cf.rate),
-        cf.target.met,
+        Some(cf.target.met),
     );
     figure(
         &mut b,
@@ -806,7 +811,7 @@ pub fn dora(r: &DoraReport, since: &str, application: Option<&str>, group: Optio
         "median",
         &secs(t.median_seconds),
         &json(&t.median_seconds),
-        t.target.met,
+        Some(t.target.met),
     );
     figure(
         &mut b,
@@ -893,7 +898,7 @@ fn frequency_chart(r: &DoraReport) -> String {
     let _ = write!(
         s,
         "<line class=\"target\" x1=\"0\" x2=\"{CHART_W}\" y1=\"{ty:.1}\" y2=\"{ty:.1}\"/>\
-         <text class=\"target\" x=\"{CHART_W}\" y=\"{:.1}\" text-anchor=\"end\">target {target}/day</text>\
+         <text class=\"target\" x=\"2\" y=\"{:.1}\">target {target}/day</text>\
          <text x=\"0\" y=\"{}\">{}</text><text x=\"{CHART_W}\" y=\"{}\" text-anchor=\"end\">{}</text></svg>",
         ty - 3.0,
         CHART_H + 14.0,
@@ -913,7 +918,8 @@ fn duration_chart(bars: &[(&str, Option<i64>)], target: i64) -> String {
     let row = 26.0;
     let h = row * bars.len() as f64 + 18.0;
     let label_w = 90.0;
-    let scale = |v: f64| v / top * (CHART_W - label_w - 10.0);
+    // Room on the right for the value's label.
+    let scale = |v: f64| v / top * (CHART_W - label_w - 64.0);
     let mut s = format!(
         "<svg class=\"chart\" viewBox=\"0 0 {CHART_W} {h}\" role=\"img\" aria-label=\"durations against the target\">"
     );
