@@ -710,3 +710,41 @@ async fn on_moto_the_pages_show_a_fleet_rollout_and_its_dora_figures() {
     b.close().await;
     drop(agents);
 }
+
+#[test]
+fn a_public_address_without_a_token_is_refused_before_anything_is_opened() {
+    let run = Command::new(pier_bin())
+        .args([
+            "dashboard",
+            "--listen",
+            "0.0.0.0:0",
+            "--status-dir",
+            "/nonexistent/pier",
+        ])
+        .env_remove("PIER_DASHBOARD_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--listen") && stderr.contains("--token"),
+        "{stderr}"
+    );
+    // With a token it is accepted (and then stopped here).
+    let s = Scratch::new();
+    let mut ok = Killed(
+        Command::new(pier_bin())
+            .args(["dashboard", "--listen", "0.0.0.0:0", "--status-dir"])
+            .arg(s.path())
+            .env("PIER_DASHBOARD_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(ok.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("http://0.0.0.0:"), "{line}");
+}

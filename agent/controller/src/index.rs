@@ -144,8 +144,8 @@ pub(crate) async fn add_record(store: &dyn ObjectStore, record: &DeploymentRecor
 
 /// One page of entries, newest first, starting after the entry `after` (a key from a previous
 /// page) and keeping those `keep` accepts: at most `limit` of them, plus whether more follow.
-/// Without a filter this is one listing of `limit + 1` keys; with one, the listing goes on
-/// (keys only, no records read) until the page is full.
+/// Without a filter this is one listing of `limit + 1` keys; with one, keys are listed a
+/// thousand at a time (keys only, no records read) until the page is full.
 pub async fn page(
     store: &dyn ObjectStore,
     after: Option<&str>,
@@ -153,24 +153,38 @@ pub async fn page(
     keep: impl Fn(&Entry) -> bool,
     filtered: bool,
 ) -> Result<(Vec<Entry>, bool), ControllerError> {
-    let listing = if filtered { None } else { Some(limit + 1) };
-    let keys = store
-        .list(INDEX_PREFIX, after, listing)
-        .await
-        .map_err(|e| ControllerError::transport("cannot list the deployment index", e))?;
+    let chunk = if filtered {
+        LIST_CHUNK
+    } else {
+        limit.saturating_add(1).min(LIST_CHUNK)
+    };
+    let mut cursor = after.map(str::to_string);
     let mut out = Vec::new();
-    for k in keys {
-        let Some(entry) = parse(&k) else { continue };
-        if !keep(&entry) {
-            continue;
+    loop {
+        let keys = store
+            .list(INDEX_PREFIX, cursor.as_deref(), Some(chunk))
+            .await
+            .map_err(|e| ControllerError::transport("cannot list the deployment index", e))?;
+        let listed = keys.len();
+        for k in keys {
+            let entry = parse(&k);
+            cursor = Some(k);
+            let Some(entry) = entry.filter(|e| keep(e)) else {
+                continue;
+            };
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(entry);
         }
-        if out.len() == limit {
-            return Ok((out, true));
+        if listed < chunk {
+            return Ok((out, false));
         }
-        out.push(entry);
     }
-    Ok((out, false))
 }
+
+/// Keys asked for at once when a page must skip entries (S3 returns at most 1,000).
+const LIST_CHUNK: usize = 1000;
 
 /// The entry of `deployment_id`, known to have been created at or before `not_after` (a
 /// `--hosts` deployment is indexed before its commands are sent, so before any host

@@ -324,27 +324,32 @@ pub async fn list(
             next,
         });
     };
-    // The status is in the records, not the keys: read them in order, a chunk at a time,
+    // The status is in the records, not the keys: read them in order, a batch at a time,
     // until the page is full.
-    let (candidates, _) =
-        index::page(store, q.after.as_deref(), usize::MAX - 1, keep, true).await?;
     let mut rows: Vec<(String, Summary)> = Vec::new();
+    let mut cursor = q.after.clone();
     let mut more = false;
-    'chunks: for chunk in candidates.chunks(PARALLEL_READS * 2) {
-        let read: Vec<Summary> = stream::iter(chunk.iter().cloned())
+    'batches: loop {
+        let (batch, left) =
+            index::page(store, cursor.as_deref(), PARALLEL_READS * 4, keep, by_key).await?;
+        let read: Vec<Summary> = stream::iter(batch.iter().cloned())
             .map(|e| async move { row(store, &e, links).await })
             .buffered(PARALLEL_READS)
             .try_collect()
             .await?;
-        for (entry, s) in chunk.iter().zip(read) {
+        for (entry, s) in batch.iter().zip(read) {
             if s.status != status {
                 continue;
             }
             if rows.len() == limit {
                 more = true;
-                break 'chunks;
+                break 'batches;
             }
             rows.push((entry.key.clone(), s));
+        }
+        match batch.last() {
+            Some(last) if left => cursor = Some(last.key.clone()),
+            _ => break,
         }
     }
     let next = if more {
