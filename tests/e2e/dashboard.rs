@@ -47,6 +47,23 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A file whose presence holds the bundle's AfterInstall; removed when dropped, so a
+/// failing test does not leave a rollout waiting.
+struct Gate(PathBuf);
+
+impl Gate {
+    fn close(path: &Path) -> Gate {
+        std::fs::write(path, "").unwrap();
+        Gate(path.to_path_buf())
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Chromium under chromedriver, or the reason there is none.
 struct Browser {
     client: Client,
@@ -365,7 +382,7 @@ async fn on_the_spool_the_pages_show_follow_and_act_on_a_rollout() {
     let dir = s.path().join("fleet");
     let status = s.path().join("status");
     let gate = s.path().join("gate");
-    std::fs::write(&gate, "").unwrap();
+    let _open = Gate::close(&gate);
     let _agents: Vec<RunningAgent> = ["h1", "h2"]
         .iter()
         .enumerate()
@@ -447,7 +464,7 @@ async fn on_the_spool_the_pages_show_follow_and_act_on_a_rollout() {
         .execute("window.pierMark = 42; return null;", vec![])
         .await
         .unwrap();
-    std::fs::remove_file(&gate).unwrap();
+    let _ = std::fs::remove_file(&gate);
     b.wait_text(
         "h2's ValidateService failed, without a reload",
         "section[data-host='h2'] li[data-event='ValidateService'][data-state='Failed']",
@@ -563,7 +580,7 @@ async fn on_moto_the_pages_show_a_fleet_rollout_and_its_dora_figures() {
     let bucket = new_bucket(&aws).await;
     let s = Scratch::new();
     let dir = s.path().join("fleet");
-    let gate = s.path().join("no-gate");
+    let gate = s.path().join("gate");
     let prefix = unique("dash");
     let hosts: Vec<String> = (1..=2).map(|i| format!("h{i}")).collect();
     let mut agents = Vec::new();
@@ -636,22 +653,80 @@ async fn on_moto_the_pages_show_a_fleet_rollout_and_its_dora_figures() {
         "0.5",
     ];
     args.extend(store);
-    let run = tokio::task::spawn_blocking({
+    // The rollout starts with AfterInstall held at the gate; the dashboard is already up.
+    // The gate opens however the test ends (else the rollout would wait for its hosts).
+    let _open = Gate::close(&gate);
+    let dash = Dashboard::start(moto_endpoint(), &store);
+    let rollout = tokio::task::spawn_blocking({
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         move || pier(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap();
-    let id = run
+    });
+    let h = |n: &str| format!("{prefix}-{n}");
+    // The list is a plain page: ask again until the rollout's record is there.
+    let t = Instant::now();
+    let id = loop {
+        b.goto(&dash.at(&format!("/deployments?group={prefix}")))
+            .await;
+        if let Some(id) = b.attrs("#deployments tbody tr", "data-id").await.pop() {
+            break id;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the rollout never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    b.goto(&dash.at(&format!("/deployments/{id}"))).await;
+    b.wait_text(
+        "h1's AfterInstall running",
+        &format!(
+            "section[data-host='{}'] li[data-event='AfterInstall'][data-state='InProgress']",
+            h("h1")
+        ),
+        |_| true,
+    )
+    .await;
+    b.client
+        .execute("window.pierMark = 7; return null;", vec![])
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&gate);
+    b.wait_text(
+        "h2's ValidateService failed, without a reload",
+        &format!(
+            "section[data-host='{}'] li[data-event='ValidateService'][data-state='Failed']",
+            h("h2")
+        ),
+        |_| true,
+    )
+    .await;
+    let mark = b
+        .client
+        .execute("return window.pierMark;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(mark, Value::from(7), "the page was reloaded");
+    let run = rollout.await.unwrap();
+    let printed = run
         .stdout
         .lines()
         .next()
         .unwrap_or_default()
         .trim()
         .to_string();
-    assert!(id.starts_with("d-"), "{}", run.all());
+    assert_eq!(printed, id, "{}", run.all());
 
-    let dash = Dashboard::start(moto_endpoint(), &store);
+    // An action from the page without the token is refused, and changes nothing.
+    let answer = b
+        .client
+        .execute(
+            "return fetch(arguments[0], {method: 'POST'}).then(r => r.status);",
+            vec![Value::from(format!("/api/deployments/{id}/stop"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer, Value::from(401));
+
     b.goto(&dash.at(&format!("/deployments?group={prefix}")))
         .await;
     let row = b
@@ -664,7 +739,6 @@ async fn on_moto_the_pages_show_a_fleet_rollout_and_its_dora_figures() {
     assert!(row.contains("rev.tgz"), "{row}");
     b.goto(&dash.at(&format!("/deployments/{id}"))).await;
     // Hosts are named PREFIX-hN here; the page's sections carry the full ids.
-    let h = |n: &str| format!("{prefix}-{n}");
     let failure = b
         .wait_text(
             "h2's failure",

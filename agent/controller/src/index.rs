@@ -144,8 +144,8 @@ pub(crate) async fn add_record(store: &dyn ObjectStore, record: &DeploymentRecor
 
 /// One page of entries, newest first, starting after the entry `after` (a key from a previous
 /// page) and keeping those `keep` accepts: at most `limit` of them, plus whether more follow.
-/// Without a filter this is one listing of `limit + 1` keys; with one, keys are listed a
-/// thousand at a time (keys only, no records read) until the page is full.
+/// Without a filter this is one listing of `limit + 1` keys; with one, keys are listed in
+/// growing batches (keys only, no records read) until the page is full.
 pub async fn page(
     store: &dyn ObjectStore,
     after: Option<&str>,
@@ -153,11 +153,13 @@ pub async fn page(
     keep: impl Fn(&Entry) -> bool,
     filtered: bool,
 ) -> Result<(Vec<Entry>, bool), ControllerError> {
-    let chunk = if filtered {
-        LIST_CHUNK
-    } else {
-        limit.saturating_add(1).min(LIST_CHUNK)
-    };
+    // A filtered page starts with a few pages' worth of keys and asks for more each time the
+    // filter leaves it short: a common application fills it from the first listing, a rare
+    // one soon lists a thousand at a time.
+    let mut chunk = limit.saturating_add(1).min(LIST_CHUNK);
+    if filtered {
+        chunk = chunk.saturating_mul(4).min(LIST_CHUNK);
+    }
     let mut cursor = after.map(str::to_string);
     let mut out = Vec::new();
     loop {
@@ -180,6 +182,7 @@ pub async fn page(
         if listed < chunk {
             return Ok((out, false));
         }
+        chunk = chunk.saturating_mul(4).min(LIST_CHUNK);
     }
 }
 

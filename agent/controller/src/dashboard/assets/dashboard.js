@@ -21,9 +21,12 @@ function showTokenState() {
 }
 
 // While the deployment runs, fetch its live part every second and swap it in.
+let following = false;
+
 function followDeployment() {
   const live = document.getElementById("live");
-  if (!live || live.dataset.final === "true") return;
+  if (!live || live.dataset.final === "true" || following) return;
+  following = true;
   const id = live.dataset.id;
   const tick = async () => {
     try {
@@ -33,6 +36,7 @@ function followDeployment() {
         bindActions(live);
         if (r.headers.get("x-pier-final") === "1") {
           live.dataset.final = "true";
+          following = false;
           return;
         }
       }
