@@ -8,7 +8,10 @@
 #   3. `pier push` archives appspec-examples/static-site into a revision (sha256 recorded);
 #   4. `pier deploy --wait` sends the deployment command to the host's spool and follows its
 #      status records until the host reports the result;
-#   5. `pier status` prints the per-event table; the site is then in /var/www/pier-static-site.
+#   5. `pier status` prints the per-event table; the site is then in /var/www/pier-static-site;
+#   6. `pier dashboard` serves the same records on 127.0.0.1, and the last line printed is the
+#      address of the deployment's page. On a terminal the demo waits for Enter before it
+#      stops the agent and the dashboard; otherwise (CI) it checks the page answers and ends.
 #
 # Run as root (the example installs under /var/www and sets owners). PIER_DEMO_DIR keeps the
 # working directory (default: a new one under /tmp, removed at the end unless KEEP=1).
@@ -42,7 +45,12 @@ YML
 step "starting pier-agent run (spool transport, root $work/root)"
 PIER_LOG_STDERR=1 "$agent" run -c "$work/agent.yml" >"$work/agent.log" 2>&1 &
 agent_pid=$!
+dashboard_pid=
 cleanup() {
+  if [ -n "$dashboard_pid" ] && kill -0 "$dashboard_pid" 2>/dev/null; then
+    kill -TERM "$dashboard_pid" 2>/dev/null || true
+    wait "$dashboard_pid" 2>/dev/null || true
+  fi
   if kill -0 "$agent_pid" 2>/dev/null; then
     kill -TERM "$agent_pid" 2>/dev/null || true
     wait "$agent_pid" 2>/dev/null || true
@@ -69,14 +77,14 @@ step "pier deploy --wait: send the command to demo-host's spool and follow its s
 set +e
 "$pier" deploy --application static-site --deployment-group demo \
   --revision "$work/revisions/static-site.tgz" --hosts demo-host \
-  --transport spool --spool-dir "$work/spool" --status-dir "$work/status" \
+  --transport spool --spool-dir "$work/spool" --status-dir "$work/root/status" \
   --wait --timeout 120 | tee "$work/deploy.out"
 rc=${PIPESTATUS[0]}
 set -e
 deployment=$(grep -o 'd-[A-Z0-9]\{9\}' "$work/deploy.out" | head -n 1)
 
 step "pier status $deployment"
-"$pier" status "$deployment" --status-dir "$work/status"
+"$pier" status "$deployment" --status-dir "$work/root/status"
 
 step "what the agent logged"
 sed 's/^/    agent: /' "$work/agent.log"
@@ -87,3 +95,32 @@ if [ "$rc" -ne 0 ]; then
 fi
 step "deployed: /var/www/pier-static-site"
 ls -l /var/www/pier-static-site
+
+step "pier dashboard: the deployments, $deployment's timeline, the host (the agent's own store)"
+"$pier" dashboard --status-dir "$work/root/status" --listen 127.0.0.1:0 \
+  >"$work/dashboard.url" 2>"$work/dashboard.log" &
+dashboard_pid=$!
+url=
+for _ in $(seq 1 100); do
+  url=$(head -n 1 "$work/dashboard.url" 2>/dev/null || true)
+  [ -n "$url" ] && break
+  sleep 0.1
+done
+if [ -z "$url" ]; then
+  cat "$work/dashboard.log" >&2
+  echo "demo.sh: pier dashboard did not start" >&2
+  exit 1
+fi
+page="${url}deployments/$deployment"
+code=$(curl -s -o /dev/null -w '%{http_code}' "$page" || true)
+if [ "$code" != 200 ]; then
+  echo "demo.sh: the dashboard answered $code for $page" >&2
+  exit 1
+fi
+sed 's/^/    dashboard: /' "$work/dashboard.log"
+if [ -t 0 ]; then
+  echo "dashboard: $page"
+  read -r -p "(the dashboard runs until you press Enter) " _
+else
+  echo "dashboard: $page"
+fi

@@ -4,10 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Host tools the end-to-end tests use for real: setfacl/getfacl (AppSpec acls), useradd.
+# Host tools the end-to-end tests use for real: setfacl/getfacl (AppSpec acls), useradd, and
+# headless Chromium with its WebDriver for the dashboard's browser tests (Debian's packages;
+# tests/e2e/dashboard.rs skips, counted, where they are missing); curl for demo.sh.
 need=()
 command -v setfacl >/dev/null || need+=(acl)
 command -v useradd >/dev/null || need+=(passwd)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -77,6 +82,19 @@ else
 fi
 rm -f "$bench_log"
 
+# The dashboard with a history (300 deployments, in a status directory and in moto's S3):
+# every page answers with what it should, the list's cursor goes on where the page ended;
+# checked for results only, never for time (the 10,000-deployment timing is manual,
+# scripts/dashboard-bench --write).
+dashboard_passed=0
+dashboard_failed=0
+if scripts/dashboard-bench --quick --bin-dir "${CARGO_TARGET_DIR:-target}/debug" --no-build; then
+  dashboard_passed=1
+else
+  dashboard_failed=1
+  rc=1
+fi
+
 # The pipeline examples (docs/pipelines.md): the workflow's schema, cfn-lint on the
 # templates, the buildspecs' structure, and every `pier` command in them parsed by the
 # real binary (PIER_PARSE_ONLY=1). Needs no AWS and no network once its tools are installed.
@@ -123,8 +141,8 @@ if [ "$skipped" -gt 0 ]; then
   sed 's/^/  /' "$skips"
 fi
 passed=$((passed > cargo_skipped ? passed - cargo_skipped : 0))
-passed=$((passed + soak_passed + fleet_passed + bench_passed + examples_passed + package_passed))
-failed=$((failed + soak_failed + fleet_failed + bench_failed + examples_failed + package_failed))
+passed=$((passed + soak_passed + fleet_passed + bench_passed + dashboard_passed + examples_passed + package_passed))
+failed=$((failed + soak_failed + fleet_failed + bench_failed + dashboard_failed + examples_failed + package_failed))
 rm -f "$out" "$skips"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"

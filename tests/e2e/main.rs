@@ -7,6 +7,7 @@ mod archive_caps;
 mod confine;
 mod controller;
 mod daemon;
+mod dashboard;
 mod deploy_local;
 mod diagnostics;
 mod fault_proxy;

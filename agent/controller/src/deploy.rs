@@ -21,7 +21,7 @@ use super::status::{describe_sink, duration, event_word, failure_report, open_si
 use super::{AwsOptions, ControllerError, EXIT_FAILURE};
 use pier_protocol::{
     is_valid_id, parse_events, Command, DeploymentStatus, EventState, FileExistsBehavior,
-    StatusRecord, StatusTarget, COMMAND_VERSION,
+    StatusRecord, StatusSinkSpec, StatusTarget, COMMAND_VERSION,
 };
 use pier_sys::backoff::Backoff;
 use pier_transport::spool::Spool;
@@ -165,6 +165,8 @@ pub async fn deploy(opts: &DeployOptions) -> Result<i32, ControllerError> {
         None => cmd.to_json(),
     };
 
+    index_adhoc(&sink_spec, &deployment_id, opts).await;
+
     let destinations = with_retries("finding the hosts' queues", || {
         destinations(opts, transport)
     })
@@ -274,6 +276,35 @@ pub(crate) fn build_command(
     };
     Command::from_json(&cmd.to_json())?;
     Ok(cmd)
+}
+
+/// Puts a `--hosts` deployment in the deployment index ([`super::index`]) of its status
+/// store, so the dashboard lists it beside stored-group rollouts. It has no record of its
+/// own: the hosts' status records are all there is. Best effort: a store this user cannot
+/// write (an agent's status directory owned by root) costs the deployment nothing, and the
+/// dashboard's backfill finds it later.
+async fn index_adhoc(spec: &StatusSinkSpec, deployment_id: &str, opts: &DeployOptions) {
+    let clients = match spec {
+        StatusSinkSpec::S3 { .. } => match opts.aws.clients().await {
+            Ok(c) => Some(c),
+            Err(_) => return,
+        },
+        StatusSinkSpec::Local { .. } => None,
+    };
+    let Ok(store) = pier_transport::open_store(spec, clients.as_ref()) else {
+        return;
+    };
+    if let Err(e) = super::index::add(
+        store.as_ref(),
+        deployment_id,
+        chrono::Utc::now(),
+        &opts.application,
+        &opts.deployment_group,
+    )
+    .await
+    {
+        log::info!("deployment {deployment_id} not indexed: {e}");
+    }
 }
 
 /// `$USER@hostname`, for the deployment's history.

@@ -576,10 +576,32 @@ pub async fn stop(
     aws: &AwsOptions,
     poll: Duration,
 ) -> Result<i32, ControllerError> {
+    stop_as(
+        fleet,
+        deployment_id,
+        rollback,
+        signing_key,
+        aws,
+        poll,
+        &creator(),
+    )
+    .await
+}
+
+/// [`stop`], recording `who` stopped it (the dashboard names its user).
+pub async fn stop_as(
+    fleet: &Fleet,
+    deployment_id: &str,
+    rollback: bool,
+    signing_key: Option<&Path>,
+    aws: &AwsOptions,
+    poll: Duration,
+    who: &str,
+) -> Result<i32, ControllerError> {
     let key = signing_key
         .map(super::signing::load_signing_key)
         .transpose()?;
-    let reason = format!("stopped by {}", creator());
+    let reason = format!("stopped by {who}");
     let store = fleet.store.as_ref();
     let mut stopped_here = false;
     let rec = rollout::update(store, deployment_id, |rec| {
@@ -767,7 +789,19 @@ pub async fn decide(
     comment: Option<String>,
     aws: &AwsOptions,
 ) -> Result<i32, ControllerError> {
-    let who = creator();
+    decide_as(fleet, deployment_id, approved, comment, &creator(), aws).await
+}
+
+/// [`decide`], recording `who` decided (the dashboard names its user).
+pub async fn decide_as(
+    fleet: &Fleet,
+    deployment_id: &str,
+    approved: bool,
+    comment: Option<String>,
+    who: &str,
+    aws: &AwsOptions,
+) -> Result<i32, ControllerError> {
+    let who = who.to_string();
     let rec = rollout::update(fleet.store.as_ref(), deployment_id, |rec| {
         if rec.status != RolloutStatus::PendingApproval {
             return Err(ControllerError::usage(

@@ -225,8 +225,7 @@ pub async fn dora(fleet: &Fleet, opts: &DoraOptions) -> Result<i32, ControllerEr
             "the window must start in the past",
         ));
     }
-    let records = load_records(fleet.store.as_ref(), &filter).await?;
-    let report = dora::compute(&records, opts.since, now, now);
+    let report = dora_report(fleet.store.as_ref(), &filter, opts.since, now).await?;
     match opts.format {
         Format::Json => {
             out(&(serde_json::to_string_pretty(&report).expect("the report serialises") + "\n"))
@@ -251,6 +250,25 @@ pub async fn dora(fleet: &Fleet, opts: &DoraOptions) -> Result<i32, ControllerEr
         }
     }
     Ok(0)
+}
+
+/// The DORA report of the deployments `filter` keeps (its status and since are ignored) over
+/// `[since, now)`: what `pier dora` prints and the dashboard shows, from one place. It reads
+/// the whole history, not just the window: deployments before it tell repeats of a commit and
+/// incidents still open when it starts.
+pub async fn dora_report(
+    store: &dyn ObjectStore,
+    filter: &HistoryFilter,
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<dora::DoraReport, ControllerError> {
+    let filter = HistoryFilter {
+        status: None,
+        since: None,
+        ..filter.clone()
+    };
+    let records = load_records(store, &filter).await?;
+    Ok(dora::compute(&records, since, now, now))
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.

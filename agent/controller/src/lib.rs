@@ -21,6 +21,7 @@
 //! maps them to the CLI's exit codes (64 for usage and configuration mistakes, 1 for
 //! failures), so the binary stays a thin layer of argument parsing.
 
+pub mod dashboard;
 pub mod deploy;
 pub mod dora;
 pub mod environments;
@@ -29,6 +30,7 @@ pub mod group;
 mod health;
 pub mod history;
 pub mod hosts;
+pub mod index;
 pub mod notify;
 pub mod push;
 pub mod revision;

@@ -96,6 +96,30 @@ enum Command {
     /// DORA metrics from the deployment records: deployment frequency, lead time for
     /// changes, change failure rate, time to restore (definitions: docs/dora.md).
     Dora(DoraArgs),
+    /// Serve a web dashboard of the deployments, their per-host timelines, the hosts and the
+    /// DORA metrics, with approve/reject/stop/rollback behind a token (docs/dashboard.md).
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Args)]
+struct DashboardArgs {
+    /// ADDRESS:PORT to listen on (port 0: any free one). Anything but a loopback address
+    /// needs --token.
+    #[arg(long, default_value = pier_controller::dashboard::DEFAULT_LISTEN)]
+    listen: String,
+    /// The token actions (approve, reject, stop, rollback) require, at least 16 characters;
+    /// without it a random one is made and printed.
+    #[arg(long, env = "PIER_DASHBOARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Link commits to this repository (`URL/commit/SHA`) when the revision does not name
+    /// one, e.g. https://github.com/org/shop.
+    #[arg(long, value_name = "URL")]
+    repo_url: Option<String>,
+    /// The key rollbacks started from the dashboard are signed with.
+    #[arg(long, value_name = "FILE", env = "PIER_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
+    #[command(flatten)]
+    sink: SinkArgs,
 }
 
 #[derive(Subcommand)]
@@ -470,6 +494,17 @@ fn main() -> ExitCode {
             }
             Command::History(a) => history(a, aws).await,
             Command::Dora(a) => dora(a, aws).await,
+            Command::Dashboard(a) => {
+                pier_controller::dashboard::run(pier_controller::dashboard::DashboardOptions {
+                    listen: a.listen,
+                    token: a.token.filter(|t| !t.is_empty()),
+                    sink: a.sink.into_options(),
+                    aws,
+                    repo_url: a.repo_url.filter(|u| !u.is_empty()),
+                    signing_key: a.signing_key.filter(|p| !p.as_os_str().is_empty()),
+                })
+                .await
+            }
             Command::Approve(a) => decide(a, true, aws).await,
             Command::Reject(a) => decide(a, false, aws).await,
             Command::Hosts(a) => {

@@ -468,7 +468,8 @@ pub(crate) async fn create_rollback(
     )
     .await?
     {
-        PutOutcome::Written(_) | PutOutcome::Conflict => {}
+        PutOutcome::Written(_) => super::index::add_record(store, &rollback).await,
+        PutOutcome::Conflict => {}
     }
     // The rollback is the group's deployment in progress now.
     let _ = store
@@ -597,7 +598,10 @@ pub(crate) async fn create(
     )
     .await?
     {
-        PutOutcome::Written(_) => Ok(()),
+        PutOutcome::Written(_) => {
+            super::index::add_record(store, record).await;
+            Ok(())
+        }
         PutOutcome::Conflict => Err(ControllerError::usage(
             "deployment id",
             format!(

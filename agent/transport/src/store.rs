@@ -190,6 +190,11 @@ impl ObjectStore for S3Store {
             if let Some(after) = after {
                 req = req.start_after(self.full(after));
             }
+            // A short listing (a page of the dashboard's index) asks for no more than it
+            // keeps: S3's default page is 1,000 keys.
+            if let Some(l) = limit.filter(|l| *l < 1000) {
+                req = req.max_keys(l.max(1) as i32);
+            }
             let mut pages = req.into_paginator().send();
             let mut keys = Vec::new();
             while let Some(page) = pages.next().await {
