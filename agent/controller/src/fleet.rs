@@ -676,6 +676,20 @@ pub async fn rollback(
     aws: &AwsOptions,
     poll: Duration,
 ) -> Result<i32, ControllerError> {
+    rollback_as(fleet, group, to, signing_key, aws, poll, None).await
+}
+
+/// [`rollback`], recording `who` asked for it as the rollback's creator (the dashboard's
+/// actor); without, the creator of the deployment rolled back, as an automatic rollback does.
+pub async fn rollback_as(
+    fleet: &Fleet,
+    group: &str,
+    to: Option<&str>,
+    signing_key: Option<&Path>,
+    aws: &AwsOptions,
+    poll: Duration,
+    who: Option<String>,
+) -> Result<i32, ControllerError> {
     let key = signing_key
         .map(super::signing::load_signing_key)
         .transpose()?;
@@ -750,7 +764,7 @@ pub async fn rollback(
     // later be made to another revision.
     let id = pier_protocol::new_deployment_id();
     let clients = rollout_clients(fleet, &latest_rec, aws).await?;
-    rollout::create_rollback(store, &latest_rec, &id, target, clients.as_ref()).await?;
+    rollout::create_rollback(store, &latest_rec, &id, target, clients.as_ref(), who).await?;
     let linked = rollout::update(store, &latest, |r| {
         if r.rolled_back_by.is_some() {
             return Ok(false);

@@ -399,19 +399,21 @@ pub(crate) async fn ensure_rollback(
     let Some(last) = last_success(store, &record.deployment_group).await? else {
         return Ok(None);
     };
-    create_rollback(store, record, id, last, aws).await?;
+    create_rollback(store, record, id, last, aws, None).await?;
     Ok(Some(id.clone()))
 }
 
 /// Creates rollback deployment `id` of `record`: `to`'s revision, to the hosts that got
 /// `record`'s, by the same rules when they leave a host to deploy to (else all at once),
-/// marked as a rollback and linked to `record`. An existing record `id` is left as it is.
+/// marked as a rollback and linked to `record`, created by `who` (else by `record`'s creator).
+/// An existing record `id` is left as it is.
 pub(crate) async fn create_rollback(
     store: &dyn ObjectStore,
     record: &DeploymentRecord,
     id: &str,
     last: LastSuccess,
     aws: Option<&AwsClients>,
+    who: Option<String>,
 ) -> Result<(), ControllerError> {
     let mut settings: RolloutSettings =
         serde_json::from_value(record.settings.clone()).map_err(|e| ControllerError::Record {
@@ -451,7 +453,7 @@ pub(crate) async fn create_rollback(
         revision: last.revision,
         commit_sha: last.commit_sha,
         commit_time: last.commit_time,
-        creator: record.creator.clone(),
+        creator: who.unwrap_or_else(|| record.creator.clone()),
         config,
         hosts,
         require_approval: false,

@@ -625,9 +625,18 @@ async fn rollback(
     let (fleet, aws, key) = (s.fleet.clone(), s.aws.clone(), s.signing_key.clone());
     let g = group.clone();
     let who = b.who();
+    let creator = who.clone();
     tokio::spawn(async move {
-        if let Err(e) =
-            crate::fleet::rollback(&fleet, &g, b.to.as_deref(), key.as_deref(), &aws, POLL).await
+        if let Err(e) = crate::fleet::rollback_as(
+            &fleet,
+            &g,
+            b.to.as_deref(),
+            key.as_deref(),
+            &aws,
+            POLL,
+            Some(creator),
+        )
+        .await
         {
             log::warn!("rolling back group {g} (asked by {who}): {e}");
         }

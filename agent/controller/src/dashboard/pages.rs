@@ -918,8 +918,8 @@ fn duration_chart(bars: &[(&str, Option<i64>)], target: i64) -> String {
     let row = 26.0;
     let h = row * bars.len() as f64 + 18.0;
     let label_w = 90.0;
-    // Room on the right for the value's label.
-    let scale = |v: f64| v / top * (CHART_W - label_w - 64.0);
+    // Room on the right for the value's label ("2h46m", "36m47s").
+    let scale = |v: f64| v / top * (CHART_W - label_w - 110.0);
     let mut s = format!(
         "<svg class=\"chart\" viewBox=\"0 0 {CHART_W} {h}\" role=\"img\" aria-label=\"durations against the target\">"
     );
