@@ -608,21 +608,7 @@ async fn on_moto_the_pages_show_a_fleet_rollout_and_its_dora_figures() {
     let rev = s.write("rev.json", &push.stdout);
     for h in &hosts {
         let name = format!("pier-{prefix}-{h}");
-        let t = Instant::now();
-        while aws
-            .sqs
-            .get_queue_url()
-            .queue_name(&name)
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{name} never appeared"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        crate::support::wait_for_queue(&aws.sqs, &name).await;
     }
     let store = [
         "--status-bucket",

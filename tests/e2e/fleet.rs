@@ -587,21 +587,7 @@ async fn sqs_fleet_learns_results_from_the_notification_queue() {
     // The agents create their queues on start; wait until all three exist.
     for i in 1..=3 {
         let name = format!("pier-{prefix}-h{i}");
-        let t = Instant::now();
-        while aws
-            .sqs
-            .get_queue_url()
-            .queue_name(&name)
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{name} never appeared"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        crate::support::wait_for_queue(&aws.sqs, &name).await;
     }
     let status = [
         "--status-bucket",

@@ -443,3 +443,16 @@ impl Drop for RunningAgent {
         let _ = self.child.wait();
     }
 }
+
+/// Waits (up to a minute) until the SQS queue `name` exists: agents create their queues as
+/// they start.
+pub async fn wait_for_queue(sqs: &aws_sdk_sqs::Client, name: &str) {
+    let t = Instant::now();
+    while sqs.get_queue_url().queue_name(name).send().await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{name} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
