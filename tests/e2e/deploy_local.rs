@@ -687,3 +687,142 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
         .join("groups/default-local-deployment-group/deployments");
     assert_eq!(std::fs::read_dir(deps).unwrap().count(), 1);
 }
+
+/// The journals of the default group's deployments, oldest first.
+fn journals(host: &Host) -> Vec<(PathBuf, serde_json::Value)> {
+    let deps = host
+        .root()
+        .join("groups/default-local-deployment-group/deployments");
+    let mut out: Vec<(PathBuf, serde_json::Value)> = std::fs::read_dir(deps)
+        .unwrap()
+        .map(|d| {
+            let dir = d.unwrap().path();
+            let j = serde_json::from_str(&read(dir.join("journal.json"))).unwrap();
+            (dir, j)
+        })
+        .collect();
+    out.sort_by_key(|(_, j)| j["started_at"].as_str().unwrap_or_default().to_string());
+    out
+}
+
+/// What the journal `j` says of `event` (its note, or its message).
+fn event_message(j: &serde_json::Value, event: &str) -> String {
+    let e = j["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == event)
+        .unwrap_or_else(|| panic!("no {event} in {j}"));
+    e["message"].as_str().unwrap_or_default().to_string()
+}
+
+/// Everything in `dir`, relative, sorted.
+fn tree_of(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_hookless_directory_bundle_is_read_where_it_lies_and_redeployed_by_stat() {
+    let host = Host::new();
+    let dest = host.path("www");
+    let files = [("app/a.txt", "aaaa"), ("app/sub/b.txt", "bbbb")];
+    let v1 = host.bundle("v1", &appspec_files(&dest, ""), &files);
+    // Settled before the agent looks, so that it records the files' ctimes.
+    std::thread::sleep(Duration::from_millis(100));
+    host.deploy(&v1, &[]).success();
+    assert_eq!(read(dest.join("sub/b.txt")), "bbbb");
+    let (dir, j) = journals(&host).pop().unwrap();
+    let note = event_message(&j, "DownloadBundle");
+    // app/a.txt, app/sub/b.txt and the AppSpec.
+    assert!(note.contains("3 files read where they lie"), "{j}");
+    // No snapshot: the revision keeps the AppSpec alone (for the next ApplicationStop).
+    assert_eq!(tree_of(&dir.join("revision")), ["appspec.yml"]);
+
+    // The same bundle again: nothing is read or written, only looked at.
+    host.deploy(&v1, &[]).success();
+    let (_, j) = journals(&host).pop().unwrap();
+    assert!(
+        event_message(&j, "Install").starts_with("unchanged 2;"),
+        "{j}"
+    );
+
+    // A file rewritten in place with its size and mtime put back: its ctime tells.
+    let a = v1.join("app/a.txt");
+    let mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
+    std::fs::write(&a, "AAAA").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_modified(mtime))
+        .unwrap();
+    host.deploy(&v1, &[]).success();
+    assert_eq!(read(dest.join("a.txt")), "AAAA");
+}
+
+#[test]
+fn a_bundle_with_hooks_or_another_owner_is_snapshotted_and_refusals_stay() {
+    let host = Host::new();
+    let dest = host.path("www");
+    let hooks = "hooks:\n  AfterInstall:\n    - location: scripts/ok.sh\n";
+    let with_hooks = host.bundle(
+        "hooks",
+        &appspec_files(&dest, hooks),
+        &[("app/a.txt", "a"), ("scripts/ok.sh", "#!/bin/sh\nexit 0\n")],
+    );
+    host.deploy(&with_hooks, &[]).success();
+    let (dir, j) = journals(&host).pop().unwrap();
+    assert!(
+        !event_message(&j, "DownloadBundle").contains("where they lie"),
+        "{j}"
+    );
+    assert!(dir.join("revision/app/a.txt").is_file());
+    assert!(dir.join("revision/scripts/ok.sh").is_file());
+
+    // Hookless, but a file another user owns (who could change it under the install).
+    let other = host.bundle("other", &appspec_files(&dest, ""), &[("app/a.txt", "b")]);
+    std::os::unix::fs::chown(other.join("app/a.txt"), Some(65534), None).unwrap();
+    host.deploy(&other, &[]).success();
+    let (dir, j) = journals(&host).pop().unwrap();
+    assert!(
+        !event_message(&j, "DownloadBundle").contains("where they lie"),
+        "{j}"
+    );
+    assert!(dir.join("revision/app/a.txt").is_file());
+    assert_eq!(read(dest.join("a.txt")), "b");
+
+    // Hookless and the agent's own, with a directory others may write to.
+    let open = host.bundle("open", &appspec_files(&dest, ""), &[("app/a.txt", "c")]);
+    std::fs::set_permissions(open.join("app"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    host.deploy(&open, &[]).success();
+    let (dir, _) = journals(&host).pop().unwrap();
+    assert!(dir.join("revision/app/a.txt").is_file());
+
+    // Hookless and the agent's own, with a FIFO: refused as an unpack refuses it, naming it.
+    let fifo = host.bundle("fifo", &appspec_files(&dest, ""), &[("app/a.txt", "d")]);
+    assert!(Command::new("mkfifo")
+        .arg(fifo.join("app/pipe"))
+        .status()
+        .unwrap()
+        .success());
+    let r = host.deploy(&fifo, &[]).code(1);
+    assert!(r.all().contains("app/pipe"), "{}", r.all());
+    assert!(r.all().contains("FIFO"), "{}", r.all());
+    assert_eq!(
+        read(dest.join("a.txt")),
+        "c",
+        "a refused bundle changed the destination"
+    );
+}

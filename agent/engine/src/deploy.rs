@@ -275,6 +275,9 @@ struct Run<'a> {
     setid_entries: Vec<(String, u32)>,
     /// The unpack's digests of the revision's files (Install trusts them while they hold).
     digests: Arc<HashMap<PathBuf, unpack::Digest>>,
+    /// Where Install reads the revision's files when that is not the revision directory: a
+    /// directory bundle read where it lies ([`Engine::download_in_place`]).
+    install_root: Option<PathBuf>,
     /// The cgroup the deployment's hooks run in, one after another.
     hooks: hooks::HookSlot,
     /// What the journal records of the running hooks (`running_hook`), kept by every save
@@ -460,6 +463,7 @@ impl Engine {
             new: None,
             setid_entries: Vec::new(),
             digests: Arc::default(),
+            install_root: None,
             hooks: hooks::HookSlot::new(),
             hook_trace: Arc::default(),
         };
@@ -621,6 +625,7 @@ impl Engine {
             file_exists_behavior: behavior,
             source_digests: Some(&unpacked.digests),
             verify: config.install_verify,
+            snapshot: true,
         })?;
         Ok(plan.to_string())
     }
@@ -715,7 +720,7 @@ impl Engine {
             LifecycleEvent::DownloadBundle => self
                 .download(run)
                 .await
-                .map(|()| (EventState::Succeeded, None, None))
+                .map(|note| (EventState::Succeeded, None, note))
                 .map_err(|f| (f, None)),
             LifecycleEvent::Install => self
                 .install(run)
@@ -795,7 +800,16 @@ impl Engine {
         }
     }
 
-    async fn download(&self, run: &mut Run<'_>) -> Result<(), EventFailure> {
+    async fn download(&self, run: &mut Run<'_>) -> Result<Option<String>, EventFailure> {
+        if let Source::Local {
+            path,
+            kind: BundleType::Directory,
+        } = &run.req.source
+        {
+            if let Some(note) = self.download_in_place(run, path).await? {
+                return Ok(Some(note));
+            }
+        }
         let revision_dir = run.dir.join("revision");
         // A fetched archive is only a step on the way: once unpacked it is removed, so each
         // revision is kept on disk once.
@@ -841,7 +855,66 @@ impl Engine {
             dir: revision_dir,
             spec,
         });
-        Ok(())
+        Ok(None)
+    }
+
+    /// A local directory bundle whose AppSpec runs no hooks, and which nobody but the agent's
+    /// user can change ([`unpack::survey_directory`]), is not snapshotted: its snapshot would
+    /// be hard links to the very same files, and with no script of this revision ever run
+    /// (now, or as the previous revision's ApplicationStop) nothing needs the revision kept
+    /// whole. The revision directory keeps a copy of the AppSpec alone, and Install reads the
+    /// files where they lie. Returns the event's note when it did so, None when the bundle is
+    /// to be unpacked as ever (then nothing was changed). The same refusals as an unpack.
+    async fn download_in_place(
+        &self,
+        run: &mut Run<'_>,
+        src: &Path,
+    ) -> Result<Option<String>, EventFailure> {
+        let name = appspec_file_name(run.req, src);
+        let policy = UnpackPolicy {
+            max_total_bytes: run.config.bundle.max_bytes,
+            max_entries: run.config.bundle.max_entries,
+        };
+        let (src, revision_dir) = (src.to_path_buf(), run.dir.join("revision"));
+        let survey = tokio::task::spawn_blocking(move || {
+            // Any problem with the AppSpec is reported by the ordinary path, from the snapshot.
+            let Ok(spec) = read_appspec(&src, &name, true) else {
+                return Ok(None);
+            };
+            if spec.hooks.values().any(|h| !h.is_empty()) {
+                return Ok(None);
+            }
+            let (root, unpacked) = match unpack::survey_directory(&src, &policy)? {
+                unpack::Survey::InPlace { root, unpacked } => (root, unpacked),
+                unpack::Survey::Snapshot(why) => {
+                    log::debug!("bundle {} is snapshotted: {why}", src.display());
+                    return Ok(None);
+                }
+            };
+            keep_appspec(&root, &name, &revision_dir)?;
+            Ok(Some((root, unpacked, spec)))
+        })
+        .await
+        .map_err(|e| EventFailure::unknown(format!("bundle survey failed: {e}")))?
+        .map_err(|e: unpack::UnpackError| {
+            EventFailure::new(e.error_code(), format!("bundle refused: {e}"))
+        })?;
+        let Some((root, unpacked, spec)) = survey else {
+            return Ok(None);
+        };
+        install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
+            .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
+        let note = format!(
+            "{} files read where they lie in {} (no hooks: not snapshotted)",
+            unpacked.files,
+            root.display()
+        );
+        run.install_root = Some(root);
+        run.new = Some(Revision {
+            dir: run.dir.join("revision"),
+            spec,
+        });
+        Ok(Some(note))
     }
 
     async fn install(&self, run: &mut Run<'_>) -> Result<String, EventFailure> {
@@ -858,7 +931,8 @@ impl Engine {
         let intent_path = run.group.install_intent_path();
         let previous: Option<install::Manifest> =
             state::read_json(&manifest_path).map_err(|e| EventFailure::unknown(e.to_string()))?;
-        let revision_root = new.dir.clone();
+        let snapshot = run.install_root.is_none();
+        let revision_root = run.install_root.clone().unwrap_or_else(|| new.dir.clone());
         let digests = run.digests.clone();
         let verify = run.config.install_verify;
         let files = new.spec.files.clone();
@@ -872,6 +946,7 @@ impl Engine {
                 file_exists_behavior: behavior,
                 source_digests: Some(&digests),
                 verify,
+                snapshot,
             };
             let installing =
                 |e: install::InstallError| EventFailure::new(e.error_code(), e.to_string());
@@ -1086,6 +1161,27 @@ fn read_appspec(dir: &Path, name: &str, check_env: bool) -> Result<AppSpec, AppS
         }
     }
     Ok(spec)
+}
+
+/// Copies the AppSpec `name` of the bundle at `root` into a new revision directory, the one
+/// file of a revision read where it lies that later deployments read from it.
+fn keep_appspec(root: &Path, name: &str, revision_dir: &Path) -> Result<(), unpack::UnpackError> {
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| unpack::UnpackError::Write { path, source }
+    };
+    let mut from = Confined::open(root)
+        .and_then(|c| c.open_file(name).map_err(std::io::Error::other))
+        .map_err(|source| unpack::UnpackError::Read {
+            path: root.join(name),
+            source,
+        })?;
+    let to = revision_dir.join(name);
+    let parent = to.parent().unwrap_or(revision_dir);
+    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+    let mut out = std::fs::File::create_new(&to).map_err(write_err(&to))?;
+    std::io::copy(&mut from, &mut out).map_err(write_err(&to))?;
+    Ok(())
 }
 
 /// Counts a plan's lines by their action word: "create 3, unchanged 120, remove 1".

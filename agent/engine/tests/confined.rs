@@ -213,6 +213,7 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         file_exists_behavior: FileExistsBehavior::Disallow,
         source_digests: None,
         verify: Default::default(),
+        snapshot: true,
     })
     .unwrap_err();
     assert!(matches!(refused, InstallError::Refused { .. }), "{refused}");
@@ -229,6 +230,7 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         file_exists_behavior: FileExistsBehavior::Disallow,
         source_digests: None,
         verify: Default::default(),
+        snapshot: true,
     })
     .unwrap();
     apply(&p).unwrap();

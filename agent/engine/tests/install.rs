@@ -64,6 +64,7 @@ fn install(
         file_exists_behavior: behavior,
         source_digests: None,
         verify: Default::default(),
+        snapshot: true,
     })?;
     apply(&p)
 }
@@ -253,6 +254,7 @@ fn an_unchanged_file_is_not_rewritten_and_the_dry_run_says_so() {
         file_exists_behavior: FileExistsBehavior::Disallow,
         source_digests: None,
         verify: Default::default(),
+        snapshot: true,
     })
     .unwrap();
     let shown = p.to_string();
@@ -602,6 +604,7 @@ fn after_a_failed_install_the_next_one_cleans_up_what_it_left() {
         file_exists_behavior: FileExistsBehavior::Disallow,
         source_digests: None,
         verify: Default::default(),
+        snapshot: true,
     })
     .unwrap();
     // What the deploy engine records before applying, and keeps if the apply fails.
@@ -702,6 +705,7 @@ fn a_failed_overwrite_does_not_hand_the_operators_file_to_cleanup() {
         file_exists_behavior: FileExistsBehavior::Overwrite,
         source_digests: None,
         verify: Default::default(),
+        snapshot: true,
     })
     .unwrap();
     let pending = p.pending_manifest();

@@ -521,6 +521,109 @@ pub fn unpack(
     }
 }
 
+/// What [`survey_directory`] found a directory bundle to be.
+#[derive(Debug)]
+pub enum Survey {
+    /// Only the agent's user can change it, and a snapshot would be nothing but hard links
+    /// to its own files: it can be read where it lies. Holds its canonical path and what an
+    /// unpack would have placed (no set-id entries, no digests).
+    InPlace { root: PathBuf, unpacked: Unpacked },
+    /// It must be unpacked (snapshotted) first; why, for the log.
+    Snapshot(String),
+}
+
+/// Whether a directory bundle can be read where it lies instead of being reproduced by
+/// [`unpack`]: its path and every entry in it can be changed by nobody but the agent's user
+/// (or root), and it holds only directories and regular files, none with a set-id bit, none
+/// writable by group or others. Such a bundle's snapshot would hard-link every file (the
+/// same inodes) and copy nothing, so reading it in place reads exactly what the snapshot
+/// would hold. Refuses, with the same error, what [`unpack`] would refuse (entry and size
+/// caps, names that are not UTF-8, devices and other special nodes); anything else it does
+/// not vouch for (a symlink, a file another user owns) is left to [`unpack`].
+pub fn survey_directory(src: &Path, policy: &UnpackPolicy) -> Result<Survey, UnpackError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| UnpackError::Read { path, source }
+    };
+    let root = fs::canonicalize(src).map_err(read_err(src))?;
+    if let Some(why) = changeable_path(&root) {
+        return Ok(Survey::Snapshot(why));
+    }
+    let meta = fs::metadata(&root).map_err(read_err(&root))?;
+    if !meta.is_dir() {
+        return Ok(Survey::Snapshot("not a directory".into()));
+    }
+    if let Some(why) = not_agents_own(&meta) {
+        return Ok(Survey::Snapshot(format!("the bundle directory {why}")));
+    }
+    let mut x = Extractor::new(src, BundleType::Directory, src, *policy);
+    match x.survey(&root, PathBuf::new())? {
+        Some(why) => Ok(Survey::Snapshot(why)),
+        None => Ok(Survey::InPlace {
+            root,
+            unpacked: x.out,
+        }),
+    }
+}
+
+/// Why the agent is not the only one who can change what `meta` describes (None when it is):
+/// owned by another user, writable by group or others, or carrying a set-id bit.
+fn not_agents_own(meta: &fs::Metadata) -> Option<String> {
+    let agent = crate::install::agent_ids().0;
+    if meta.uid() != agent {
+        return Some(format!("is owned by uid {}", meta.uid()));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Some(format!("is writable by group or others (mode {mode:04o})"));
+    }
+    if mode & SETID_BITS != 0 {
+        return Some(format!("has a set-id bit (mode {mode:04o})"));
+    }
+    None
+}
+
+/// Why someone besides the agent's user and root could rename or replace something on the
+/// way to `canonical` (None when nobody can): an ancestor owned by another user, or writable
+/// by group or others without the sticky bit that keeps others' entries theirs.
+fn changeable_path(canonical: &Path) -> Option<String> {
+    let agent = crate::install::agent_ids().0;
+    let trusted = |uid: u32| uid == 0 || uid == agent;
+    // A sticky directory open to all (/tmp) is fine: its entries that matter here are the
+    // next ancestor or the bundle itself, each checked to be the agent's or root's.
+    for dir in canonical.ancestors().skip(1) {
+        let m = match fs::metadata(dir) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{}: {e}", dir.display())),
+        };
+        if !trusted(m.uid()) {
+            return Some(format!("{} is owned by uid {}", dir.display(), m.uid()));
+        }
+        let open_to_others = m.mode() & 0o022 != 0;
+        let sticky = m.mode() & 0o1000 != 0;
+        if open_to_others && !sticky {
+            return Some(format!(
+                "{} is writable by group or others (mode {:04o})",
+                dir.display(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    None
+}
+
+/// The refusal of a node that is neither file, directory nor symlink.
+fn special_file(entry: String, m: &fs::Metadata) -> UnpackError {
+    let kind = match m.mode() & S_IFMT {
+        S_IFCHR => "character device",
+        S_IFBLK => "block device",
+        S_IFIFO => "FIFO",
+        S_IFSOCK => "socket",
+        _ => "node of a type bundles may not hold",
+    };
+    UnpackError::SpecialFile { entry, kind }
+}
+
 /// The canonical form of a path that does not exist yet: its nearest existing ancestor
 /// resolved, the rest appended.
 fn resolve_missing(path: &Path) -> Option<PathBuf> {
@@ -1122,6 +1225,54 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
+    /// The checks [`Extractor::walk`] makes of a directory bundle, in the same order with the
+    /// same refusals, placing nothing: counts what it would place into `self.out`. Some(why)
+    /// at the first entry that needs a snapshot ([`survey_directory`]).
+    fn survey(&mut self, root: &Path, rel_dir: PathBuf) -> Result<Option<String>, UnpackError> {
+        let dir = root.join(&rel_dir);
+        let rerr = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| UnpackError::Read { path, source }
+        };
+        let mut names = fs::read_dir(&dir)
+            .map_err(rerr(&dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rerr(&dir))?;
+        names.sort();
+        for n in names {
+            let rel = rel_dir.join(&n);
+            let name = display(&rel);
+            if n.to_str().is_none() {
+                return Err(UnpackError::NotUtf8 { entry: name });
+            }
+            let path = root.join(&rel);
+            let m = fs::symlink_metadata(&path).map_err(rerr(&path))?;
+            self.count_entry(&name)?;
+            let ft = m.file_type();
+            if ft.is_dir() {
+                if let Some(why) = not_agents_own(&m) {
+                    return Ok(Some(format!("{name} {why}")));
+                }
+                if let Some(why) = self.survey(root, rel)? {
+                    return Ok(Some(why));
+                }
+            } else if ft.is_symlink() {
+                return Ok(Some(format!("{name} is a symlink")));
+            } else if ft.is_file() {
+                self.declare(&name, m.len())?;
+                if let Some(why) = not_agents_own(&m) {
+                    return Ok(Some(format!("{name} {why}")));
+                }
+                self.out.bytes += m.len();
+                self.out.files += 1;
+            } else {
+                return Err(special_file(name, &m));
+            }
+        }
+        Ok(None)
+    }
+
     fn walk(
         &mut self,
         rel_dir: PathBuf,
@@ -1185,17 +1336,7 @@ impl<'a> Extractor<'a> {
                     links.push((rel, m));
                 }
             } else {
-                let what = match m.mode() & S_IFMT {
-                    S_IFCHR => "character device",
-                    S_IFBLK => "block device",
-                    S_IFIFO => "FIFO",
-                    S_IFSOCK => "socket",
-                    _ => "node of a type bundles may not hold",
-                };
-                return Err(UnpackError::SpecialFile {
-                    entry: name,
-                    kind: what,
-                });
+                return Err(special_file(name, &m));
             }
         }
         Ok(())

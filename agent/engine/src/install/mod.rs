@@ -143,50 +143,98 @@ impl From<DiskStat> for DiskStatRecord {
 }
 
 /// Which revision file a placed file was copied from, by path beneath the revision root and
-/// inode. A directory bundle's files are hard-linked into the revision, so the next
-/// revision of the same bundle holds the very same inode while the file is unchanged; the
-/// previous revision's link to it (checked, not assumed) proves the inode was never freed
-/// and reused in between.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "SourceStatRecord", into = "SourceStatRecord")]
+/// inode. Two ways prove the revision's file of the next install unchanged without reading
+/// it. A directory bundle's files are hard-linked into the revision, so the next revision of
+/// the same bundle holds the very same inode while the file is unchanged; the previous
+/// revision's link to it (checked, not assumed) proves the inode was never freed and reused in
+/// between. A revision installed from where it lies (no snapshot: see the deploy engine) links
+/// nothing, so its files' change times stay still: the same inode with the same ctime (which
+/// no system call sets back, and which a new inode takes from the clock) was not touched since
+/// it was recorded. The ctime is recorded only when it was settled before the install looked.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SourceStat {
     pub(crate) rel: PathBuf,
     pub(crate) dev: u64,
     pub(crate) ino: u64,
     pub(crate) size: u64,
     pub(crate) mtime: (i64, i64),
+    pub(crate) ctime: Option<(i64, i64)>,
 }
 
-/// [`SourceStat`] as stored: an array.
-type SourceStatRecord = (PathBuf, u64, u64, u64, (i64, i64));
-
-impl From<SourceStatRecord> for SourceStat {
-    fn from((rel, dev, ino, size, mtime): SourceStatRecord) -> Self {
-        SourceStat {
-            rel,
-            dev,
-            ino,
-            size,
-            mtime,
+/// [`SourceStat`] is stored as an array, `[rel, dev, ino, size, mtime]` with the ctime
+/// appended when there is one (so manifests written before it had one still read).
+impl Serialize for SourceStat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut t = s.serialize_tuple(5 + usize::from(self.ctime.is_some()))?;
+        t.serialize_element(&self.rel)?;
+        t.serialize_element(&self.dev)?;
+        t.serialize_element(&self.ino)?;
+        t.serialize_element(&self.size)?;
+        t.serialize_element(&self.mtime)?;
+        if let Some(c) = &self.ctime {
+            t.serialize_element(c)?;
         }
+        t.end()
     }
 }
 
-impl From<SourceStat> for SourceStatRecord {
-    fn from(s: SourceStat) -> Self {
-        (s.rel, s.dev, s.ino, s.size, s.mtime)
+impl<'de> Deserialize<'de> for SourceStat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Record;
+        impl<'de> serde::de::Visitor<'de> for Record {
+            type Value = SourceStat;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("[path, dev, inode, size, mtime] or the same with a ctime")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<SourceStat, A::Error> {
+                use serde::de::Error;
+                let missing = |n| A::Error::invalid_length(n, &self);
+                Ok(SourceStat {
+                    rel: a.next_element()?.ok_or_else(|| missing(0))?,
+                    dev: a.next_element()?.ok_or_else(|| missing(1))?,
+                    ino: a.next_element()?.ok_or_else(|| missing(2))?,
+                    size: a.next_element()?.ok_or_else(|| missing(3))?,
+                    mtime: a.next_element()?.ok_or_else(|| missing(4))?,
+                    ctime: a.next_element()?,
+                })
+            }
+        }
+        d.deserialize_seq(Record)
     }
 }
 
 impl SourceStat {
-    fn of(rel: PathBuf, ident: &FileIdent) -> SourceStat {
+    /// The record of `ident` at `rel`, its ctime kept when `settled` (taken before the file
+    /// was looked at) says it cannot move again unseen.
+    fn of(rel: PathBuf, ident: &FileIdent, settled: &Settled) -> SourceStat {
         SourceStat {
             rel,
             dev: ident.dev,
             ino: ident.ino,
             size: ident.size,
             mtime: ident.mtime,
+            ctime: settled.before(ident.ctime).then_some(ident.ctime),
         }
+    }
+
+    /// Whether `ident` at `rel` is the file recorded, by inode, size and mtime (the ctime
+    /// is not compared: see [`SourceStat::untouched`]).
+    fn same_inode(&self, rel: &Path, ident: &FileIdent) -> bool {
+        self.rel == rel
+            && self.dev == ident.dev
+            && self.ino == ident.ino
+            && self.size == ident.size
+            && self.mtime == ident.mtime
+    }
+
+    /// Whether `ident` at `rel` is the file recorded and untouched since: same inode and
+    /// the very ctime recorded (settled when recorded).
+    fn untouched(&self, rel: &Path, ident: &FileIdent) -> bool {
+        self.same_inode(rel, ident) && self.ctime == Some(ident.ctime)
     }
 }
 
@@ -256,6 +304,11 @@ pub struct InstallInput<'a> {
     pub source_digests: Option<&'a HashMap<PathBuf, SourceDigest>>,
     /// How unchanged files are recognised.
     pub verify: Verify,
+    /// Whether `revision_root` is the agent's own snapshot of the revision, kept with the
+    /// deployment (its hard links hold a directory bundle's inodes: see [`SourceStat`]);
+    /// false for a bundle installed from where it lies. Only a snapshot is named in the
+    /// manifest as evidence for the next install.
+    pub snapshot: bool,
 }
 
 /// Why an install was refused or failed.
@@ -960,10 +1013,18 @@ impl Evidence<'_> {
                         return Ok(d.sha256 == prev_sha);
                     }
                 }
+                // Installed from where it lies before and now: the very inode, untouched.
+                if prev
+                    .source
+                    .as_ref()
+                    .is_some_and(|ps| ps.untouched(rel, ident))
+                {
+                    return Ok(true);
+                }
                 // Hard-linked from a directory bundle: the same inode, unwritten, that the
                 // previous revision still links (so it cannot have been freed and reused).
                 if let (Some(ps), Some(prev_root)) = (&prev.source, self.previous_revision) {
-                    if ps.rel == rel && **ps == SourceStat::of(rel.to_path_buf(), ident) {
+                    if ps.same_inode(rel, ident) {
                         let linked = fs::symlink_metadata(prev_root.join(rel))
                             .is_ok_and(|m| m.dev() == ident.dev && m.ino() == ident.ino);
                         if linked {
@@ -1033,6 +1094,8 @@ fn unchanged(
 
 /// Decides everything an install will do, changing nothing.
 pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
+    // Before any file is looked at: a source ctime settled by now cannot move unseen.
+    let settled = Settled::now();
     let prev_entries: &[ManifestEntry] = input.previous.map_or(&[], |m| &m.entries);
     let canonical_root = fs::canonicalize(input.revision_root).ok();
     let mut layout = Layout {
@@ -1071,7 +1134,12 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
             input.revision_root,
             canonical_root.as_deref().unwrap_or(input.revision_root),
         ],
-        previous_revision: input.previous.and_then(|m| m.revision.as_deref()),
+        // A file read where it lies may share its inode with the previous snapshot and still
+        // have been rewritten in place with its mtime put back: only its ctime tells.
+        previous_revision: input
+            .previous
+            .and_then(|m| m.revision.as_deref())
+            .filter(|_| input.snapshot),
     };
     let same: HashMap<usize, bool> = in_parallel(&candidates, |i| {
         let e = &prev_entries[i];
@@ -1179,8 +1247,10 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                 ..
             } => {
                 if let Some(rel) = evidence.rel(source) {
-                    plan.sources
-                        .insert(dest.clone(), SourceStat::of(rel.to_path_buf(), ident));
+                    plan.sources.insert(
+                        dest.clone(),
+                        SourceStat::of(rel.to_path_buf(), ident, &settled),
+                    );
                 }
                 if let Some((previous, trusted)) = kept.get(dest) {
                     Action::Unchanged {
@@ -1251,7 +1321,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
         return Err(InstallError::Disallowed { paths: disallowed });
     }
     plan.permissions = permissions::plan(input.permissions, &plan.steps)?;
-    plan.revision = canonical_root;
+    plan.revision = canonical_root.filter(|_| input.snapshot);
     Ok(plan)
 }
 
@@ -1721,15 +1791,24 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                 // and the agent's ownership (permissions set theirs again afterwards).
                 // Through a descriptor opened without following links: the file sits where
                 // an application user may be able to swap it for a symlink.
+                // A file that already has them is left untouched: a chown or chmod to the
+                // same values would still move its ctime, and a file whose ctime keeps moving
+                // is never settled enough to be trusted next time.
                 let file = permissions::open_no_follow(dest)?;
-                nix::unistd::fchown(
-                    &file,
-                    Some(nix::unistd::geteuid()),
-                    Some(nix::unistd::getegid()),
-                )
-                .map_err(|e| write_err("change the owner of", dest)(e.into()))?;
-                file.set_permissions(fs::Permissions::from_mode(*mode))
-                    .map_err(write_err("change the mode of", dest))?;
+                let now = file.metadata().map_err(write_err("look at", dest))?;
+                if (now.uid(), now.gid()) != agent_ids() {
+                    nix::unistd::fchown(
+                        &file,
+                        Some(nix::unistd::geteuid()),
+                        Some(nix::unistd::getegid()),
+                    )
+                    .map_err(|e| write_err("change the owner of", dest)(e.into()))?;
+                }
+                // After a chown, which may have cleared set-id bits.
+                if (now.uid(), now.gid()) != agent_ids() || now.mode() & 0o7777 != *mode {
+                    file.set_permissions(fs::Permissions::from_mode(*mode))
+                        .map_err(write_err("change the mode of", dest))?;
+                }
             }
             Some((**previous).clone())
         }

@@ -53,6 +53,7 @@ fn input<'a>(
         file_exists_behavior: b,
         source_digests: None,
         verify: Verify::default(),
+        snapshot: true,
     }
 }
 
@@ -504,7 +505,11 @@ fn an_intent_carries_its_manifests_without_the_disk_records() {
     for m in [intent.previous.as_mut().unwrap(), &mut intent.manifest] {
         m.revision = Some("/rev".into());
         m.entries[0].disk = Some(Box::new(disk));
-        m.entries[0].source = Some(Box::new(SourceStat::of("app/a".into(), &ident)));
+        m.entries[0].source = Some(Box::new(SourceStat::of(
+            "app/a".into(),
+            &ident,
+            &Settled::now(),
+        )));
     }
     let back: Intent = serde_json::from_slice(&serde_json::to_vec(&intent).unwrap()).unwrap();
     for (sent, got) in [
@@ -533,4 +538,102 @@ fn an_intent_carries_its_manifests_without_the_disk_records() {
     let m: Manifest =
         serde_json::from_slice(&serde_json::to_vec(&intent.manifest).unwrap()).unwrap();
     assert_eq!(m.entries[0].disk.as_deref(), Some(&disk));
+}
+
+#[test]
+fn source_records_read_with_and_without_a_ctime() {
+    let with = SourceStat {
+        rel: "app/a".into(),
+        dev: 1,
+        ino: 2,
+        size: 3,
+        mtime: (4, 5),
+        ctime: Some((6, 7)),
+    };
+    let json = serde_json::to_string(&with).unwrap();
+    assert_eq!(json, r#"["app/a",1,2,3,[4,5],[6,7]]"#);
+    assert_eq!(serde_json::from_str::<SourceStat>(&json).unwrap(), with);
+    // As manifests wrote it before there was a ctime, and as one is written without it.
+    let without = SourceStat {
+        ctime: None,
+        ..with
+    };
+    let old = r#"["app/a",1,2,3,[4,5]]"#;
+    assert_eq!(serde_json::to_string(&without).unwrap(), old);
+    assert_eq!(serde_json::from_str::<SourceStat>(old).unwrap(), without);
+    let short = serde_json::from_str::<SourceStat>(r#"["app/a",1,2]"#).unwrap_err();
+    assert!(short.to_string().contains("invalid length 3"), "{short}");
+}
+
+#[test]
+fn an_unsettled_ctime_is_not_recorded() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    fs::write(&a, b"x").unwrap();
+    let ident = crate::bundle::unpack::FileIdent::of(&fs::metadata(&a).unwrap());
+    // Just written: within the clock's tick of now, so it could change again unseen.
+    assert_eq!(
+        SourceStat::of("a".into(), &ident, &Settled::now()).ctime,
+        None
+    );
+    let long_ago = FileIdent {
+        ctime: (1_000_000, 0),
+        ..ident
+    };
+    let rec = SourceStat::of("a".into(), &long_ago, &Settled::now());
+    assert_eq!(rec.ctime, Some((1_000_000, 0)));
+    assert!(rec.untouched(Path::new("a"), &long_ago));
+    assert!(!rec.untouched(Path::new("a"), &ident));
+    // The same inode, size and mtime, but touched since (its ctime moved).
+    assert!(rec.same_inode(Path::new("a"), &ident));
+}
+
+#[test]
+fn a_revision_read_in_place_is_trusted_by_its_ctime_alone() {
+    let rev = revision();
+    let out = tempfile::tempdir().unwrap();
+    let www = out.path().join("www");
+    let files = [mapping("site", &www)];
+    // Settled, so that the install records the sources' ctimes.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let in_place = |previous| InstallInput {
+        snapshot: false,
+        ..input(
+            rev.path(),
+            &files,
+            &[],
+            previous,
+            FileExistsBehavior::Disallow,
+        )
+    };
+    let m0 = apply(&plan(&in_place(None)).unwrap()).unwrap();
+    assert_eq!(m0.revision, None, "only a snapshot is named as evidence");
+    // Once more, the destination settled too, so that its records vouch for it.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut m1 = apply(&plan(&in_place(Some(&m0))).unwrap()).unwrap();
+    // A wrong digest in the record: a plan that read either side would see it differ, so
+    // only a file trusted on its metadata alone (both sides) stays unchanged.
+    for e in m1.entries.iter_mut().filter(|e| e.kind == EntryKind::File) {
+        assert!(
+            e.source.as_ref().is_some_and(|s| s.ctime.is_some()),
+            "{e:?}"
+        );
+        assert!(e.disk.is_some(), "{e:?}");
+        e.sha256 = Some("0".repeat(64));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let p = plan(&in_place(Some(&m1))).unwrap();
+    let unchanged = |p: &Plan| {
+        p.steps
+            .iter()
+            .filter(|s| matches!(s.action, Action::Unchanged { .. }))
+            .count()
+    };
+    assert_eq!(unchanged(&p), 2, "{p}");
+    // Touched since (a chmod and back moves the ctime only): read, and found to differ.
+    let css = rev.path().join("site/css/a.css");
+    fs::set_permissions(&css, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(&css, fs::Permissions::from_mode(0o644)).unwrap();
+    let p = plan(&in_place(Some(&m1))).unwrap();
+    assert_eq!(unchanged(&p), 1, "{p}");
 }
