@@ -8,6 +8,7 @@
 //! configuration ([`settings::EngineSettings`]) and hands it commands.
 
 pub mod appspec;
+pub(crate) mod buffer;
 pub mod bundle;
 pub mod deploy;
 pub mod hooks;

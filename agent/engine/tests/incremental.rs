@@ -153,6 +153,8 @@ fn nearby(first: &Revision) -> impl Strategy<Value = Revision> {
 /// Makes the bundle directory hold `rev`, changing only what differs (in place where a file
 /// stays a file, so that its inode is kept, as an editor or a build tool may).
 fn sync_bundle(bundle: &Path, rev: &Revision) {
+    // A revision may hold nothing at all: the bundle is then an empty directory.
+    fs::create_dir_all(bundle).unwrap();
     for p in PATHS {
         let path = bundle.join(p);
         let old = fs::symlink_metadata(&path).ok();

@@ -612,6 +612,17 @@ fn changeable_path(canonical: &Path) -> Option<String> {
     None
 }
 
+/// The entries of `dir` sorted by name, each able to stat itself beside the directory's open
+/// descriptor (`DirEntry::metadata`, which does not follow a symlink) rather than by a walk of
+/// its whole path.
+pub(crate) fn read_dir_sorted(dir: &Path) -> io::Result<Vec<(std::ffi::OsString, fs::DirEntry)>> {
+    let mut entries = fs::read_dir(dir)?
+        .map(|e| e.map(|e| (e.file_name(), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries)
+}
+
 /// The refusal of a node that is neither file, directory nor symlink.
 fn special_file(entry: String, m: &fs::Metadata) -> UnpackError {
     let kind = match m.mode() & S_IFMT {
@@ -960,11 +971,10 @@ impl<'a> Extractor<'a> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&full)
             .map_err(werr)?;
-        let mut buf = vec![0u8; 64 * 1024];
         let mut hash = Sha256::new();
-        loop {
-            let n = match data.read(&mut buf) {
-                Ok(0) => break,
+        crate::buffer::with(|buf| loop {
+            let n = match data.read(buf) {
+                Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.corrupt(format_args!("entry {entry}: {e}"))),
@@ -979,7 +989,7 @@ impl<'a> Extractor<'a> {
             }
             f.write_all(&buf[..n]).map_err(werr)?;
             hash.update(&buf[..n]);
-        }
+        })?;
         let mode = self.strip_setid(rel, mode, S_IFREG);
         f.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(werr)?;
@@ -1234,20 +1244,13 @@ impl<'a> Extractor<'a> {
             let path = path.to_path_buf();
             move |source| UnpackError::Read { path, source }
         };
-        let mut names = fs::read_dir(&dir)
-            .map_err(rerr(&dir))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(rerr(&dir))?;
-        names.sort();
-        for n in names {
+        for (n, entry) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
             let rel = rel_dir.join(&n);
             let name = display(&rel);
             if n.to_str().is_none() {
                 return Err(UnpackError::NotUtf8 { entry: name });
             }
-            let path = root.join(&rel);
-            let m = fs::symlink_metadata(&path).map_err(rerr(&path))?;
+            let m = entry.metadata().map_err(rerr(&root.join(&rel)))?;
             self.count_entry(&name)?;
             let ft = m.file_type();
             if ft.is_dir() {
@@ -1283,20 +1286,15 @@ impl<'a> Extractor<'a> {
             let path = path.to_path_buf();
             move |source| UnpackError::Read { path, source }
         };
-        let mut names = fs::read_dir(&dir)
-            .map_err(rerr(&dir))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(rerr(&dir))?;
-        names.sort();
-        for n in names {
+        for (n, entry) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
             let rel = rel_dir.join(&n);
             let name = display(&rel);
             if n.to_str().is_none() {
                 return Err(UnpackError::NotUtf8 { entry: name });
             }
             let path = self.src.join(&rel);
-            let m = fs::symlink_metadata(&path).map_err(rerr(&path))?;
+            // Beside the directory's open descriptor: no walk of the whole path again.
+            let m = entry.metadata().map_err(rerr(&path))?;
             self.count_entry(&name)?;
             let ft = m.file_type();
             let mode = m.mode() & 0o7777;

@@ -912,13 +912,8 @@ impl Layout<'_> {
     }
 
     fn tree(&mut self, src: &Path, dest: &Path, from: &str) -> Result<(), InstallError> {
-        let mut names = fs::read_dir(src)
-            .map_err(read_err(src))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(read_err(src))?;
-        names.sort();
-        for n in names {
+        let entries = crate::bundle::unpack::read_dir_sorted(src).map_err(read_err(src))?;
+        for (n, entry) in entries {
             let s = src.join(&n);
             if n.to_str().is_none() {
                 return Err(InstallError::NotUtf8 {
@@ -928,12 +923,14 @@ impl Layout<'_> {
                 });
             }
             let d = dest.join(&n);
-            let meta = fs::symlink_metadata(&s).map_err(read_err(&s))?;
+            // Beside the directory's open descriptor: no walk of the whole path again.
+            let meta = entry.metadata().map_err(read_err(&s))?;
             let want = want_of(&s, &meta)?;
-            let is_dir = matches!(want, Want::Dir { .. });
-            self.add(d.clone(), want, from)?;
-            if is_dir {
+            if matches!(want, Want::Dir { .. }) {
+                self.add(d.clone(), want, from)?;
                 self.tree(&s, &d, from)?;
+            } else {
+                self.add(d, want, from)?;
             }
         }
         Ok(())
@@ -968,14 +965,13 @@ fn want_of(src: &Path, meta: &fs::Metadata) -> Result<Want, InstallError> {
 fn sha256_file(path: &Path) -> Result<String, InstallError> {
     let mut f = confined::open_planned(path).map_err(read_err(path))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(read_err(path))?;
+    crate::buffer::with(|buf| loop {
+        let n = f.read(buf).map_err(read_err(path))?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         h.update(&buf[..n]);
-    }
+    })?;
     Ok(hex::encode(h.finalize()))
 }
 
@@ -2153,16 +2149,15 @@ fn write_temp(source: &Path, tmp: &Path, mode: u32) -> Result<(u64, String), Ins
             .map_err(write_err("create", tmp))?;
         let mut h = Sha256::new();
         let mut size = 0u64;
-        let mut buf = vec![0u8; 128 * 1024];
-        loop {
-            let n = input.read(&mut buf).map_err(read_err(source))?;
+        crate::buffer::with(|buf| loop {
+            let n = input.read(buf).map_err(read_err(source))?;
             if n == 0 {
-                break;
+                return Ok(());
             }
             h.update(&buf[..n]);
             out.write_all(&buf[..n]).map_err(write_err("write", tmp))?;
             size += n as u64;
-        }
+        })?;
         out.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(write_err("change the mode of", tmp))?;
         Ok((size, hex::encode(h.finalize())))
