@@ -1112,7 +1112,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     // Cleanup of the previous install, except what would be placed again unchanged.
     let mut plan = Plan::default();
     let mut removed: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut kept: HashMap<PathBuf, (ManifestEntry, bool)> = HashMap::new();
+    let mut kept: HashMap<&Path, (&ManifestEntry, bool)> = HashMap::new();
     let mut carried_dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let mut dirs_to_remove = Vec::new();
     // Which of the previous install's files would be placed again unchanged: the content
@@ -1149,7 +1149,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
         match e.kind {
             EntryKind::File | EntryKind::Symlink => {
                 if let Some(&trusted) = same.get(&i) {
-                    kept.insert(e.path.clone(), (e.clone(), trusted));
+                    kept.insert(&e.path, (e, trusted));
                     continue;
                 }
                 match fs::symlink_metadata(&e.path) {
@@ -1200,21 +1200,22 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
         // Nothing is in the way of a path the cleanup removes, nor of one beneath it (a file
         // or link of the last revision that this one turns into a directory); a path beneath
         // a file (ENOTDIR) does not exist either.
-        let existing = if dest.ancestors().any(|a| removed.contains(a)) || kept.contains_key(dest) {
-            // Removed by the cleanup, or kept as it is (then not looked at again).
-            None
-        } else {
-            match fs::symlink_metadata(dest) {
-                Ok(m) => Some(m),
-                Err(e)
-                    if e.kind() == io::ErrorKind::NotFound
-                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
-                {
-                    None
+        let existing =
+            if dest.ancestors().any(|a| removed.contains(a)) || kept.contains_key(dest.as_path()) {
+                // Removed by the cleanup, or kept as it is (then not looked at again).
+                None
+            } else {
+                match fs::symlink_metadata(dest) {
+                    Ok(m) => Some(m),
+                    Err(e)
+                        if e.kind() == io::ErrorKind::NotFound
+                            || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                    {
+                        None
+                    }
+                    Err(e) => return Err(read_err(dest)(e)),
                 }
-                Err(e) => return Err(read_err(dest)(e)),
-            }
-        };
+            };
         let action = match &w.want {
             Want::Dir { mode } => match existing {
                 None => Action::Mkdir { mode: *mode },
@@ -1248,9 +1249,9 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                         SourceStat::of(rel.to_path_buf(), ident, &settled),
                     );
                 }
-                if let Some((previous, trusted)) = kept.get(dest) {
+                if let Some((previous, trusted)) = kept.get(dest.as_path()) {
                     Action::Unchanged {
-                        previous: Box::new(previous.clone()),
+                        previous: Box::new((*previous).clone()),
                         mode: *mode,
                         trusted: *trusted,
                     }
@@ -1278,9 +1279,9 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                 }
             }
             Want::Link { target } => {
-                if let Some((previous, _)) = kept.get(dest) {
+                if let Some((previous, _)) = kept.get(dest.as_path()) {
                     Action::Unchanged {
-                        previous: Box::new(previous.clone()),
+                        previous: Box::new((*previous).clone()),
                         mode: previous.mode,
                         trusted: false,
                     }
@@ -1405,7 +1406,11 @@ pub(crate) fn apply_logged(
     }
     // A previous-install file that this install places again with new content is switched
     // by the rename over it; only what the revision lacks is removed, after the switch.
-    let step_dests: BTreeSet<&Path> = plan.steps.iter().map(|s| s.dest.as_path()).collect();
+    let step_dests: BTreeSet<&Path> = if plan.removals.is_empty() {
+        BTreeSet::new()
+    } else {
+        plan.steps.iter().map(|s| s.dest.as_path()).collect()
+    };
     let removals: Vec<Removal> = plan
         .removals
         .iter()
@@ -1675,7 +1680,11 @@ pub(crate) fn apply_logged(
             e.source = None;
         }
     }
-    save_manifest(&manifest)?;
+    // The very manifest the install started from (an unchanged redeploy of a bundle read
+    // where it lies, every record as it was): the file already holds it.
+    if previous != Some(&manifest) {
+        save_manifest(&manifest)?;
+    }
     clear()?;
     Ok(manifest)
 }
