@@ -784,9 +784,9 @@ enum Want {
 
 /// A wanted destination and the `files` source it came from (for messages).
 #[derive(Debug, Clone)]
-struct Wanted {
+struct Wanted<'a> {
     want: Want,
-    from: String,
+    from: &'a str,
 }
 
 /// Builds the set of destinations the `files` section asks for.
@@ -794,20 +794,17 @@ struct Layout<'a> {
     root: &'a Path,
     /// The same root, held open: sources are resolved beneath it.
     revision: Confined,
-    wanted: BTreeMap<PathBuf, Wanted>,
+    wanted: BTreeMap<PathBuf, Wanted<'a>>,
     /// Directories the previous install created: kept as "ours" when needed again.
     prev_created_dirs: BTreeSet<PathBuf>,
 }
 
-impl Layout<'_> {
-    fn add(&mut self, dest: PathBuf, want: Want, from: &str) -> Result<(), InstallError> {
+impl<'a> Layout<'a> {
+    fn add(&mut self, dest: PathBuf, want: Want, from: &'a str) -> Result<(), InstallError> {
         use std::collections::btree_map::Entry;
         match self.wanted.entry(dest) {
             Entry::Vacant(v) => {
-                v.insert(Wanted {
-                    want,
-                    from: from.to_string(),
-                });
+                v.insert(Wanted { want, from });
             }
             Entry::Occupied(mut o) => match (&o.get().want, &want) {
                 // Two directory sources may share a destination directory (CodeDeploy merges).
@@ -820,7 +817,7 @@ impl Layout<'_> {
                 _ => {
                     return Err(InstallError::TwoSources {
                         dest: o.key().clone(),
-                        first: o.get().from.clone(),
+                        first: o.get().from.to_string(),
                         second: from.to_string(),
                     })
                 }
@@ -831,7 +828,7 @@ impl Layout<'_> {
 
     /// Adds the missing ancestors of `path` (and those a previous install made, so that they
     /// are kept rather than removed and made again).
-    fn ancestors(&mut self, path: &Path, from: &str) -> Result<(), InstallError> {
+    fn ancestors(&mut self, path: &Path, from: &'a str) -> Result<(), InstallError> {
         let mut missing = Vec::new();
         let mut at = path.parent();
         while let Some(dir) = at {
@@ -856,7 +853,7 @@ impl Layout<'_> {
         Ok(())
     }
 
-    fn mapping(&mut self, m: &FileMapping) -> Result<(), InstallError> {
+    fn mapping(&mut self, m: &'a FileMapping) -> Result<(), InstallError> {
         let src = if m.source.is_empty() {
             self.root.to_path_buf()
         } else {
@@ -911,7 +908,7 @@ impl Layout<'_> {
         }
     }
 
-    fn tree(&mut self, src: &Path, dest: &Path, from: &str) -> Result<(), InstallError> {
+    fn tree(&mut self, src: &Path, dest: &Path, from: &'a str) -> Result<(), InstallError> {
         let entries = crate::bundle::unpack::read_dir_sorted(src).map_err(read_err(src))?;
         for (n, entry) in entries {
             let s = src.join(&n);
@@ -1108,6 +1105,9 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
         layout.mapping(m)?;
     }
     let wanted = layout.wanted;
+    // The previous install's entries are looked up here three times each: by hash, not by the
+    // tree's component-by-component path comparisons.
+    let wanted_at: HashMap<&Path, &Wanted> = wanted.iter().map(|(p, w)| (p.as_path(), w)).collect();
 
     // Cleanup of the previous install, except what would be placed again unchanged.
     let mut plan = Plan::default();
@@ -1120,7 +1120,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     let candidates: Vec<usize> = (0..prev_entries.len())
         .filter(|&i| {
             matches!(prev_entries[i].kind, EntryKind::File | EntryKind::Symlink)
-                && wanted.contains_key(&prev_entries[i].path)
+                && wanted_at.contains_key(prev_entries[i].path.as_path())
         })
         .collect();
     let evidence = Evidence {
@@ -1139,13 +1139,13 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     };
     let same: HashMap<usize, bool> = in_parallel(&candidates, |i| {
         let e = &prev_entries[i];
-        unchanged(e, &wanted[&e.path].want, &e.path, &evidence)
+        unchanged(e, &wanted_at[e.path.as_path()].want, &e.path, &evidence)
     })?
     .into_iter()
     .filter_map(|(i, same)| same.map(|trusted| (i, trusted)))
     .collect();
     for (i, e) in prev_entries.iter().enumerate() {
-        let want = wanted.get(&e.path).map(|w| &w.want);
+        let want = wanted_at.get(e.path.as_path()).map(|w| &w.want);
         match e.kind {
             EntryKind::File | EntryKind::Symlink => {
                 if let Some(&trusted) = same.get(&i) {
