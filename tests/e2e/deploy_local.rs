@@ -826,3 +826,65 @@ fn a_bundle_with_hooks_or_another_owner_is_snapshotted_and_refusals_stay() {
         "a refused bundle changed the destination"
     );
 }
+
+#[test]
+fn a_hookless_bundle_others_could_swap_or_on_an_image_is_snapshotted() {
+    let host = Host::new();
+    let dest = host.path("www");
+    // The bundle's parent is writable by everyone, without the sticky bit: another user could
+    // rename the bundle away and put their own tree in its place.
+    let open = host.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let b = host.bundle("open/b", &appspec_files(&dest, ""), &[("app/a.txt", "a")]);
+    host.deploy(&b, &[]).success();
+    let (dir, j) = journals(&host).pop().unwrap();
+    assert!(
+        !event_message(&j, "DownloadBundle").contains("where they lie"),
+        "{j}"
+    );
+    assert!(dir.join("revision/app/a.txt").is_file());
+    // The same with the sticky bit (as /tmp): read where it lies.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    host.deploy(&b, &[]).success();
+    let (_, j) = journals(&host).pop().unwrap();
+    assert!(
+        event_message(&j, "DownloadBundle").contains("where they lie"),
+        "{j}"
+    );
+
+    // On a read-only filesystem (here a tmpfs remounted read-only, as an image would be).
+    let ro = host.path("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "pier-test-ro"])
+        .arg(&ro)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        support::skip("cannot mount a tmpfs here (not root, or no mount allowed)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(ro.clone());
+    let img = host.bundle("ro/b", &appspec_files(&dest, ""), &[("app/a.txt", "ro")]);
+    assert!(Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&ro)
+        .status()
+        .unwrap()
+        .success());
+    host.deploy(&img, &[]).success();
+    let (dir, j) = journals(&host).pop().unwrap();
+    assert!(
+        !event_message(&j, "DownloadBundle").contains("where they lie"),
+        "{j}"
+    );
+    assert!(dir.join("revision/app/a.txt").is_file());
+    assert_eq!(read(dest.join("a.txt")), "ro");
+}

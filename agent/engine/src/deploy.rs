@@ -870,21 +870,35 @@ impl Engine {
         run: &mut Run<'_>,
         src: &Path,
     ) -> Result<Option<String>, EventFailure> {
-        let name = appspec_file_name(run.req, src);
         let policy = UnpackPolicy {
             max_total_bytes: run.config.bundle.max_bytes,
             max_entries: run.config.bundle.max_entries,
         };
         let (src, revision_dir) = (src.to_path_buf(), run.dir.join("revision"));
+        let (req, agent_root) = (run.req.clone(), self.root.dir().to_path_buf());
         let survey = tokio::task::spawn_blocking(move || {
+            // Everything is read from one real path, and only once nobody else can change
+            // the way to it: the AppSpec, the survey and Install see the same tree.
+            let Ok(root) = std::fs::canonicalize(&src) else {
+                return Ok(None);
+            };
+            if let Some(why) = unpack::changeable_path(&root) {
+                log::debug!("bundle {} is snapshotted: {why}", root.display());
+                return Ok(None);
+            }
+            // A bundle holding the agent's own root is refused by the unpack.
+            if std::fs::canonicalize(&agent_root).is_ok_and(|a| a.starts_with(&root)) {
+                return Ok(None);
+            }
+            let name = appspec_file_name(&req, &root);
             // Any problem with the AppSpec is reported by the ordinary path, from the snapshot.
-            let Ok(spec) = read_appspec(&src, &name, true) else {
+            let Ok(spec) = read_appspec(&root, &name, true) else {
                 return Ok(None);
             };
             if spec.hooks.values().any(|h| !h.is_empty()) {
                 return Ok(None);
             }
-            let (root, unpacked) = match unpack::survey_directory(&src, &policy)? {
+            let (root, unpacked) = match unpack::survey_directory(&root, &policy)? {
                 unpack::Survey::InPlace { root, unpacked } => (root, unpacked),
                 unpack::Survey::Snapshot(why) => {
                     log::debug!("bundle {} is snapshotted: {why}", src.display());

@@ -556,7 +556,19 @@ pub fn survey_directory(src: &Path, policy: &UnpackPolicy) -> Result<Survey, Unp
     if let Some(why) = not_agents_own(&meta) {
         return Ok(Survey::Snapshot(format!("the bundle directory {why}")));
     }
+    // The next install trusts a file whose ctime has not moved: only where this kernel sets
+    // the ctimes, not in an image (squashfs, erofs, ISO) whose times were fixed when it was
+    // built, nor one mounted anew with the same numbers.
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    match statvfs(&root) {
+        Ok(v) if v.flags().contains(FsFlags::ST_RDONLY) => {
+            return Ok(Survey::Snapshot("it lies on a read-only filesystem".into()))
+        }
+        Ok(_) => {}
+        Err(e) => return Ok(Survey::Snapshot(format!("statvfs: {e}"))),
+    }
     let mut x = Extractor::new(src, BundleType::Directory, src, *policy);
+    x.survey_dev = meta.dev();
     match x.survey(&root, PathBuf::new())? {
         Some(why) => Ok(Survey::Snapshot(why)),
         None => Ok(Survey::InPlace {
@@ -586,7 +598,7 @@ fn not_agents_own(meta: &fs::Metadata) -> Option<String> {
 /// Why someone besides the agent's user and root could rename or replace something on the
 /// way to `canonical` (None when nobody can): an ancestor owned by another user, or writable
 /// by group or others without the sticky bit that keeps others' entries theirs.
-fn changeable_path(canonical: &Path) -> Option<String> {
+pub fn changeable_path(canonical: &Path) -> Option<String> {
     let agent = crate::install::agent_ids().0;
     let trusted = |uid: u32| uid == 0 || uid == agent;
     // A sticky directory open to all (/tmp) is fine: its entries that matter here are the
@@ -612,12 +624,16 @@ fn changeable_path(canonical: &Path) -> Option<String> {
     None
 }
 
-/// The entries of `dir` sorted by name, each able to stat itself beside the directory's open
-/// descriptor (`DirEntry::metadata`, which does not follow a symlink) rather than by a walk of
-/// its whole path.
-pub(crate) fn read_dir_sorted(dir: &Path) -> io::Result<Vec<(std::ffi::OsString, fs::DirEntry)>> {
+/// A directory's entries: each name with its metadata, or why it could not be had.
+pub(crate) type Listing = Vec<(std::ffi::OsString, io::Result<fs::Metadata>)>;
+
+/// The entries of `dir` sorted by name, each with its metadata (not following a symlink),
+/// taken beside the directory's open descriptor (`DirEntry::metadata`) rather than by a walk
+/// of its whole path. The directory is closed again before this returns: a walk that recurses
+/// holds no descriptor per level.
+pub(crate) fn read_dir_sorted(dir: &Path) -> io::Result<Listing> {
     let mut entries = fs::read_dir(dir)?
-        .map(|e| e.map(|e| (e.file_name(), e)))
+        .map(|e| e.map(|e| (e.file_name(), e.metadata())))
         .collect::<Result<Vec<_>, _>>()?;
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(entries)
@@ -719,6 +735,9 @@ struct Extractor<'a> {
     /// Directories known to be real directories (made or checked), whose contents need no
     /// second check of the way to them: a directory is never replaced (`clear_slot`).
     known_dirs: HashSet<PathBuf>,
+    /// The device of the bundle a survey walks: an entry on another (a mount inside the
+    /// bundle) needs a snapshot.
+    survey_dev: u64,
 }
 
 impl<'a> Extractor<'a> {
@@ -735,6 +754,7 @@ impl<'a> Extractor<'a> {
             dirs: Vec::new(),
             placed: HashSet::new(),
             known_dirs: HashSet::new(),
+            survey_dev: 0,
         }
     }
 
@@ -1244,15 +1264,18 @@ impl<'a> Extractor<'a> {
             let path = path.to_path_buf();
             move |source| UnpackError::Read { path, source }
         };
-        for (n, entry) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
+        for (n, meta) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
             let rel = rel_dir.join(&n);
             let name = display(&rel);
             if n.to_str().is_none() {
                 return Err(UnpackError::NotUtf8 { entry: name });
             }
-            let m = entry.metadata().map_err(rerr(&root.join(&rel)))?;
+            let m = meta.map_err(rerr(&root.join(&rel)))?;
             self.count_entry(&name)?;
             let ft = m.file_type();
+            if m.dev() != self.survey_dev && (ft.is_dir() || ft.is_file()) {
+                return Ok(Some(format!("{name} is on another filesystem")));
+            }
             if ft.is_dir() {
                 if let Some(why) = not_agents_own(&m) {
                     return Ok(Some(format!("{name} {why}")));
@@ -1286,15 +1309,14 @@ impl<'a> Extractor<'a> {
             let path = path.to_path_buf();
             move |source| UnpackError::Read { path, source }
         };
-        for (n, entry) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
+        for (n, meta) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
             let rel = rel_dir.join(&n);
             let name = display(&rel);
             if n.to_str().is_none() {
                 return Err(UnpackError::NotUtf8 { entry: name });
             }
             let path = self.src.join(&rel);
-            // Beside the directory's open descriptor: no walk of the whole path again.
-            let m = entry.metadata().map_err(rerr(&path))?;
+            let m = meta.map_err(rerr(&path))?;
             self.count_entry(&name)?;
             let ft = m.file_type();
             let mode = m.mode() & 0o7777;

@@ -95,6 +95,11 @@ pub struct ManifestEntry {
     /// The revision file it came from (files only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) source: Option<Box<SourceStat>>,
+    /// That file's ctime, when it was settled as the install looked at it: see
+    /// [`SourceStat`]. A field of its own (not in the `source` array, whose length an agent
+    /// of an earlier version checks), so that such an agent still reads this manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) source_ctime: Option<(i64, i64)>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -151,59 +156,37 @@ impl From<DiskStat> for DiskStatRecord {
 /// nothing, so its files' change times stay still: the same inode with the same ctime (which
 /// no system call sets back, and which a new inode takes from the clock) was not touched since
 /// it was recorded. The ctime is recorded only when it was settled before the install looked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SourceStatRecord", into = "SourceStatRecord")]
 pub(crate) struct SourceStat {
     pub(crate) rel: PathBuf,
     pub(crate) dev: u64,
     pub(crate) ino: u64,
     pub(crate) size: u64,
     pub(crate) mtime: (i64, i64),
+    /// Stored beside the record, as [`ManifestEntry::source_ctime`].
     pub(crate) ctime: Option<(i64, i64)>,
 }
 
-/// [`SourceStat`] is stored as an array, `[rel, dev, ino, size, mtime]` with the ctime
-/// appended when there is one (so manifests written before it had one still read).
-impl Serialize for SourceStat {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let mut t = s.serialize_tuple(5 + usize::from(self.ctime.is_some()))?;
-        t.serialize_element(&self.rel)?;
-        t.serialize_element(&self.dev)?;
-        t.serialize_element(&self.ino)?;
-        t.serialize_element(&self.size)?;
-        t.serialize_element(&self.mtime)?;
-        if let Some(c) = &self.ctime {
-            t.serialize_element(c)?;
+/// [`SourceStat`] as stored: an array, `[rel, dev, ino, size, mtime]`.
+type SourceStatRecord = (PathBuf, u64, u64, u64, (i64, i64));
+
+impl From<SourceStatRecord> for SourceStat {
+    fn from((rel, dev, ino, size, mtime): SourceStatRecord) -> Self {
+        SourceStat {
+            rel,
+            dev,
+            ino,
+            size,
+            mtime,
+            ctime: None,
         }
-        t.end()
     }
 }
 
-impl<'de> Deserialize<'de> for SourceStat {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Record;
-        impl<'de> serde::de::Visitor<'de> for Record {
-            type Value = SourceStat;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("[path, dev, inode, size, mtime] or the same with a ctime")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<SourceStat, A::Error> {
-                use serde::de::Error;
-                let missing = |n| A::Error::invalid_length(n, &self);
-                Ok(SourceStat {
-                    rel: a.next_element()?.ok_or_else(|| missing(0))?,
-                    dev: a.next_element()?.ok_or_else(|| missing(1))?,
-                    ino: a.next_element()?.ok_or_else(|| missing(2))?,
-                    size: a.next_element()?.ok_or_else(|| missing(3))?,
-                    mtime: a.next_element()?.ok_or_else(|| missing(4))?,
-                    ctime: a.next_element()?,
-                })
-            }
-        }
-        d.deserialize_seq(Record)
+impl From<SourceStat> for SourceStatRecord {
+    fn from(s: SourceStat) -> Self {
+        (s.rel, s.dev, s.ino, s.size, s.mtime)
     }
 }
 
@@ -232,9 +215,9 @@ impl SourceStat {
     }
 
     /// Whether `ident` at `rel` is the file recorded and untouched since: same inode and
-    /// the very ctime recorded (settled when recorded).
-    fn untouched(&self, rel: &Path, ident: &FileIdent) -> bool {
-        self.same_inode(rel, ident) && self.ctime == Some(ident.ctime)
+    /// the very ctime recorded (`ctime`, settled when recorded).
+    fn untouched(&self, ctime: Option<(i64, i64)>, rel: &Path, ident: &FileIdent) -> bool {
+        self.same_inode(rel, ident) && ctime == Some(ident.ctime)
     }
 }
 
@@ -268,8 +251,14 @@ impl Settled {
         }
     }
 
-    /// Whether a file time is settled.
+    /// Whether a file time is settled. A time of a whole second may come from a filesystem
+    /// that keeps only seconds (ext4 with small inodes, or two seconds: FAT), where every
+    /// change within that second or two leaves the same time: it is settled only once they
+    /// are over.
     pub(crate) fn before(&self, t: (i64, i64)) -> bool {
+        if t.1 == 0 {
+            return (t.0.saturating_add(2), 0) < self.limit;
+        }
         t < self.limit
     }
 }
@@ -696,6 +685,7 @@ impl Plan {
                     created: false,
                     disk: None,
                     source: None,
+                    source_ctime: None,
                 },
                 Action::Unchanged { previous, .. } => (**previous).clone(),
                 Action::Link { .. } => ManifestEntry {
@@ -709,6 +699,7 @@ impl Plan {
                     created: false,
                     disk: None,
                     source: None,
+                    source_ctime: None,
                 },
                 Action::Retain => continue,
             };
@@ -910,7 +901,7 @@ impl<'a> Layout<'a> {
 
     fn tree(&mut self, src: &Path, dest: &Path, from: &'a str) -> Result<(), InstallError> {
         let entries = crate::bundle::unpack::read_dir_sorted(src).map_err(read_err(src))?;
-        for (n, entry) in entries {
+        for (n, meta) in entries {
             let s = src.join(&n);
             if n.to_str().is_none() {
                 return Err(InstallError::NotUtf8 {
@@ -920,8 +911,7 @@ impl<'a> Layout<'a> {
                 });
             }
             let d = dest.join(&n);
-            // Beside the directory's open descriptor: no walk of the whole path again.
-            let meta = entry.metadata().map_err(read_err(&s))?;
+            let meta = meta.map_err(read_err(&s))?;
             let want = want_of(&s, &meta)?;
             if matches!(want, Want::Dir { .. }) {
                 self.add(d.clone(), want, from)?;
@@ -1010,7 +1000,7 @@ impl Evidence<'_> {
                 if prev
                     .source
                     .as_ref()
-                    .is_some_and(|ps| ps.untouched(rel, ident))
+                    .is_some_and(|ps| ps.untouched(prev.source_ctime, rel, ident))
                 {
                     return Ok(true);
                 }
@@ -1104,7 +1094,17 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     for m in input.files {
         layout.mapping(m)?;
     }
-    let wanted = layout.wanted;
+    let mut wanted = layout.wanted;
+    if !input.snapshot {
+        // A bundle read where it lies was surveyed without a set-id bit; one set since is
+        // cleared, as an unpack clears it, never carried to the destination.
+        for w in wanted.values_mut() {
+            if let Want::Dir { mode } | Want::File { mode, .. } = &mut w.want {
+                *mode &= !0o6000;
+            }
+        }
+    }
+    let wanted = wanted;
     // The previous install's entries are looked up here three times each: by hash, not by the
     // tree's component-by-component path comparisons.
     let wanted_at: HashMap<&Path, &Wanted> = wanted.iter().map(|(p, w)| (p.as_path(), w)).collect();
@@ -1649,6 +1649,7 @@ pub(crate) fn apply_logged(
         if let Some(prev) = as_recorded.get(e.path.as_path()) {
             e.disk = prev.disk.clone();
             e.source = plan.sources.get(&e.path).cloned().map(Box::new);
+            e.source_ctime = e.source.as_ref().and_then(|s| s.ctime);
             continue;
         }
         let Ok(m) = fs::symlink_metadata(&e.path) else {
@@ -1664,6 +1665,7 @@ pub(crate) fn apply_logged(
                 acl: with_acl.contains(e.path.as_path()),
             }));
             e.source = plan.sources.get(&e.path).cloned().map(Box::new);
+            e.source_ctime = e.source.as_ref().and_then(|s| s.ctime);
         }
     }
     // A record taken within a clock tick of the file's last change cannot vouch for it: a
@@ -1678,6 +1680,7 @@ pub(crate) fn apply_logged(
         }
         if e.source.as_ref().is_some_and(|s| !settled.before(s.mtime)) {
             e.source = None;
+            e.source_ctime = None;
         }
     }
     // The very manifest the install started from (an unchanged redeploy of a bundle read
@@ -1777,6 +1780,7 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                 created: false,
                 disk: None,
                 source: None,
+                source_ctime: None,
             })
         }
         Action::Unchanged {
@@ -1799,9 +1803,19 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                 // A file that already has them is left untouched: a chown or chmod to the
                 // same values would still move its ctime, and a file whose ctime keeps moving
                 // is never settled enough to be trusted next time.
+                // A chown also drops file capabilities (`setcap`, by an earlier hook): a file
+                // that has some gets one, as a fresh copy has none.
                 let file = permissions::open_no_follow(dest)?;
                 let now = file.metadata().map_err(write_err("look at", dest))?;
-                if (now.uid(), now.gid()) != agent_ids() {
+                let caps = {
+                    use xattr::FileExt;
+                    file.get_xattr("security.capability")
+                        .ok()
+                        .flatten()
+                        .is_some()
+                };
+                let reset = caps || (now.uid(), now.gid()) != agent_ids();
+                if reset {
                     nix::unistd::fchown(
                         &file,
                         Some(nix::unistd::geteuid()),
@@ -1810,7 +1824,7 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                     .map_err(|e| write_err("change the owner of", dest)(e.into()))?;
                 }
                 // After a chown, which may have cleared set-id bits.
-                if (now.uid(), now.gid()) != agent_ids() || now.mode() & 0o7777 != *mode {
+                if reset || now.mode() & 0o7777 != *mode {
                     file.set_permissions(fs::Permissions::from_mode(*mode))
                         .map_err(write_err("change the mode of", dest))?;
                 }
@@ -1830,6 +1844,7 @@ fn place(s: &Step) -> Result<Option<ManifestEntry>, InstallError> {
                 created: false,
                 disk: None,
                 source: None,
+                source_ctime: None,
             })
         }
     })
@@ -1997,6 +2012,7 @@ fn dir_entry(path: &Path, created: bool) -> ManifestEntry {
         created,
         disk: None,
         source: None,
+        source_ctime: None,
     }
 }
 
@@ -2089,6 +2105,7 @@ fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBu
                 created: false,
                 disk: None,
                 source: None,
+                source_ctime: None,
             }
         }
         Action::Link { target, .. } => {
@@ -2103,6 +2120,7 @@ fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBu
                 created: false,
                 disk: None,
                 source: None,
+                source_ctime: None,
             }
         }
         _ => unreachable!("only steps that is_staged_action admits are staged"),

@@ -389,6 +389,7 @@ fn file_entry(path: &Path, body: &str) -> ManifestEntry {
         created: false,
         disk: None,
         source: None,
+        source_ctime: None,
     }
 }
 
@@ -541,28 +542,54 @@ fn an_intent_carries_its_manifests_without_the_disk_records() {
 }
 
 #[test]
-fn source_records_read_with_and_without_a_ctime() {
-    let with = SourceStat {
+fn the_source_ctime_is_a_field_an_older_agent_skips() {
+    let mut e = dir_entry(Path::new("/www/a"), false);
+    e.kind = EntryKind::File;
+    e.source = Some(Box::new(SourceStat {
         rel: "app/a".into(),
         dev: 1,
         ino: 2,
         size: 3,
         mtime: (4, 5),
         ctime: Some((6, 7)),
+    }));
+    e.source_ctime = Some((6, 7));
+    let m = Manifest {
+        entries: vec![e],
+        revision: None,
     };
-    let json = serde_json::to_string(&with).unwrap();
-    assert_eq!(json, r#"["app/a",1,2,3,[4,5],[6,7]]"#);
-    assert_eq!(serde_json::from_str::<SourceStat>(&json).unwrap(), with);
-    // As manifests wrote it before there was a ctime, and as one is written without it.
-    let without = SourceStat {
-        ctime: None,
-        ..with
+    let json = serde_json::to_value(&m).unwrap();
+    let entry = &json["entries"][0];
+    // The record keeps the five elements an earlier agent's tuple reads; the ctime beside it
+    // is a field that agent ignores.
+    assert_eq!(
+        entry["source"],
+        serde_json::json!(["app/a", 1, 2, 3, [4, 5]])
+    );
+    assert_eq!(entry["source_ctime"], serde_json::json!([6, 7]));
+    /// The source record as an agent before the ctime reads it: a 5-tuple, nothing more.
+    type EarlierRecord = (PathBuf, u64, u64, u64, (i64, i64));
+    #[derive(serde::Deserialize)]
+    struct EarlierEntry {
+        source: Option<EarlierRecord>,
+    }
+    let earlier: EarlierEntry = serde_json::from_value(entry.clone()).unwrap();
+    assert_eq!(earlier.source.unwrap().2, 2);
+    let back: Manifest = serde_json::from_value(json).unwrap();
+    let e = &back.entries[0];
+    assert_eq!(e.source_ctime, Some((6, 7)));
+    let ident = FileIdent {
+        dev: 1,
+        ino: 2,
+        size: 3,
+        mtime: (4, 5),
+        ctime: (6, 7),
     };
-    let old = r#"["app/a",1,2,3,[4,5]]"#;
-    assert_eq!(serde_json::to_string(&without).unwrap(), old);
-    assert_eq!(serde_json::from_str::<SourceStat>(old).unwrap(), without);
-    let short = serde_json::from_str::<SourceStat>(r#"["app/a",1,2]"#).unwrap_err();
-    assert!(short.to_string().contains("invalid length 3"), "{short}");
+    assert!(e
+        .source
+        .as_ref()
+        .unwrap()
+        .untouched(e.source_ctime, Path::new("app/a"), &ident));
 }
 
 #[test]
@@ -582,8 +609,8 @@ fn an_unsettled_ctime_is_not_recorded() {
     };
     let rec = SourceStat::of("a".into(), &long_ago, &Settled::now());
     assert_eq!(rec.ctime, Some((1_000_000, 0)));
-    assert!(rec.untouched(Path::new("a"), &long_ago));
-    assert!(!rec.untouched(Path::new("a"), &ident));
+    assert!(rec.untouched(rec.ctime, Path::new("a"), &long_ago));
+    assert!(!rec.untouched(rec.ctime, Path::new("a"), &ident));
     // The same inode, size and mtime, but touched since (its ctime moved).
     assert!(rec.same_inode(Path::new("a"), &ident));
 }
@@ -610,14 +637,13 @@ fn a_revision_read_in_place_is_trusted_by_its_ctime_alone() {
     assert_eq!(m0.revision, None, "only a snapshot is named as evidence");
     // Once more, the destination settled too, so that its records vouch for it.
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let mut m1 = apply(&plan(&in_place(Some(&m0))).unwrap()).unwrap();
+    let m1 = apply(&plan(&in_place(Some(&m0))).unwrap()).unwrap();
     // A wrong digest in the record: a plan that read either side would see it differ, so
     // only a file trusted on its metadata alone (both sides) stays unchanged.
+    // As the next install reads it: from the manifest file.
+    let mut m1: Manifest = serde_json::from_slice(&serde_json::to_vec(&m1).unwrap()).unwrap();
     for e in m1.entries.iter_mut().filter(|e| e.kind == EntryKind::File) {
-        assert!(
-            e.source.as_ref().is_some_and(|s| s.ctime.is_some()),
-            "{e:?}"
-        );
+        assert!(e.source_ctime.is_some(), "{e:?}");
         assert!(e.disk.is_some(), "{e:?}");
         e.sha256 = Some("0".repeat(64));
     }
@@ -636,4 +662,49 @@ fn a_revision_read_in_place_is_trusted_by_its_ctime_alone() {
     fs::set_permissions(&css, fs::Permissions::from_mode(0o644)).unwrap();
     let p = plan(&in_place(Some(&m1))).unwrap();
     assert_eq!(unchanged(&p), 1, "{p}");
+}
+
+#[test]
+fn a_whole_second_is_settled_only_once_the_filesystem_could_not_repeat_it() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let secs = now.as_secs() as i64;
+    let settled = Settled::now();
+    // A nanosecond time 50 ms old is settled; the same second with no nanoseconds (a
+    // filesystem that keeps seconds) is not, until two seconds have passed.
+    let ns_old = now - std::time::Duration::from_millis(50);
+    assert!(settled.before((
+        ns_old.as_secs() as i64,
+        i64::from(ns_old.subsec_nanos()) | 1
+    )));
+    assert!(!settled.before((secs, 0)));
+    assert!(!settled.before((secs - 1, 0)));
+    assert!(settled.before((secs - 3, 0)));
+}
+
+#[test]
+fn a_set_id_bit_on_a_revision_read_in_place_is_cleared_as_an_unpack_clears_it() {
+    let rev = revision();
+    let conf = rev.path().join("conf/app.conf");
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o4755)).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let files = [mapping("conf", &out.path().join("etc"))];
+    let mode_of = |snapshot| {
+        let p = plan(&InstallInput {
+            snapshot,
+            ..input(rev.path(), &files, &[], None, FileExistsBehavior::Disallow)
+        })
+        .unwrap();
+        p.steps
+            .iter()
+            .find_map(|s| match &s.action {
+                Action::Create { mode, .. } => Some(*mode),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(mode_of(false), 0o755);
+    // A snapshot had its bits cleared by the unpack already (and refused unless granted).
+    assert_eq!(mode_of(true), 0o4755);
 }
