@@ -859,7 +859,7 @@ impl Engine {
     }
 
     /// A local directory bundle whose AppSpec runs no hooks, and which nobody but the agent's
-    /// user can change ([`unpack::survey_directory`]), is not snapshotted: its snapshot would
+    /// user can change ([`unpack::trusted_root`], [`unpack::survey_tree`]), is not snapshotted: its snapshot would
     /// be hard links to the very same files, and with no script of this revision ever run
     /// (now, or as the previous revision's ApplicationStop) nothing needs the revision kept
     /// whole. The revision directory keeps a copy of the AppSpec alone, and Install reads the
@@ -879,13 +879,15 @@ impl Engine {
         let survey = tokio::task::spawn_blocking(move || {
             // Everything is read from one real path, and only once nobody else can change
             // the way to it: the AppSpec, the survey and Install see the same tree.
-            let Ok(root) = std::fs::canonicalize(&src) else {
-                return Ok(None);
+            let root = match unpack::trusted_root(&src) {
+                Ok(Ok(root)) => root,
+                Ok(Err(why)) => {
+                    log::debug!("bundle {} is snapshotted: {why}", src.display());
+                    return Ok(None);
+                }
+                // Whatever stops this stops the unpack too, which reports it.
+                Err(_) => return Ok(None),
             };
-            if let Some(why) = unpack::changeable_path(&root) {
-                log::debug!("bundle {} is snapshotted: {why}", root.display());
-                return Ok(None);
-            }
             // A bundle holding the agent's own root is refused by the unpack.
             if std::fs::canonicalize(&agent_root).is_ok_and(|a| a.starts_with(&root)) {
                 return Ok(None);
@@ -898,7 +900,7 @@ impl Engine {
             if spec.hooks.values().any(|h| !h.is_empty()) {
                 return Ok(None);
             }
-            let (root, unpacked) = match unpack::survey_directory(&root, &policy)? {
+            let (root, unpacked) = match unpack::survey_tree(root, &policy)? {
                 unpack::Survey::InPlace { root, unpacked } => (root, unpacked),
                 unpack::Survey::Snapshot(why) => {
                     log::debug!("bundle {} is snapshotted: {why}", src.display());
@@ -913,11 +915,11 @@ impl Engine {
         .map_err(|e: unpack::UnpackError| {
             EventFailure::new(e.error_code(), format!("bundle refused: {e}"))
         })?;
+        // No set-id bit was found (else the survey asks for a snapshot): nothing for
+        // `check_setid` to grant, and one set since is cleared by the plan.
         let Some((root, unpacked, spec)) = survey else {
             return Ok(None);
         };
-        install::check_setid(&spec.files, &spec.permissions, &unpacked.setid_entries)
-            .map_err(|e| EventFailure::new(e.error_code(), e.to_string()))?;
         let note = format!(
             "{} files read where they lie in {} (no hooks: not snapshotted)",
             unpacked.files,

@@ -541,20 +541,31 @@ pub enum Survey {
 /// caps, names that are not UTF-8, devices and other special nodes); anything else it does
 /// not vouch for (a symlink, a file another user owns) is left to [`unpack`].
 pub fn survey_directory(src: &Path, policy: &UnpackPolicy) -> Result<Survey, UnpackError> {
+    match trusted_root(src)? {
+        Ok(root) => survey_tree(root, policy),
+        Err(why) => Ok(Survey::Snapshot(why)),
+    }
+}
+
+/// The first half of [`survey_directory`], for a caller with something to read before the
+/// rest: the real path of the bundle `src` when nobody but the agent's user (or root) can
+/// change the way to it or the directory itself, and it lies on a filesystem mounted
+/// read-write; else why not.
+pub fn trusted_root(src: &Path) -> Result<Result<PathBuf, String>, UnpackError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| UnpackError::Read { path, source }
     };
     let root = fs::canonicalize(src).map_err(read_err(src))?;
     if let Some(why) = changeable_path(&root) {
-        return Ok(Survey::Snapshot(why));
+        return Ok(Err(why));
     }
     let meta = fs::metadata(&root).map_err(read_err(&root))?;
     if !meta.is_dir() {
-        return Ok(Survey::Snapshot("not a directory".into()));
+        return Ok(Err("not a directory".into()));
     }
     if let Some(why) = not_agents_own(&meta) {
-        return Ok(Survey::Snapshot(format!("the bundle directory {why}")));
+        return Ok(Err(format!("the bundle directory {why}")));
     }
     // The next install trusts a file whose ctime has not moved: only where this kernel sets
     // the ctimes, not in an image (squashfs, erofs, ISO) whose times were fixed when it was
@@ -562,20 +573,30 @@ pub fn survey_directory(src: &Path, policy: &UnpackPolicy) -> Result<Survey, Unp
     use nix::sys::statvfs::{statvfs, FsFlags};
     match statvfs(&root) {
         Ok(v) if v.flags().contains(FsFlags::ST_RDONLY) => {
-            return Ok(Survey::Snapshot("it lies on a read-only filesystem".into()))
+            Ok(Err("it lies on a read-only filesystem".into()))
         }
-        Ok(_) => {}
-        Err(e) => return Ok(Survey::Snapshot(format!("statvfs: {e}"))),
+        Ok(_) => Ok(Ok(root)),
+        Err(e) => Ok(Err(format!("statvfs: {e}"))),
     }
-    let mut x = Extractor::new(src, BundleType::Directory, src, *policy);
-    x.survey_dev = meta.dev();
-    match x.survey(&root, PathBuf::new())? {
-        Some(why) => Ok(Survey::Snapshot(why)),
-        None => Ok(Survey::InPlace {
-            root,
-            unpacked: x.out,
-        }),
-    }
+}
+
+/// The second half of [`survey_directory`]: the walk of every entry beneath `root`, a path
+/// [`trusted_root`] returned.
+pub fn survey_tree(root: PathBuf, policy: &UnpackPolicy) -> Result<Survey, UnpackError> {
+    let dev = fs::metadata(&root)
+        .map_err(|source| UnpackError::Read {
+            path: root.clone(),
+            source,
+        })?
+        .dev();
+    let mut x = Extractor::new(&root, BundleType::Directory, &root, *policy);
+    x.survey_dev = dev;
+    let why = x.survey(&root, PathBuf::new())?;
+    let unpacked = x.out;
+    Ok(match why {
+        Some(why) => Survey::Snapshot(why),
+        None => Survey::InPlace { root, unpacked },
+    })
 }
 
 /// Why the agent is not the only one who can change what `meta` describes (None when it is):
@@ -598,7 +619,7 @@ fn not_agents_own(meta: &fs::Metadata) -> Option<String> {
 /// Why someone besides the agent's user and root could rename or replace something on the
 /// way to `canonical` (None when nobody can): an ancestor owned by another user, or writable
 /// by group or others without the sticky bit that keeps others' entries theirs.
-pub fn changeable_path(canonical: &Path) -> Option<String> {
+fn changeable_path(canonical: &Path) -> Option<String> {
     let agent = crate::install::agent_ids().0;
     let trusted = |uid: u32| uid == 0 || uid == agent;
     // A sticky directory open to all (/tmp) is fine: its entries that matter here are the
@@ -637,6 +658,12 @@ pub(crate) fn read_dir_sorted(dir: &Path) -> io::Result<Listing> {
         .collect::<Result<Vec<_>, _>>()?;
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(entries)
+}
+
+/// [`read_dir_sorted`] of `rel_dir` beneath a directory bundle's `root`.
+fn listing(root: &Path, rel_dir: &Path) -> Result<Listing, UnpackError> {
+    let dir = root.join(rel_dir);
+    read_dir_sorted(&dir).map_err(|source| UnpackError::Read { path: dir, source })
 }
 
 /// The refusal of a node that is neither file, directory nor symlink.
@@ -1255,23 +1282,34 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
+    /// One entry of a directory bundle's listing, checked as both walks check it, in this
+    /// order: a UTF-8 name, its metadata, the entry cap. Returns its path beneath the bundle
+    /// root, its name for messages and its metadata.
+    fn entry_of(
+        &mut self,
+        root: &Path,
+        rel_dir: &Path,
+        (n, meta): (std::ffi::OsString, io::Result<fs::Metadata>),
+    ) -> Result<(PathBuf, String, fs::Metadata), UnpackError> {
+        let rel = rel_dir.join(&n);
+        let name = display(&rel);
+        if n.to_str().is_none() {
+            return Err(UnpackError::NotUtf8 { entry: name });
+        }
+        let m = meta.map_err(|source| UnpackError::Read {
+            path: root.join(&rel),
+            source,
+        })?;
+        self.count_entry(&name)?;
+        Ok((rel, name, m))
+    }
+
     /// The checks [`Extractor::walk`] makes of a directory bundle, in the same order with the
     /// same refusals, placing nothing: counts what it would place into `self.out`. Some(why)
     /// at the first entry that needs a snapshot ([`survey_directory`]).
     fn survey(&mut self, root: &Path, rel_dir: PathBuf) -> Result<Option<String>, UnpackError> {
-        let dir = root.join(&rel_dir);
-        let rerr = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| UnpackError::Read { path, source }
-        };
-        for (n, meta) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
-            let rel = rel_dir.join(&n);
-            let name = display(&rel);
-            if n.to_str().is_none() {
-                return Err(UnpackError::NotUtf8 { entry: name });
-            }
-            let m = meta.map_err(rerr(&root.join(&rel)))?;
-            self.count_entry(&name)?;
+        for item in listing(root, &rel_dir)? {
+            let (rel, name, m) = self.entry_of(root, &rel_dir, item)?;
             let ft = m.file_type();
             if m.dev() != self.survey_dev && (ft.is_dir() || ft.is_file()) {
                 return Ok(Some(format!("{name} is on another filesystem")));
@@ -1304,20 +1342,13 @@ impl<'a> Extractor<'a> {
         rel_dir: PathBuf,
         links: &mut Vec<(PathBuf, fs::Metadata)>,
     ) -> Result<(), UnpackError> {
-        let dir = self.src.join(&rel_dir);
         let rerr = |path: &Path| {
             let path = path.to_path_buf();
             move |source| UnpackError::Read { path, source }
         };
-        for (n, meta) in read_dir_sorted(&dir).map_err(rerr(&dir))? {
-            let rel = rel_dir.join(&n);
-            let name = display(&rel);
-            if n.to_str().is_none() {
-                return Err(UnpackError::NotUtf8 { entry: name });
-            }
+        for item in listing(self.src, &rel_dir)? {
+            let (rel, name, m) = self.entry_of(self.src, &rel_dir, item)?;
             let path = self.src.join(&rel);
-            let m = meta.map_err(rerr(&path))?;
-            self.count_entry(&name)?;
             let ft = m.file_type();
             let mode = m.mode() & 0o7777;
             if ft.is_dir() {
