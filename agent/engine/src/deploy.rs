@@ -967,7 +967,7 @@ impl Engine {
             let installing =
                 |e: install::InstallError| EventFailure::new(e.error_code(), e.to_string());
             let plan = install::plan(&input).map_err(installing)?;
-            let summary = plan.to_string();
+            let summary = plan.summary();
             // The install records its phase before each one and the manifest as it ends
             // (failed or not), so that a stop at any point is finished or undone by the next
             // start (`state::Group::recover_interrupted`).
@@ -981,7 +981,7 @@ impl Engine {
         })
         .await
         .map_err(|e| EventFailure::unknown(format!("install task failed: {e}")))??;
-        let note = plan_summary(&summary);
+        let note = summary;
         log::info!(
             DEPLOYMENT_ID = run.req.deployment_id.as_str(),
             LIFECYCLE_EVENT = "Install";
@@ -1198,25 +1198,6 @@ fn keep_appspec(root: &Path, name: &str, revision_dir: &Path) -> Result<(), unpa
     let mut out = std::fs::File::create_new(&to).map_err(write_err(&to))?;
     std::io::copy(&mut from, &mut out).map_err(write_err(&to))?;
     Ok(())
-}
-
-/// Counts a plan's lines by their action word: "create 3, unchanged 120, remove 1".
-fn plan_summary(plan: &str) -> String {
-    let mut counts: Vec<(&str, usize)> = Vec::new();
-    for word in plan.lines().filter_map(|l| l.split_whitespace().next()) {
-        match counts.iter_mut().find(|(w, _)| *w == word) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((word, 1)),
-        }
-    }
-    if counts.is_empty() {
-        return "nothing to do".to_string();
-    }
-    counts
-        .iter()
-        .map(|(w, n)| format!("{w} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Keeps the last [`TAIL_BYTES`] of `s`, on a character boundary; `None` when empty.
@@ -1550,12 +1531,5 @@ mod tests {
         let t = keep_tail(s).unwrap();
         assert!(t.len() <= TAIL_BYTES);
         assert!(t.ends_with('b'));
-    }
-
-    #[test]
-    fn plan_summary_counts_actions_in_order() {
-        let plan = "remove     /a\ncreate     /b (0644) from x\ncreate     /c (0644) from y\nunchanged  /d\n";
-        assert_eq!(plan_summary(plan), "remove 1, create 2, unchanged 1");
-        assert_eq!(plan_summary(""), "nothing to do");
     }
 }

@@ -291,6 +291,22 @@ fn deploy(
         snapshot,
     })
     .unwrap();
+    // The Install note counts what a dry run prints, without printing it.
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for word in p
+        .to_string()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        match counts.iter_mut().find(|(w, _)| w == word) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((word.to_string(), 1)),
+        }
+    }
+    let counted: Vec<String> = counts.iter().map(|(w, n)| format!("{w} {n}")).collect();
+    if !counted.is_empty() {
+        assert_eq!(p.summary(), counted.join(", "));
+    }
     apply(&p).unwrap()
 }
 

@@ -70,11 +70,33 @@ pub(crate) struct Intent {
     pub(crate) manifest: Manifest,
 }
 
+/// An [`Intent`] as [`apply_logged`](super::apply_logged) writes it: borrowed, so that
+/// recording a phase of a large install copies none of its lists. The same JSON as
+/// `Intent`'s.
+#[derive(Serialize)]
+pub(crate) struct IntentRef<'a> {
+    pub(crate) phase: Phase,
+    pub(crate) tag: &'a str,
+    pub(crate) temp_dirs: &'a BTreeSet<PathBuf>,
+    pub(crate) made_dirs: &'a [PathBuf],
+    pub(crate) renames: &'a [Rename],
+    pub(crate) removals: &'a [Removal],
+    #[serde(serialize_with = "lean_previous_ref")]
+    pub(crate) previous: Option<&'a Manifest>,
+    /// The entries of the intent's manifest (whose `revision` an intent never sets).
+    #[serde(serialize_with = "lean_entries")]
+    pub(crate) manifest: &'a [&'a ManifestEntry],
+}
+
 /// An intent's manifests without what each file looked like on disk ([`ManifestEntry`]'s
 /// `disk` and `source`): all a recovery needs is which paths are whose, and an intent is
 /// written three times an install. A manifest rebuilt by a recovery therefore trusts none of
 /// its files unread, which is what it should do after a crash.
-fn lean<S: serde::Serializer>(m: &Manifest, s: S) -> Result<S::Ok, S::Error> {
+fn lean_of<'e, S, I>(entries: I, revision: Option<&Path>, s: S) -> Result<S::Ok, S::Error>
+where
+    S: serde::Serializer,
+    I: ExactSizeIterator<Item = &'e ManifestEntry> + Clone,
+{
     use serde::ser::{SerializeSeq, SerializeStruct};
     /// A [`ManifestEntry`] as serialized, borrowed, without `disk` and `source`.
     #[derive(Serialize)]
@@ -97,11 +119,14 @@ fn lean<S: serde::Serializer>(m: &Manifest, s: S) -> Result<S::Ok, S::Error> {
     fn is_false(b: &bool) -> bool {
         !*b
     }
-    struct Entries<'a>(&'a [ManifestEntry]);
-    impl Serialize for Entries<'_> {
+    struct Entries<I>(I);
+    impl<'e, I> Serialize for Entries<I>
+    where
+        I: ExactSizeIterator<Item = &'e ManifestEntry> + Clone,
+    {
         fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let mut seq = s.serialize_seq(Some(self.0.len()))?;
-            for e in self.0 {
+            for e in self.0.clone() {
                 seq.serialize_element(&LeanEntry {
                     path: &e.path,
                     kind: e.kind,
@@ -116,12 +141,20 @@ fn lean<S: serde::Serializer>(m: &Manifest, s: S) -> Result<S::Ok, S::Error> {
         }
     }
     let mut st = s.serialize_struct("Manifest", 2)?;
-    st.serialize_field("entries", &Entries(&m.entries))?;
-    st.serialize_field("revision", &m.revision)?;
+    st.serialize_field("entries", &Entries(entries))?;
+    st.serialize_field("revision", &revision)?;
     st.end()
 }
 
+fn lean<S: serde::Serializer>(m: &Manifest, s: S) -> Result<S::Ok, S::Error> {
+    lean_of(m.entries.iter(), m.revision.as_deref(), s)
+}
+
 fn lean_previous<S: serde::Serializer>(m: &Option<Manifest>, s: S) -> Result<S::Ok, S::Error> {
+    lean_previous_ref(&m.as_ref(), s)
+}
+
+fn lean_previous_ref<S: serde::Serializer>(m: &Option<&Manifest>, s: S) -> Result<S::Ok, S::Error> {
     struct Lean<'a>(&'a Manifest);
     impl Serialize for Lean<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -132,6 +165,13 @@ fn lean_previous<S: serde::Serializer>(m: &Option<Manifest>, s: S) -> Result<S::
         Some(m) => s.serialize_some(&Lean(m)),
         None => s.serialize_none(),
     }
+}
+
+fn lean_entries<S: serde::Serializer>(
+    entries: &&[&ManifestEntry],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    lean_of(entries.iter().copied(), None, s)
 }
 
 /// Where an install records its progress: the group's intent and manifest files.

@@ -712,6 +712,54 @@ impl Plan {
     }
 }
 
+impl Action {
+    /// The word that starts this action's line of a dry run (`None`: no line).
+    fn verb(&self) -> Option<&'static str> {
+        Some(match self {
+            Action::Mkdir { .. } => "mkdir",
+            Action::KeepDir { .. } => return None,
+            Action::ReplaceWithDir { .. } | Action::Replace { .. } => "replace",
+            Action::Create { .. } => "create",
+            Action::Unchanged { .. } => "unchanged",
+            Action::Retain => "keep",
+            Action::Link { replace: true, .. } => "relink",
+            Action::Link { replace: false, .. } => "link",
+        })
+    }
+}
+
+impl Plan {
+    /// The plan's dry-run lines counted by their first word, in order of first appearance
+    /// ("remove 1, create 2, unchanged 1"; "nothing to do"), without printing the plan: the
+    /// note of every Install, where a whole dry run of a large tree would be megabytes.
+    pub fn summary(&self) -> String {
+        let verbs = self
+            .removals
+            .iter()
+            .map(|r| match r {
+                Removal::File(_) => "remove",
+                Removal::DirIfEmpty(_) => "rmdir",
+            })
+            .chain(self.steps.iter().filter_map(|s| s.action.verb()))
+            .chain(self.permissions.iter().map(|_| "permission"));
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for verb in verbs {
+            match counts.iter_mut().find(|(w, _)| *w == verb) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((verb, 1)),
+            }
+        }
+        if counts.is_empty() {
+            return "nothing to do".to_string();
+        }
+        counts
+            .iter()
+            .map(|(w, n)| format!("{w} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for r in &self.removals {
@@ -722,6 +770,8 @@ impl fmt::Display for Plan {
         }
         for s in &self.steps {
             let d = s.dest.display();
+            // Each line starts with the action's verb, which `summary` counts.
+            debug_assert!(s.action.verb().is_some() || matches!(s.action, Action::KeepDir { .. }));
             match &s.action {
                 Action::Mkdir { mode } => writeln!(f, "mkdir      {d} ({mode:04o})")?,
                 Action::KeepDir { .. } => {}
@@ -1354,7 +1404,7 @@ pub(crate) fn apply_logged(
     previous: Option<&Manifest>,
     log: Option<InstallLog>,
 ) -> Result<Manifest, InstallError> {
-    use intent::{Phase, Rename};
+    use intent::{IntentRef, Phase, Rename};
     // An install that writes, renames, makes and removes nothing (a redeploy of an unchanged
     // revision: at most modes and owners set again, which a rerun repeats) has nothing a stop
     // could leave half done, so it records no intent; only its manifest at the end.
@@ -1365,7 +1415,7 @@ pub(crate) fn apply_logged(
                 Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
             )
         });
-    let record = |i: &Intent| match log {
+    let record = |i: &IntentRef| match log {
         Some(l) if !quiet => intent::write_json(l.intent, i),
         _ => Ok(()),
     };
@@ -1434,20 +1484,28 @@ pub(crate) fn apply_logged(
         .filter_map(|&i| plan.steps[i].dest.parent())
         .map(Path::to_path_buf)
         .collect();
-    let mut intent = Intent {
-        phase: Phase::Staging,
-        tag: tag.clone(),
-        temp_dirs,
-        made_dirs: (0..plan.steps.len())
-            .filter(|&i| !deferred[i] && matches!(plan.steps[i].action, Action::Mkdir { .. }))
-            .map(|i| plan.steps[i].dest.clone())
-            .collect(),
-        renames: Vec::new(),
-        removals: removals.clone(),
-        previous: previous.cloned(),
-        manifest: pending.clone(),
+    let made_dirs: Vec<PathBuf> = (0..plan.steps.len())
+        .filter(|&i| !deferred[i] && matches!(plan.steps[i].action, Action::Mkdir { .. }))
+        .map(|i| plan.steps[i].dest.clone())
+        .collect();
+    // Each phase's intent borrows what it names: a large install's lists are not copied.
+    let record_phase = |phase, renames: &[Rename], manifest: &[&ManifestEntry]| {
+        record(&IntentRef {
+            phase,
+            tag,
+            temp_dirs: &temp_dirs,
+            made_dirs: &made_dirs,
+            renames,
+            removals: &removals,
+            previous,
+            manifest,
+        })
     };
-    record(&intent)?;
+    record_phase(
+        Phase::Staging,
+        &[],
+        &pending.entries.iter().collect::<Vec<_>>(),
+    )?;
     fp("stage", 0);
     let mut results: Vec<Option<ManifestEntry>> = vec![None; plan.steps.len()];
     let staged_temps: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -1475,49 +1533,45 @@ pub(crate) fn apply_logged(
             return Err(e);
         }
     };
+    drop(staged_temps);
     staged.sort_by_key(|(i, _)| *i);
 
     // 2. Switching. The intent names every rename, so a stop from here on rolls forward.
-    intent.phase = Phase::Switching;
-    intent.renames = staged
-        .iter()
-        .map(|(i, (_, temp))| {
-            let s = &plan.steps[*i];
-            Rename {
-                temp: temp.clone(),
-                dest: s.dest.clone(),
-                replace: may_replace(&s.action) || replaced.contains(s.dest.as_path()),
-            }
-        })
-        .collect();
-    let pending_by_path: HashMap<&Path, &ManifestEntry> = pending
-        .entries
-        .iter()
-        .map(|e| (e.path.as_path(), e))
-        .collect();
-    let mut switched = results.clone();
-    for (i, (entry, _)) in &staged {
-        results[*i] = Some(entry.clone());
+    // What is in place: the directories staging made, then each step as the switch goes.
+    let mut placed: Vec<bool> = results.iter().map(Option::is_some).collect();
+    let mut renames = Vec::with_capacity(staged.len());
+    let mut staged_at = Vec::with_capacity(staged.len());
+    for (i, (entry, temp)) in staged {
+        let s = &plan.steps[i];
+        renames.push(Rename {
+            temp,
+            dest: s.dest.clone(),
+            replace: may_replace(&s.action) || replaced.contains(s.dest.as_path()),
+        });
+        results[i] = Some(entry);
+        staged_at.push(i);
     }
-    intent.manifest = Manifest {
-        entries: (0..plan.steps.len())
+    {
+        let pending_by_path: HashMap<&Path, &ManifestEntry> = pending
+            .entries
+            .iter()
+            .map(|e| (e.path.as_path(), e))
+            .collect();
+        let entries: Vec<&ManifestEntry> = (0..plan.steps.len())
             .filter_map(|i| {
-                results[i].clone().or_else(|| {
-                    pending_by_path
-                        .get(plan.steps[i].dest.as_path())
-                        .map(|e| (*e).clone())
-                })
+                results[i]
+                    .as_ref()
+                    .or_else(|| pending_by_path.get(plan.steps[i].dest.as_path()).copied())
             })
-            .collect(),
-        revision: None,
-    };
-    record(&intent)?;
+            .collect();
+        record_phase(Phase::Switching, &renames, &entries)?;
+    }
     fp("switch", 0);
     let switch = (|| {
-        for (k, ((i, (entry, _)), r)) in staged.iter().zip(&intent.renames).enumerate() {
+        for (k, (&i, r)) in staged_at.iter().zip(&renames).enumerate() {
             fp("switch", k + 1);
             rename_into_place(&r.temp, &r.dest, r.replace)?;
-            switched[*i] = Some(entry.clone());
+            placed[i] = true;
         }
         for (i, s) in plan.steps.iter().enumerate() {
             if deferred[i] {
@@ -1526,9 +1580,11 @@ pub(crate) fn apply_logged(
                 {
                     fs::remove_file(&s.dest).map_err(write_err("remove", &s.dest))?;
                 }
-                switched[i] = place(s)?;
+                results[i] = place(s)?;
+                placed[i] = true;
             } else if matches!(s.action, Action::Unchanged { .. }) {
-                switched[i] = place(s)?;
+                results[i] = place(s)?;
+                placed[i] = true;
             }
         }
         // Renames and new entries are durable only once their directories are synced.
@@ -1548,27 +1604,31 @@ pub(crate) fn apply_logged(
         }
         Ok(())
     })();
+    let in_place = |results: Vec<Option<ManifestEntry>>| Manifest {
+        entries: results
+            .into_iter()
+            .zip(&placed)
+            .filter_map(|(r, &p)| r.filter(|_| p))
+            .collect(),
+        revision: None,
+    };
     if let Err(e) = switch {
         // What was switched is new, the rest old; the temps not renamed go.
-        intent::sweep(&tag, &intent.temp_dirs);
-        let done = Manifest {
-            entries: switched.into_iter().flatten().collect(),
-            revision: None,
-        };
+        intent::sweep(tag, &temp_dirs);
+        let done = in_place(results);
         save_manifest(&intent::reconcile(&done, Some(&rolled_back())))?;
         clear()?;
         return Err(e);
     }
+    drop(renames);
 
     // 3. Removing what the new revision no longer has.
-    let mut manifest = Manifest {
-        entries: switched.into_iter().flatten().collect(),
-        revision: None,
-    };
-    intent.phase = Phase::Removing;
-    intent.renames = Vec::new();
-    intent.manifest = manifest.clone();
-    record(&intent)?;
+    let mut manifest = in_place(results);
+    record_phase(
+        Phase::Removing,
+        &[],
+        &manifest.entries.iter().collect::<Vec<_>>(),
+    )?;
     fp("remove", 0);
     let removed = intent::remove_all_of(&removals, log.is_some());
     let parents: BTreeSet<&Path> = removals.iter().filter_map(|r| r.path().parent()).collect();
@@ -1642,7 +1702,32 @@ pub(crate) fn apply_logged(
             _ => None,
         })
         .collect();
-    for e in &mut manifest.entries {
+    // The rest are looked at again, on a few threads when there are many.
+    let to_stat: Vec<usize> = (0..manifest.entries.len())
+        .filter(|&i| {
+            let e = &manifest.entries[i];
+            e.kind != EntryKind::Symlink && !as_recorded.contains_key(e.path.as_path())
+        })
+        .collect();
+    // Each as a record (its `acl` told below) and whether it is a regular file.
+    let mut looked: Vec<Option<(DiskStat, bool)>> = vec![None; manifest.entries.len()];
+    for (i, m) in in_parallel(&to_stat, |i| {
+        Ok(fs::symlink_metadata(&manifest.entries[i].path)
+            .ok()
+            .map(|m| {
+                let disk = DiskStat {
+                    ident: FileIdent::of(&m),
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    acl: false,
+                };
+                (disk, m.file_type().is_file())
+            }))
+    })? {
+        looked[i] = m;
+    }
+    for (e, looked) in manifest.entries.iter_mut().zip(looked) {
         if e.kind == EntryKind::Symlink {
             continue;
         }
@@ -1652,17 +1737,14 @@ pub(crate) fn apply_logged(
             e.source_ctime = e.source.as_ref().and_then(|s| s.ctime);
             continue;
         }
-        let Ok(m) = fs::symlink_metadata(&e.path) else {
+        let Some((disk, is_file)) = looked else {
             continue;
         };
-        e.mode = m.mode() & 0o7777;
-        if e.kind == EntryKind::File && m.file_type().is_file() {
+        e.mode = disk.mode;
+        if e.kind == EntryKind::File && is_file {
             e.disk = Some(Box::new(DiskStat {
-                ident: FileIdent::of(&m),
-                mode: e.mode,
-                uid: m.uid(),
-                gid: m.gid(),
                 acl: with_acl.contains(e.path.as_path()),
+                ..disk
             }));
             e.source = plan.sources.get(&e.path).cloned().map(Box::new);
             e.source_ctime = e.source.as_ref().and_then(|s| s.ctime);
@@ -2130,28 +2212,35 @@ fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBu
 
 /// The tag in this process's temp names (`<pid>-<nonce>`), recorded in the install intent
 /// so that recovery removes exactly the temps of the install it recovers.
-fn temp_tag() -> String {
-    format!("{}-{}", std::process::id(), process_nonce())
+fn temp_tag() -> &'static str {
+    // Made once: a getpid per staged file showed in the syscall count of a large install.
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| format!("{}-{}", std::process::id(), process_nonce()))
 }
 
 /// Flushes the filesystems holding `paths` to disk: one syncfs for each, however many files.
 fn sync_filesystems(paths: &[PathBuf]) -> Result<(), InstallError> {
+    // A new file is on its directory's filesystem: one stat per directory, not per file.
+    let dirs: BTreeSet<&Path> = paths
+        .iter()
+        .map(|p| p.parent().unwrap_or(Path::new("/")))
+        .collect();
     let mut seen: BTreeSet<u64> = BTreeSet::new();
-    for p in paths {
-        let Ok(meta) = fs::symlink_metadata(p) else {
+    for dir in dirs {
+        // Followed, as the open below follows it (a destination's parent may be a link).
+        let Ok(meta) = fs::metadata(dir) else {
             continue;
         };
         if seen.insert(meta.dev()) {
-            // Through the directory holding it: a temp may be a symlink, and a directory is
-            // never a FIFO someone put in a temp's place.
-            let dir = p.parent().unwrap_or(Path::new("/"));
+            // Through the directory: a temp may be a symlink, and a directory is never a FIFO
+            // someone put in a temp's place.
             let f = OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK)
                 .open(dir)
                 .map_err(write_err("open for sync", dir))?;
             nix::unistd::syncfs(&f)
-                .map_err(|e| write_err("sync the filesystem of", p)(e.into()))?;
+                .map_err(|e| write_err("sync the filesystem of", dir)(e.into()))?;
         }
     }
     Ok(())
@@ -2166,12 +2255,16 @@ fn remove_all(paths: &[PathBuf]) {
 /// Writes `source` to the new file `tmp` with `mode`, without syncing it. Returns the size and
 /// the hex sha256 of what was written. On failure nothing is left at `tmp`.
 fn write_temp(source: &Path, tmp: &Path, mode: u32) -> Result<(u64, String), InstallError> {
+    // Made with its final mode where the umask leaves that mode whole and nobody else may
+    // write the file; otherwise private until the chmod below (a syscall per file saved in
+    // the common case).
+    let direct = mode & 0o7022 == 0 && umask().is_some_and(|u| mode & u == 0);
     let result = (|| {
         let mut input = confined::open_planned(source).map_err(read_err(source))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(if direct { mode } else { 0o600 })
             .open(tmp)
             .map_err(write_err("create", tmp))?;
         let mut h = Sha256::new();
@@ -2185,14 +2278,27 @@ fn write_temp(source: &Path, tmp: &Path, mode: u32) -> Result<(u64, String), Ins
             out.write_all(&buf[..n]).map_err(write_err("write", tmp))?;
             size += n as u64;
         })?;
-        out.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(write_err("change the mode of", tmp))?;
+        if !direct {
+            out.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(write_err("change the mode of", tmp))?;
+        }
         Ok((size, hex::encode(h.finalize())))
     })();
     if result.is_err() {
         let _ = fs::remove_file(tmp);
     }
     result
+}
+
+/// The process's umask, read once from `/proc` (setting it to learn it would race the other
+/// threads; pier never changes it); `None` where the kernel does not say.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let value = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(value.trim(), 8).ok()
+    })
 }
 
 /// Copies `source` to `dest` so that `dest` is never seen half-written: write beside, fsync,

@@ -73,6 +73,7 @@ fn directory_source_copies_contents_and_file_source_lands_by_name() {
     ))
     .unwrap();
     let shown = p.to_string();
+    assert_eq!(p.summary(), first_words(&shown));
     assert!(shown.contains(&format!("mkdir      {}", out.path().join("srv").display())));
     assert!(shown.contains(&format!("create     {}", www.join("css/a.css").display())));
     assert!(shown.contains(&format!("create     {}", etc.join("app.conf").display())));
@@ -148,6 +149,7 @@ fn second_install_keeps_unchanged_files_and_removes_dropped_ones() {
     ))
     .unwrap();
     let shown = p.to_string();
+    assert_eq!(p.summary(), first_words(&shown));
     assert!(shown.contains(&format!("unchanged  {}", dest.join("index.html").display())));
     assert!(shown.contains(&format!("remove     {}", dest.join("css/a.css").display())));
     assert!(shown.contains(&format!("rmdir      {}", dest.join("css").display())));
@@ -539,6 +541,27 @@ fn an_intent_carries_its_manifests_without_the_disk_records() {
     let m: Manifest =
         serde_json::from_slice(&serde_json::to_vec(&intent.manifest).unwrap()).unwrap();
     assert_eq!(m.entries[0].disk.as_deref(), Some(&disk));
+
+    // An install writes its intent borrowed: the same JSON, which a recovery reads back.
+    let entries: Vec<&ManifestEntry> = intent.manifest.entries.iter().collect();
+    let borrowed = intent::IntentRef {
+        phase: intent.phase,
+        tag: &intent.tag,
+        temp_dirs: &intent.temp_dirs,
+        made_dirs: &intent.made_dirs,
+        renames: &intent.renames,
+        removals: &intent.removals,
+        previous: intent.previous.as_ref(),
+        manifest: &entries,
+    };
+    let mut owned = serde_json::to_value(&intent).unwrap();
+    // (An intent's own manifest never names a revision; this one was given one above.)
+    owned["manifest"]["revision"] = serde_json::Value::Null;
+    let written = serde_json::to_value(&borrowed).unwrap();
+    assert_eq!(written, owned);
+    let read: Intent = serde_json::from_value(written).unwrap();
+    assert_eq!(read.renames, intent.renames);
+    assert_eq!(read.manifest.entries.len(), intent.manifest.entries.len());
 }
 
 #[test]
@@ -707,4 +730,27 @@ fn a_set_id_bit_on_a_revision_read_in_place_is_cleared_as_an_unpack_clears_it() 
     assert_eq!(mode_of(false), 0o755);
     // A snapshot had its bits cleared by the unpack already (and refused unless granted).
     assert_eq!(mode_of(true), 0o4755);
+}
+
+/// A dry run's lines counted by their first word, in order of first appearance: what
+/// [`Plan::summary`] says without printing the plan.
+fn first_words(shown: &str) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for word in shown.lines().filter_map(|l| l.split_whitespace().next()) {
+        match counts.iter_mut().find(|(w, _)| *w == word) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((word, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return "nothing to do".to_string();
+    }
+    let counted: Vec<String> = counts.iter().map(|(w, n)| format!("{w} {n}")).collect();
+    counted.join(", ")
+}
+
+#[test]
+fn an_empty_plan_says_nothing_to_do() {
+    assert_eq!(Plan::default().summary(), "nothing to do");
+    assert_eq!(first_words(&Plan::default().to_string()), "nothing to do");
 }
