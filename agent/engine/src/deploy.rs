@@ -278,6 +278,8 @@ struct Run<'a> {
     /// Where Install reads the revision's files when that is not the revision directory: a
     /// directory bundle read where it lies ([`Engine::download_in_place`]).
     install_root: Option<PathBuf>,
+    /// That bundle's directories as its survey listed them, for Install's plan.
+    walked: Option<unpack::Walked>,
     /// The cgroup the deployment's hooks run in, one after another.
     hooks: hooks::HookSlot,
     /// What the journal records of the running hooks (`running_hook`), kept by every save
@@ -464,6 +466,7 @@ impl Engine {
             setid_entries: Vec::new(),
             digests: Arc::default(),
             install_root: None,
+            walked: None,
             hooks: hooks::HookSlot::new(),
             hook_trace: Arc::default(),
         };
@@ -626,6 +629,7 @@ impl Engine {
             source_digests: Some(&unpacked.digests),
             verify: config.install_verify,
             snapshot: true,
+            walked: None,
         })?;
         Ok(plan.to_string())
     }
@@ -900,15 +904,19 @@ impl Engine {
             if spec.hooks.values().any(|h| !h.is_empty()) {
                 return Ok(None);
             }
-            let (root, unpacked) = match unpack::survey_tree(root, &policy)? {
-                unpack::Survey::InPlace { root, unpacked } => (root, unpacked),
+            let (root, unpacked, walked) = match unpack::survey_tree(root, &policy)? {
+                unpack::Survey::InPlace {
+                    root,
+                    unpacked,
+                    walked,
+                } => (root, unpacked, walked),
                 unpack::Survey::Snapshot(why) => {
                     log::debug!("bundle {} is snapshotted: {why}", src.display());
                     return Ok(None);
                 }
             };
             keep_appspec(&root, &name, &revision_dir)?;
-            Ok(Some((root, unpacked, spec)))
+            Ok(Some((root, unpacked, walked, spec)))
         })
         .await
         .map_err(|e| EventFailure::unknown(format!("bundle survey failed: {e}")))?
@@ -917,7 +925,7 @@ impl Engine {
         })?;
         // No set-id bit was found (else the survey asks for a snapshot): nothing for
         // `check_setid` to grant, and one set since is cleared by the plan.
-        let Some((root, unpacked, spec)) = survey else {
+        let Some((root, unpacked, walked, spec)) = survey else {
             return Ok(None);
         };
         let note = format!(
@@ -926,6 +934,7 @@ impl Engine {
             root.display()
         );
         run.install_root = Some(root);
+        run.walked = Some(walked);
         run.new = Some(Revision {
             dir: run.dir.join("revision"),
             spec,
@@ -948,6 +957,7 @@ impl Engine {
         let previous: Option<install::Manifest> =
             state::read_json(&manifest_path).map_err(|e| EventFailure::unknown(e.to_string()))?;
         let snapshot = run.install_root.is_none();
+        let walked = run.walked.take();
         let revision_root = run.install_root.clone().unwrap_or_else(|| new.dir.clone());
         let digests = run.digests.clone();
         let verify = run.config.install_verify;
@@ -963,10 +973,12 @@ impl Engine {
                 source_digests: Some(&digests),
                 verify,
                 snapshot,
+                walked: walked.as_ref(),
             };
             let installing =
                 |e: install::InstallError| EventFailure::new(e.error_code(), e.to_string());
             let plan = install::plan(&input).map_err(installing)?;
+            drop(walked);
             let summary = plan.summary();
             // The install records its phase before each one and the manifest as it ends
             // (failed or not), so that a stop at any point is finished or undone by the next

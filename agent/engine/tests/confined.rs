@@ -214,6 +214,7 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         source_digests: None,
         verify: Default::default(),
         snapshot: true,
+        walked: None,
     })
     .unwrap_err();
     assert!(matches!(refused, InstallError::Refused { .. }), "{refused}");
@@ -231,6 +232,7 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         source_digests: None,
         verify: Default::default(),
         snapshot: true,
+        walked: None,
     })
     .unwrap();
     apply(&p).unwrap();

@@ -17,7 +17,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use pier_engine::appspec::{FileExistsBehavior, FileMapping, ObjectType, Permission};
-use pier_engine::bundle::unpack::{survey_directory, unpack, BundleType, Survey, UnpackPolicy};
+use pier_engine::bundle::unpack::{
+    survey_directory, unpack, BundleType, Survey, UnpackPolicy, Walked,
+};
 use pier_engine::install::{apply, plan, InstallInput, Manifest, Verify};
 use proptest::prelude::*;
 
@@ -197,18 +199,29 @@ fn sync_bundle(bundle: &Path, rev: &Revision) {
 
 /// Unpacks the bundle directory (as it is, or packed as a tgz first) into `work/revision`,
 /// as the deploy engine does, or surveys it to be read where it lies; returns the root to
-/// install from, what the unpack recorded and whether the root is a snapshot. A bundle with
-/// a symlink is snapshotted even when asked to be read in place, as the deploy engine does.
+/// install from, what the unpack recorded, whether the root is a snapshot, and the survey's
+/// listing of a bundle read in place (which the plan reads instead of the tree, as the
+/// deploy engine's does). A bundle with a symlink is snapshotted even when asked to be read
+/// in place, as the deploy engine does.
 fn unpacked(
     bundle: &Path,
     rev: &Revision,
     work: &Path,
-) -> (PathBuf, pier_engine::bundle::unpack::Unpacked, bool) {
+) -> (
+    PathBuf,
+    pier_engine::bundle::unpack::Unpacked,
+    bool,
+    Option<Walked>,
+) {
     fs::create_dir_all(work).unwrap();
     let kind = rev.kind;
     if kind == Kind::InPlace {
         match survey_directory(bundle, &UnpackPolicy::default()).unwrap() {
-            Survey::InPlace { root, unpacked } => return (root, unpacked, false),
+            Survey::InPlace {
+                root,
+                unpacked,
+                walked,
+            } => return (root, unpacked, false, Some(walked)),
             Survey::Snapshot(why) => {
                 let links = rev.tree.values().any(|n| matches!(n, Node::Link(_)));
                 assert!(links, "the bundle must be read in place: {why}");
@@ -232,7 +245,7 @@ fn unpacked(
     };
     let root = work.join("revision");
     let out = unpack(&src, kind, &root, &UnpackPolicy::default()).unwrap();
-    (root, out, true)
+    (root, out, true, None)
 }
 
 fn mapping(dest: &Path) -> Vec<FileMapping> {
@@ -277,7 +290,7 @@ fn deploy(
         // The bundle's times settle before the install looks, so it records their ctimes.
         std::thread::sleep(Duration::from_millis(25));
     }
-    let (root, out, snapshot) = unpacked(bundle, rev, work);
+    let (root, out, snapshot, walked) = unpacked(bundle, rev, work);
     let files = mapping(dest);
     let perms = permissions(rev, dest);
     let p = plan(&InstallInput {
@@ -289,6 +302,7 @@ fn deploy(
         source_digests: Some(&out.digests),
         verify,
         snapshot,
+        walked: walked.as_ref(),
     })
     .unwrap();
     // The Install note counts what a dry run prints, without printing it.

@@ -65,6 +65,7 @@ fn install(
         source_digests: None,
         verify: Default::default(),
         snapshot: true,
+        walked: None,
     })?;
     apply(&p)
 }
@@ -255,6 +256,7 @@ fn an_unchanged_file_is_not_rewritten_and_the_dry_run_says_so() {
         source_digests: None,
         verify: Default::default(),
         snapshot: true,
+        walked: None,
     })
     .unwrap();
     let shown = p.to_string();
@@ -605,6 +607,7 @@ fn after_a_failed_install_the_next_one_cleans_up_what_it_left() {
         source_digests: None,
         verify: Default::default(),
         snapshot: true,
+        walked: None,
     })
     .unwrap();
     // What the deploy engine records before applying, and keeps if the apply fails.
@@ -706,6 +709,7 @@ fn a_failed_overwrite_does_not_hand_the_operators_file_to_cleanup() {
         source_digests: None,
         verify: Default::default(),
         snapshot: true,
+        walked: None,
     })
     .unwrap();
     let pending = p.pending_manifest();

@@ -24,6 +24,7 @@ use pier_protocol::ErrorCode;
 use sha2::{Digest as _, Sha256};
 
 use super::tar_stream::{self, TarError, MAX_NAME_BYTES};
+use crate::install::Settled;
 
 /// How much of an archive reader's own message an error keeps.
 const MAX_DETAIL_CHARS: usize = 300;
@@ -525,9 +526,14 @@ pub fn unpack(
 #[derive(Debug)]
 pub enum Survey {
     /// Only the agent's user can change it, and a snapshot would be nothing but hard links
-    /// to its own files: it can be read where it lies. Holds its canonical path and what an
-    /// unpack would have placed (no set-id entries, no digests).
-    InPlace { root: PathBuf, unpacked: Unpacked },
+    /// to its own files: it can be read where it lies. Holds its canonical path, what an
+    /// unpack would have placed (no set-id entries, no digests), and every directory as the
+    /// survey listed it.
+    InPlace {
+        root: PathBuf,
+        unpacked: Unpacked,
+        walked: Walked,
+    },
     /// It must be unpacked (snapshotted) first; why, for the log.
     Snapshot(String),
 }
@@ -580,9 +586,22 @@ pub fn trusted_root(src: &Path) -> Result<Result<PathBuf, String>, UnpackError> 
     }
 }
 
+/// The directories of a bundle a survey listed, each as [`read_dir_sorted`] returned it
+/// (keyed by its full path beneath the survey's root), and a [`Settled`] taken before the
+/// first was read. Install's plan takes a directory's entries from here rather than listing
+/// and stat-ing the same tree a second time; a file time it records from these stats must
+/// have been settled before they were taken, hence `since`.
+#[derive(Debug)]
+pub struct Walked {
+    pub(crate) since: Settled,
+    pub(crate) dirs: HashMap<PathBuf, Listing>,
+}
+
 /// The second half of [`survey_directory`]: the walk of every entry beneath `root`, a path
 /// [`trusted_root`] returned.
 pub fn survey_tree(root: PathBuf, policy: &UnpackPolicy) -> Result<Survey, UnpackError> {
+    // Before anything of the tree is looked at (see [`Walked`]).
+    let since = Settled::now();
     let dev = fs::metadata(&root)
         .map_err(|source| UnpackError::Read {
             path: root.clone(),
@@ -592,10 +611,14 @@ pub fn survey_tree(root: PathBuf, policy: &UnpackPolicy) -> Result<Survey, Unpac
     let mut x = Extractor::new(&root, BundleType::Directory, &root, *policy);
     x.survey_dev = dev;
     let why = x.survey(&root, PathBuf::new())?;
-    let unpacked = x.out;
+    let (unpacked, dirs) = (x.out, x.walked);
     Ok(match why {
         Some(why) => Survey::Snapshot(why),
-        None => Survey::InPlace { root, unpacked },
+        None => Survey::InPlace {
+            root,
+            unpacked,
+            walked: Walked { since, dirs },
+        },
     })
 }
 
@@ -765,6 +788,8 @@ struct Extractor<'a> {
     /// The device of the bundle a survey walks: an entry on another (a mount inside the
     /// bundle) needs a snapshot.
     survey_dev: u64,
+    /// The directories a survey listed, by full path ([`Walked`]).
+    walked: HashMap<PathBuf, Listing>,
 }
 
 impl<'a> Extractor<'a> {
@@ -782,6 +807,7 @@ impl<'a> Extractor<'a> {
             placed: HashSet::new(),
             known_dirs: HashSet::new(),
             survey_dev: 0,
+            walked: HashMap::new(),
         }
     }
 
@@ -1308,8 +1334,12 @@ impl<'a> Extractor<'a> {
     /// same refusals, placing nothing: counts what it would place into `self.out`. Some(why)
     /// at the first entry that needs a snapshot ([`survey_directory`]).
     fn survey(&mut self, root: &Path, rel_dir: PathBuf) -> Result<Option<String>, UnpackError> {
-        for item in listing(root, &rel_dir)? {
+        let items = listing(root, &rel_dir)?;
+        let mut kept: Listing = Vec::with_capacity(items.len());
+        for item in items {
+            let file_name = item.0.clone();
             let (rel, name, m) = self.entry_of(root, &rel_dir, item)?;
+            kept.push((file_name, Ok(m.clone())));
             let ft = m.file_type();
             if m.dev() != self.survey_dev && (ft.is_dir() || ft.is_file()) {
                 return Ok(Some(format!("{name} is on another filesystem")));
@@ -1334,6 +1364,12 @@ impl<'a> Extractor<'a> {
                 return Err(special_file(name, &m));
             }
         }
+        let dir = if rel_dir.as_os_str().is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel_dir)
+        };
+        self.walked.insert(dir, kept);
         Ok(None)
     }
 

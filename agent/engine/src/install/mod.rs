@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::appspec::{FileExistsBehavior, FileMapping, Permission};
 use crate::bundle::confined::{self, Confined, ConfinedError};
-use crate::bundle::unpack::{Digest as SourceDigest, FileIdent};
+use crate::bundle::unpack::{Digest as SourceDigest, FileIdent, Walked};
 
 pub(crate) use intent::{recover as recover_intent, InstallLog, Intent, Outcome};
 pub use permissions::check_setid;
@@ -298,6 +298,9 @@ pub struct InstallInput<'a> {
     /// false for a bundle installed from where it lies. Only a snapshot is named in the
     /// manifest as evidence for the next install.
     pub snapshot: bool,
+    /// The survey's listing of a bundle read where it lies, whose directories the plan takes
+    /// from there instead of reading them again.
+    pub walked: Option<&'a Walked>,
 }
 
 /// Why an install was refused or failed.
@@ -838,6 +841,8 @@ struct Layout<'a> {
     wanted: BTreeMap<PathBuf, Wanted<'a>>,
     /// Directories the previous install created: kept as "ours" when needed again.
     prev_created_dirs: BTreeSet<PathBuf>,
+    /// Directories already listed by the bundle's survey.
+    walked: Option<&'a Walked>,
 }
 
 impl<'a> Layout<'a> {
@@ -950,9 +955,16 @@ impl<'a> Layout<'a> {
     }
 
     fn tree(&mut self, src: &Path, dest: &Path, from: &'a str) -> Result<(), InstallError> {
-        let entries = crate::bundle::unpack::read_dir_sorted(src).map_err(read_err(src))?;
+        let listed;
+        let entries = match self.walked.and_then(|w| w.dirs.get(src)) {
+            Some(entries) => entries,
+            None => {
+                listed = crate::bundle::unpack::read_dir_sorted(src).map_err(read_err(src))?;
+                &listed
+            }
+        };
         for (n, meta) in entries {
-            let s = src.join(&n);
+            let s = src.join(n);
             if n.to_str().is_none() {
                 return Err(InstallError::NotUtf8 {
                     path: pier_protocol::quote::quote_bytes(
@@ -960,9 +972,11 @@ impl<'a> Layout<'a> {
                     ),
                 });
             }
-            let d = dest.join(&n);
-            let meta = meta.map_err(read_err(&s))?;
-            let want = want_of(&s, &meta)?;
+            let d = dest.join(n);
+            let meta = meta
+                .as_ref()
+                .map_err(|e| read_err(&s)(io::Error::new(e.kind(), e.to_string())))?;
+            let want = want_of(&s, meta)?;
             if matches!(want, Want::Dir { .. }) {
                 self.add(d.clone(), want, from)?;
                 self.tree(&s, &d, from)?;
@@ -1127,8 +1141,9 @@ fn unchanged(
 
 /// Decides everything an install will do, changing nothing.
 pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
-    // Before any file is looked at: a source ctime settled by now cannot move unseen.
-    let settled = Settled::now();
+    // Before any file is looked at: a source ctime settled by now cannot move unseen. (A
+    // survey's listing was taken earlier: its own moment.)
+    let settled = input.walked.map_or_else(Settled::now, |w| w.since);
     let prev_entries: &[ManifestEntry] = input.previous.map_or(&[], |m| &m.entries);
     let canonical_root = fs::canonicalize(input.revision_root).ok();
     let mut layout = Layout {
@@ -1140,6 +1155,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
             .filter(|e| e.kind == EntryKind::Dir && e.created)
             .map(|e| e.path.clone())
             .collect(),
+        walked: input.walked,
     };
     for m in input.files {
         layout.mapping(m)?;

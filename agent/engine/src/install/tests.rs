@@ -54,6 +54,7 @@ fn input<'a>(
         source_digests: None,
         verify: Verify::default(),
         snapshot: true,
+        walked: None,
     }
 }
 
@@ -648,6 +649,7 @@ fn a_revision_read_in_place_is_trusted_by_its_ctime_alone() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     let in_place = |previous| InstallInput {
         snapshot: false,
+        walked: None,
         ..input(
             rev.path(),
             &files,
@@ -716,6 +718,7 @@ fn a_set_id_bit_on_a_revision_read_in_place_is_cleared_as_an_unpack_clears_it() 
     let mode_of = |snapshot| {
         let p = plan(&InstallInput {
             snapshot,
+            walked: None,
             ..input(rev.path(), &files, &[], None, FileExistsBehavior::Disallow)
         })
         .unwrap();
