@@ -102,6 +102,18 @@ pub struct ManifestEntry {
     pub(crate) source_ctime: Option<(i64, i64)>,
 }
 
+impl ManifestEntry {
+    /// Records the revision file behind this entry as a manifest stores it: the ctime in
+    /// [`ManifestEntry::source_ctime`], none in the record itself, exactly as a manifest read
+    /// back holds it (so that an install that changed nothing compares equal to the manifest
+    /// it started from, and leaves the file alone).
+    fn set_source(&mut self, source: Option<&SourceStat>) {
+        let mut source = source.cloned();
+        self.source_ctime = source.as_mut().and_then(|s| s.ctime.take());
+        self.source = source.map(Box::new);
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -1749,8 +1761,7 @@ pub(crate) fn apply_logged(
         }
         if let Some(prev) = as_recorded.get(e.path.as_path()) {
             e.disk = prev.disk.clone();
-            e.source = plan.sources.get(&e.path).cloned().map(Box::new);
-            e.source_ctime = e.source.as_ref().and_then(|s| s.ctime);
+            e.set_source(plan.sources.get(&e.path));
             continue;
         }
         let Some((disk, is_file)) = looked else {
@@ -1762,8 +1773,7 @@ pub(crate) fn apply_logged(
                 acl: with_acl.contains(e.path.as_path()),
                 ..disk
             }));
-            e.source = plan.sources.get(&e.path).cloned().map(Box::new);
-            e.source_ctime = e.source.as_ref().and_then(|s| s.ctime);
+            e.set_source(plan.sources.get(&e.path));
         }
     }
     // A record taken within a clock tick of the file's last change cannot vouch for it: a
