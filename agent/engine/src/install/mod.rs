@@ -677,7 +677,17 @@ impl Plan {
     /// must not trip over files a failed one left); recovery narrows it to what is on disk.
     /// Files not yet written carry no hash, so none of them can pass for unchanged.
     pub fn pending_manifest(&self) -> Manifest {
+        // Steps are in path order, each destination once: with nothing to remove they are
+        // the manifest's order already.
+        let mut in_order: Vec<ManifestEntry> = Vec::new();
         let mut entries: BTreeMap<PathBuf, ManifestEntry> = BTreeMap::new();
+        let mut add = |path: &Path, e: ManifestEntry| {
+            if self.removals.is_empty() {
+                in_order.push(e);
+            } else {
+                entries.insert(path.to_path_buf(), e);
+            }
+        };
         for r in &self.removals {
             let (path, kind) = match r {
                 Removal::File(p) => (p, EntryKind::File),
@@ -685,7 +695,7 @@ impl Plan {
             };
             let mut e = dir_entry(path, true);
             e.kind = kind;
-            entries.insert(path.clone(), e);
+            add(path, e);
         }
         for s in &self.steps {
             let entry = match &s.action {
@@ -723,7 +733,14 @@ impl Plan {
                 },
                 Action::Retain => continue,
             };
-            entries.insert(s.dest.clone(), entry);
+            add(&s.dest, entry);
+        }
+        if self.removals.is_empty() {
+            debug_assert!(in_order.windows(2).all(|w| w[0].path < w[1].path));
+            return Manifest {
+                entries: in_order,
+                revision: None,
+            };
         }
         Manifest {
             entries: entries.into_values().collect(),
@@ -1292,26 +1309,33 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
 
     let behavior = input.file_exists_behavior;
     let mut disallowed = Vec::new();
+    // Wanted directories found absent: nothing beneath them needs a look either.
+    let mut absent: FastMap<&Path, ()> = FastMap::default();
     for (dest, w) in &wanted {
         // Nothing is in the way of a path the cleanup removes, nor of one beneath it (a file
         // or link of the last revision that this one turns into a directory); a path beneath
         // a file (ENOTDIR) does not exist either.
-        let existing =
-            if dest.ancestors().any(|a| removed.contains(a)) || kept.contains_key(dest.as_path()) {
-                // Removed by the cleanup, or kept as it is (then not looked at again).
-                None
-            } else {
-                match fs::symlink_metadata(dest) {
-                    Ok(m) => Some(m),
-                    Err(e)
-                        if e.kind() == io::ErrorKind::NotFound
-                            || e.raw_os_error() == Some(libc::ENOTDIR) =>
-                    {
-                        None
-                    }
-                    Err(e) => return Err(read_err(dest)(e)),
+        let existing = if dest.parent().is_some_and(|p| absent.contains_key(p)) {
+            None
+        } else if dest.ancestors().any(|a| removed.contains(a)) || kept.contains_key(dest.as_path())
+        {
+            // Removed by the cleanup, or kept as it is (then not looked at again).
+            None
+        } else {
+            match fs::symlink_metadata(dest) {
+                Ok(m) => Some(m),
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    None
                 }
-            };
+                Err(e) => return Err(read_err(dest)(e)),
+            }
+        };
+        if existing.is_none() && matches!(w.want, Want::Dir { .. }) {
+            absent.insert(dest, ());
+        }
         let action = match &w.want {
             Want::Dir { mode } => match existing {
                 None => Action::Mkdir { mode: *mode },
@@ -1525,9 +1549,8 @@ pub(crate) fn apply_logged(
         .filter(|&i| !deferred[i] && is_staged_action(&plan.steps[i].action))
         .collect();
     let tag = temp_tag();
-    let temp_dirs: BTreeSet<PathBuf> = to_stage
-        .iter()
-        .filter_map(|&i| plan.steps[i].dest.parent())
+    let temp_dirs: BTreeSet<PathBuf> = parents_of(to_stage.iter().map(|&i| &*plan.steps[i].dest))
+        .into_iter()
         .map(Path::to_path_buf)
         .collect();
     let made_dirs: Vec<PathBuf> = (0..plan.steps.len())
@@ -1634,17 +1657,17 @@ pub(crate) fn apply_logged(
             }
         }
         // Renames and new entries are durable only once their directories are synced.
-        let touched_dirs: BTreeSet<&Path> = plan
-            .steps
-            .iter()
-            .filter(|s| {
-                !matches!(
-                    s.action,
-                    Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
-                )
-            })
-            .filter_map(|s| s.dest.parent())
-            .collect();
+        let touched_dirs = parents_of(
+            plan.steps
+                .iter()
+                .filter(|s| {
+                    !matches!(
+                        s.action,
+                        Action::KeepDir { .. } | Action::Unchanged { .. } | Action::Retain
+                    )
+                })
+                .map(|s| s.dest.as_path()),
+        );
         for d in touched_dirs {
             sync_dir(d)?;
         }
@@ -1987,6 +2010,21 @@ pub(crate) fn agent_ids() -> (u32, u32) {
     })
 }
 
+/// The distinct parents of `paths`. Paths in path order share their parents in runs: a
+/// parent equal to the one before is not inserted again (each insert compares paths
+/// component by component).
+fn parents_of<'p>(paths: impl Iterator<Item = &'p Path>) -> BTreeSet<&'p Path> {
+    let mut out = BTreeSet::new();
+    let mut last: Option<&Path> = None;
+    for parent in paths.filter_map(Path::parent) {
+        if last != Some(parent) {
+            out.insert(parent);
+            last = Some(parent);
+        }
+    }
+    out
+}
+
 /// Below this many file steps, threads cost more than they save.
 const PARALLEL_MIN_STEPS: usize = 64;
 /// Most threads used for file steps (each mostly waits on its fsync).
@@ -2265,10 +2303,7 @@ fn temp_tag() -> &'static str {
 /// Flushes the filesystems holding `paths` to disk: one syncfs for each, however many files.
 fn sync_filesystems(paths: &[PathBuf]) -> Result<(), InstallError> {
     // A new file is on its directory's filesystem: one stat per directory, not per file.
-    let dirs: BTreeSet<&Path> = paths
-        .iter()
-        .map(|p| p.parent().unwrap_or(Path::new("/")))
-        .collect();
+    let dirs = parents_of(paths.iter().map(PathBuf::as_path));
     let mut seen: BTreeSet<u64> = BTreeSet::new();
     for dir in dirs {
         // Followed, as the open below follows it (a destination's parent may be a link).
