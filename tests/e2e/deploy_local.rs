@@ -783,6 +783,78 @@ fn a_hookless_directory_bundle_is_read_where_it_lies_and_redeployed_by_stat() {
     assert_eq!(read(dest.join("a.txt")), "AAAA");
 }
 
+/// `dir` packed as `NAME.tgz` beside it.
+fn tgz_of(dir: &Path) -> PathBuf {
+    let out = dir.with_extension("tgz");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-czf")
+        .arg(&out)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+#[test]
+fn a_hookless_archive_is_moved_out_of_its_revision_and_one_with_hooks_is_not() {
+    let host = Host::new();
+    let dest = host.path("www");
+    // The whole bundle, AppSpec included, as many real AppSpecs map it.
+    let whole = |extra: &str| {
+        format!(
+            "version: 0.0\nos: linux\nfiles:\n  - source: /\n    destination: {}\n{extra}",
+            dest.display()
+        )
+    };
+    let v1 = host.bundle(
+        "v1",
+        &whole(""),
+        &[("app/a.txt", "aaaa"), ("app/b.txt", "bbbb")],
+    );
+    let v1 = tgz_of(&v1);
+    host.deploy(&v1, &["-t", "tgz"]).success();
+    assert_eq!(read(dest.join("app/a.txt")), "aaaa");
+    assert_eq!(read(dest.join("appspec.yml")), whole(""));
+    let (dir, _) = journals(&host).pop().unwrap();
+    // No script of this revision will ever read its files: they were moved into place. The
+    // AppSpec stays, for the next deployment's ApplicationStop.
+    assert_eq!(tree_of(&dir.join("revision")), ["app", "appspec.yml"]);
+
+    // Redeployed unchanged (the new unpack's digests tell), then a revision with hooks,
+    // whose files stay for its scripts.
+    host.deploy(&v1, &["-t", "tgz"]).success();
+    let (_, j) = journals(&host).pop().unwrap();
+    assert!(
+        event_message(&j, "Install").starts_with("unchanged 3;"),
+        "{j}"
+    );
+    let hooks = "hooks:\n  ApplicationStop:\n    - location: scripts/stop.sh\n";
+    let v2 = host.bundle(
+        "v2",
+        &whole(hooks),
+        &[
+            ("app/a.txt", "AAAA"),
+            (
+                "scripts/stop.sh",
+                "#!/bin/sh\necho stopping $LIFECYCLE_EVENT\n",
+            ),
+        ],
+    );
+    let v2 = tgz_of(&v2);
+    host.deploy(&v2, &["-t", "tgz"]).success();
+    assert_eq!(read(dest.join("app/a.txt")), "AAAA");
+    let (dir, _) = journals(&host).pop().unwrap();
+    assert!(dir.join("revision/app/a.txt").is_file());
+    assert!(dir.join("revision/scripts/stop.sh").is_file());
+    // Its ApplicationStop runs from that revision at the next deployment.
+    host.deploy(&v1, &["-t", "tgz"]).success();
+    assert!(host.scripts_logs().contains("stopping ApplicationStop"));
+    assert_eq!(read(dest.join("app/a.txt")), "aaaa");
+}
+
 #[test]
 fn a_bundle_with_hooks_or_another_owner_is_snapshotted_and_refusals_stay() {
     let host = Host::new();

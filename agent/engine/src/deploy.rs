@@ -630,6 +630,8 @@ impl Engine {
             verify: config.install_verify,
             snapshot: true,
             walked: None,
+            consume_revision: false,
+            keep: &[],
         })?;
         Ok(plan.to_string())
     }
@@ -958,6 +960,19 @@ impl Engine {
             state::read_json(&manifest_path).map_err(|e| EventFailure::unknown(e.to_string()))?;
         let snapshot = run.install_root.is_none();
         let walked = run.walked.take();
+        // The agent's own unpack, and no script of this revision ever runs (now, or as the
+        // next deployment's ApplicationStop): its files need not stay in the revision.
+        let consume_revision = snapshot && new.spec.hooks.values().all(|h| h.is_empty());
+        let keep: Vec<PathBuf> = ["appspec.yml", "appspec.yaml"]
+            .into_iter()
+            .chain(run.req.appspec_filename.as_deref())
+            .map(|n| {
+                Path::new(n)
+                    .components()
+                    .filter(|c| !matches!(c, std::path::Component::CurDir))
+                    .collect()
+            })
+            .collect();
         let revision_root = run.install_root.clone().unwrap_or_else(|| new.dir.clone());
         let digests = run.digests.clone();
         let verify = run.config.install_verify;
@@ -974,6 +989,8 @@ impl Engine {
                 verify,
                 snapshot,
                 walked: walked.as_ref(),
+                consume_revision,
+                keep: &keep,
             };
             let installing =
                 |e: install::InstallError| EventFailure::new(e.error_code(), e.to_string());

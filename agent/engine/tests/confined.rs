@@ -215,6 +215,8 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         verify: Default::default(),
         snapshot: true,
         walked: None,
+        consume_revision: false,
+        keep: &[],
     })
     .unwrap_err();
     assert!(matches!(refused, InstallError::Refused { .. }), "{refused}");
@@ -233,6 +235,8 @@ fn install_refuses_a_source_through_a_link_out_and_places_in_bundle_links() {
         verify: Default::default(),
         snapshot: true,
         walked: None,
+        consume_revision: false,
+        keep: &[],
     })
     .unwrap();
     apply(&p).unwrap();

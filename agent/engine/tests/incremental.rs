@@ -303,6 +303,8 @@ fn deploy(
         verify,
         snapshot,
         walked: walked.as_ref(),
+        consume_revision: rev.kind == Kind::Tgz,
+        keep: &[],
     })
     .unwrap();
     // The Install note counts what a dry run prints, without printing it.

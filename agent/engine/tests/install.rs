@@ -66,6 +66,8 @@ fn install(
         verify: Default::default(),
         snapshot: true,
         walked: None,
+        consume_revision: false,
+        keep: &[],
     })?;
     apply(&p)
 }
@@ -257,6 +259,8 @@ fn an_unchanged_file_is_not_rewritten_and_the_dry_run_says_so() {
         verify: Default::default(),
         snapshot: true,
         walked: None,
+        consume_revision: false,
+        keep: &[],
     })
     .unwrap();
     let shown = p.to_string();
@@ -608,6 +612,8 @@ fn after_a_failed_install_the_next_one_cleans_up_what_it_left() {
         verify: Default::default(),
         snapshot: true,
         walked: None,
+        consume_revision: false,
+        keep: &[],
     })
     .unwrap();
     // What the deploy engine records before applying, and keeps if the apply fails.
@@ -710,6 +716,8 @@ fn a_failed_overwrite_does_not_hand_the_operators_file_to_cleanup() {
         verify: Default::default(),
         snapshot: true,
         walked: None,
+        consume_revision: false,
+        keep: &[],
     })
     .unwrap();
     let pending = p.pending_manifest();

@@ -180,6 +180,10 @@ pub struct Digest {
     pub sha256: String,
     /// The file when hashed.
     pub ident: FileIdent,
+    /// Whether `ident`'s times were settled when the unpack ended: only then can they tell
+    /// that the file was not changed since (install::Settled). An unsettled digest still
+    /// describes the file for as long as nothing else writes the revision.
+    pub settled: bool,
 }
 
 /// Who a file is on disk and when it last changed: equal identities mean the same inode,
@@ -506,7 +510,9 @@ pub fn unpack(
             // A digest vouches for a file only while its times say it is untouched, and times
             // read within a clock tick of a change cannot say so (install::Settled).
             let settled = crate::install::Settled::now();
-            x.out.digests.retain(|_, d| settled.before(d.ident.ctime));
+            for d in x.out.digests.values_mut() {
+                d.settled = settled.before(d.ident.ctime);
+            }
             Ok(x.out)
         }
         Err(e) => {
@@ -1072,6 +1078,7 @@ impl<'a> Extractor<'a> {
             Digest {
                 sha256: hex::encode(hash.finalize()),
                 ident: FileIdent::of(&meta),
+                settled: false,
             },
         );
         self.files.insert(rel.to_path_buf());

@@ -318,6 +318,14 @@ pub struct InstallInput<'a> {
     /// The survey's listing of a bundle read where it lies, whose directories the plan takes
     /// from there instead of reading them again.
     pub walked: Option<&'a Walked>,
+    /// `revision_root` is the agent's own unpack and nothing reads its files once Install is
+    /// done (the AppSpec runs no hooks): a file the unpack wrote itself (its digest still
+    /// matching), with one link, and one destination, is moved into place rather than
+    /// copied. The revision keeps what was not moved, and always the files named in `keep`.
+    pub consume_revision: bool,
+    /// Revision files never moved, relative to `revision_root` (the AppSpec, which the next
+    /// deployment reads).
+    pub keep: &'a [PathBuf],
 }
 
 /// Why an install was refused or failed.
@@ -667,6 +675,9 @@ pub struct Plan {
     pub(crate) sources: FastMap<PathBuf, SourceStat>,
     /// The revision root, canonical.
     pub(crate) revision: Option<PathBuf>,
+    /// Destinations whose revision file is moved into place, not copied
+    /// ([`InstallInput::consume_revision`]), with its size and sha256 from the unpack.
+    pub(crate) moves: FastMap<PathBuf, (u64, String)>,
 }
 
 impl Plan {
@@ -854,6 +865,8 @@ enum Want {
         mode: u32,
         /// The revision file as the layout saw it.
         ident: FileIdent,
+        /// Its hard links.
+        links: u64,
     },
     Link {
         target: PathBuf,
@@ -1051,6 +1064,7 @@ fn want_of(src: &Path, meta: &fs::Metadata) -> Result<Want, InstallError> {
             size: meta.len(),
             mode: meta.mode() & 0o7777,
             ident: FileIdent::of(meta),
+            links: meta.nlink(),
         })
     } else {
         Err(InstallError::Unplaceable {
@@ -1103,7 +1117,7 @@ impl Evidence<'_> {
                 // Extracted or copied by the unpack: its digest, while the file is as it was
                 // then (a BeforeInstall hook may have edited the revision since).
                 if let Some(d) = self.digests.and_then(|m| m.get(rel)) {
-                    if d.ident == *ident {
+                    if d.settled && d.ident == *ident {
                         return Ok(d.sha256 == prev_sha);
                     }
                 }
@@ -1308,6 +1322,26 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     }
 
     let behavior = input.file_exists_behavior;
+    // How many destinations each revision file has: only a file with one may be moved.
+    let mut uses: FastMap<&Path, usize> = FastMap::default();
+    if input.consume_revision {
+        for (_, w) in &wanted {
+            if let Want::File { source, .. } = &w.want {
+                *uses.entry(source.as_path()).or_default() += 1;
+            }
+        }
+    }
+    let movable = |source: &Path, ident: &FileIdent, links: u64| -> Option<(u64, String)> {
+        if !input.consume_revision || links != 1 || uses.get(source) != Some(&1) {
+            return None;
+        }
+        let rel = evidence.rel(source)?;
+        if input.keep.iter().any(|k| k == rel) {
+            return None;
+        }
+        let d = input.source_digests?.get(rel)?;
+        (d.ident == *ident).then(|| (ident.size, d.sha256.clone()))
+    };
     let mut disallowed = Vec::new();
     // Wanted directories found absent: nothing beneath them needs a look either.
     let mut absent: FastMap<&Path, ()> = FastMap::default();
@@ -1361,6 +1395,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                 source,
                 mode,
                 ident,
+                links,
                 ..
             } => {
                 if let Some(rel) = evidence.rel(source) {
@@ -1376,6 +1411,9 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
                         trusted: *trusted,
                     }
                 } else {
+                    if let Some(moved) = movable(source, ident, *links) {
+                        plan.moves.insert(dest.clone(), moved);
+                    }
                     match existing {
                         None => Action::Create {
                             source: source.clone(),
@@ -1586,7 +1624,11 @@ pub(crate) fn apply_logged(
             }
         }
         let staged = in_parallel(&to_stage, |i| {
-            let staged = stage(&plan.steps[i], &staged_temps)?;
+            let staged = stage(
+                &plan.steps[i],
+                plan.moves.get(&plan.steps[i].dest),
+                &staged_temps,
+            )?;
             fp("stage", written.fetch_add(1, Ordering::Relaxed) + 1);
             Ok(staged)
         })?;
@@ -2250,7 +2292,11 @@ fn stale_temps(dir: &Path) -> Vec<PathBuf> {
 /// Writes a new file or link of a step under a temp name beside its destination (recorded in
 /// `temps` for cleanup) and leaves it there for the switch; returns its manifest entry and the
 /// temp.
-fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBuf), InstallError> {
+fn stage(
+    s: &Step,
+    moved: Option<&(u64, String)>,
+    temps: &Mutex<Vec<PathBuf>>,
+) -> Result<(ManifestEntry, PathBuf), InstallError> {
     let tmp = temp_beside(&s.dest);
     temps
         .lock()
@@ -2258,7 +2304,10 @@ fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBu
         .push(tmp.clone());
     let entry = match &s.action {
         Action::Create { source, mode } | Action::Replace { source, mode } => {
-            let (size, sha) = write_temp(source, &tmp, *mode)?;
+            let (size, sha) = match moved {
+                Some((size, sha)) if move_to_temp(source, &tmp)? => (*size, sha.clone()),
+                _ => write_temp(source, &tmp, *mode)?,
+            };
             ManifestEntry {
                 path: s.dest.clone(),
                 kind: EntryKind::File,
@@ -2290,6 +2339,25 @@ fn stage(s: &Step, temps: &Mutex<Vec<PathBuf>>) -> Result<(ManifestEntry, PathBu
         _ => unreachable!("only steps that is_staged_action admits are staged"),
     };
     Ok((entry, tmp))
+}
+
+/// Moves a revision file the plan found movable (the unpack's own, one link, one destination,
+/// its mode the one wanted) to the temp beside its destination. False when the two lie on
+/// different filesystems: then it is copied.
+fn move_to_temp(source: &Path, tmp: &Path) -> Result<bool, InstallError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    match renameat2(
+        AT_FDCWD,
+        source,
+        AT_FDCWD,
+        tmp,
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => Ok(true),
+        Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS) => Ok(false),
+        Err(e) => Err(write_err("move into place", tmp)(e.into())),
+    }
 }
 
 /// The tag in this process's temp names (`<pid>-<nonce>`), recorded in the install intent

@@ -55,6 +55,8 @@ fn input<'a>(
         verify: Verify::default(),
         snapshot: true,
         walked: None,
+        consume_revision: false,
+        keep: &[],
     }
 }
 
@@ -650,6 +652,8 @@ fn a_revision_read_in_place_is_trusted_by_its_ctime_alone() {
     let in_place = |previous| InstallInput {
         snapshot: false,
         walked: None,
+        consume_revision: false,
+        keep: &[],
         ..input(
             rev.path(),
             &files,
@@ -719,6 +723,8 @@ fn a_set_id_bit_on_a_revision_read_in_place_is_cleared_as_an_unpack_clears_it() 
         let p = plan(&InstallInput {
             snapshot,
             walked: None,
+            consume_revision: false,
+            keep: &[],
             ..input(rev.path(), &files, &[], None, FileExistsBehavior::Disallow)
         })
         .unwrap();
@@ -756,4 +762,94 @@ fn first_words(shown: &str) -> String {
 fn an_empty_plan_says_nothing_to_do() {
     assert_eq!(Plan::default().summary(), "nothing to do");
     assert_eq!(first_words(&Plan::default().to_string()), "nothing to do");
+}
+
+#[test]
+fn a_consumed_revision_moves_only_its_own_single_use_files() {
+    use std::os::unix::fs::MetadataExt;
+    let rev = tempfile::tempdir().unwrap();
+    let r = rev.path();
+    fs::create_dir_all(r.join("app")).unwrap();
+    for (n, c) in [
+        ("app/a", "aaa"),
+        ("app/b", "bbb"),
+        ("app/shared", "sss"),
+        ("app/edited", "old"),
+        ("app/unknown", "uuu"),
+        ("appspec.yml", "version: 0.0\n"),
+    ] {
+        fs::write(r.join(n), c).unwrap();
+    }
+    // Two names of one inode: moving one would leave the destination sharing it.
+    fs::hard_link(r.join("app/b"), r.join("app/b2")).unwrap();
+    let digest = |rel: &str| {
+        let p = r.join(rel);
+        let ident = FileIdent::of(&fs::symlink_metadata(&p).unwrap());
+        let sha256 = sha256_file(&p).unwrap();
+        let settled = true;
+        (
+            PathBuf::from(rel),
+            SourceDigest {
+                sha256,
+                ident,
+                settled,
+            },
+        )
+    };
+    let digests: HashMap<PathBuf, SourceDigest> = [
+        "app/a",
+        "app/b",
+        "app/b2",
+        "app/shared",
+        "app/edited",
+        "appspec.yml",
+    ]
+    .map(digest)
+    .into_iter()
+    .collect();
+    // Rewritten since the unpack hashed it (as a BeforeInstall hook might): its digest no
+    // longer vouches for it, so it is read and copied.
+    fs::write(r.join("app/edited"), "new").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let all = out.path().join("all");
+    let files = [
+        mapping("", &all),
+        mapping("app/shared", &out.path().join("again")),
+    ];
+    let keep = [PathBuf::from("appspec.yml")];
+    let mut inp = input(r, &files, &[], None, FileExistsBehavior::Disallow);
+    inp.source_digests = Some(&digests);
+    inp.consume_revision = true;
+    inp.keep = &keep;
+    let p = plan(&inp).unwrap();
+    let m = apply(&p).unwrap();
+
+    assert!(!r.join("app/a").exists(), "the one movable file is moved");
+    for stays in [
+        "app/b",
+        "app/b2",
+        "app/shared",
+        "app/edited",
+        "app/unknown",
+        "appspec.yml",
+    ] {
+        assert!(r.join(stays).is_file(), "{stays} stays in the revision");
+    }
+    let read = |p: &Path| fs::read_to_string(p).unwrap();
+    assert_eq!(read(&all.join("app/a")), "aaa");
+    assert_eq!(read(&all.join("app/edited")), "new");
+    assert_eq!(read(&all.join("app/shared")), "sss");
+    assert_eq!(read(&out.path().join("again/shared")), "sss");
+    assert_eq!(read(&all.join("appspec.yml")), "version: 0.0\n");
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    assert_ne!(ino(&all.join("app/b")), ino(&all.join("app/b2")));
+    assert_ne!(ino(&all.join("app/b")), ino(&r.join("app/b")));
+    // The manifest records what landed, moved or copied.
+    for e in m.entries.iter().filter(|e| e.kind == EntryKind::File) {
+        assert_eq!(
+            e.sha256.as_deref(),
+            Some(sha256_file(&e.path).unwrap().as_str())
+        );
+        assert_eq!(e.size, fs::metadata(&e.path).unwrap().len());
+    }
 }
