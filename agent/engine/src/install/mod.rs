@@ -690,7 +690,11 @@ impl Plan {
     pub fn pending_manifest(&self) -> Manifest {
         // Steps are in path order, each destination once: with nothing to remove they are
         // the manifest's order already.
-        let mut in_order: Vec<ManifestEntry> = Vec::new();
+        let mut in_order: Vec<ManifestEntry> = if self.removals.is_empty() {
+            Vec::with_capacity(self.steps.len())
+        } else {
+            Vec::new()
+        };
         let mut entries: BTreeMap<PathBuf, ManifestEntry> = BTreeMap::new();
         let mut add = |path: &Path, e: ManifestEntry| {
             if self.removals.is_empty() {
@@ -1210,7 +1214,12 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     let mut layout = Layout {
         root: input.revision_root,
         revision: Confined::open(input.revision_root).map_err(read_err(input.revision_root))?,
-        wanted: Vec::new(),
+        // As many as the survey listed, when there was one (no growth by doubling).
+        wanted: Vec::with_capacity(
+            input
+                .walked
+                .map_or(0, |w| w.dirs.values().map(Vec::len).sum::<usize>()),
+        ),
         prev_created_dirs: prev_entries
             .iter()
             .filter(|e| e.kind == EntryKind::Dir && e.created)
@@ -1237,7 +1246,11 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     let wanted_at: FastMap<&Path, &Wanted> = wanted.iter().map(|(p, w)| (p.as_path(), w)).collect();
 
     // Cleanup of the previous install, except what would be placed again unchanged.
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        steps: Vec::with_capacity(wanted.len()),
+        ..Plan::default()
+    };
+    plan.sources.reserve(wanted.len());
     let mut removed: BTreeSet<PathBuf> = BTreeSet::new();
     let mut kept: FastMap<&Path, (&ManifestEntry, bool)> = FastMap::default();
     let mut carried_dirs: BTreeSet<PathBuf> = BTreeSet::new();
