@@ -883,7 +883,10 @@ fn a_bundle_with_hooks_or_another_owner_is_snapshotted_and_refusals_stay() {
         !event_message(&j, "DownloadBundle").contains("where they lie"),
         "{j}"
     );
-    assert!(dir.join("revision/app/a.txt").is_file());
+    // Snapshotted: the unpack copied the file into the revision, and with no hook to read
+    // it there Install moved that copy into place; the AppSpec stays.
+    assert!(dir.join("revision/appspec.yml").is_file());
+    assert!(!dir.join("revision/app/a.txt").exists());
     assert_eq!(read(dest.join("a.txt")), "b");
 
     // Hookless and the agent's own, with a directory others may write to.
@@ -968,6 +971,9 @@ fn a_hookless_bundle_others_could_swap_or_on_an_image_is_snapshotted() {
         !event_message(&j, "DownloadBundle").contains("where they lie"),
         "{j}"
     );
-    assert!(dir.join("revision/app/a.txt").is_file());
+    // Snapshotted: the unpack copied the file into the revision, and with no hook to read
+    // it there Install moved that copy into place; the AppSpec stays.
+    assert!(dir.join("revision/appspec.yml").is_file());
+    assert!(!dir.join("revision/app/a.txt").exists());
     assert_eq!(read(dest.join("a.txt")), "ro");
 }
