@@ -963,17 +963,17 @@ impl Engine {
         // The agent's own unpack, and no script of this revision ever runs (now, or as the
         // next deployment's ApplicationStop): its files need not stay in the revision.
         let consume_revision = snapshot && new.spec.hooks.values().all(|h| h.is_empty());
-        let keep: Vec<PathBuf> = ["appspec.yml", "appspec.yaml"]
+        let revision_root = run.install_root.clone().unwrap_or_else(|| new.dir.clone());
+        // Never moved: the AppSpec (through any link to it), which the next deployment reads.
+        let keep: Vec<(u64, u64)> = ["appspec.yml", "appspec.yaml"]
             .into_iter()
             .chain(run.req.appspec_filename.as_deref())
-            .map(|n| {
-                Path::new(n)
-                    .components()
-                    .filter(|c| !matches!(c, std::path::Component::CurDir))
-                    .collect()
+            .filter_map(|n| std::fs::metadata(revision_root.join(n)).ok())
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
             })
             .collect();
-        let revision_root = run.install_root.clone().unwrap_or_else(|| new.dir.clone());
         let digests = run.digests.clone();
         let verify = run.config.install_verify;
         let files = new.spec.files.clone();
@@ -1010,15 +1010,14 @@ impl Engine {
         })
         .await
         .map_err(|e| EventFailure::unknown(format!("install task failed: {e}")))??;
-        let note = summary;
         log::info!(
             DEPLOYMENT_ID = run.req.deployment_id.as_str(),
             LIFECYCLE_EVENT = "Install";
-            "deployment {} install: {note}",
+            "deployment {} install: {summary}",
             run.req.deployment_id
         );
         Ok(format!(
-            "{note}; {} entries in the manifest",
+            "{summary}; {} entries in the manifest",
             manifest.entries.len()
         ))
     }

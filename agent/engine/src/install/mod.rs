@@ -41,9 +41,12 @@ pub use permissions::check_setid;
 pub(crate) use permissions::PermissionStep;
 
 /// A hash map for the plan's many path lookups: foldhash, fast on short keys and seeded at
-/// random per process (a bundle cannot pick its paths to collide), where the standard
-/// SipHash was a tenth of an unchanged redeploy of 10,000 files.
+/// random per process (so a bundle's paths are not chosen against a known seed; foldhash
+/// claims only minimal resistance to that), where the standard SipHash was a tenth of an
+/// unchanged redeploy of 10,000 files.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The set of [`FastMap`].
+type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Mode of directories Install has to make that the bundle says nothing about (the missing
 /// ancestors of a destination, a destination directory itself).
@@ -323,9 +326,9 @@ pub struct InstallInput<'a> {
     /// matching), with one link, and one destination, is moved into place rather than
     /// copied. The revision keeps what was not moved, and always the files named in `keep`.
     pub consume_revision: bool,
-    /// Revision files never moved, relative to `revision_root` (the AppSpec, which the next
-    /// deployment reads).
-    pub keep: &'a [PathBuf],
+    /// Revision files never moved, by (device, inode): the AppSpec, which the next deployment
+    /// reads (found through any link to it).
+    pub keep: &'a [(u64, u64)],
 }
 
 /// Why an install was refused or failed.
@@ -822,8 +825,7 @@ impl fmt::Display for Plan {
         }
         for s in &self.steps {
             let d = s.dest.display();
-            // Each line starts with the action's verb, which `summary` counts.
-            debug_assert!(s.action.verb().is_some() || matches!(s.action, Action::KeepDir { .. }));
+            // Each line starts with the action's verb (`Action::verb`), which `summary` counts.
             match &s.action {
                 Action::Mkdir { mode } => writeln!(f, "mkdir      {d} ({mode:04o})")?,
                 Action::KeepDir { .. } => {}
@@ -1037,9 +1039,7 @@ impl<'a> Layout<'a> {
                 });
             }
             let d = dest.join(n);
-            let meta = meta
-                .as_ref()
-                .map_err(|e| read_err(&s)(io::Error::new(e.kind(), e.to_string())))?;
+            let meta = meta.as_ref().map_err(|e| read_err(&s)(copy_of(e)))?;
             let want = want_of(&s, meta)?;
             if matches!(want, Want::Dir { .. }) {
                 self.add(d.clone(), want, from)?;
@@ -1049,6 +1049,14 @@ impl<'a> Layout<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// The same error again (an `io::Error` is not `Clone`), its OS error code kept.
+fn copy_of(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
     }
 }
 
@@ -1335,34 +1343,36 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
     }
 
     let behavior = input.file_exists_behavior;
-    // How many destinations each revision file has: only a file with one may be moved.
-    let mut uses: FastMap<&Path, usize> = FastMap::default();
+    // How many destinations each revision file has (by inode: one file may be reached by two
+    // spellings of the root): only a file with one may be moved.
+    let mut uses: FastMap<(u64, u64), usize> = FastMap::default();
     if input.consume_revision {
         for (_, w) in &wanted {
-            if let Want::File { source, .. } = &w.want {
-                *uses.entry(source.as_path()).or_default() += 1;
+            if let Want::File { ident, .. } = &w.want {
+                *uses.entry((ident.dev, ident.ino)).or_default() += 1;
             }
         }
     }
     let movable = |source: &Path, ident: &FileIdent, links: u64| -> Option<(u64, String)> {
-        if !input.consume_revision || links != 1 || uses.get(source) != Some(&1) {
+        let inode = (ident.dev, ident.ino);
+        if !input.consume_revision
+            || links != 1
+            || uses.get(&inode) != Some(&1)
+            || input.keep.contains(&inode)
+        {
             return None;
         }
-        let rel = evidence.rel(source)?;
-        if input.keep.iter().any(|k| k == rel) {
-            return None;
-        }
-        let d = input.source_digests?.get(rel)?;
+        let d = input.source_digests?.get(evidence.rel(source)?)?;
         (d.ident == *ident).then(|| (ident.size, d.sha256.clone()))
     };
     let mut disallowed = Vec::new();
     // Wanted directories found absent: nothing beneath them needs a look either.
-    let mut absent: FastMap<&Path, ()> = FastMap::default();
+    let mut absent: FastSet<&Path> = FastSet::default();
     for (dest, w) in &wanted {
         // Nothing is in the way of a path the cleanup removes, nor of one beneath it (a file
         // or link of the last revision that this one turns into a directory); a path beneath
         // a file (ENOTDIR) does not exist either.
-        let existing = if dest.parent().is_some_and(|p| absent.contains_key(p)) {
+        let existing = if dest.parent().is_some_and(|p| absent.contains(p)) {
             None
         } else if dest.ancestors().any(|a| removed.contains(a)) || kept.contains_key(dest.as_path())
         {
@@ -1381,7 +1391,7 @@ pub fn plan(input: &InstallInput) -> Result<Plan, InstallError> {
             }
         };
         if existing.is_none() && matches!(w.want, Want::Dir { .. }) {
-            absent.insert(dest, ());
+            absent.insert(dest);
         }
         let action = match &w.want {
             Want::Dir { mode } => match existing {
@@ -1636,12 +1646,23 @@ pub(crate) fn apply_logged(
                 results[i] = place(s)?;
             }
         }
+        // Where a moved file would not come out as a copy would (see `moves_keep_copy_result`),
+        // it is copied after all.
+        let move_into: FastMap<&Path, bool> = if plan.moves.is_empty() {
+            FastMap::default()
+        } else {
+            parents_of(plan.moves.keys().map(PathBuf::as_path))
+                .into_iter()
+                .map(|d| (d, moves_keep_copy_result(d)))
+                .collect()
+        };
         let staged = in_parallel(&to_stage, |i| {
-            let staged = stage(
-                &plan.steps[i],
-                plan.moves.get(&plan.steps[i].dest),
-                &staged_temps,
-            )?;
+            let dest = &plan.steps[i].dest;
+            let moved = plan.moves.get(dest).filter(|_| {
+                dest.parent()
+                    .is_some_and(|d| move_into.get(d) == Some(&true))
+            });
+            let staged = stage(&plan.steps[i], moved, &staged_temps)?;
             fp("stage", written.fetch_add(1, Ordering::Relaxed) + 1);
             Ok(staged)
         })?;
@@ -2219,6 +2240,8 @@ fn reset_acls(files: &[(PathBuf, u32)]) {
 /// The extended attribute that holds a file's POSIX access ACL (present only when the ACL has
 /// more than the owner/group/other entries of the mode).
 const ACL_XATTR: &str = "system.posix_acl_access";
+/// The attribute holding a directory's default ACL, which new files in it inherit.
+const ACL_DEFAULT_XATTR: &str = "system.posix_acl_default";
 
 fn dir_entry(path: &Path, created: bool) -> ManifestEntry {
     ManifestEntry {
@@ -2318,7 +2341,7 @@ fn stage(
     let entry = match &s.action {
         Action::Create { source, mode } | Action::Replace { source, mode } => {
             let (size, sha) = match moved {
-                Some((size, sha)) if move_to_temp(source, &tmp)? => (*size, sha.clone()),
+                Some((size, sha)) if move_to_temp(source, &tmp) => (*size, sha.clone()),
                 _ => write_temp(source, &tmp, *mode)?,
             };
             ManifestEntry {
@@ -2354,23 +2377,46 @@ fn stage(
     Ok((entry, tmp))
 }
 
-/// Moves a revision file the plan found movable (the unpack's own, one link, one destination,
-/// its mode the one wanted) to the temp beside its destination. False when the two lie on
-/// different filesystems: then it is copied.
-fn move_to_temp(source: &Path, tmp: &Path) -> Result<bool, InstallError> {
-    use nix::errno::Errno;
+/// Moves a revision file the plan found movable (the unpack's own, one link, one destination;
+/// its mode is the one the plan read from it) to the temp beside its destination. False when
+/// it could not be moved (another filesystem, a directory the agent may not change, ...):
+/// a failed rename leaves the file where it was, and it is copied instead.
+fn move_to_temp(source: &Path, tmp: &Path) -> bool {
     use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-    match renameat2(
+    renameat2(
         AT_FDCWD,
         source,
         AT_FDCWD,
         tmp,
         RenameFlags::RENAME_NOREPLACE,
-    ) {
-        Ok(()) => Ok(true),
-        Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS) => Ok(false),
-        Err(e) => Err(write_err("move into place", tmp)(e.into())),
+    )
+    .is_ok()
+}
+
+/// Whether a file moved into `dir` ends up as a copy made there would: a new file takes its
+/// group from a set-group-id directory, its ACL from the directory's default ACL, and its
+/// security label (SELinux, Smack) from the policy for where it is made, none of which a
+/// rename gives it. Where any of those applies, files are copied.
+fn moves_keep_copy_result(dir: &Path) -> bool {
+    use xattr::FileExt;
+    static LABELLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let labelled = *LABELLED.get_or_init(|| {
+        Path::new("/sys/fs/selinux/enforce").exists() || Path::new("/sys/fs/smackfs").is_dir()
+    });
+    if labelled {
+        return false;
     }
+    let Ok(d) = File::open(dir) else {
+        return false;
+    };
+    let setgid = d.metadata().map_or(true, |m| m.mode() & 0o2000 != 0);
+    let default_acl = match d.get_xattr(ACL_DEFAULT_XATTR) {
+        Ok(None) => false,
+        // No ACLs on this filesystem: none to inherit.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => false,
+        Ok(Some(_)) | Err(_) => true,
+    };
+    !setgid && !default_acl
 }
 
 /// The tag in this process's temp names (`<pid>-<nonce>`), recorded in the install intent
@@ -2415,16 +2461,12 @@ fn remove_all(paths: &[PathBuf]) {
 /// Writes `source` to the new file `tmp` with `mode`, without syncing it. Returns the size and
 /// the hex sha256 of what was written. On failure nothing is left at `tmp`.
 fn write_temp(source: &Path, tmp: &Path, mode: u32) -> Result<(u64, String), InstallError> {
-    // Made with its final mode where the umask leaves that mode whole and nobody else may
-    // write the file; otherwise private until the chmod below (a syscall per file saved in
-    // the common case).
-    let direct = mode & 0o7022 == 0 && umask().is_some_and(|u| mode & u == 0);
     let result = (|| {
         let mut input = confined::open_planned(source).map_err(read_err(source))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(if direct { mode } else { 0o600 })
+            .mode(0o600)
             .open(tmp)
             .map_err(write_err("create", tmp))?;
         let mut h = Sha256::new();
@@ -2438,27 +2480,16 @@ fn write_temp(source: &Path, tmp: &Path, mode: u32) -> Result<(u64, String), Ins
             out.write_all(&buf[..n]).map_err(write_err("write", tmp))?;
             size += n as u64;
         })?;
-        if !direct {
-            out.set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(write_err("change the mode of", tmp))?;
-        }
+        // Private until written, then exactly `mode`: neither the umask nor a default ACL of
+        // the directory (which overrides the umask) decides it.
+        out.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(write_err("change the mode of", tmp))?;
         Ok((size, hex::encode(h.finalize())))
     })();
     if result.is_err() {
         let _ = fs::remove_file(tmp);
     }
     result
-}
-
-/// The process's umask, read once from `/proc` (setting it to learn it would race the other
-/// threads; pier never changes it); `None` where the kernel does not say.
-fn umask() -> Option<u32> {
-    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    *UMASK.get_or_init(|| {
-        let status = fs::read_to_string("/proc/self/status").ok()?;
-        let value = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
-        u32::from_str_radix(value.trim(), 8).ok()
-    })
 }
 
 /// Copies `source` to `dest` so that `dest` is never seen half-written: write beside, fsync,

@@ -770,11 +770,13 @@ fn a_consumed_revision_moves_only_its_own_single_use_files() {
     let rev = tempfile::tempdir().unwrap();
     let r = rev.path();
     fs::create_dir_all(r.join("app")).unwrap();
+    fs::create_dir_all(r.join("sg")).unwrap();
     for (n, c) in [
         ("app/a", "aaa"),
         ("app/b", "bbb"),
         ("app/shared", "sss"),
         ("app/edited", "old"),
+        ("sg/x", "xxx"),
         ("app/unknown", "uuu"),
         ("appspec.yml", "version: 0.0\n"),
     ] {
@@ -802,6 +804,7 @@ fn a_consumed_revision_moves_only_its_own_single_use_files() {
         "app/b2",
         "app/shared",
         "app/edited",
+        "sg/x",
         "appspec.yml",
     ]
     .map(digest)
@@ -809,14 +812,23 @@ fn a_consumed_revision_moves_only_its_own_single_use_files() {
     .collect();
     // Rewritten since the unpack hashed it (as a BeforeInstall hook might): its digest no
     // longer vouches for it, so it is read and copied.
-    fs::write(r.join("app/edited"), "new").unwrap();
+    fs::write(r.join("app/edited"), "newer").unwrap();
     let out = tempfile::tempdir().unwrap();
     let all = out.path().join("all");
+    // A set-group-id destination directory of another group: a file made there takes that
+    // group, which a moved file would not.
+    let sgdir = out.path().join("sgdir");
+    fs::create_dir(&sgdir).unwrap();
+    std::os::unix::fs::chown(&sgdir, None, Some(65534)).unwrap();
+    fs::set_permissions(&sgdir, fs::Permissions::from_mode(0o2755)).unwrap();
     let files = [
-        mapping("", &all),
+        mapping("app", &all),
+        mapping("appspec.yml", &all),
         mapping("app/shared", &out.path().join("again")),
+        mapping("sg/x", &sgdir),
     ];
-    let keep = [PathBuf::from("appspec.yml")];
+    let appspec = fs::metadata(r.join("appspec.yml")).unwrap();
+    let keep = [(appspec.dev(), appspec.ino())];
     let mut inp = input(r, &files, &[], None, FileExistsBehavior::Disallow);
     inp.source_digests = Some(&digests);
     inp.consume_revision = true;
@@ -831,19 +843,22 @@ fn a_consumed_revision_moves_only_its_own_single_use_files() {
         "app/shared",
         "app/edited",
         "app/unknown",
+        "sg/x",
         "appspec.yml",
     ] {
         assert!(r.join(stays).is_file(), "{stays} stays in the revision");
     }
     let read = |p: &Path| fs::read_to_string(p).unwrap();
-    assert_eq!(read(&all.join("app/a")), "aaa");
-    assert_eq!(read(&all.join("app/edited")), "new");
-    assert_eq!(read(&all.join("app/shared")), "sss");
+    assert_eq!(read(&all.join("a")), "aaa");
+    assert_eq!(read(&all.join("edited")), "newer");
+    assert_eq!(read(&sgdir.join("x")), "xxx");
+    assert_eq!(fs::metadata(sgdir.join("x")).unwrap().gid(), 65534);
+    assert_eq!(read(&all.join("shared")), "sss");
     assert_eq!(read(&out.path().join("again/shared")), "sss");
     assert_eq!(read(&all.join("appspec.yml")), "version: 0.0\n");
     let ino = |p: &Path| fs::metadata(p).unwrap().ino();
-    assert_ne!(ino(&all.join("app/b")), ino(&all.join("app/b2")));
-    assert_ne!(ino(&all.join("app/b")), ino(&r.join("app/b")));
+    assert_ne!(ino(&all.join("b")), ino(&all.join("b2")));
+    assert_ne!(ino(&all.join("b")), ino(&r.join("app/b")));
     // The manifest records what landed, moved or copied.
     for e in m.entries.iter().filter(|e| e.kind == EntryKind::File) {
         assert_eq!(
