@@ -312,9 +312,10 @@ impl Group {
     /// the intent removed. Returns what was done, or `None` when no Install was unfinished.
     fn recover_install(&self) -> Result<Option<install::Outcome>, StateError> {
         let path = self.install_intent_path();
-        let Some(intent) = read_json::<install::Intent>(&path)? else {
+        let Some(mut intent) = read_json::<install::Intent>(&path)? else {
             return Ok(None);
         };
+        intent.previous_from(read_json(&self.manifest_path())?);
         let (manifest, outcome) = install::recover_intent(&intent);
         write_json(&self.manifest_path(), &manifest)?;
         fs::remove_file(&path).map_err(io_err(&path))?;

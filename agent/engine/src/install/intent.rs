@@ -62,12 +62,35 @@ pub(crate) struct Intent {
     pub(crate) renames: Vec<Rename>,
     /// Switching and removing: what of the previous install goes once the switch is done.
     pub(crate) removals: Vec<Removal>,
-    /// The manifest before this install.
+    /// The manifest before this install. An install of this version leaves it out: it is
+    /// the group's manifest file, which is not written while the intent exists (but for the
+    /// moment between writing the final or rolled-back manifest and removing the intent, when
+    /// the file already describes the disk), so recovery reads it from there
+    /// ([`Intent::previous_from`]). An intent written by an earlier version holds it.
     #[serde(serialize_with = "lean_previous")]
     pub(crate) previous: Option<Manifest>,
     /// Staging: everything this install may place; later: what it placed.
     #[serde(serialize_with = "lean")]
     pub(crate) manifest: Manifest,
+}
+
+impl Intent {
+    /// Fills in `previous` from the group's manifest file `m` (already read) when the intent
+    /// does not hold it, without the records of what each file looked like on disk: a
+    /// manifest rebuilt by a recovery trusts none of its files unread.
+    pub(crate) fn previous_from(&mut self, m: Option<Manifest>) {
+        if self.previous.is_some() {
+            return;
+        }
+        self.previous = m.map(|mut m| {
+            for e in &mut m.entries {
+                e.disk = None;
+                e.source = None;
+                e.source_ctime = None;
+            }
+            m
+        });
+    }
 }
 
 /// An [`Intent`] as [`apply_logged`](super::apply_logged) writes it: borrowed, so that

@@ -1627,7 +1627,9 @@ pub(crate) fn apply_logged(
             made_dirs: &made_dirs,
             renames,
             removals: &removals,
-            previous,
+            // Not written: it is the group's manifest file, which stays as it is while this
+            // intent exists, and which recovery reads instead (`Intent::previous`).
+            previous: None,
             manifest,
         })
     };

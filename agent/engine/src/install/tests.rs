@@ -868,3 +868,50 @@ fn a_consumed_revision_moves_only_its_own_single_use_files() {
         assert_eq!(e.size, fs::metadata(&e.path).unwrap().len());
     }
 }
+
+#[test]
+fn an_intent_without_its_previous_manifest_takes_the_groups_file_untrusted() {
+    let mut prev = file_entry(Path::new("/srv/a"), "a");
+    let ident = FileIdent {
+        dev: 1,
+        ino: 2,
+        size: 1,
+        mtime: (3, 4),
+        ctime: (5, 6),
+    };
+    prev.disk = Some(Box::new(DiskStat {
+        ident,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        acl: false,
+    }));
+    prev.source_ctime = Some((5, 6));
+    let file = Manifest {
+        entries: vec![prev],
+        revision: Some("/rev".into()),
+    };
+    let borrowed = intent::IntentRef {
+        phase: intent::Phase::Staging,
+        tag: "1-2",
+        temp_dirs: &BTreeSet::new(),
+        made_dirs: &[],
+        renames: &[],
+        removals: &[],
+        previous: None,
+        manifest: &[],
+    };
+    let mut read: Intent =
+        serde_json::from_value(serde_json::to_value(&borrowed).unwrap()).unwrap();
+    assert!(read.previous.is_none());
+    read.previous_from(Some(file.clone()));
+    let got = read.previous.as_ref().unwrap();
+    assert_eq!(got.entries[0].path, file.entries[0].path);
+    assert_eq!(got.entries[0].sha256, file.entries[0].sha256);
+    assert!(got.entries[0].disk.is_none() && got.entries[0].source_ctime.is_none());
+    // One that holds its previous manifest (an earlier version's) keeps it.
+    let mut other = file.clone();
+    other.entries.clear();
+    read.previous_from(Some(other));
+    assert_eq!(read.previous.as_ref().unwrap().entries.len(), 1);
+}
