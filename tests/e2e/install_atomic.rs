@@ -226,6 +226,68 @@ fn install_killed_at_any_point_leaves_each_path_old_or_new() {
     }
 }
 
+/// Files an interrupted Install keeps unchanged are still the group's after recovery (its
+/// intent names only what changes; recovery takes the rest from the group's manifest): the
+/// recovered manifest lists exactly what is on disk, so the next deployments neither trip
+/// over the kept files (DISALLOW) nor leave them behind.
+#[test]
+fn an_interrupted_install_keeps_its_unchanged_files_on_the_books() {
+    let s = Scratch::new();
+    let agent = Agent::builder(s.path()).build();
+    let dest = s.path().join("www");
+    let old: BTreeMap<String, Vec<u8>> = (0..300)
+        .map(|i| {
+            (
+                format!("d{}/f{i:03}", i / 100),
+                format!("old {i}\n").into_bytes(),
+            )
+        })
+        .collect();
+    let mut new = old.clone();
+    for i in (0..300).step_by(3) {
+        new.insert(
+            format!("d{}/f{i:03}", i / 100),
+            format!("changed {i}\n").into_bytes(),
+        );
+    }
+    new.extend((0..50).map(|i| (format!("n/g{i:02}"), b"added\n".to_vec())));
+    let one: BTreeMap<String, Vec<u8>> = [("only".to_string(), b"1".to_vec())].into();
+    let (old_b, new_b, one_b) = (
+        s.path().join("old"),
+        s.path().join("new"),
+        s.path().join("one"),
+    );
+    write_bundle(&old_b, &dest, &old);
+    write_bundle(&new_b, &dest, &new);
+    write_bundle(&one_b, &dest, &one);
+    let (old_tree, new_tree) = (tree_of(&old), tree_of(&new));
+    for point in ["install:stage:20", "install:switch:20", "install:remove:0"] {
+        deploy(&agent, &old_b, None).success();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let killed = deploy(&agent, &new_b, Some(point));
+        assert_eq!(killed.code, -1, "{point}: {}", killed.all());
+        // Recovery, then the old revision again: every kept file must be on the books, or
+        // DISALLOW refuses it as a file in the way.
+        deploy(&agent, &old_b, None).success();
+        assert!(
+            tree_on_disk(&dest).0 == old_tree,
+            "{point}: not the old revision"
+        );
+        deploy(&agent, &new_b, None).success();
+        assert!(
+            tree_on_disk(&dest).0 == new_tree,
+            "{point}: not the new revision"
+        );
+        // And a revision of one file: everything else goes.
+        deploy(&agent, &one_b, None).success();
+        assert!(
+            tree_on_disk(&dest).0 == tree_of(&one),
+            "{point}: files left behind"
+        );
+        assert_eq!(manifest_files(agent.root()).len(), 1, "{point}");
+    }
+}
+
 /// Unmounts a test mount however the test ends.
 struct Mount(PathBuf);
 

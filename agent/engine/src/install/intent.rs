@@ -69,7 +69,8 @@ pub(crate) struct Intent {
     /// ([`Intent::previous_from`]). An intent written by an earlier version holds it.
     #[serde(serialize_with = "lean_previous")]
     pub(crate) previous: Option<Manifest>,
-    /// Staging: everything this install may place; later: what it placed.
+    /// Staging: everything this install may place; later: what it placed. An install of this
+    /// version leaves out the files it keeps unchanged: they are in `previous` as they are.
     #[serde(serialize_with = "lean")]
     pub(crate) manifest: Manifest,
 }

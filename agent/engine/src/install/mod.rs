@@ -1633,10 +1633,19 @@ pub(crate) fn apply_logged(
             manifest,
         })
     };
+    // A file left in place unchanged is the previous install's entry as it was, which
+    // recovery has from the group's manifest: the intents leave those out.
+    let unchanged_dests: FastSet<&Path> = plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s.action, Action::Unchanged { .. }))
+        .map(|s| s.dest.as_path())
+        .collect();
+    let changing = |e: &&ManifestEntry| !unchanged_dests.contains(e.path.as_path());
     record_phase(
         Phase::Staging,
         &[],
-        &pending.entries.iter().collect::<Vec<_>>(),
+        &pending.entries.iter().filter(changing).collect::<Vec<_>>(),
     )?;
     fp("stage", 0);
     let mut results: Vec<Option<ManifestEntry>> = vec![None; plan.steps.len()];
@@ -1705,6 +1714,7 @@ pub(crate) fn apply_logged(
             .map(|e| (e.path.as_path(), e))
             .collect();
         let entries: Vec<&ManifestEntry> = (0..plan.steps.len())
+            .filter(|&i| !matches!(plan.steps[i].action, Action::Unchanged { .. }))
             .filter_map(|i| {
                 results[i]
                     .as_ref()
@@ -1774,7 +1784,7 @@ pub(crate) fn apply_logged(
     record_phase(
         Phase::Removing,
         &[],
-        &manifest.entries.iter().collect::<Vec<_>>(),
+        &manifest.entries.iter().filter(changing).collect::<Vec<_>>(),
     )?;
     fp("remove", 0);
     let removed = intent::remove_all_of(&removals, log.is_some());
