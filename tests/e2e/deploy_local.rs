@@ -716,6 +716,25 @@ fn event_message(j: &serde_json::Value, event: &str) -> String {
     e["message"].as_str().unwrap_or_default().to_string()
 }
 
+/// The directory of the group's last deployment, which must have snapshotted its directory
+/// bundle (not read it where it lies).
+fn snapshotted(host: &Host) -> PathBuf {
+    let (dir, j) = journals(host).pop().unwrap();
+    assert!(
+        !event_message(&j, "DownloadBundle").contains("where they lie"),
+        "{j}"
+    );
+    dir
+}
+
+/// A snapshotted hookless revision whose `app/a.txt` the unpack copied (it could not
+/// hard-link it): with no hook to read it there, Install moved that copy into place, and
+/// the revision keeps its AppSpec.
+fn assert_copy_moved_out(dir: &Path) {
+    assert!(dir.join("revision/appspec.yml").is_file());
+    assert!(!dir.join("revision/app/a.txt").exists());
+}
+
 /// Everything in `dir`, relative, sorted.
 fn tree_of(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -866,11 +885,7 @@ fn a_bundle_with_hooks_or_another_owner_is_snapshotted_and_refusals_stay() {
         &[("app/a.txt", "a"), ("scripts/ok.sh", "#!/bin/sh\nexit 0\n")],
     );
     host.deploy(&with_hooks, &[]).success();
-    let (dir, j) = journals(&host).pop().unwrap();
-    assert!(
-        !event_message(&j, "DownloadBundle").contains("where they lie"),
-        "{j}"
-    );
+    let dir = snapshotted(&host);
     assert!(dir.join("revision/app/a.txt").is_file());
     assert!(dir.join("revision/scripts/ok.sh").is_file());
 
@@ -878,15 +893,8 @@ fn a_bundle_with_hooks_or_another_owner_is_snapshotted_and_refusals_stay() {
     let other = host.bundle("other", &appspec_files(&dest, ""), &[("app/a.txt", "b")]);
     std::os::unix::fs::chown(other.join("app/a.txt"), Some(65534), None).unwrap();
     host.deploy(&other, &[]).success();
-    let (dir, j) = journals(&host).pop().unwrap();
-    assert!(
-        !event_message(&j, "DownloadBundle").contains("where they lie"),
-        "{j}"
-    );
-    // Snapshotted: the unpack copied the file into the revision, and with no hook to read
-    // it there Install moved that copy into place; the AppSpec stays.
-    assert!(dir.join("revision/appspec.yml").is_file());
-    assert!(!dir.join("revision/app/a.txt").exists());
+    let dir = snapshotted(&host);
+    assert_copy_moved_out(&dir);
     assert_eq!(read(dest.join("a.txt")), "b");
 
     // Hookless and the agent's own, with a directory others may write to.
@@ -924,11 +932,7 @@ fn a_hookless_bundle_others_could_swap_or_on_an_image_is_snapshotted() {
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let b = host.bundle("open/b", &appspec_files(&dest, ""), &[("app/a.txt", "a")]);
     host.deploy(&b, &[]).success();
-    let (dir, j) = journals(&host).pop().unwrap();
-    assert!(
-        !event_message(&j, "DownloadBundle").contains("where they lie"),
-        "{j}"
-    );
+    let dir = snapshotted(&host);
     assert!(dir.join("revision/app/a.txt").is_file());
     // The same with the sticky bit (as /tmp): read where it lies.
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
@@ -966,14 +970,7 @@ fn a_hookless_bundle_others_could_swap_or_on_an_image_is_snapshotted() {
         .unwrap()
         .success());
     host.deploy(&img, &[]).success();
-    let (dir, j) = journals(&host).pop().unwrap();
-    assert!(
-        !event_message(&j, "DownloadBundle").contains("where they lie"),
-        "{j}"
-    );
-    // Snapshotted: the unpack copied the file into the revision, and with no hook to read
-    // it there Install moved that copy into place; the AppSpec stays.
-    assert!(dir.join("revision/appspec.yml").is_file());
-    assert!(!dir.join("revision/app/a.txt").exists());
+    let dir = snapshotted(&host);
+    assert_copy_moved_out(&dir);
     assert_eq!(read(dest.join("a.txt")), "ro");
 }

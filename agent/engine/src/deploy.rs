@@ -903,7 +903,7 @@ impl Engine {
             let Ok(spec) = read_appspec(&root, &name, true) else {
                 return Ok(None);
             };
-            if spec.hooks.values().any(|h| !h.is_empty()) {
+            if spec.runs_scripts() {
                 return Ok(None);
             }
             let (root, unpacked, walked) = match unpack::survey_tree(root, &policy)? {
@@ -962,7 +962,7 @@ impl Engine {
         let walked = run.walked.take();
         // The agent's own unpack, and no script of this revision ever runs (now, or as the
         // next deployment's ApplicationStop): its files need not stay in the revision.
-        let consume_revision = snapshot && new.spec.hooks.values().all(|h| h.is_empty());
+        let consume_revision = snapshot && !new.spec.runs_scripts();
         let revision_root = run.install_root.clone().unwrap_or_else(|| new.dir.clone());
         // Never moved: the AppSpec (through any link to it), which the next deployment reads.
         let keep: Vec<(u64, u64)> = ["appspec.yml", "appspec.yaml"]

@@ -142,6 +142,12 @@ impl AppSpec {
     pub(crate) fn hooks_for(&self, ev: LifecycleEvent) -> &[Hook] {
         self.hooks.get(&ev).map(Vec::as_slice).unwrap_or(&[])
     }
+
+    /// Whether any event runs a script: if not, nothing ever reads the revision's files
+    /// after Install (not this deployment, not the next one's ApplicationStop).
+    pub(crate) fn runs_scripts(&self) -> bool {
+        self.hooks.values().any(|h| !h.is_empty())
+    }
 }
 
 /// How bad a finding is: errors make the AppSpec invalid, warnings do not.

@@ -900,9 +900,9 @@ struct Layout<'a> {
 }
 
 impl<'a> Layout<'a> {
-    fn add(&mut self, dest: PathBuf, want: Want, from: &'a str) -> Result<(), InstallError> {
+    /// Adds a destination; [`Layout::into_wanted`] merges or refuses the repeated ones.
+    fn add(&mut self, dest: PathBuf, want: Want, from: &'a str) {
         self.wanted.push((dest, Wanted { want, from }));
-        Ok(())
     }
 
     /// The destinations in path order (parents before children), each once. Two directory
@@ -940,7 +940,7 @@ impl<'a> Layout<'a> {
 
     /// Adds the missing ancestors of `path` (and those a previous install made, so that they
     /// are kept rather than removed and made again).
-    fn ancestors(&mut self, path: &Path, from: &'a str) -> Result<(), InstallError> {
+    fn ancestors(&mut self, path: &Path, from: &'a str) {
         let mut missing = Vec::new();
         let mut at = path.parent();
         while let Some(dir) = at {
@@ -960,9 +960,8 @@ impl<'a> Layout<'a> {
                     mode: IMPLICIT_DIR_MODE,
                 },
                 from,
-            )?;
+            );
         }
-        Ok(())
     }
 
     fn mapping(&mut self, m: &'a FileMapping) -> Result<(), InstallError> {
@@ -1001,22 +1000,23 @@ impl<'a> Layout<'a> {
         };
         if meta.is_dir() {
             // A directory source: its contents go under the destination.
-            self.ancestors(&m.destination, &m.source)?;
+            self.ancestors(&m.destination, &m.source);
             self.add(
                 m.destination.clone(),
                 Want::Dir {
                     mode: IMPLICIT_DIR_MODE,
                 },
                 &m.source,
-            )?;
+            );
             self.tree(&src, &m.destination, &m.source)
         } else {
             // A file (or link) source lands as destination/<name>.
             let name = src.file_name().unwrap_or_default();
             let dest = m.destination.join(name);
-            self.ancestors(&dest, &m.source)?;
+            self.ancestors(&dest, &m.source);
             let want = want_of(&src, &meta)?;
-            self.add(dest, want, &m.source)
+            self.add(dest, want, &m.source);
+            Ok(())
         }
     }
 
@@ -1042,10 +1042,10 @@ impl<'a> Layout<'a> {
             let meta = meta.as_ref().map_err(|e| read_err(&s)(copy_of(e)))?;
             let want = want_of(&s, meta)?;
             if matches!(want, Want::Dir { .. }) {
-                self.add(d.clone(), want, from)?;
+                self.add(d.clone(), want, from);
                 self.tree(&s, &d, from)?;
             } else {
-                self.add(d, want, from)?;
+                self.add(d, want, from);
             }
         }
         Ok(())
@@ -1788,7 +1788,7 @@ pub(crate) fn apply_logged(
     )?;
     fp("remove", 0);
     let removed = intent::remove_all_of(&removals, log.is_some());
-    let parents: BTreeSet<&Path> = removals.iter().filter_map(|r| r.path().parent()).collect();
+    let parents = parents_of(removals.iter().map(Removal::path));
     for d in parents {
         let _ = File::open(d).and_then(|f| f.sync_all());
     }
