@@ -280,6 +280,9 @@ struct Run<'a> {
     install_root: Option<PathBuf>,
     /// That bundle's directories as its survey listed them, for Install's plan.
     walked: Option<unpack::Walked>,
+    /// The group's install manifest, read on a blocking thread while DownloadBundle works
+    /// (nothing else writes it while the group's lock is held); Install awaits it.
+    manifest_read: Option<tokio::task::JoinHandle<Result<Option<install::Manifest>, String>>>,
     /// The cgroup the deployment's hooks run in, one after another.
     hooks: hooks::HookSlot,
     /// What the journal records of the running hooks (`running_hook`), kept by every save
@@ -467,6 +470,7 @@ impl Engine {
             digests: Arc::default(),
             install_root: None,
             walked: None,
+            manifest_read: None,
             hooks: hooks::HookSlot::new(),
             hook_trace: Arc::default(),
         };
@@ -807,6 +811,12 @@ impl Engine {
     }
 
     async fn download(&self, run: &mut Run<'_>) -> Result<Option<String>, EventFailure> {
+        // Install needs the manifest; on a large group, parsing it takes about as long as
+        // surveying or unpacking the bundle, so both go on at once.
+        let manifest_path = run.group.manifest_path();
+        run.manifest_read = Some(tokio::task::spawn_blocking(move || {
+            state::read_json(&manifest_path).map_err(|e| e.to_string())
+        }));
         if let Source::Local {
             path,
             kind: BundleType::Directory,
@@ -956,8 +966,13 @@ impl Engine {
             .unwrap_or_default();
         let manifest_path = run.group.manifest_path();
         let intent_path = run.group.install_intent_path();
-        let previous: Option<install::Manifest> =
-            state::read_json(&manifest_path).map_err(|e| EventFailure::unknown(e.to_string()))?;
+        let previous: Option<install::Manifest> = match run.manifest_read.take() {
+            Some(read) => read
+                .await
+                .map_err(|e| EventFailure::unknown(format!("reading the manifest failed: {e}")))?,
+            None => state::read_json(&manifest_path).map_err(|e| e.to_string()),
+        }
+        .map_err(EventFailure::unknown)?;
         let snapshot = run.install_root.is_none();
         let walked = run.walked.take();
         // The agent's own unpack, and no script of this revision ever runs (now, or as the

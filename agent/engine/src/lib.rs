@@ -13,6 +13,7 @@ pub mod bundle;
 pub mod deploy;
 pub mod hooks;
 pub mod install;
+pub(crate) mod parallel;
 pub mod settings;
 pub mod state;
 pub(crate) mod tool;

@@ -8,7 +8,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use pier_engine::bundle::tar_stream::TarError;
-use pier_engine::bundle::unpack::{unpack, BundleType, UnpackError, UnpackPolicy, Unpacked};
+use pier_engine::bundle::unpack::{
+    survey_directory, unpack, BundleType, Survey, UnpackError, UnpackPolicy, Unpacked,
+};
 
 use crate::support::Scratch;
 
@@ -510,6 +512,47 @@ fn directory_bundle_with_a_fifo_is_refused() {
     assert!(matches!(err, UnpackError::SpecialFile { .. }), "{err}");
     assert!(err.to_string().contains("pipe"), "{err}");
     assert!(!dest.exists());
+}
+
+/// A wide directory bundle's survey lists its directories ahead, several at a time: it still
+/// refuses the bundle at the very entry its unpack does, wherever the cap falls, and still
+/// counts every file of it.
+#[test]
+fn a_wide_directory_bundle_is_surveyed_whole_and_refused_like_its_unpack() {
+    let s = Scratch::new();
+    s.write("src/appspec.yml", "version: 0.0\n");
+    for d in 0..12 {
+        for f in 0..5 {
+            s.write(&format!("src/d{d:02}/sub/f{f}"), "12345");
+        }
+    }
+    let src = s.path().join("src");
+    // 1 AppSpec + 12 × (directory, sub-directory, 5 files) = 85 entries.
+    for max_entries in [3, 20, 50, 84] {
+        let policy = UnpackPolicy {
+            max_entries,
+            ..UnpackPolicy::default()
+        };
+        let surveyed = survey_directory(&src, &policy).unwrap_err();
+        assert!(
+            matches!(surveyed, UnpackError::TooManyEntries { .. }),
+            "{surveyed}"
+        );
+        let dest = s.path().join(format!("rev{max_entries}"));
+        let unpacked = unpack(&src, BundleType::Directory, &dest, &policy).unwrap_err();
+        assert_eq!(surveyed.to_string(), unpacked.to_string());
+    }
+    let policy = UnpackPolicy {
+        max_entries: 85,
+        ..UnpackPolicy::default()
+    };
+    match survey_directory(&src, &policy).unwrap() {
+        Survey::InPlace { unpacked, .. } => {
+            assert_eq!(unpacked.files, 61);
+            assert_eq!(unpacked.bytes, 60 * 5 + "version: 0.0\n".len() as u64);
+        }
+        Survey::Snapshot(why) => panic!("the bundle must be read in place: {why}"),
+    }
 }
 
 #[test]

@@ -616,6 +616,7 @@ pub fn survey_tree(root: PathBuf, policy: &UnpackPolicy) -> Result<Survey, Unpac
         .dev();
     let mut x = Extractor::new(&root, BundleType::Directory, &root, *policy);
     x.survey_dev = dev;
+    x.prefetched = prefetch_listings(&root, dev, policy.max_entries);
     let why = x.survey(&root, PathBuf::new())?;
     let (unpacked, dirs) = (x.out, x.walked);
     Ok(match why {
@@ -687,6 +688,43 @@ pub(crate) fn read_dir_sorted(dir: &Path) -> io::Result<Listing> {
         .collect::<Result<Vec<_>, _>>()?;
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(entries)
+}
+
+/// The listings of the directories beneath `root` (by relative path, `""` for the root),
+/// taken one depth at a time with the directories of each depth spread over a few threads: the
+/// statx of every entry is most of a survey's time. Only what a survey would descend into is
+/// listed (directories on `dev`, never through a symlink), and listing stops once more than
+/// `max_entries` entries are seen, when the survey is bound to refuse the bundle anyway. A
+/// directory that cannot be listed is left out, for the survey to list and report.
+fn prefetch_listings(root: &Path, dev: u64, max_entries: u64) -> HashMap<PathBuf, Listing> {
+    /// Directories per thread below which one thread lists them all.
+    const MIN_DIRS_EACH: usize = 4;
+    let mut out = HashMap::new();
+    let mut depth = vec![PathBuf::new()];
+    let mut seen = 0u64;
+    while !depth.is_empty() && seen <= max_entries {
+        let all: Vec<usize> = (0..depth.len()).collect();
+        let listed = crate::parallel::in_parallel(&all, MIN_DIRS_EACH, |i| {
+            Ok::<_, std::convert::Infallible>(read_dir_sorted(&root.join(&depth[i])).ok())
+        });
+        let Ok(listed) = listed;
+        let mut next = Vec::new();
+        for (i, items) in listed {
+            let Some(items) = items else { continue };
+            seen = seen.saturating_add(items.len() as u64);
+            for (name, meta) in &items {
+                if meta
+                    .as_ref()
+                    .is_ok_and(|m| m.file_type().is_dir() && m.dev() == dev)
+                {
+                    next.push(depth[i].join(name));
+                }
+            }
+            out.insert(std::mem::take(&mut depth[i]), items);
+        }
+        depth = next;
+    }
+    out
 }
 
 /// [`read_dir_sorted`] of `rel_dir` beneath a directory bundle's `root`.
@@ -796,6 +834,9 @@ struct Extractor<'a> {
     survey_dev: u64,
     /// The directories a survey listed, by full path ([`Walked`]).
     walked: HashMap<PathBuf, Listing>,
+    /// Listings a survey has taken ahead, on several threads, by path relative to the bundle
+    /// ([`prefetch_listings`]); a directory not in here is listed when the survey reaches it.
+    prefetched: HashMap<PathBuf, Listing>,
 }
 
 impl<'a> Extractor<'a> {
@@ -813,6 +854,7 @@ impl<'a> Extractor<'a> {
             placed: HashSet::new(),
             known_dirs: HashSet::new(),
             survey_dev: 0,
+            prefetched: HashMap::new(),
             walked: HashMap::new(),
         }
     }
@@ -1341,7 +1383,10 @@ impl<'a> Extractor<'a> {
     /// same refusals, placing nothing: counts what it would place into `self.out`. Some(why)
     /// at the first entry that needs a snapshot ([`survey_directory`]).
     fn survey(&mut self, root: &Path, rel_dir: PathBuf) -> Result<Option<String>, UnpackError> {
-        let items = listing(root, &rel_dir)?;
+        let items = match self.prefetched.remove(&rel_dir) {
+            Some(items) => items,
+            None => listing(root, &rel_dir)?,
+        };
         let mut kept: Listing = Vec::with_capacity(items.len());
         for item in items {
             let file_name = item.0.clone();

@@ -2115,60 +2115,12 @@ fn parents_of<'p>(paths: impl Iterator<Item = &'p Path>) -> BTreeSet<&'p Path> {
 
 /// Below this many file steps, threads cost more than they save.
 const PARALLEL_MIN_STEPS: usize = 64;
-/// Most threads used for file steps (each mostly waits on its fsync).
-const MAX_WORKERS: usize = 4;
-
-/// Runs `f` on every index, on a few scoped threads when there are many; returns the results
-/// paired with their index, or the first error (the other workers stop taking new work).
+/// [`crate::parallel::in_parallel`] for install's file steps.
 fn in_parallel<T: Send>(
     items: &[usize],
     f: impl Fn(usize) -> Result<T, InstallError> + Sync,
 ) -> Result<Vec<(usize, T)>, InstallError> {
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(MAX_WORKERS)
-        .min(items.len() / PARALLEL_MIN_STEPS + 1);
-    if workers <= 1 {
-        return items.iter().map(|&i| Ok((i, f(i)?))).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    while !failed.load(Ordering::Relaxed) {
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&i) = items.get(k) else { break };
-                        match f(i) {
-                            Ok(t) => done.push((i, t)),
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(e);
-                            }
-                        }
-                    }
-                    Ok(done)
-                })
-            })
-            .collect();
-        let mut all = Vec::with_capacity(items.len());
-        let mut first_err = None;
-        for h in handles {
-            match h.join().expect("install worker panicked") {
-                Ok(done) => all.extend(done),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(all),
-        }
-    })
+    crate::parallel::in_parallel(items, PARALLEL_MIN_STEPS, f)
 }
 
 /// Drops ACLs an earlier install (or anyone since) set on files it now leaves in place, as a
